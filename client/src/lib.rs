@@ -1,0 +1,29 @@
+//! snapctl, the node client of snapreg.
+//!
+//! - [`chunker`]: FastCDC with page-aligned cuts and zero runs, streaming.
+//! - [`push`]: chunk, hash and upload in parallel; commit a manifest ([`push::Uploader`]
+//!   is the engine every producer of bytes uses).
+//! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
+//! - [`remote`]: one registry connection, errors naming its address.
+//! - [`inspect`]: manifest summaries.
+//! - [`cache`]: the node chunk cache shared by every snapctl on the node.
+//! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
+//! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
+//! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
+//! - [`error`]: [`ClientError`] and the documented exit codes.
+//!
+//! The binary `snapctl` (src/main.rs) parses arguments and calls these.
+
+pub mod cache;
+pub mod chunker;
+pub mod criu;
+pub mod criu_stream;
+pub mod error;
+pub mod host;
+pub mod inspect;
+pub mod progress;
+pub mod pull;
+pub mod push;
+pub mod remote;
+
+pub use error::ClientError;

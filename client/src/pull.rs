@@ -1,0 +1,233 @@
+//! Pulling: fetch a manifest, fetch its chunks with a window of parallel requests,
+//! verify each, write files under temporary names, and rename only complete,
+//! verified files into place.
+//!
+//! Crash or error at any point leaves only `.<name>.snapreg-partial` files (removed
+//! on a clean error), never a file under its final name with wrong contents.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use snapreg_proto::manifest::{Extent, Manifest};
+use snapreg_proto::reference::Reference;
+use snapreg_proto::{codec, Digest};
+
+use crate::error::{shown, ClientError, Result};
+use crate::progress::{CountersSnapshot, Progress};
+use crate::remote::Remote;
+
+/// Digests per GetChunks call, and calls in flight: ~2 x 32 x 0.5 MiB of chunks
+/// ahead of the writer.
+const FETCH_BATCH: usize = 32;
+const FETCHES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, serde::Serialize)]
+pub struct PullReport {
+    pub reference: String,
+    pub digest: String,
+    pub files: usize,
+    #[serde(flatten)]
+    pub counters: CountersSnapshot,
+    pub seconds: f64,
+}
+
+/// Where a layer's file lands under the destination directory.
+pub fn file_dest(dest: &Path, layer_name: Option<&str>, path: &str) -> PathBuf {
+    match layer_name {
+        Some(name) => dest.join(name).join(path),
+        None => dest.join(path),
+    }
+}
+
+fn partial_name(final_path: &Path) -> PathBuf {
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    final_path.with_file_name(format!(".{name}.snapreg-partial"))
+}
+
+struct Target {
+    shown: String,
+    final_path: PathBuf,
+    partial: PathBuf,
+    file: std::fs::File,
+    mode: u32,
+}
+
+pub async fn fetch_manifest(remote: &Remote, reference: &Reference) -> Result<(Digest, Manifest)> {
+    let (digest, bytes) = remote
+        .get_manifest(&reference.repository, &reference.target_string())
+        .await?;
+    Ok((digest, Manifest::decode(&bytes)?))
+}
+
+pub async fn pull_dir(
+    remote: &Remote,
+    reference: &Reference,
+    dest: &Path,
+    progress: Progress,
+) -> Result<PullReport> {
+    let started = Instant::now();
+    let (digest, manifest) = fetch_manifest(remote, reference).await?;
+    std::fs::create_dir_all(dest)
+        .map_err(|e| ClientError::io(format!("creating {}", shown(dest)), e))?;
+
+    let mut targets = Vec::new();
+    // digest -> every (target, offset) it fills, in first-use order.
+    let mut order: Vec<Digest> = Vec::new();
+    let mut places: HashMap<Digest, Vec<(usize, u64)>> = HashMap::new();
+    let counters = progress.counters.clone();
+    let result = async {
+        for layer in &manifest.layers {
+            for f in &layer.files {
+                let final_path = file_dest(dest, layer.name.as_deref(), &f.path);
+                if let Some(parent) = final_path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| ClientError::io(format!("creating {}", shown(parent)), e))?;
+                }
+                let partial = partial_name(&final_path);
+                let file = std::fs::File::create(&partial)
+                    .map_err(|e| ClientError::io(format!("creating {}", shown(&partial)), e))?;
+                // Sparse: zero extents are never written.
+                file.set_len(f.size)
+                    .map_err(|e| ClientError::io(format!("sizing {}", shown(&partial)), e))?;
+                let idx = targets.len();
+                targets.push(Target {
+                    shown: f.path.clone(),
+                    final_path,
+                    partial,
+                    file,
+                    mode: f.mode,
+                });
+                let mut off = 0;
+                for e in &f.extents {
+                    match *e {
+                        Extent::Chunk { chunk, .. } => {
+                            let v = places.entry(chunk).or_default();
+                            if v.is_empty() {
+                                order.push(chunk);
+                            }
+                            v.push((idx, off));
+                        }
+                        Extent::Zero { zero } => {
+                            counters.zero_bytes.fetch_add(zero, Relaxed);
+                        }
+                    }
+                    off += e.len();
+                }
+            }
+        }
+        let total = manifest.total_size();
+        counters.bytes_total.store(total, Relaxed);
+        counters.chunks_total.store(order.len() as u64, Relaxed);
+        progress.add_total(total);
+        progress.advance(counters.zero_bytes.load(Relaxed));
+
+        fetch_into(remote, &order, &places, &targets, &progress).await?;
+
+        for t in &targets {
+            t.file
+                .sync_all()
+                .map_err(|e| ClientError::io(format!("syncing {}", shown(&t.partial)), e))?;
+            std::fs::set_permissions(&t.partial, std::fs::Permissions::from_mode(t.mode)).map_err(
+                |e| ClientError::io(format!("setting mode of {}", shown(&t.partial)), e),
+            )?;
+            std::fs::rename(&t.partial, &t.final_path).map_err(|e| {
+                ClientError::io(format!("renaming into {}", shown(&t.final_path)), e)
+            })?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        for t in &targets {
+            let _ = std::fs::remove_file(&t.partial);
+        }
+        return Err(e);
+    }
+    progress.finish();
+    Ok(PullReport {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        files: targets.len(),
+        counters: progress.counters.snapshot(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn fetch_into(
+    remote: &Remote,
+    order: &[Digest],
+    places: &HashMap<Digest, Vec<(usize, u64)>>,
+    targets: &[Target],
+    progress: &Progress,
+) -> Result<()> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let objects = futures::stream::iter(order.chunks(FETCH_BATCH))
+        .map(|batch| async move {
+            let stream = remote.get_chunks(batch).await?;
+            Ok::<_, ClientError>(stream.map_err(|s| remote.map_stream_error(s)))
+        })
+        .buffered(FETCHES_IN_FLIGHT)
+        .try_flatten();
+    let decoded = objects
+        .map(|item| async move {
+            let msg = item?;
+            let digest = Digest::from_slice(&msg.digest)?;
+            let object_len = msg.data.len() as u64;
+            let data: Bytes =
+                tokio::task::spawn_blocking(move || codec::decode(&digest, &msg.data))
+                    .await
+                    .map_err(|e| ClientError::io("decoding a chunk", std::io::Error::other(e)))?
+                    .map_err(|e| match e {
+                        snapreg_proto::Error::ChunkCorrupt { digest, reason } => {
+                            let file = places
+                                .get(&digest)
+                                .and_then(|p| p.first())
+                                .map(|(i, _)| targets[*i].shown.clone());
+                            ClientError::ChunkCorrupt {
+                                digest,
+                                file: file.unwrap_or_else(|| "(no file)".into()),
+                                reason,
+                            }
+                        }
+                        other => other.into(),
+                    })?;
+            Ok::<_, ClientError>((digest, data, object_len))
+        })
+        .buffered(workers);
+    let mut decoded = std::pin::pin!(decoded);
+    let mut expected = order.iter();
+    while let Some(item) = decoded.next().await {
+        let (digest, data, object_len) = item?;
+        if expected.next() != Some(&digest) {
+            return Err(ClientError::Registry(format!(
+                "registry sent chunk {digest} out of order"
+            )));
+        }
+        for &(idx, off) in places.get(&digest).map(Vec::as_slice).unwrap_or_default() {
+            let t = &targets[idx];
+            t.file
+                .write_all_at(&data, off)
+                .map_err(|e| ClientError::io(format!("writing {}", shown(&t.partial)), e))?;
+            progress.advance(data.len() as u64);
+        }
+        progress.counters.chunks_transferred.fetch_add(1, Relaxed);
+        progress
+            .counters
+            .bytes_transferred
+            .fetch_add(object_len, Relaxed);
+    }
+    if let Some(d) = expected.next() {
+        return Err(ClientError::NotFound(format!(
+            "registry ended the stream before chunk {d}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the system packages building snapreg needs on a Debian-family machine:
+# libclang (bindgen, for librocksdb-sys) and a C++ compiler (RocksDB itself). protoc
+# is not among them: proto/build.rs uses the vendored protoc-bin-vendored crate.
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+need=()
+for pkg in libclang-dev clang g++ make; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  echo "installing build dependencies: ${need[*]}" >&2
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >&2
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }

@@ -1,0 +1,374 @@
+//! The snapshot manifest, schema version 1.
+//!
+//! Stored as JSON (UTF-8, written once by the client and never re-encoded): its
+//! digest is the BLAKE3 of the exact stored bytes. JSON because operators read
+//! manifests with `snapctl inspect` and `jq`, and a 10 GiB image's manifest (~10^4
+//! extents) is a few hundred KB — nothing a binary format would save matters.
+//!
+//! ```text
+//! {
+//!   "schema_version": 1,
+//!   "created": { "unix_seconds", "tool", "hostname" },
+//!   "chunker": { "algorithm": "fastcdc-v2020", "min_size", "avg_size", "max_size",
+//!                "page_aligned": ["pages-*.img"], "zero_run_min" },
+//!   "layers": [ { "kind": "process"|"weights"|"gpu"|"rootfs"|"extra", "name"?, "rank"?,
+//!                 "files": [ { "path", "size", "mode",
+//!                              "extents": [ {"chunk": "blake3:..", "len": N} | {"zero": N} ] } ] } ],
+//!   "criu"?:          { "version", "restore_options": [..], "external_files": [ {path,size,mtime} ] },
+//!   "compat":         { see compat::CompatRecord },
+//!   "device_memory"?: [ { "layer", "file", "offset", "len" } ],
+//!   "ranks"?:         [ { "rank", "layer" } ],
+//!   "annotations"?:   { "k": "v" }
+//! }
+//! ```
+//!
+//! Compatibility: a reader accepts exactly the schema versions it knows and refuses
+//! the rest with [`Error::ManifestVersion`]; fields added inside version 1 must be
+//! optional (older readers ignore unknown fields). Golden files of every version live
+//! in `tests/golden/manifest-v*.json` and must keep decoding.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compat::CompatRecord;
+use crate::{Digest, Error};
+
+pub const SCHEMA_VERSION: u64 = 1;
+/// Upper bound on an accepted manifest: ~10^6 extents. Bounds what a hostile or
+/// corrupt manifest can make either side allocate.
+pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u64,
+    pub created: Created,
+    pub chunker: ChunkerParams,
+    pub layers: Vec<Layer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu: Option<CriuInfo>,
+    pub compat: CompatRecord,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_memory: Vec<DeviceMemorySegment>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<Rank>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub unix_seconds: u64,
+    pub tool: String,
+    #[serde(default)]
+    pub hostname: String,
+}
+
+/// Two clients dedup against each other only when these match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkerParams {
+    pub algorithm: String,
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+    /// Glob patterns of file names whose cut points fall on 4 KiB boundaries.
+    pub page_aligned: Vec<String>,
+    /// All-zero runs at least this long (4 KiB-aligned) become zero extents.
+    pub zero_run_min: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// CRIU image files of one process tree.
+    Process,
+    /// Named raw weight buffers kept apart from the process image.
+    Weights,
+    /// Device-memory files written by the driver itself.
+    Gpu,
+    Rootfs,
+    Extra,
+}
+
+impl LayerKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LayerKind::Process => "process",
+            LayerKind::Weights => "weights",
+            LayerKind::Gpu => "gpu",
+            LayerKind::Rootfs => "rootfs",
+            LayerKind::Extra => "extra",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Layer {
+    pub kind: LayerKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    pub files: Vec<File>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct File {
+    /// Relative, `/`-separated, no `..` (checked by [`Manifest::decode`]).
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub extents: Vec<Extent>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Extent {
+    Chunk { chunk: Digest, len: u64 },
+    Zero { zero: u64 },
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Chunk { len, .. } => len,
+            Extent::Zero { zero } => zero,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CriuInfo {
+    pub version: String,
+    /// Options the restore must repeat (`--tcp-established`, `--shell-job`, ...).
+    #[serde(default)]
+    pub restore_options: Vec<String>,
+    /// Files the image reopens by path; a restore checks them before CRIU starts.
+    #[serde(default)]
+    pub external_files: Vec<ExternalFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExternalFile {
+    pub path: String,
+    pub size: u64,
+    pub mtime: i64,
+}
+
+/// A page range of a CRIU image file that holds a copy of device memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceMemorySegment {
+    pub layer: u32,
+    pub file: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rank {
+    pub rank: u32,
+    pub layer: u32,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    schema_version: u64,
+}
+
+impl Manifest {
+    /// Decodes and validates stored manifest bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::ManifestInvalid(format!(
+                "{} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
+                bytes.len()
+            )));
+        }
+        let probe: VersionProbe = serde_json::from_slice(bytes)
+            .map_err(|e| Error::ManifestInvalid(format!("no schema_version: {e}")))?;
+        if probe.schema_version != SCHEMA_VERSION {
+            return Err(Error::ManifestVersion {
+                found: probe.schema_version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| Error::ManifestInvalid(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The bytes to store; encode once, then keep and hash these exact bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("manifest serializes")
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |s: String| Err(Error::ManifestInvalid(s));
+        for layer in &self.layers {
+            let mut seen = std::collections::HashSet::new();
+            for f in &layer.files {
+                if let Err(reason) = check_relative_path(&f.path) {
+                    return invalid(format!("file path {:?}: {reason}", f.path));
+                }
+                if !seen.insert(&f.path) {
+                    return invalid(format!(
+                        "file {:?} listed twice in a {} layer",
+                        f.path,
+                        layer.kind.as_str()
+                    ));
+                }
+                let sum: u64 = f.extents.iter().map(Extent::len).sum();
+                if sum != f.size {
+                    return invalid(format!(
+                        "file {:?}: extents cover {sum} bytes, size is {}",
+                        f.path, f.size
+                    ));
+                }
+                if f.extents.iter().any(|e| matches!(e, Extent::Chunk { len, .. } if *len as usize > crate::codec::MAX_CHUNK_LEN)) {
+                    return invalid(format!("file {:?}: chunk larger than the codec allows", f.path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every distinct chunk the manifest names, in first-use order.
+    pub fn chunk_digests(&self) -> Vec<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            for f in &layer.files {
+                for e in &f.extents {
+                    if let Extent::Chunk { chunk, .. } = e {
+                        if seen.insert(*chunk) {
+                            out.push(*chunk);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Total logical bytes of every file.
+    pub fn total_size(&self) -> u64 {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .map(|f| f.size)
+            .sum()
+    }
+}
+
+/// A manifest path must stay inside the directory it is restored into.
+pub fn check_relative_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("empty");
+    }
+    if path.starts_with('/') {
+        return Err("absolute");
+    }
+    if path.contains('\0') || path.contains('\\') {
+        return Err("contains NUL or backslash");
+    }
+    if path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err("has an empty, '.' or '..' component");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOLDEN_V1: &[u8] = include_bytes!("../tests/golden/manifest-v1.json");
+
+    #[test]
+    fn golden_v1_decodes_with_every_optional_section() {
+        let m = Manifest::decode(GOLDEN_V1).unwrap();
+        assert_eq!(m.schema_version, 1);
+        assert_eq!(m.layers.len(), 2);
+        assert_eq!(m.layers[0].kind, LayerKind::Process);
+        assert_eq!(m.layers[1].kind, LayerKind::Weights);
+        let pages = &m.layers[0].files[1];
+        assert_eq!(pages.path, "pages-1.img");
+        assert!(matches!(pages.extents[1], Extent::Zero { zero: 65536 }));
+        assert_eq!(
+            m.criu.as_ref().unwrap().restore_options,
+            vec!["--tcp-established"]
+        );
+        assert_eq!(
+            m.compat.gpu.as_ref().unwrap().devices[0].model,
+            "NVIDIA H100 80GB HBM3"
+        );
+        assert_eq!(m.device_memory.len(), 1);
+        assert_eq!(m.ranks.len(), 1);
+        assert_eq!(m.chunk_digests().len(), 3);
+    }
+
+    #[test]
+    fn golden_v1_digest_is_of_exact_bytes() {
+        // Re-encoding may change bytes; the digest is of what was stored.
+        let d = Digest::of(GOLDEN_V1);
+        let m = Manifest::decode(GOLDEN_V1).unwrap();
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert_eq!(d, Digest::of(GOLDEN_V1));
+    }
+
+    #[test]
+    fn unknown_version_is_refused_by_name() {
+        let text = String::from_utf8(GOLDEN_V1.to_vec()).unwrap().replacen(
+            "\"schema_version\": 1",
+            "\"schema_version\": 7",
+            1,
+        );
+        match Manifest::decode(text.as_bytes()) {
+            Err(Error::ManifestVersion {
+                found: 7,
+                supported: 1,
+            }) => {}
+            other => panic!("expected ManifestVersion, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_optional_fields_are_ignored() {
+        let text = String::from_utf8(GOLDEN_V1.to_vec()).unwrap().replacen(
+            "{",
+            "{\"future_field\": [1,2],",
+            1,
+        );
+        assert!(Manifest::decode(text.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn escaping_paths_and_bad_sizes_are_refused() {
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        for bad in ["../etc/passwd", "/abs", "a//b", "a/./b", ""] {
+            m.layers[0].files[0].path = bad.into();
+            assert!(Manifest::decode(&m.encode()).is_err(), "{bad} accepted");
+        }
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        m.layers[0].files[0].size += 1;
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(matches!(
+            Manifest::decode(b"\x00\x01garbage"),
+            Err(Error::ManifestInvalid(_))
+        ));
+        assert!(matches!(
+            Manifest::decode(b"{\"schema_version\": 1}"),
+            Err(Error::ManifestInvalid(_))
+        ));
+    }
+}

@@ -1,0 +1,282 @@
+//! The RocksDB index under `<data>/index`.
+//!
+//! ```text
+//! key                                value
+//! c/<32-byte digest>                 u64 LE stored object size        chunk is durable in the store
+//! m/<32-byte digest>                 u64 LE manifest size             manifest is in the store
+//! t/<repository>\0<tag>              tag record object name           current record (may be a tombstone)
+//! l/<lease id>                       u64 LE expiry, unix ms           push lease (node-local)
+//! L/<32-byte digest><lease id>       (empty)                          digest protected by a lease (node-local)
+//! meta/built                         (empty)                          the index mirrors the store
+//! ```
+//!
+//! Everything but `l/` and `L/` is derived from the store and rebuilt by
+//! [`Index::rebuild`]. Leases are node-local: after a crash a push whose lease is gone
+//! fails its commit with "chunks missing" if GC swept something, and retries — the
+//! commit re-checks every chunk, so nothing half-made becomes visible.
+//! Writes on the commit path use a synced WAL.
+
+use std::path::Path;
+
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use snapreg_proto::layout;
+use snapreg_proto::tags::{Hlc, TagRecord};
+use snapreg_proto::Digest;
+
+use crate::chunk_store::ChunkStore;
+use crate::error::Result;
+
+pub struct Index {
+    db: DB,
+}
+
+const BUILT: &[u8] = b"meta/built";
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    [prefix, rest].concat()
+}
+
+fn tag_key(repository: &str, tag: &str) -> Vec<u8> {
+    key(b"t/", format!("{repository}\0{tag}").as_bytes())
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        Ok(Index {
+            db: DB::open(&opts, path)?,
+        })
+    }
+
+    pub fn is_built(&self) -> Result<bool> {
+        Ok(self.db.get_pinned(BUILT)?.is_some())
+    }
+
+    pub fn has_chunk(&self, d: &Digest) -> Result<bool> {
+        Ok(self.db.get_pinned(key(b"c/", &d.0))?.is_some())
+    }
+
+    /// Records a chunk whose object is already durable.
+    pub fn add_chunk(&self, d: &Digest, stored_len: u64) -> Result<()> {
+        Ok(self
+            .db
+            .put_opt(key(b"c/", &d.0), stored_len.to_le_bytes(), &synced())?)
+    }
+
+    pub fn remove_chunk(&self, d: &Digest) -> Result<()> {
+        Ok(self.db.delete_opt(key(b"c/", &d.0), &synced())?)
+    }
+
+    pub fn has_manifest(&self, d: &Digest) -> Result<bool> {
+        Ok(self.db.get_pinned(key(b"m/", &d.0))?.is_some())
+    }
+
+    pub fn add_manifest(&self, d: &Digest, len: u64) -> Result<()> {
+        Ok(self
+            .db
+            .put_opt(key(b"m/", &d.0), len.to_le_bytes(), &synced())?)
+    }
+
+    pub fn remove_manifest(&self, d: &Digest) -> Result<()> {
+        Ok(self.db.delete_opt(key(b"m/", &d.0), &synced())?)
+    }
+
+    /// The current record of a tag, tombstones included.
+    pub fn tag_record(&self, repository: &str, tag: &str) -> Result<Option<TagRecord>> {
+        match self.db.get_pinned(tag_key(repository, tag))? {
+            Some(v) => Ok(TagRecord::parse(std::str::from_utf8(&v).unwrap_or_default()).ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// Folds a record into the index; returns whether it is now the current one.
+    pub fn apply_tag_record(
+        &self,
+        repository: &str,
+        tag: &str,
+        record: &TagRecord,
+    ) -> Result<bool> {
+        if self
+            .tag_record(repository, tag)?
+            .is_some_and(|cur| cur >= *record)
+        {
+            return Ok(false);
+        }
+        self.db
+            .put_opt(tag_key(repository, tag), record.object_name(), &synced())?;
+        Ok(true)
+    }
+
+    /// Every (repository, tag, current record), tombstones included.
+    pub fn all_tags(&self) -> Result<Vec<(String, String, TagRecord)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"t/", Direction::Forward))
+        {
+            let (k, v) = item?;
+            let Some(rest) = k.strip_prefix(b"t/") else {
+                break;
+            };
+            let rest = String::from_utf8_lossy(rest);
+            let Some((repo, tag)) = rest.split_once('\0') else {
+                continue;
+            };
+            if let Ok(rec) = TagRecord::parse(&String::from_utf8_lossy(&v)) {
+                out.push((repo.to_string(), tag.to_string(), rec));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn max_hlc(&self) -> Result<Hlc> {
+        Ok(self
+            .all_tags()?
+            .iter()
+            .map(|(_, _, r)| r.hlc)
+            .max()
+            .unwrap_or_default())
+    }
+
+    pub fn put_lease(&self, id: &str, expiry_ms: u64) -> Result<()> {
+        Ok(self
+            .db
+            .put(key(b"l/", id.as_bytes()), expiry_ms.to_le_bytes())?)
+    }
+
+    pub fn lease_expiry(&self, id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .db
+            .get_pinned(key(b"l/", id.as_bytes()))?
+            .map(|v| u64::from_le_bytes(v[..8].try_into().unwrap_or_default())))
+    }
+
+    /// Ends a lease: its digest entries become inert (they name no live lease) and go
+    /// at the next GC.
+    pub fn drop_lease(&self, id: &str) -> Result<()> {
+        Ok(self.db.delete(key(b"l/", id.as_bytes()))?)
+    }
+
+    pub fn lease_digests(&self, id: &str, digests: &[Digest]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for d in digests {
+            batch.put(key(b"L/", &[&d.0[..], id.as_bytes()].concat()), b"");
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    /// Whether a live lease protects `d`.
+    pub fn is_leased(&self, d: &Digest, now_ms: u64) -> Result<bool> {
+        let prefix = key(b"L/", &d.0);
+        for item in self.db.prefix_iterator(&prefix) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[prefix.len()..]);
+            if self.lease_expiry(&id)?.is_some_and(|exp| exp > now_ms) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Drops expired leases and the digest entries of every ended lease; returns how
+    /// many leases expired.
+    pub fn drop_expired_leases(&self, now_ms: u64) -> Result<usize> {
+        let mut expired = std::collections::HashSet::new();
+        let mut batch = WriteBatch::default();
+        for item in self.db.prefix_iterator(b"l/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"l/") {
+                break;
+            }
+            if u64::from_le_bytes(v[..8].try_into().unwrap_or_default()) <= now_ms {
+                batch.delete(&k);
+                expired.insert(k[2..].to_vec());
+            }
+        }
+        // Digest entries of leases that expired now or were dropped at commit.
+        for item in self.db.prefix_iterator(b"L/") {
+            let (k, _) = item?;
+            if !k.starts_with(b"L/") {
+                break;
+            }
+            let id = &k[34.min(k.len())..];
+            if expired.contains(id) || self.db.get_pinned(key(b"l/", id))?.is_none() {
+                batch.delete(&k);
+            }
+        }
+        self.db.write(batch)?;
+        Ok(expired.len())
+    }
+
+    /// Rebuilds everything derivable from the store (chunks, manifests, tags); leases
+    /// are kept. Run on a fresh index, or by `snapreg reindex`.
+    pub async fn rebuild(&self, store: &ChunkStore) -> Result<RebuildStats> {
+        let mut stats = RebuildStats::default();
+        let mut batch = WriteBatch::default();
+        for prefix in [&b"c/"[..], b"m/", b"t/", BUILT] {
+            let end = key(&prefix[..prefix.len() - 1], &[prefix[prefix.len() - 1] + 1]);
+            batch.delete_range(prefix, &end[..]);
+        }
+        self.db.write_opt(batch, &synced())?;
+
+        let mut batch = WriteBatch::default();
+        for meta in store.list(layout::CHUNKS).await? {
+            if let Ok(d) = layout::parse_chunk_path(meta.location.as_ref()) {
+                batch.put(key(b"c/", &d.0), meta.size.to_le_bytes());
+                stats.chunks += 1;
+            }
+        }
+        for meta in store.list(layout::MANIFESTS).await? {
+            if let Ok(d) = layout::parse_manifest_path(meta.location.as_ref()) {
+                batch.put(key(b"m/", &d.0), meta.size.to_le_bytes());
+                stats.manifests += 1;
+            }
+        }
+        self.db.write_opt(batch, &synced())?;
+        for meta in store.list(layout::TAGS).await? {
+            if let Ok((repo, tag, rec)) = layout::parse_tag_record_path(meta.location.as_ref()) {
+                self.apply_tag_record(&repo, &tag, &rec)?;
+                stats.tag_records += 1;
+            }
+        }
+        self.db.put_opt(BUILT, b"", &synced())?;
+        Ok(stats)
+    }
+
+    /// Every indexed (non-lease) entry as text lines, for comparing two indexes.
+    pub fn dump_derived(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::Start) {
+            let (k, v) = item?;
+            if k.starts_with(b"c/") || k.starts_with(b"m/") || k.starts_with(b"t/") {
+                out.push(format!("{}={}", hex_or_text(&k), hex_or_text(&v)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn hex_or_text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if s.chars().all(|c| !c.is_control() || c == '\0') => s.replace('\0', "/"),
+        _ => b.iter().map(|x| format!("{x:02x}")).collect(),
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RebuildStats {
+    pub chunks: u64,
+    pub manifests: u64,
+    pub tag_records: u64,
+}

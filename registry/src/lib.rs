@@ -1,0 +1,29 @@
+//! The snapreg registry: a gRPC server over an object store.
+//!
+//! - [`chunk_store`]: chunk, manifest and tag-record objects in `object_store` (the
+//!   source of truth), written once, fsync'd on the local backend.
+//! - [`index`]: RocksDB under the data dir: chunk and manifest presence, current tag
+//!   values, push leases. Rebuildable from the store ([`index::Index::rebuild`]),
+//!   except leases, which are node-local and short-lived by design.
+//! - [`service`]: the `snapreg.v1.Registry` RPC handlers.
+//! - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
+//! - [`server`]: opening a data dir and serving on a listener until shutdown.
+//!
+//! Invariants:
+//! - A chunk is in the index only after its object is durable; a manifest is stored
+//!   only after every chunk it names is in the index; a tag record is written only
+//!   after its manifest is stored. A crash at any point leaves at worst unreferenced
+//!   objects, which GC removes; never a visible tag with missing data.
+//! - Every change to a chunk's presence (upload, sweep) and every lease taken on it by
+//!   a "which are missing" answer happen under that chunk's stripe lock, so GC never
+//!   sweeps a chunk a push was just told exists.
+
+pub mod chunk_store;
+pub mod error;
+pub mod gc;
+pub mod index;
+pub mod server;
+pub mod service;
+
+pub use error::RegistryError;
+pub use server::{open, run, Registry, RegistryConfig};

@@ -1,0 +1,113 @@
+//! `snapreg`: parse arguments, open the registry, serve. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use snapreg_registry::RegistryConfig;
+
+#[derive(Parser)]
+#[command(name = "snapreg", version, about = "Registry for process snapshots")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Directory for the RocksDB index (and the object store unless --store is given).
+    #[arg(long, env = "SNAPREG_DATA")]
+    data: PathBuf,
+    /// Object store URL: file:///path or s3://bucket/prefix (AWS_* variables for S3).
+    #[arg(long, env = "SNAPREG_STORE")]
+    store: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve {
+        /// Address to listen on; port 0 picks a free one (printed on stdout as JSON).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Unreferenced chunks younger than this survive GC.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        gc_grace: Duration,
+        /// How long a push lease lives without activity, and after its commit.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
+    },
+    /// Rebuild the RocksDB index from the object store (the registry must be stopped).
+    Reindex {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main().await {
+        eprintln!("snapreg: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            store,
+            gc_grace,
+            lease_ttl,
+        } => {
+            let mut config = RegistryConfig::new(&store.data);
+            config.store_url = store.store;
+            config.gc_grace = gc_grace;
+            config.lease_ttl = lease_ttl;
+            let registry = snapreg_registry::open(config)
+                .await
+                .with_context(|| format!("opening the registry in {}", store.data.display()))?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
+            let addr = listener.local_addr()?;
+            println!("{}", serde_json::json!({ "listen": addr.to_string() }));
+            tracing::info!(%addr, "snapreg serving");
+            snapreg_registry::run(listener, registry, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Reindex { store } => {
+            let mut config = RegistryConfig::new(&store.data);
+            config.store_url = store.store;
+            let registry = snapreg_registry::open(config)
+                .await
+                .context("opening the registry")?;
+            let stats = registry
+                .index()
+                .rebuild(registry.store())
+                .await
+                .context("rebuilding the index")?;
+            println!("{}", serde_json::to_string(&stats)?);
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

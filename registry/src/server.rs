@@ -1,0 +1,155 @@
+//! Opening a data directory and serving the registry on a listener.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use object_store::local::LocalFileSystem;
+use object_store::ObjectStore;
+use snapreg_proto::pb::registry_server::RegistryServer;
+use snapreg_proto::tags::HlcClock;
+use snapreg_proto::Digest;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::chunk_store::ChunkStore;
+use crate::error::{RegistryError, Result};
+use crate::index::Index;
+use crate::service::RegistryService;
+
+/// Largest gRPC message either side accepts: a 16 MiB chunk object, or a manifest.
+pub const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
+
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Holds the RocksDB index (`index/`) and, by default, the object store (`store/`).
+    pub data_dir: PathBuf,
+    /// `file:///path` or `s3://bucket/prefix`; `None` means `<data_dir>/store`.
+    pub store_url: Option<String>,
+    /// Unreferenced chunks younger than this survive GC.
+    pub gc_grace: Duration,
+    /// How long a push lease lives without activity, and after its commit.
+    pub lease_ttl: Duration,
+}
+
+impl RegistryConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        RegistryConfig {
+            data_dir: data_dir.into(),
+            store_url: None,
+            gc_grace: Duration::from_secs(3600),
+            lease_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Shared state of one registry instance.
+pub struct Registry {
+    pub(crate) store: ChunkStore,
+    pub(crate) index: Index,
+    pub(crate) clock: HlcClock,
+    pub(crate) config: RegistryConfig,
+    /// Per-digest critical sections (see lib.rs invariants), striped by first byte.
+    stripes: Vec<Mutex<()>>,
+    pub(crate) gc_running: Mutex<()>,
+    /// While a GC runs: digests committed (manifests, their chunks) since its mark
+    /// began, which it must treat as live. `None` when no GC runs.
+    pub(crate) gc_committed: std::sync::Mutex<Option<std::collections::HashSet<Digest>>>,
+}
+
+impl Registry {
+    pub(crate) async fn lock_digest(&self, d: &Digest) -> MutexGuard<'_, ()> {
+        self.stripes[d.0[0] as usize].lock().await
+    }
+
+    /// Called by every commit (manifest, tag) before its lease is released, so a GC
+    /// whose mark began earlier still sees these digests as live.
+    pub(crate) fn note_committed(&self, digests: impl IntoIterator<Item = Digest>) {
+        if let Some(set) = self.gc_committed.lock().unwrap().as_mut() {
+            set.extend(digests);
+        }
+    }
+
+    pub fn store(&self) -> &ChunkStore {
+        &self.store
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Opens (creating when new) the store and index; rebuilds the index when it is new.
+pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = ChunkStore::new(open_object_store(&config)?);
+    store.check_layout().await?;
+    let index = Index::open(&config.data_dir.join("index"))?;
+    if !index.is_built()? {
+        let stats = index.rebuild(&store).await?;
+        tracing::info!(?stats, "index built from the store");
+    }
+    let clock = HlcClock::default();
+    clock.observe(index.max_hlc()?);
+    Ok(Arc::new(Registry {
+        store,
+        index,
+        clock,
+        config,
+        stripes: (0..256).map(|_| Mutex::new(())).collect(),
+        gc_running: Mutex::new(()),
+        gc_committed: std::sync::Mutex::new(None),
+    }))
+}
+
+fn open_object_store(config: &RegistryConfig) -> Result<Arc<dyn ObjectStore>> {
+    let local = |dir: PathBuf| -> Result<Arc<dyn ObjectStore>> {
+        std::fs::create_dir_all(&dir)?;
+        // fsync on: the index records a chunk as durable right after this returns.
+        Ok(Arc::new(
+            LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true),
+        ))
+    };
+    let Some(url) = &config.store_url else {
+        return local(config.data_dir.join("store"));
+    };
+    let parsed = url::Url::parse(url)
+        .map_err(|e| RegistryError::invalid("--store", format!("{url:?} is not a URL: {e}")))?;
+    match parsed.scheme() {
+        "file" => local(PathBuf::from(parsed.path())),
+        "s3" => Ok(Arc::new(
+            object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).build()?,
+        )),
+        other => Err(RegistryError::invalid(
+            "--store",
+            format!("scheme {other:?} is not supported; use file:///path or s3://bucket (credentials from AWS_* variables)"),
+        )),
+    }
+}
+
+/// Serves the registry on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let service = RegistryServer::new(RegistryService::new(registry))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| RegistryError::Io(std::io::Error::other(e)))
+}

@@ -1,0 +1,408 @@
+//! `snapreg.v1.Registry` handlers. Each handler validates its input, does its work
+//! through [`Registry`], and lets `From<RegistryError> for Status` name the failure.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use snapreg_proto::codec;
+use snapreg_proto::manifest::Manifest;
+use snapreg_proto::pb::{self, registry_server};
+use snapreg_proto::reference::{validate_repository, validate_tag};
+use snapreg_proto::tags::{TagRecord, TagTarget};
+use snapreg_proto::Digest;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{RegistryError, Result};
+use crate::server::{now_ms, Registry};
+
+/// Chunks fetched from the store ahead of the one being sent, per GetChunks stream.
+const GET_CHUNKS_READAHEAD: usize = 8;
+
+pub struct RegistryService {
+    reg: Arc<Registry>,
+}
+
+impl RegistryService {
+    pub fn new(reg: Arc<Registry>) -> Self {
+        RegistryService { reg }
+    }
+}
+
+fn digest_arg(field: &'static str, bytes: &[u8]) -> Result<Digest> {
+    Digest::from_slice(bytes)
+        .map_err(|_| RegistryError::invalid(field, "must be a 32-byte BLAKE3 digest"))
+}
+
+fn repo_arg(repo: &str) -> Result<()> {
+    validate_repository(repo).map_err(|r| RegistryError::invalid("repository", r))
+}
+
+fn tag_arg(tag: &str) -> Result<()> {
+    validate_tag(tag).map_err(|r| RegistryError::invalid("tag", r))
+}
+
+impl Registry {
+    fn check_lease(&self, lease: &str) -> Result<()> {
+        match self.index.lease_expiry(lease)? {
+            Some(exp) if exp > now_ms() => {
+                // Activity extends the lease.
+                self.index
+                    .put_lease(lease, now_ms() + self.config.lease_ttl.as_millis() as u64)
+            }
+            _ => Err(RegistryError::LeaseUnknown {
+                lease: lease.to_string(),
+            }),
+        }
+    }
+
+    async fn find_missing(&self, lease: &str, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        self.check_lease(lease)?;
+        let mut missing = Vec::new();
+        for d in digests {
+            // Lease first, then look, under the stripe lock: GC sweeping `d` either
+            // finished before (we report it missing) or sees our lease.
+            let _g = self.lock_digest(&d).await;
+            self.index.lease_digests(lease, &[d])?;
+            if !self.index.has_chunk(&d)? {
+                missing.push(d);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Verifies and stores one uploaded chunk; returns whether it was new.
+    async fn put_chunk(&self, lease: &str, digest: Digest, object: Bytes) -> Result<bool> {
+        let verify = object.clone();
+        tokio::task::spawn_blocking(move || codec::decode(&digest, &verify))
+            .await
+            .map_err(|e| RegistryError::Io(std::io::Error::other(e)))?
+            .map_err(|e| match e {
+                snapreg_proto::Error::ChunkCorrupt { digest, reason } => {
+                    RegistryError::ChunkCorrupt { digest, reason }
+                }
+                other => other.into(),
+            })?;
+        let _g = self.lock_digest(&digest).await;
+        self.index.lease_digests(lease, &[digest])?;
+        if self.index.has_chunk(&digest)? {
+            return Ok(false);
+        }
+        let len = object.len() as u64;
+        self.store.put_chunk(&digest, object).await?;
+        self.index.add_chunk(&digest, len)?;
+        Ok(true)
+    }
+
+    async fn put_manifest(
+        &self,
+        repository: &str,
+        lease: &str,
+        bytes: Bytes,
+        tags: &[String],
+    ) -> Result<Digest> {
+        repo_arg(repository)?;
+        for t in tags {
+            tag_arg(t)?;
+        }
+        self.check_lease(lease)?;
+        let manifest = Manifest::decode(&bytes)?;
+        let chunks = manifest.chunk_digests();
+        let missing: Vec<Digest> = chunks
+            .iter()
+            .filter(|d| !self.index.has_chunk(d).unwrap_or(false))
+            .copied()
+            .collect();
+        if let Some(first) = missing.first() {
+            return Err(RegistryError::ManifestIncomplete {
+                count: missing.len(),
+                first: *first,
+            });
+        }
+        let digest = Digest::of(&bytes);
+        // The manifest joins the lease too, so GC cannot take it between here and the tag.
+        self.index.lease_digests(lease, &[digest])?;
+        self.index.lease_digests(lease, &chunks)?;
+        if !self.index.has_manifest(&digest)? {
+            let len = bytes.len() as u64;
+            self.store.put_manifest(&digest, bytes).await?;
+            self.index.add_manifest(&digest, len)?;
+        }
+        for t in tags {
+            self.write_tag(repository, t, TagTarget::Manifest(digest))
+                .await?;
+        }
+        self.note_committed(chunks.iter().copied().chain([digest]));
+        self.index.drop_lease(lease)?;
+        tracing::info!(%repository, %digest, ?tags, chunks = chunks.len(), "manifest committed");
+        Ok(digest)
+    }
+
+    pub(crate) async fn write_tag(
+        &self,
+        repository: &str,
+        tag: &str,
+        target: TagTarget,
+    ) -> Result<TagRecord> {
+        let record = TagRecord {
+            hlc: self.clock.tick(),
+            target,
+        };
+        self.store.put_tag_record(repository, tag, &record).await?;
+        self.index.apply_tag_record(repository, tag, &record)?;
+        Ok(record)
+    }
+
+    fn resolve(&self, repository: &str, reference: &str) -> Result<Digest> {
+        if reference.starts_with(snapreg_proto::digest::PREFIX) {
+            let d: Digest = reference.parse()?;
+            return if self.index.has_manifest(&d)? {
+                Ok(d)
+            } else {
+                Err(RegistryError::ManifestNotFound { digest: d })
+            };
+        }
+        tag_arg(reference)?;
+        match self
+            .index
+            .tag_record(repository, reference)?
+            .and_then(|r| r.digest())
+        {
+            Some(d) => Ok(d),
+            None => Err(RegistryError::TagNotFound {
+                repository: repository.into(),
+                tag: reference.into(),
+            }),
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChunkData, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl registry_server::Registry for RegistryService {
+    async fn begin_push(
+        &self,
+        req: Request<pb::BeginPushRequest>,
+    ) -> Result<Response<pb::BeginPushResponse>, Status> {
+        let req = req.into_inner();
+        repo_arg(&req.repository)?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        let ttl = self.reg.config.lease_ttl;
+        self.reg
+            .index
+            .put_lease(&id, now_ms() + ttl.as_millis() as u64)
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::BeginPushResponse {
+            lease_id: id,
+            ttl_seconds: ttl.as_secs(),
+        }))
+    }
+
+    async fn find_missing_chunks(
+        &self,
+        req: Request<pb::FindMissingChunksRequest>,
+    ) -> Result<Response<pb::FindMissingChunksResponse>, Status> {
+        let req = req.into_inner();
+        let digests = req
+            .digests
+            .iter()
+            .map(|b| digest_arg("digests", b))
+            .collect::<Result<Vec<_>>>()?;
+        let missing = self.reg.find_missing(&req.lease_id, digests).await?;
+        Ok(Response::new(pb::FindMissingChunksResponse {
+            missing: missing
+                .iter()
+                .map(|d| Bytes::copy_from_slice(&d.0))
+                .collect(),
+        }))
+    }
+
+    async fn put_chunks(
+        &self,
+        req: Request<Streaming<pb::PutChunkRequest>>,
+    ) -> Result<Response<pb::PutChunksResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut resp = pb::PutChunksResponse::default();
+        let mut checked_lease: Option<String> = None;
+        while let Some(msg) = stream.message().await? {
+            if checked_lease.as_deref() != Some(msg.lease_id.as_str()) {
+                self.reg.check_lease(&msg.lease_id)?;
+                checked_lease = Some(msg.lease_id.clone());
+            }
+            let digest = digest_arg("digest", &msg.digest)?;
+            let len = msg.data.len() as u64;
+            if self.reg.put_chunk(&msg.lease_id, digest, msg.data).await? {
+                resp.chunks_stored += 1;
+                resp.bytes_stored += len;
+            } else {
+                resp.chunks_already_present += 1;
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    type GetChunksStream = ChunkStream;
+
+    async fn get_chunks(
+        &self,
+        req: Request<pb::GetChunksRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let digests = req
+            .into_inner()
+            .digests
+            .iter()
+            .map(|b| digest_arg("digests", b))
+            .collect::<Result<Vec<_>>>()?;
+        let reg = self.reg.clone();
+        let stream = futures::stream::iter(digests)
+            .map(move |d| {
+                let reg = reg.clone();
+                async move {
+                    let data = reg.store.get_chunk(&d).await?;
+                    Ok(pb::ChunkData {
+                        digest: Bytes::copy_from_slice(&d.0),
+                        data,
+                    })
+                }
+            })
+            .buffered(GET_CHUNKS_READAHEAD)
+            .map(|r: Result<pb::ChunkData>| r.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn put_manifest(
+        &self,
+        req: Request<pb::PutManifestRequest>,
+    ) -> Result<Response<pb::PutManifestResponse>, Status> {
+        let req = req.into_inner();
+        let d = self
+            .reg
+            .put_manifest(&req.repository, &req.lease_id, req.manifest, &req.tags)
+            .await?;
+        Ok(Response::new(pb::PutManifestResponse {
+            digest: d.to_string(),
+        }))
+    }
+
+    async fn get_manifest(
+        &self,
+        req: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let req = req.into_inner();
+        repo_arg(&req.repository)?;
+        let digest = self.reg.resolve(&req.repository, &req.reference)?;
+        let manifest = self.reg.store.get_manifest(&digest).await?;
+        Ok(Response::new(pb::GetManifestResponse {
+            digest: digest.to_string(),
+            manifest,
+        }))
+    }
+
+    async fn list_repositories(
+        &self,
+        _req: Request<pb::ListRepositoriesRequest>,
+    ) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
+        let mut repos: Vec<String> = self
+            .reg
+            .index
+            .all_tags()
+            .map_err(Status::from)?
+            .into_iter()
+            .filter(|(_, _, r)| r.digest().is_some())
+            .map(|(repo, _, _)| repo)
+            .collect();
+        repos.dedup();
+        Ok(Response::new(pb::ListRepositoriesResponse {
+            repositories: repos,
+        }))
+    }
+
+    async fn list_tags(
+        &self,
+        req: Request<pb::ListTagsRequest>,
+    ) -> Result<Response<pb::ListTagsResponse>, Status> {
+        let repo = req.into_inner().repository;
+        repo_arg(&repo)?;
+        let tags: Vec<pb::TagInfo> = self
+            .reg
+            .index
+            .all_tags()
+            .map_err(Status::from)?
+            .into_iter()
+            .filter(|(r, _, _)| *r == repo)
+            .filter_map(|(_, tag, rec)| {
+                rec.digest().map(|d| pb::TagInfo {
+                    tag,
+                    digest: d.to_string(),
+                    hlc: rec.hlc.0,
+                })
+            })
+            .collect();
+        if tags.is_empty() {
+            return Err(Status::not_found(format!(
+                "repository {repo:?} has no tags; `snapctl ls` lists repositories"
+            )));
+        }
+        Ok(Response::new(pb::ListTagsResponse { tags }))
+    }
+
+    async fn set_tag(
+        &self,
+        req: Request<pb::SetTagRequest>,
+    ) -> Result<Response<pb::SetTagResponse>, Status> {
+        let req = req.into_inner();
+        repo_arg(&req.repository)?;
+        tag_arg(&req.tag)?;
+        let digest = self.reg.resolve(&req.repository, &req.digest)?;
+        // Protect the manifest and its chunks from a GC already past its mark phase.
+        let manifest = Manifest::decode(&self.reg.store.get_manifest(&digest).await?)
+            .map_err(RegistryError::from)?;
+        let lease = format!("tag-{:032x}", rand::random::<u128>());
+        let reg = &self.reg;
+        let chunks = manifest.chunk_digests();
+        reg.index
+            .put_lease(&lease, now_ms() + reg.config.lease_ttl.as_millis() as u64)
+            .map_err(Status::from)?;
+        reg.index
+            .lease_digests(&lease, &[digest])
+            .map_err(Status::from)?;
+        reg.index
+            .lease_digests(&lease, &chunks)
+            .map_err(Status::from)?;
+        let rec = reg
+            .write_tag(&req.repository, &req.tag, TagTarget::Manifest(digest))
+            .await?;
+        reg.note_committed(chunks.into_iter().chain([digest]));
+        reg.index.drop_lease(&lease).map_err(Status::from)?;
+        Ok(Response::new(pb::SetTagResponse { hlc: rec.hlc.0 }))
+    }
+
+    async fn delete_tag(
+        &self,
+        req: Request<pb::DeleteTagRequest>,
+    ) -> Result<Response<pb::DeleteTagResponse>, Status> {
+        let req = req.into_inner();
+        repo_arg(&req.repository)?;
+        let digest = self.reg.resolve(&req.repository, &req.tag)?;
+        self.reg
+            .write_tag(&req.repository, &req.tag, TagTarget::Deleted)
+            .await?;
+        Ok(Response::new(pb::DeleteTagResponse {
+            digest: digest.to_string(),
+        }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        req: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let req = req.into_inner();
+        let grace = req
+            .grace_seconds
+            .map_or(self.reg.config.gc_grace, std::time::Duration::from_secs);
+        let stats = crate::gc::collect(&self.reg, grace, req.dry_run).await?;
+        Ok(Response::new(stats))
+    }
+}

@@ -1,0 +1,109 @@
+//! The process the end-to-end tests checkpoint: holds a seeded pattern of memory and
+//! a counter, and reports both through files it opens and closes each time (so it
+//! holds no file CRIU would have to reopen).
+//!
+//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z]`
+//!   DIR/state   "<counter> <pid>", rewritten every 20 ms (write + rename)
+//!   DIR/verify  written on SIGUSR1: "ok <counter>" when the pattern is intact, "bad <page>"
+//! The pad (P MiB, pid-derived content) goes in before the pattern, so two runs hold
+//! the same data at different addresses and page-file offsets. Z MiB of touched
+//! zero pages stand in for a pre-allocated KV cache.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+static VERIFY: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    VERIFY.store(true, Ordering::SeqCst);
+}
+
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1; // distinct seeds, distinct streams
+    for word in buf.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn first_bad_page(seed: u64, buf: &[u8]) -> Option<usize> {
+    let mut expect = vec![0u8; buf.len()];
+    fill(seed, &mut expect);
+    buf.chunks(4096)
+        .zip(expect.chunks(4096))
+        .position(|(a, b)| a != b)
+}
+
+fn write_atomic(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+fn close_inherited_fds() {
+    // Whatever the test harness leaked (pipes to cargo) must not end up in the image.
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        for fd in fds {
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("hold") {
+        eprintln!(
+            "usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z]"
+        );
+        std::process::exit(2);
+    }
+    close_inherited_fds();
+    let out = std::path::PathBuf::from(arg(&args, "--out").expect("--out"));
+    let mib: usize = arg(&args, "--mib").map_or(16, |v| v.parse().unwrap());
+    let seed: u64 = arg(&args, "--seed").map_or(1, |v| v.parse().unwrap());
+    let pad_mib: usize = arg(&args, "--pad-mib").map_or(0, |v| v.parse().unwrap());
+    let zero_mib: usize = arg(&args, "--zero-mib").map_or(0, |v| v.parse().unwrap());
+
+    let mut pad = vec![0u8; pad_mib << 20];
+    fill(std::process::id() as u64, &mut pad);
+    let mut data = vec![0u8; mib << 20];
+    fill(seed, &mut data);
+    // Touched zero pages: resident, so CRIU dumps them as pages of zeros.
+    let mut zeros = vec![1u8; zero_mib << 20];
+    zeros.iter_mut().for_each(|b| *b = 0);
+
+    unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    let mut counter: u64 = 0;
+    loop {
+        counter += 1;
+        write_atomic(
+            &out.join("state"),
+            &format!("{counter} {}\n", std::process::id()),
+        );
+        if VERIFY.swap(false, Ordering::SeqCst) {
+            let verdict = match first_bad_page(seed, &data) {
+                None if zeros.iter().all(|&b| b == 0) && pad.len() == pad_mib << 20 => {
+                    format!("ok {counter}\n")
+                }
+                None => "bad zeros\n".to_string(),
+                Some(p) => format!("bad {p}\n"),
+            };
+            write_atomic(&out.join("verify"), &verdict);
+        }
+        std::hint::black_box(&pad);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: one binary (one link step on a 2-core CI), real `snapreg`
+//! processes on loopback, real `snapctl` runs, real CRIU.
+
+mod support;
+
+mod errors;
+mod gc;
+mod push_pull;
+mod real_images;

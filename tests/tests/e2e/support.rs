@@ -1,0 +1,347 @@
+//! What every end-to-end test needs: real `snapreg` processes on loopback, `snapctl`
+//! runs with their exit codes and JSON, test processes started (and killed) by PID,
+//! and a real CRIU.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// target/debug, found from this test binary (target/debug/deps/e2e-*).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn testproc_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_snapreg-testproc"))
+}
+
+/// A CRIU ≥ 4.2 installed by deploy/install-criu.sh (scripts/test.sh runs it).
+pub fn criu() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAPCTL_CRIU") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from("/opt/snapreg-criu/bin/criu");
+    assert!(
+        p.exists(),
+        "no CRIU at {}: run `sudo deploy/install-criu.sh` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Serialises tests that checkpoint (CRIU restores original PIDs), across threads
+/// and processes alike.
+pub struct CriuLock {
+    _held: std::fs::File,
+}
+
+pub fn criu_lock() -> CriuLock {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/tmp/snapreg-tests-criu.lock")
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    CriuLock { _held: f }
+}
+
+pub struct Registry {
+    pub data: PathBuf,
+    pub url: String,
+    pub addr: String,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Registry {
+    pub fn start(data: &Path) -> Registry {
+        Registry::start_with(data, &[])
+    }
+
+    pub fn start_with(data: &Path, extra: &[&str]) -> Registry {
+        let mut r = Registry {
+            data: data.to_path_buf(),
+            url: String::new(),
+            addr: "127.0.0.1:0".into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin("snapreg"))
+            .args(["serve", "--listen", &self.addr, "--data"])
+            .arg(&self.data)
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("snapreg printed {line:?}: {e}"));
+        self.addr = v["listen"].as_str().unwrap().to_string();
+        self.url = format!("http://{}", self.addr);
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same address and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The port may linger for a moment after the kill.
+            if std::net::TcpListener::bind(&self.addr).is_ok() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn();
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.data.join("store")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    /// The JSON object on stdout's last line.
+    pub fn json(&self) -> serde_json::Value {
+        let last = self
+            .stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no stdout; stderr: {}", self.stderr));
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line {last:?} is not JSON: {e}"))
+    }
+
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "snapctl failed\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+pub fn snapctl(registry: &str, args: &[&str]) -> Out {
+    let out = Command::new(bin("snapctl"))
+        .arg("--registry")
+        .arg(registry)
+        .arg("--json")
+        .args(args)
+        .env_remove("SNAPCTL_REGISTRY")
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A test process, killed (by PID) and reaped on drop.
+pub struct TestProc {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl TestProc {
+    pub fn hold(dir: &Path, mib: usize, seed: u64, pad_mib: usize, zero_mib: usize) -> TestProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cmd = Command::new(testproc_bin());
+        cmd.arg("hold")
+            .arg("--out")
+            .arg(dir)
+            .args(["--mib", &mib.to_string(), "--seed", &seed.to_string()])
+            .args([
+                "--pad-mib",
+                &pad_mib.to_string(),
+                "--zero-mib",
+                &zero_mib.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        use std::os::unix::process::CommandExt;
+        // Its own session: CRIU dumps it without --shell-job.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        let p = TestProc {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        p.wait_counter_above(2);
+        p
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn counter(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("state"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn wait_counter_above(&self, n: u64) -> u64 {
+        wait_for(Duration::from_secs(30), || {
+            (self.counter() > n).then(|| self.counter())
+        })
+        .unwrap_or_else(|| panic!("counter of pid {} stuck at {}", self.pid(), self.counter()))
+    }
+}
+
+impl Drop for TestProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `criu dump` of a test process into `images` (the process dies; it is reaped).
+pub fn criu_dump(proc_: &mut TestProc, images: &Path) {
+    std::fs::create_dir_all(images).unwrap();
+    let out = Command::new(criu())
+        .args(["dump", "-t", &proc_.pid().to_string(), "-D"])
+        .arg(images)
+        .args(["-o", "dump.log", "-v2"])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(images.join("dump.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "criu dump failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&log, 20)
+    );
+    let _ = proc_.child.wait();
+}
+
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Every regular file under `dir`, relative path -> bytes.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.insert(
+                    e.path()
+                        .strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+pub fn assert_trees_equal(a: &Path, b: &Path) {
+    let (ta, tb) = (read_tree(a), read_tree(b));
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "file lists differ"
+    );
+    for (name, bytes) in &ta {
+        assert!(
+            bytes == &tb[name],
+            "{name} differs ({} vs {} bytes)",
+            bytes.len(),
+            tb[name].len()
+        );
+    }
+}
+
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1; // distinct seeds, distinct streams
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// Bytes under the store's chunks/ prefix.
+pub fn stored_chunk_bytes(store: &Path) -> u64 {
+    read_tree(&store.join("chunks"))
+        .values()
+        .map(|v| v.len() as u64)
+        .sum()
+}
