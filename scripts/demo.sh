@@ -47,6 +47,7 @@ say "run 1: a worker holding 256 MiB of state and a counter"
 pid1="$(start_worker "$work/run1" 3)"
 sleep 0.5
 echo "pid $pid1, counter $(counter "$work/run1")" >&2
+mkdir -p "$work/images1" "$work/images2"
 "$CRIU" dump -t "$pid1" -D "$work/images1" -o dump.log
 wait "$pid1" 2>/dev/null || true
 echo "checkpointed; image: $(du -sh "$work/images1" | cut -f1)" >&2
