@@ -178,6 +178,30 @@ fn grow_pipe(fd: &OwnedFd) {
     }
 }
 
+/// Accepts CRIU's one connection, or returns `None` if CRIU exited first (its stderr
+/// then says why: it connects before opening its log).
+pub async fn accept_from(
+    listener: &UnixListener,
+    criu: &mut tokio::process::Child,
+) -> io::Result<Option<UnixStream>> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if criu.try_wait()?.is_some() {
+                    return Ok(None);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,11 @@
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
 //! - [`inspect`]: manifest summaries.
+//! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
+//!   as CRIU's action script (commit at post-dump, verify at post-restore).
+//! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
+//!   through the node cache.
+//! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
 //! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
@@ -14,16 +19,21 @@
 //!
 //! The binary `snapctl` (src/main.rs) parses arguments and calls these.
 
+pub mod action;
 pub mod cache;
+pub mod checkpoint;
 pub mod chunker;
 pub mod criu;
 pub mod criu_stream;
 pub mod error;
 pub mod host;
 pub mod inspect;
+pub mod podman;
+pub mod process;
 pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod remote;
+pub mod restore;
 
 pub use error::ClientError;

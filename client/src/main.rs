@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use snapreg_client::cache::{self, ChunkCache};
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::Remote;
-use snapreg_client::{criu, host, inspect, pull, push, ClientError};
+use snapreg_client::{checkpoint, criu, host, inspect, podman, pull, push, restore, ClientError};
 use snapreg_proto::reference::{Reference, Target};
 
 #[derive(Parser)]
@@ -29,16 +30,114 @@ struct Cli {
     /// CRIU executable (default: SNAPCTL_CRIU, then /opt/snapreg-criu/bin/criu, then PATH).
     #[arg(long, global = true, env = "SNAPCTL_CRIU")]
     criu: Option<PathBuf>,
+    /// Node chunk cache directory (default /var/cache/snapctl as root, else $XDG_CACHE_HOME/snapctl).
+    #[arg(long, global = true, env = "SNAPCTL_CACHE")]
+    cache: Option<PathBuf>,
+    /// Node chunk cache size limit, e.g. 20G, 512M.
+    #[arg(long, global = true, env = "SNAPCTL_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    cache_size: u64,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
+enum CacheCommand {
+    /// List cached chunks (least recently used first) and the total.
+    Ls,
+    /// Evict least-recently-used chunks down to --to (default: the cache size limit).
+    Prune {
+        #[arg(long, value_parser = parse_size)]
+        to: Option<u64>,
+    },
+}
+
+/// Sizes like 20G, 512M, 4096 (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a size like 20G"))
+}
+
+#[derive(Subcommand)]
 enum Command {
-    /// Push a directory (e.g. a CRIU images dir) as a snapshot: push DIR REF.
-    Push { dir: PathBuf, reference: String },
-    /// Pull a snapshot into a directory: pull REF DIR.
-    Pull { reference: String, dir: PathBuf },
+    /// Push a directory (e.g. a CRIU images dir) as a snapshot: `push DIR REF`, or a
+    /// Podman checkpoint archive: `push --podman-archive FILE.tar[.gz|.zst] REF`.
+    Push {
+        #[arg(long, value_name = "FILE")]
+        podman_archive: Option<PathBuf>,
+        /// DIR REF (or REF alone with --podman-archive).
+        #[arg(required = true, num_args = 1..=2, value_name = "DIR REF")]
+        args: Vec<String>,
+    },
+    /// Pull a snapshot into a directory: `pull REF DIR`, or back into a Podman archive:
+    /// `pull --podman-archive OUT.tar REF`.
+    Pull {
+        #[arg(long, value_name = "OUT.tar")]
+        podman_archive: Option<PathBuf>,
+        /// REF DIR (or REF alone with --podman-archive).
+        #[arg(required = true, num_args = 1..=2, value_name = "REF DIR")]
+        args: Vec<String>,
+    },
+    /// Checkpoint a running process tree with CRIU, streamed straight into the registry.
+    Checkpoint {
+        /// Root of the process tree.
+        #[arg(long)]
+        pid: u32,
+        reference: String,
+        /// Keep the process running after the dump.
+        #[arg(long)]
+        leave_running: bool,
+        /// Dump established TCP connections (uses nftables for the network lock).
+        #[arg(long)]
+        tcp_established: bool,
+        /// The process is attached to a terminal / session it does not lead.
+        #[arg(long)]
+        shell_job: bool,
+        /// Dump into DIR (e.g. a tmpfs) first and upload after the process is released.
+        #[arg(long, value_name = "DIR")]
+        spool: Option<PathBuf>,
+        /// Abort the dump (and release the process) after this long without progress.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        stall_timeout: Duration,
+        /// Extra CRIU arguments, after `--`.
+        #[arg(last = true)]
+        criu_args: Vec<String>,
+    },
+    /// Restore a snapshot straight from the registry (through the node cache) with CRIU.
+    PullRestore {
+        reference: String,
+        /// Return once the process runs (CRIU's -d); otherwise wait for it to exit.
+        #[arg(long)]
+        detach: bool,
+        /// Restore despite compatibility refusals (each is printed).
+        #[arg(long)]
+        force: bool,
+        /// Chunk fetches in flight ahead of CRIU, per file.
+        #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+        window: usize,
+        /// Extra CRIU arguments, after `--`.
+        #[arg(last = true)]
+        criu_args: Vec<String>,
+    },
+    /// Show or trim the node chunk cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Show a snapshot's layers, sizes and compatibility record.
     Inspect { reference: String },
     /// List repositories, or the tags of one.
@@ -60,6 +159,8 @@ enum Command {
 }
 
 fn main() {
+    // CRIU runs snapctl as its action script: answer and exit before parsing arguments.
+    snapreg_client::action::run_if_action_script();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -111,6 +212,12 @@ fn parse_ref(text: &str) -> anyhow::Result<Reference> {
     Ok(text.parse::<Reference>().map_err(ClientError::from)?)
 }
 
+fn open_cache(cli: &Cli) -> anyhow::Result<ChunkCache> {
+    let dir = cli.cache.clone().unwrap_or_else(cache::default_dir);
+    Ok(ChunkCache::open(&dir, cli.cache_size)
+        .map_err(|e| ClientError::io(format!("opening the node cache {}", dir.display()), e))?)
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
     let url = cli.registry.as_deref().ok_or(ClientError::NoRegistry)?;
     Ok(Remote::connect(url).await?)
@@ -119,23 +226,46 @@ async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
 async fn run(cli: Cli) -> anyhow::Result<Output> {
     let show_progress = !cli.json;
     match &cli.command {
-        Command::Push { dir, reference } => {
+        Command::Push {
+            podman_archive,
+            args,
+        } => {
+            let (dir, reference) = match (podman_archive, args.as_slice()) {
+                (Some(_), [r]) => (None, r),
+                (None, [d, r]) => (Some(PathBuf::from(d)), r),
+                _ => {
+                    return Err(ClientError::Usage(
+                        "usage: push DIR REF, or push --podman-archive FILE REF".into(),
+                    )
+                    .into())
+                }
+            };
             let reference = parse_ref(reference)?;
             let remote = connect(&cli).await?;
-            let report = push::push_dir(
-                &remote,
-                dir,
-                &reference,
-                Progress::new("push", show_progress),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "pushing {} to {} as {reference}",
-                    dir.display(),
-                    remote.url()
-                )
-            })?;
+            let progress = Progress::new("push", show_progress);
+            let report = match (&dir, podman_archive) {
+                (Some(dir), _) => push::push_dir(&remote, dir, &reference, progress)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "pushing {} to {} as {reference}",
+                            dir.display(),
+                            remote.url()
+                        )
+                    })?,
+                (None, Some(archive)) => {
+                    podman::push_archive(&remote, archive, &reference, progress)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "pushing {} to {} as {reference}",
+                                archive.display(),
+                                remote.url()
+                            )
+                        })?
+                }
+                (None, None) => unreachable!("matched above"),
+            };
             let c = &report.counters;
             Ok(Output {
                 human: format!(
@@ -146,21 +276,39 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 json: serde_json::to_value(&report)?,
             })
         }
-        Command::Pull { reference, dir } => {
+        Command::Pull {
+            podman_archive,
+            args,
+        } => {
+            let (reference, dir) = match (podman_archive, args.as_slice()) {
+                (Some(_), [r]) => (r, None),
+                (None, [r, d]) => (r, Some(PathBuf::from(d))),
+                _ => {
+                    return Err(ClientError::Usage(
+                        "usage: pull REF DIR, or pull --podman-archive OUT.tar REF".into(),
+                    )
+                    .into())
+                }
+            };
             let reference = parse_ref(reference)?;
             let remote = connect(&cli).await?;
-            let report = pull::pull_dir(
-                &remote,
-                &reference,
-                dir,
-                Progress::new("pull", show_progress),
-            )
-            .await
-            .with_context(|| {
+            let progress = Progress::new("pull", show_progress);
+            let (report, into) = match (&dir, podman_archive) {
+                (Some(dir), _) => (
+                    pull::pull_dir(&remote, &reference, dir, progress).await,
+                    dir.clone(),
+                ),
+                (None, Some(out)) => (
+                    podman::pull_archive(&remote, &reference, out, progress).await,
+                    out.clone(),
+                ),
+                (None, None) => unreachable!("matched above"),
+            };
+            let report = report.with_context(|| {
                 format!(
                     "pulling {reference} from {} into {}",
                     remote.url(),
-                    dir.display()
+                    into.display()
                 )
             })?;
             let c = &report.counters;
@@ -177,6 +325,137 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 ),
                 json: serde_json::to_value(&report)?,
             })
+        }
+        Command::Checkpoint {
+            pid,
+            reference,
+            leave_running,
+            tcp_established,
+            shell_job,
+            spool,
+            stall_timeout,
+            criu_args,
+        } => {
+            let reference = parse_ref(reference)?;
+            let criu = criu::locate(cli.criu.as_deref())?;
+            let remote = connect(&cli).await?;
+            let opts = checkpoint::CheckpointOptions {
+                pid: *pid,
+                leave_running: *leave_running,
+                tcp_established: *tcp_established,
+                shell_job: *shell_job,
+                extra_args: criu_args.clone(),
+                spool: spool.clone(),
+                stall_timeout: *stall_timeout,
+            };
+            let r = checkpoint::checkpoint(
+                &remote,
+                &criu,
+                &reference,
+                &opts,
+                Progress::new("dump", show_progress),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "checkpointing PID {pid} into {} as {reference}",
+                    remote.url()
+                )
+            })?;
+            Ok(Output {
+                human: format!(
+                    "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s",
+                    r.pid,
+                    r.reference,
+                    r.digest,
+                    r.files,
+                    r.counters.bytes_total,
+                    r.counters.chunks_transferred,
+                    r.freeze_ms.map_or("?".into(), |f| format!("{f:.0}")),
+                    r.seconds
+                ),
+                json: serde_json::to_value(&r)?,
+            })
+        }
+        Command::PullRestore {
+            reference,
+            detach,
+            force,
+            window,
+            criu_args,
+        } => {
+            let reference = parse_ref(reference)?;
+            let criu = criu::locate(cli.criu.as_deref())?;
+            let remote = connect(&cli).await?;
+            let opts = restore::RestoreOptions {
+                detach: *detach,
+                extra_args: criu_args.clone(),
+                force: *force,
+                cache: open_cache(&cli)?,
+                window: *window,
+            };
+            let r = restore::pull_restore(
+                &remote,
+                &criu,
+                &reference,
+                &opts,
+                Progress::new("restore", show_progress),
+            )
+            .await
+            .with_context(|| format!("restoring {reference} from {}", remote.url()))?;
+            Ok(Output {
+                human: format!(
+                    "restored {} ({}){}: {} chunks fetched, {} from the node cache, {:.2}s",
+                    r.reference,
+                    r.digest,
+                    r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
+                    r.counters.chunks_transferred,
+                    r.counters.chunks_cached,
+                    r.seconds
+                ),
+                json: serde_json::to_value(&r)?,
+            })
+        }
+        Command::Cache { command } => {
+            let cache = open_cache(&cli)?;
+            match command {
+                CacheCommand::Ls => {
+                    let mut entries = cache.entries().map_err(|e| {
+                        ClientError::io(format!("reading {}", cache.dir().display()), e)
+                    })?;
+                    entries.sort_by_key(|e| e.last_used_unix);
+                    let usage = cache
+                        .usage()
+                        .map_err(|e| ClientError::io("reading the cache", e))?;
+                    let mut human: Vec<String> = entries
+                        .iter()
+                        .map(|e| format!("{}\t{}\t{}", e.digest, e.bytes, e.last_used_unix))
+                        .collect();
+                    human.push(format!(
+                        "{} chunks, {} bytes of {} allowed, in {}",
+                        usage.chunks,
+                        usage.bytes,
+                        usage.limit_bytes,
+                        cache.dir().display()
+                    ));
+                    Ok(Output {
+                        human: human.join("\n"),
+                        json: json!({ "dir": cache.dir(), "usage": usage, "entries": entries }),
+                    })
+                }
+                CacheCommand::Prune { to } => {
+                    let s = cache
+                        .prune_to(to.unwrap_or(cli.cache_size))
+                        .map_err(|e| ClientError::io("pruning the cache", e))?;
+                    Ok(Output {
+                        human: format!(
+                            "removed {} chunks ({} bytes); {} chunks ({} bytes) left",
+                            s.chunks_removed, s.bytes_removed, s.chunks_left, s.bytes_left
+                        ),
+                        json: serde_json::to_value(&s)?,
+                    })
+                }
+            }
         }
         Command::Inspect { reference } => {
             let reference = parse_ref(reference)?;

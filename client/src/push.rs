@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -46,15 +46,16 @@ fn workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Uploads the chunks of one push under one lease.
+/// Uploads the chunks of one push under one lease. Shared (`&self`) by every stream
+/// of a push: a checkpoint chunks CRIU's files concurrently into one uploader.
 pub struct Uploader {
     remote: Remote,
     lease: String,
     cfg: ChunkerConfig,
     progress: Progress,
-    tx: mpsc::Sender<(Digest, Bytes)>,
-    task: tokio::task::JoinHandle<Result<()>>,
-    queued: Arc<Mutex<HashSet<Digest>>>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<(Digest, Bytes)>>>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
+    queued: Mutex<HashSet<Digest>>,
 }
 
 impl Uploader {
@@ -77,9 +78,9 @@ impl Uploader {
             lease,
             cfg,
             progress,
-            tx,
-            task,
-            queued: Arc::default(),
+            tx: std::sync::Mutex::new(Some(tx)),
+            task: tokio::sync::Mutex::new(Some(task)),
+            queued: Mutex::default(),
         })
     }
 
@@ -93,6 +94,12 @@ impl Uploader {
         reader: R,
         aligned: bool,
     ) -> Result<Vec<Extent>> {
+        let tx = self
+            .tx
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| ClientError::Registry("push already finished".into()))?;
         let (piece_tx, piece_rx) = mpsc::channel::<std::io::Result<Piece>>(8);
         let cfg = self.cfg.clone();
         let reader_task = tokio::task::spawn_blocking(move || {
@@ -123,6 +130,7 @@ impl Uploader {
             match piece.map_err(|e| ClientError::io("reading the stream to chunk", e))? {
                 Piece2::Zero(n) => {
                     counters.zero_bytes.fetch_add(n, Relaxed);
+                    counters.bytes_total.fetch_add(n, Relaxed);
                     self.progress.advance(n);
                     match extents.last_mut() {
                         Some(Extent::Zero { zero }) => *zero += n,
@@ -131,11 +139,12 @@ impl Uploader {
                 }
                 Piece2::Data(digest, data) => {
                     let len = data.len() as u64;
+                    counters.bytes_total.fetch_add(len, Relaxed);
                     extents.push(Extent::Chunk { chunk: digest, len });
                     self.progress.advance(len);
                     if self.queued.lock().unwrap().insert(digest) {
                         counters.chunks_total.fetch_add(1, Relaxed);
-                        if self.tx.send((digest, data)).await.is_err() {
+                        if tx.send((digest, data)).await.is_err() {
                             return Err(ClientError::Registry(
                                 "upload stopped; see the error that follows".into(),
                             ));
@@ -152,32 +161,43 @@ impl Uploader {
 
     /// Waits for every queued chunk to be durable in the registry, then commits.
     pub async fn commit(
-        self,
+        &self,
         repository: &str,
         manifest: &Manifest,
         tags: Vec<String>,
     ) -> Result<Digest> {
-        let Uploader {
-            remote,
-            lease,
-            tx,
-            task,
-            ..
-        } = self;
-        drop(tx);
-        task.await
-            .map_err(|e| ClientError::Registry(format!("upload task failed: {e}")))??;
-        remote
-            .put_manifest(repository, &lease, Bytes::from(manifest.encode()), tags)
+        self.tx.lock().unwrap().take();
+        if let Some(task) = self.task.lock().await.take() {
+            task.await
+                .map_err(|e| ClientError::Registry(format!("upload task failed: {e}")))??;
+        }
+        self.remote
+            .put_manifest(
+                repository,
+                &self.lease,
+                Bytes::from(manifest.encode()),
+                tags,
+            )
             .await
     }
 
-    /// Stops uploading and returns the upload's own error, if it had one.
-    pub async fn abort(self) -> Option<ClientError> {
-        drop(self.tx);
-        match self.task.await {
-            Ok(Err(e)) => Some(e),
-            _ => None,
+    /// Stops uploading; returns the upload's own error if it had already failed (the
+    /// root cause behind a producer's "upload stopped").
+    pub async fn abort(&self) -> Option<ClientError> {
+        self.tx.lock().unwrap().take();
+        let task = self.task.lock().await.take()?;
+        if task.is_finished() {
+            return task.await.ok().and_then(Result::err);
+        }
+        task.abort();
+        None
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.get_mut().take() {
+            task.abort();
         }
     }
 }
@@ -293,7 +313,6 @@ pub async fn push_dir(
             .map_err(|e| ClientError::io(format!("reading {}", shown(p)), e))?
             .len();
         progress.add_total(size);
-        progress.counters.bytes_total.fetch_add(size, Relaxed);
     }
 
     let uploader = Uploader::begin(

@@ -32,6 +32,11 @@ impl Remote {
             .map_err(|e| ClientError::Usage(format!("registry URL {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            // A registry that stops answering (stalled, SIGSTOPped, partitioned) fails
+            // the calls in ~30 s instead of hanging them forever.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             // Large windows: chunks are 0.5-2 MiB and restores are throughput-bound.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20));

@@ -2,12 +2,16 @@
 //! a counter, and reports both through files it opens and closes each time (so it
 //! holds no file CRIU would have to reopen).
 //!
-//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z]`
+//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H]`
 //!   DIR/state   "<counter> <pid>", rewritten every 20 ms (write + rename)
 //!   DIR/verify  written on SIGUSR1: "ok <counter>" when the pattern is intact, "bad <page>"
 //! The pad (P MiB, pid-derived content) goes in before the pattern, so two runs hold
 //! the same data at different addresses and page-file offsets. Z MiB of touched
-//! zero pages stand in for a pre-allocated KV cache.
+//! zero pages stand in for a pre-allocated KV cache; H MiB of hugetlb memory is what
+//! a checkpoint must refuse.
+//!
+//! `snapreg-testproc serve --out DIR`: a TCP server on 127.0.0.1 (port in DIR/port)
+//! that answers each line with `<n> <line>`, n counting requests since it started.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -62,20 +66,63 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+fn serve(out: &std::path::Path) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    write_atomic(
+        &out.join("port"),
+        &listener.local_addr().unwrap().port().to_string(),
+    );
+    let mut served: u64 = 0;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut writer = conn;
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            served += 1;
+            let _ = writer.write_all(format!("{served} {line}").as_bytes());
+            line.clear();
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) != Some("hold") {
-        eprintln!(
-            "usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z]"
-        );
+    let mode = args.get(1).map(String::as_str);
+    if mode != Some("hold") && mode != Some("serve") {
+        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR");
         std::process::exit(2);
     }
     close_inherited_fds();
+    if mode == Some("serve") {
+        serve(std::path::Path::new(&arg(&args, "--out").expect("--out")));
+        return;
+    }
     let out = std::path::PathBuf::from(arg(&args, "--out").expect("--out"));
     let mib: usize = arg(&args, "--mib").map_or(16, |v| v.parse().unwrap());
     let seed: u64 = arg(&args, "--seed").map_or(1, |v| v.parse().unwrap());
     let pad_mib: usize = arg(&args, "--pad-mib").map_or(0, |v| v.parse().unwrap());
     let zero_mib: usize = arg(&args, "--zero-mib").map_or(0, |v| v.parse().unwrap());
+    let huge_mib: usize = arg(&args, "--huge-mib").map_or(0, |v| v.parse().unwrap());
+    if huge_mib > 0 {
+        let len = huge_mib << 20;
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            eprintln!("MAP_HUGETLB failed: reserve huge pages in /proc/sys/vm/nr_hugepages");
+            std::process::exit(3);
+        }
+        unsafe { std::ptr::write_bytes(p as *mut u8, 7, len) };
+    }
 
     let mut pad = vec![0u8; pad_mib << 20];
     fill(std::process::id() as u64, &mut pad);

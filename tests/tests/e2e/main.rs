@@ -5,5 +5,7 @@ mod support;
 
 mod errors;
 mod gc;
+mod podman;
 mod push_pull;
 mod real_images;
+mod streaming;

@@ -126,6 +126,10 @@ impl Registry {
         self.spawn();
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn store(&self) -> PathBuf {
         self.data.join("store")
     }
@@ -188,18 +192,41 @@ pub struct TestProc {
 
 impl TestProc {
     pub fn hold(dir: &Path, mib: usize, seed: u64, pad_mib: usize, zero_mib: usize) -> TestProc {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut cmd = Command::new(testproc_bin());
-        cmd.arg("hold")
-            .arg("--out")
-            .arg(dir)
-            .args(["--mib", &mib.to_string(), "--seed", &seed.to_string()])
-            .args([
+        let p = TestProc::spawn(
+            dir,
+            &[
+                "hold",
+                "--mib",
+                &mib.to_string(),
+                "--seed",
+                &seed.to_string(),
                 "--pad-mib",
                 &pad_mib.to_string(),
                 "--zero-mib",
                 &zero_mib.to_string(),
-            ])
+            ],
+        );
+        p.wait_counter_above(2);
+        p
+    }
+
+    /// The TCP server mode; returns once its port is known.
+    pub fn serve(dir: &Path) -> TestProc {
+        let p = TestProc::spawn(dir, &["serve"]);
+        wait_for(Duration::from_secs(10), || {
+            p.dir.join("port").exists().then_some(())
+        })
+        .expect("server port");
+        p
+    }
+
+    pub fn spawn(dir: &Path, args: &[&str]) -> TestProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cmd = Command::new(testproc_bin());
+        cmd.arg(args[0])
+            .arg("--out")
+            .arg(dir)
+            .args(&args[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -211,13 +238,32 @@ impl TestProc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap();
-        let p = TestProc {
-            child,
+        TestProc {
+            child: cmd.spawn().unwrap(),
             dir: dir.to_path_buf(),
-        };
-        p.wait_counter_above(2);
-        p
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        std::fs::read_to_string(self.dir.join("port"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Asks the process to check its memory pattern; returns its verdict line.
+    pub fn verify(&self, pid: u32) -> String {
+        let _ = std::fs::remove_file(self.dir.join("verify"));
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, libc::SIGUSR1) },
+            0,
+            "pid {pid} is gone"
+        );
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(self.dir.join("verify")).ok()
+        })
+        .expect("verify answer")
     }
 
     pub fn pid(&self) -> u32 {
@@ -344,4 +390,40 @@ pub fn stored_chunk_bytes(store: &Path) -> u64 {
         .values()
         .map(|v| v.len() as u64)
         .sum()
+}
+
+/// A process this test restored (not our child): SIGKILLed by PID on drop.
+pub struct Restored(pub u32);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        kill_and_wait(self.0);
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+pub fn kill_and_wait(pid: u32) {
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // Reap it if it is ours; otherwise wait for init to.
+    unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+    wait_for(Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+}
+
+/// `snapctl` with a node cache directory.
+pub fn snapctl_cached(registry: &str, cache: &Path, args: &[&str]) -> Out {
+    let mut all = vec!["--cache", cache.to_str().unwrap()];
+    all.extend_from_slice(args);
+    snapctl(registry, &all)
 }

@@ -1,0 +1,94 @@
+//! snapctl as CRIU's action script.
+//!
+//! CRIU runs `--action-script` at fixed points; two of them decide outcomes:
+//! `post-dump` runs after every image is written and before the tasks are killed (a
+//! non-zero exit makes CRIU resume them), `post-restore` runs after the tree is
+//! restored and before it is resumed (a non-zero exit makes CRIU kill it). snapctl
+//! passes its own executable as the script and the path of a control socket in
+//! [`ENV_SOCKET`] (CRIU's environment reaches the script). The script connects, names
+//! the action, and exits 0 only on an `ok` answer: the snapshot is committed, or every
+//! byte CRIU was served verified. Other actions exit 0 at once.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+pub const ENV_SOCKET: &str = "SNAPCTL_ACTION_SOCKET";
+const ENV_ACTION: &str = "CRTOOLS_SCRIPT_ACTION";
+/// The actions snapctl answers; every other one is a no-op.
+pub const DECIDING_ACTIONS: &[&str] = &["post-dump", "post-restore"];
+
+/// Called first thing in `main`: when CRIU started this process as an action script,
+/// answer and exit; otherwise return.
+pub fn run_if_action_script() {
+    let Ok(action) = std::env::var(ENV_ACTION) else {
+        return;
+    };
+    let Some(socket) = std::env::var_os(ENV_SOCKET) else {
+        std::process::exit(0)
+    };
+    if !DECIDING_ACTIONS.contains(&action.as_str()) {
+        std::process::exit(0);
+    }
+    let verdict = (|| -> std::io::Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
+        writeln!(s, "{action}")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    })();
+    match verdict {
+        Ok(v) if v == "ok" => std::process::exit(0),
+        Ok(v) => {
+            eprintln!("snapctl action script ({action}): {v}");
+            std::process::exit(1)
+        }
+        Err(e) => {
+            eprintln!("snapctl action script ({action}): snapctl is gone: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The snapctl side: accepts the script's connection and answers it.
+pub struct ActionServer {
+    listener: UnixListener,
+}
+
+pub struct ActionRequest {
+    pub action: String,
+    stream: UnixStream,
+}
+
+impl ActionServer {
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        Ok(ActionServer {
+            listener: UnixListener::bind(path)?,
+        })
+    }
+
+    pub async fn next(&self) -> std::io::Result<ActionRequest> {
+        let (stream, _) = self.listener.accept().await?;
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await?;
+        Ok(ActionRequest {
+            action: line.trim().to_string(),
+            stream: reader.into_inner(),
+        })
+    }
+}
+
+impl ActionRequest {
+    /// `Ok` lets CRIU go on; `Err(reason)` makes it back out (resume / kill the tree).
+    pub async fn answer(mut self, verdict: Result<(), String>) {
+        let line = match verdict {
+            Ok(()) => "ok\n".to_string(),
+            Err(reason) => format!("fail: {}\n", reason.replace('\n', " ")),
+        };
+        let _ = self.stream.write_all(line.as_bytes()).await;
+    }
+}

@@ -1,0 +1,430 @@
+//! `snapctl pull-restore`: the registry streamed straight into `criu restore --stream`.
+//!
+//! ```text
+//! GetManifest ─▶ compatibility rules, files the image reopens ─▶ criu restore --stream
+//! CRIU asks for a file ─▶ exists? ─▶ pipe ─▶ one task per file: extents in order,
+//!   a window of chunk fetches ahead (node cache first, then the registry, verified,
+//!   written to the cache) ─▶ pipe
+//! CRIU ─post-restore─▶ snapctl (action script): "ok" only if every byte served verified
+//! ```
+//!
+//! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
+//! Small files come first because CRIU asks for them first; pages last, per task.
+//! A chunk that fails verification is never written to a pipe: its file is cut short,
+//! CRIU fails, and the post-restore answer is "fail" if it got that far, so no
+//! restored process resumes on bad bytes.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use snapreg_proto::compat::{self, CheckOptions};
+use snapreg_proto::manifest::{Extent, LayerKind};
+use snapreg_proto::reference::Reference;
+use snapreg_proto::{codec, Digest};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::action::{ActionServer, ENV_SOCKET};
+use crate::cache::ChunkCache;
+use crate::criu::{self, Criu};
+use crate::error::{ClientError, Result};
+use crate::progress::{CountersSnapshot, Progress};
+use crate::remote::Remote;
+use crate::{criu_stream, host, process, pull};
+
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub detach: bool,
+    pub extra_args: Vec<String>,
+    /// Restore despite compatibility refusals (each is printed).
+    pub force: bool,
+    pub cache: ChunkCache,
+    /// Chunk fetches in flight ahead of CRIU, per file.
+    pub window: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RestoreReport {
+    pub reference: String,
+    pub digest: String,
+    /// The restored tree's root PID (CRIU restores the original PIDs).
+    pub pid: Option<u32>,
+    #[serde(flatten)]
+    pub counters: CountersSnapshot,
+    pub files_served: usize,
+    /// From CRIU's start to its exit (or, detached, to the tree running).
+    pub restore_seconds: f64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+    pub criu_log: PathBuf,
+}
+
+/// Chunks by digest: the node cache first, then the registry (verified, then cached).
+#[derive(Clone)]
+pub struct ChunkSource {
+    remote: Remote,
+    cache: ChunkCache,
+    progress: Progress,
+}
+
+impl ChunkSource {
+    pub fn new(remote: Remote, cache: ChunkCache, progress: Progress) -> Self {
+        ChunkSource {
+            remote,
+            cache,
+            progress,
+        }
+    }
+
+    pub async fn get(&self, digest: Digest, file: &str) -> Result<Bytes> {
+        let cache = self.cache.clone();
+        let cached = tokio::task::spawn_blocking(move || cache.get(&digest))
+            .await
+            .ok()
+            .flatten();
+        if let Some(b) = cached {
+            self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
+            return Ok(b);
+        }
+        let mut stream = self.remote.get_chunks(&[digest]).await?;
+        let msg = stream
+            .message()
+            .await
+            .map_err(|s| self.remote.map_stream_error(s))?
+            .ok_or_else(|| {
+                ClientError::NotFound(format!(
+                    "registry sent no data for chunk {digest} of {file}"
+                ))
+            })?;
+        let object_len = msg.data.len() as u64;
+        let cache = self.cache.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let data = codec::decode(&digest, &msg.data)?;
+            if let Err(e) = cache.put(&digest, &data) {
+                tracing::warn!("node cache: cannot store {digest}: {e}");
+            }
+            Ok::<_, snapreg_proto::Error>(data)
+        })
+        .await
+        .map_err(|e| ClientError::io("decoding a chunk", std::io::Error::other(e)))?
+        .map_err(|e| match e {
+            snapreg_proto::Error::ChunkCorrupt { digest, reason } => ClientError::ChunkCorrupt {
+                digest,
+                file: file.to_string(),
+                reason,
+            },
+            other => other.into(),
+        })?;
+        self.progress
+            .counters
+            .chunks_transferred
+            .fetch_add(1, Relaxed);
+        self.progress
+            .counters
+            .bytes_transferred
+            .fetch_add(object_len, Relaxed);
+        Ok(data)
+    }
+}
+
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+
+/// Writes one file's extents into CRIU's pipe. EPIPE means CRIU closed the file
+/// early: not an error here; CRIU's exit code decides.
+async fn serve_file(
+    source: ChunkSource,
+    name: String,
+    extents: Vec<Extent>,
+    pipe: OwnedFd,
+    window: usize,
+) -> Result<()> {
+    let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(pipe)
+        .map_err(|e| ClientError::io(format!("pipe for {name}"), e))?;
+    let mut pieces = futures::stream::iter(extents)
+        .map(|e| {
+            let (source, name) = (source.clone(), name.clone());
+            async move {
+                match e {
+                    Extent::Chunk { chunk, .. } => source.get(chunk, &name).await.map(|b| (b, 0)),
+                    Extent::Zero { zero } => Ok((Bytes::new(), zero)),
+                }
+            }
+        })
+        .buffered(window.max(1));
+    let counters = source.progress.counters.clone();
+    while let Some(piece) = pieces.next().await {
+        let (data, mut zeros) = piece?;
+        let res = async {
+            pipe.write_all(&data).await?;
+            while zeros > 0 {
+                let n = zeros.min(ZEROS.len() as u64) as usize;
+                pipe.write_all(&ZEROS[..n]).await?;
+                zeros -= n as u64;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        match res {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(ClientError::io(format!("serving {name} to CRIU"), e)),
+        }
+        source.progress.advance(data.len() as u64);
+        counters.bytes_total.fetch_add(data.len() as u64, Relaxed);
+    }
+    Ok(())
+}
+
+/// Answers CRIU's requests; hands each file's pipe (write end) to `tx`.
+fn serve_loop(
+    mut sock: UnixStream,
+    names: std::collections::HashSet<String>,
+    tx: mpsc::UnboundedSender<(String, OwnedFd)>,
+) -> std::io::Result<()> {
+    while let Some(name) = criu_stream::read_request(&mut sock)? {
+        let exists = names.contains(&name);
+        criu_stream::send_reply(&mut sock, exists)?;
+        if exists {
+            let fd = criu_stream::recv_fd(&sock)?;
+            if tx.send((name, fd)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn pull_restore(
+    remote: &Remote,
+    criu: &Criu,
+    reference: &Reference,
+    opts: &RestoreOptions,
+    progress: Progress,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let (digest, manifest) = pull::fetch_manifest(remote, reference).await?;
+
+    let mut warnings = Vec::new();
+    let verdict = compat::check(&manifest.compat, &host::facts(), &CheckOptions::default());
+    warnings.extend(verdict.warnings.iter().map(|w| format!("warning: {w}")));
+    if !verdict.is_compatible() {
+        let list = verdict
+            .mismatches
+            .iter()
+            .map(|m| format!("  {m}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !opts.force {
+            return Err(ClientError::Incompatible(list));
+        }
+        warnings.push(format!("--force overrode:\n{list}"));
+    }
+    if let Some(info) = &manifest.criu {
+        match process::check_external_files(&info.external_files) {
+            Ok(w) => warnings.extend(w),
+            Err(e) if opts.force => warnings.push(format!("--force overrode: {e}")),
+            Err(e) => return Err(e),
+        }
+    }
+    for w in &warnings {
+        eprintln!("snapctl: {w}");
+    }
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.kind == LayerKind::Process)
+        .ok_or_else(|| {
+            ClientError::Usage(format!(
+                "{reference} has no process layer: use `snapctl pull` for plain snapshots"
+            ))
+        })?;
+    let files: HashMap<String, Vec<Extent>> = layer
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.extents.clone()))
+        .collect();
+    progress.add_total(layer.files.iter().map(|f| f.size).sum());
+    for f in &layer.files {
+        for e in &f.extents {
+            if let Extent::Zero { zero } = e {
+                progress.counters.zero_bytes.fetch_add(*zero, Relaxed);
+            }
+        }
+    }
+    progress
+        .counters
+        .chunks_total
+        .store(manifest.chunk_digests().len() as u64, Relaxed);
+
+    let dir = crate::checkpoint::work_dir("rs")?;
+    let listener = criu_stream::bind(&dir, criu_stream::SERVE_SOCKET)
+        .map_err(|e| ClientError::io("binding the streamer socket", e))?;
+    let actions = ActionServer::bind(&dir.join("action.sock"))
+        .map_err(|e| ClientError::io("binding the action socket", e))?;
+    let self_exe =
+        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
+    // The detached tree is orphaned when CRIU exits: be its reaper meanwhile.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let mut args: Vec<String> = vec![
+        "restore".into(),
+        "--stream".into(),
+        "-D".into(),
+        dir.display().to_string(),
+    ];
+    args.extend(["-o".into(), "restore.log".into(), "-v4".into()]);
+    if opts.detach {
+        args.push("-d".into());
+    }
+    let restore_options = manifest
+        .criu
+        .as_ref()
+        .map(|c| c.restore_options.clone())
+        .unwrap_or_default();
+    if restore_options.iter().any(|o| o == "--tcp-established") {
+        args.extend(["--network-lock".into(), "nftables".into()]);
+    }
+    args.extend(restore_options);
+    args.extend(opts.extra_args.iter().cloned());
+
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new(&criu.path)
+        .args(&args)
+        .arg("--action-script")
+        .arg(&self_exe)
+        .env(ENV_SOCKET, dir.join("action.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
+    let log = dir.join("restore.log");
+    let sock = match criu_stream::accept_from(&listener, &mut child).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| ClientError::io("CRIU output", e))?;
+            return Err(criu::failure(
+                "restore",
+                &log,
+                &String::from_utf8_lossy(&out.stderr),
+            ));
+        }
+        Err(e) => return Err(ClientError::io("accepting CRIU's connection", e)),
+    };
+    let shutdown_handle = sock
+        .try_clone()
+        .map_err(|e| ClientError::io("streamer socket", e))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let names = files.keys().cloned().collect();
+    let serving = tokio::task::spawn_blocking(move || serve_loop(sock, names, tx));
+
+    let source = ChunkSource::new(remote.clone(), opts.cache.clone(), progress.clone());
+    let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut served = 0usize;
+    let mut stderr = child.stderr.take();
+    let stderr_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = tokio::io::AsyncReadExt::read_to_end(s, &mut buf).await;
+        }
+        buf
+    });
+    let status = loop {
+        tokio::select! {
+            Some((name, fd)) = rx.recv() => {
+                served += 1;
+                let extents = files.get(&name).cloned().unwrap_or_default();
+                let (src, errs, window) = (source.clone(), first_error.clone(), opts.window);
+                tasks.spawn(async move {
+                    if let Err(e) = serve_file(src, name, extents, fd, window).await {
+                        errs.lock().unwrap().get_or_insert(e);
+                    }
+                });
+            }
+            req = actions.next() => {
+                let Ok(req) = req else { continue };
+                if req.action != "post-restore" {
+                    req.answer(Ok(())).await;
+                    continue;
+                }
+                // Every file CRIU asked for must have been served whole and verified.
+                while let Ok((name, fd)) = rx.try_recv() {
+                    served += 1;
+                    let extents = files.get(&name).cloned().unwrap_or_default();
+                    let (src, errs, window) = (source.clone(), first_error.clone(), opts.window);
+                    tasks.spawn(async move {
+                        if let Err(e) = serve_file(src, name, extents, fd, window).await {
+                            errs.lock().unwrap().get_or_insert(e);
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+                let verdict = match first_error.lock().unwrap().as_ref() {
+                    None => Ok(()),
+                    Some(e) => Err(e.to_string()),
+                };
+                req.answer(verdict).await;
+            }
+            status = child.wait() => break status.map_err(|e| ClientError::io("waiting for CRIU", e))?,
+        }
+    };
+    let restore_seconds = t.elapsed().as_secs_f64();
+    let _ = shutdown_handle.shutdown(std::net::Shutdown::Both);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let _ = serving.await;
+    let stderr = stderr_task.await.unwrap_or_default();
+    let cache = opts.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
+
+    if let Some(e) = first_error.lock().unwrap().take() {
+        let criu_side = criu::failure("restore", &log, &String::from_utf8_lossy(&stderr));
+        tracing::warn!("restore aborted before the process resumed: {e}\n{criu_side}");
+        return Err(match e {
+            // Keeps exit code 5 and names the chunk and file.
+            ClientError::ChunkCorrupt { .. } => e,
+            other => ClientError::Criu(format!(
+                "restore aborted before the process resumed: {other}\n{criu_side}"
+            )),
+        });
+    }
+    if !status.success() {
+        return Err(criu::failure(
+            "restore",
+            &log,
+            &String::from_utf8_lossy(&stderr),
+        ));
+    }
+    progress.finish();
+    Ok(RestoreReport {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        pid: manifest
+            .annotations
+            .get("org.snapreg.root-pid")
+            .and_then(|p| p.parse().ok()),
+        counters: progress.counters.snapshot(),
+        files_served: served,
+        restore_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+        warnings,
+        criu_log: log,
+    })
+}
+
+/// Default window: enough fetches in flight to cover a loopback or rack RTT at
+/// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
+pub const DEFAULT_WINDOW: usize = 16;

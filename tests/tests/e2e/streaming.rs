@@ -1,0 +1,337 @@
+//! `snapctl checkpoint` and `snapctl pull-restore` with a real CRIU: the process
+//! continues with its state, failures leave it running, bad bytes never resume.
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn counter_of(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join("state"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_counting(dir: &std::path::Path, above: u64) -> u64 {
+    wait_for(Duration::from_secs(30), || {
+        (counter_of(dir) > above).then(|| counter_of(dir))
+    })
+    .unwrap_or_else(|| panic!("counter stuck at {} (wanted > {above})", counter_of(dir)))
+}
+
+#[test]
+fn checkpoint_then_restore_continues_counting_and_second_restore_uses_the_cache() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let cache = t.path().join("cache");
+    let mut p = TestProc::hold(&t.path().join("proc"), 96, 11, 2, 32);
+    let pid = p.pid();
+    let dir = p.dir.clone();
+
+    let ck = snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/ck:v1"],
+    )
+    .ok()
+    .json();
+    assert!(ck["freeze_ms"].as_f64().unwrap() > 0.0, "{ck}");
+    assert!(ck["bytes_total"].as_u64().unwrap() > 96 << 20);
+    assert!(ck["zero_bytes"].as_u64().unwrap() >= 31 << 20, "{ck}");
+    let _ = p.child.wait(); // CRIU killed it after the commit; free the PID
+    let at_checkpoint = counter_of(&dir);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counter_of(&dir),
+        at_checkpoint,
+        "the original should be gone"
+    );
+
+    let inspect = snapctl(&reg.url, &["inspect", "t/ck:v1"]).ok().json();
+    assert_eq!(inspect["layers"][0]["kind"], "process");
+
+    let r = snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/ck:v1"])
+        .ok()
+        .json();
+    assert_eq!(r["pid"], pid);
+    assert!(r["chunks_transferred"].as_u64().unwrap() > 0);
+    let restored = Restored(pid);
+    wait_counting(&dir, at_checkpoint + 5);
+    assert!(
+        p.verify(pid).starts_with("ok"),
+        "memory differs after restore"
+    );
+    drop(restored);
+
+    // Same node, same snapshot: every chunk comes from the node cache.
+    let again = snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/ck:v1"])
+        .ok()
+        .json();
+    let _restored = Restored(pid);
+    assert_eq!(again["chunks_transferred"], 0, "{again}");
+    assert!(again["chunks_cached"].as_u64().unwrap() > 0);
+    let now = counter_of(&dir);
+    wait_counting(&dir, now + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+
+    let ls = snapctl_cached(&reg.url, &cache, &["cache", "ls"])
+        .ok()
+        .json();
+    assert!(ls["usage"]["chunks"].as_u64().unwrap() > 0);
+    let pruned = snapctl_cached(&reg.url, &cache, &["cache", "prune", "--to", "0"])
+        .ok()
+        .json();
+    assert_eq!(pruned["bytes_left"], 0);
+}
+
+#[test]
+fn tcp_server_keeps_answering_with_its_state_after_restore() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::serve(&t.path().join("srv"));
+    let pid = p.pid();
+    let port = p.port();
+    let ask = |q: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(format!("{q}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask("a"), "1 a");
+    assert_eq!(ask("b"), "2 b");
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/srv:v1"],
+    )
+    .ok();
+    let _ = p.child.wait();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server should be gone"
+    );
+    let cache = t.path().join("cache");
+    snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/srv:v1"]).ok();
+    let _restored = Restored(pid);
+    assert_eq!(ask("c"), "3 c", "restored server lost its count");
+}
+
+#[test]
+fn spooled_checkpoint_restores_too() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 16, 5, 0, 0);
+    let pid = p.pid();
+    let spool = t.path().join("spool");
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--spool",
+            spool.to_str().unwrap(),
+            "t/sp:v1",
+        ],
+    )
+    .ok()
+    .json();
+    assert!(ck["freeze_ms"].as_f64().is_some(), "{ck}");
+    let _ = p.child.wait();
+    let at = counter_of(&p.dir);
+    snapctl_cached(
+        &reg.url,
+        &t.path().join("cache"),
+        &["pull-restore", "--detach", "t/sp:v1"],
+    )
+    .ok();
+    let _restored = Restored(pid);
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
+
+#[test]
+fn registry_killed_mid_checkpoint_leaves_process_running_and_nothing_visible() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let mut reg = Registry::start(&t.path().join("reg"));
+    let p = TestProc::hold(&t.path().join("proc"), 768, 12, 0, 0);
+    let pid = p.pid();
+    let ck = std::process::Command::new(bin("snapctl"))
+        .args([
+            "--registry",
+            &reg.url,
+            "--json",
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--stall-timeout",
+            "5s",
+            "t/kill:v1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    reg.kill9();
+    let out = ck.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "checkpoint claimed success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("criu dump failed") || stderr.contains("reach"),
+        "{stderr}"
+    );
+    let now = counter_of(&p.dir);
+    wait_counting(&p.dir, now + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+    reg.restart();
+    assert_eq!(
+        snapctl(&reg.url, &["inspect", "t/kill:v1"]).code,
+        3,
+        "a snapshot became visible"
+    );
+}
+
+#[test]
+fn stalled_registry_fails_the_dump_in_bounded_time_and_releases_the_process() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let p = TestProc::hold(&t.path().join("proc"), 768, 13, 0, 0);
+    let pid = p.pid();
+    let reg_pid = reg.pid();
+    let started = Instant::now();
+    let ck = std::process::Command::new(bin("snapctl"))
+        .args([
+            "--registry",
+            &reg.url,
+            "--json",
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--stall-timeout",
+            "3s",
+            "t/stall:v1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(reg_pid as i32, libc::SIGSTOP) };
+    let out = ck.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    unsafe { libc::kill(reg_pid as i32, libc::SIGCONT) };
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no progress") || stderr.contains("criu dump failed"),
+        "{stderr}"
+    );
+    let now = counter_of(&p.dir);
+    wait_counting(&p.dir, now + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+    assert_eq!(snapctl(&reg.url, &["inspect", "t/stall:v1"]).code, 3);
+}
+
+#[test]
+fn corrupt_chunk_fails_restore_before_the_process_resumes() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 32, 14, 0, 0);
+    let pid = p.pid();
+    let ck = snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/bad:v1"],
+    )
+    .ok()
+    .json();
+    let _ = p.child.wait();
+    let digest = ck["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("blake3:")
+        .to_string();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(reg.store().join("manifests").join(&digest)).unwrap(),
+    )
+    .unwrap();
+    let pages = m["layers"][0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().starts_with("pages-"))
+        .unwrap()
+        .clone();
+    let chunk = pages["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|e| e["chunk"].as_str())
+        .unwrap()
+        .trim_start_matches("blake3:")
+        .to_string();
+    let obj = reg.store().join("chunks").join(&chunk[..2]).join(&chunk);
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1;
+    std::fs::write(&obj, bytes).unwrap();
+
+    let out = snapctl_cached(
+        &reg.url,
+        &t.path().join("cache"),
+        &["pull-restore", "--detach", "t/bad:v1"],
+    );
+    let _guard = Restored(pid);
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(out.stderr.contains(&chunk), "{}", out.stderr);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!pid_alive(pid), "a restored process was left behind");
+    let before = counter_of(&p.dir);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter_of(&p.dir), before, "something is still counting");
+}
+
+#[test]
+fn huge_page_memory_is_refused_at_checkpoint() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let before = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap();
+    std::fs::write("/proc/sys/vm/nr_hugepages", "4").unwrap();
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.trim());
+        }
+    }
+    let _r = Restore(before);
+    let p = TestProc::spawn(
+        &t.path().join("proc"),
+        &["hold", "--mib", "1", "--huge-mib", "2"],
+    );
+    p.wait_counter_above(1);
+    let out = snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &p.pid().to_string(), "t/huge:v1"],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("huge-page"), "{}", out.stderr);
+    let now = p.counter();
+    p.wait_counter_above(now + 2);
+}
