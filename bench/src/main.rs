@@ -7,6 +7,13 @@
 //!   2. push and pull over loopback vs `cp -r` and `tar | zstd` (pack) / `zstd -d | tar`
 //!      (unpack) of the same directory, page cache dropped before each run.
 //!
+//! `snapreg-bench restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4]`
+//!   the image of a G GiB process (1/3 random, 1/3 repeated pattern, 1/3 zeros):
+//!   `snapctl pull-restore` from a loopback registry (node cache empty) vs `criu restore`
+//!   from a local directory vs the archive path (HTTP download of a tar.zst, extract,
+//!   `criu restore`), then pull-restore with a warm node cache; page cache dropped
+//!   before each, interleaved; then snapctl's peak RSS against image size.
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -29,7 +36,16 @@ fn main() -> Result<()> {
     };
     match args.get(1).map(String::as_str) {
         Some("core") => core(opt("--mib", 1024), opt("--reps", 3)),
-        _ => bail!("usage: snapreg-bench core [--mib N] [--reps R]"),
+        Some("restore") => {
+            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            let rss: Vec<f64> = args
+                .iter()
+                .position(|a| a == "--rss-gib")
+                .and_then(|i| args.get(i + 1))
+                .map_or(vec![0.5, 1.0, 2.0, 4.0], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            restore(gib, opt("--reps", 3), &rss)
+        }
+        _ => bail!("usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4]"),
     }
 }
 
@@ -206,9 +222,9 @@ fn core(mib: usize, reps: usize) -> Result<()> {
         "snapctl push (cold registry)",
         "snapctl push (same image again)",
         "cp -r",
-        "tar | zstd -T0 (pack)",
+        "tar \\| zstd -T0 (pack)",
         "snapctl pull",
-        "zstd -d | tar (unpack)",
+        "zstd -d \\| tar (unpack)",
     ];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut correct = vec![true; names.len()];
@@ -294,5 +310,238 @@ fn core(mib: usize, reps: usize) -> Result<()> {
             &serde_json::json!({ "bytes": bytes, "reps": reps, "names": names, "seconds": times }),
         )?,
     )?;
+    Ok(())
+}
+
+fn criu_path() -> String {
+    std::env::var("SNAPCTL_CRIU").unwrap_or_else(|_| "/opt/snapreg-criu/bin/criu".into())
+}
+
+fn wait_gone(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+    for _ in 0..500 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Starts a process of `gib` GiB (thirds: random, pattern, zeros), dumps it with CRIU
+/// into `images` (which kills it) and returns its PID.
+fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
+    let third = ((gib * 1024.0) / 3.0).round() as usize;
+    let out = work.join(format!(
+        "proc-{}",
+        images.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(images)?;
+    // setsid(1) execs in place (the child is no group leader): its own session, so
+    // CRIU needs no --shell-job.
+    let mut child = Command::new("setsid")
+        .arg(bin("snapreg-testproc"))
+        .args(["hold", "--out"])
+        .arg(&out)
+        .args([
+            "--mib",
+            &third.to_string(),
+            "--pattern-mib",
+            &third.to_string(),
+            "--zero-mib",
+            &third.to_string(),
+            "--seed",
+            "9",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    while !out.join("state").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = Command::new(criu_path())
+        .args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(images)
+        .args(["-o", "dump.log"])
+        .status()?;
+    if !st.success() {
+        bail!("criu dump failed; see {}/dump.log", images.display());
+    }
+    child.wait()?;
+    Ok(pid)
+}
+
+fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("snapreg-bench-")
+        .tempdir_in("/var/tmp")?;
+    let w = work.path();
+    let reg = Registry::start(&w.join("registry"))?;
+    let images = w.join("images");
+    let pid = dump_process(w, &images, gib)?;
+    let image_bytes: u64 = std::fs::read_dir(&images)?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    snapctl(
+        &reg.url,
+        &["push", images.to_str().unwrap(), "bench/restore:a"],
+    )?;
+    // The archive path: a tar.zst served over HTTP on loopback.
+    let www = w.join("www");
+    std::fs::create_dir_all(&www)?;
+    sh(&format!(
+        "tar -C {} -cf - . | zstd -q -1 -T0 -o {}/img.tar.zst",
+        images.display(),
+        www.display()
+    ))?;
+    let mut http = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "0",
+            "--directory",
+        ])
+        .arg(&www)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(http.stdout.take().unwrap()).read_line(&mut line)?;
+    let port = line
+        .split("port ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("8000")
+        .to_string();
+    let url = format!("http://127.0.0.1:{port}/img.tar.zst");
+    let cache = w.join("node-cache");
+    let criu = criu_path();
+
+    let names = [
+        "criu restore, local directory",
+        "snapctl pull-restore, node cache empty",
+        "archive: download tar.zst + extract + criu restore",
+        "snapctl pull-restore, node cache warm",
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut fetched = vec![0u64; names.len()];
+    for rep in 0..reps {
+        for (i, _) in names.iter().enumerate() {
+            if i == 1 {
+                let _ = std::fs::remove_dir_all(&cache);
+            }
+            drop_caches();
+            let scratch = w.join(format!("x{rep}-{i}"));
+            let t = match i {
+                0 => time(|| {
+                    sh(&format!(
+                        "{criu} restore -D {} -d -o /tmp/bench-restore.log",
+                        images.display()
+                    ))
+                })?,
+                1 | 3 => time(|| {
+                    let j = snapctl(
+                        &reg.url,
+                        &[
+                            "--cache",
+                            cache.to_str().unwrap(),
+                            "pull-restore",
+                            "--detach",
+                            "bench/restore:a",
+                        ],
+                    )?;
+                    fetched[i] = j["chunks_transferred"].as_u64().unwrap_or(0);
+                    Ok(())
+                })?,
+                _ => time(|| {
+                    std::fs::create_dir_all(&scratch)?;
+                    sh(&format!(
+                        "curl -sf {url} -o {s}/img.tar.zst && mkdir {s}/d && zstd -q -d -c {s}/img.tar.zst | tar -C {s}/d -xf - && {criu} restore -D {s}/d -d -o /tmp/bench-restore.log",
+                        s = scratch.display()
+                    ))
+                })?,
+            };
+            times[i].push(t);
+            wait_gone(pid);
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    let _ = http.kill();
+    let local = median(&mut times[0].clone());
+    let mut report = format!(
+        "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each)\n\n\
+         | restore path | median s | min–max s | ratio to local criu restore | chunks fetched from the registry |\n|---|---|---|---|---|\n",
+        image_bytes as f64 / (1u64 << 30) as f64
+    );
+    for (i, name) in names.iter().enumerate() {
+        let mut v = times[i].clone();
+        let m = median(&mut v);
+        let fetched = if i == 1 || i == 3 {
+            fetched[i].to_string()
+        } else {
+            "–".into()
+        };
+        report += &format!(
+            "| {name} | {m:.2} | {:.2}–{:.2} | {:.2} | {fetched} |\n",
+            v[0],
+            v[v.len() - 1],
+            m / local
+        );
+    }
+
+    // Peak RSS of snapctl against image size (node cache empty each time).
+    report += "\n| image (process GiB) | image bytes | snapctl peak RSS MiB | restore s |\n|---|---|---|---|\n";
+    for &size in rss_sizes {
+        let imgs = w.join(format!("rss-{size}"));
+        let pid = dump_process(w, &imgs, size)?;
+        let bytes: u64 = std::fs::read_dir(&imgs)?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let tag = format!("bench/rss:{}", (size * 10.0) as u64);
+        snapctl(&reg.url, &["push", imgs.to_str().unwrap(), &tag])?;
+        let _ = std::fs::remove_dir_all(&cache);
+        drop_caches();
+        let j = snapctl(
+            &reg.url,
+            &[
+                "--cache",
+                cache.to_str().unwrap(),
+                "pull-restore",
+                "--detach",
+                &tag,
+            ],
+        )?;
+        wait_gone(pid);
+        report += &format!(
+            "| {size} | {bytes} | {:.0} | {:.2} |\n",
+            j["peak_rss_bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64,
+            j["seconds"].as_f64().unwrap_or(0.0)
+        );
+        let _ = std::fs::remove_dir_all(&imgs);
+    }
+    println!("{report}");
+    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
+    std::fs::create_dir_all(&runs)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    std::fs::write(
+        runs.join(format!("restore-{stamp}.json")),
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "seconds": times }),
+        )?,
+    )?;
+    drop(reg);
     Ok(())
 }

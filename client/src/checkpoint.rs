@@ -296,6 +296,10 @@ async fn spooled(
         .commit(&reference.repository, &manifest, vec![tag.to_string()])
         .await
         .map_err(|e| kept_note(e, &dir))?;
+    // Uploaded: the images go, the log and stats stay for the report.
+    for name in &names {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
     let n = layer.files.len();
     Ok((layer, n, dir, dump_seconds, digest))
 }

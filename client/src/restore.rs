@@ -66,6 +66,22 @@ pub struct RestoreReport {
     pub seconds: f64,
     pub warnings: Vec<String>,
     pub criu_log: PathBuf,
+    /// snapctl's own peak resident memory (VmHWM): bounded by the fetch window, not
+    /// by the image size.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Chunks by digest: the node cache first, then the registry (verified, then cached).
@@ -161,6 +177,8 @@ async fn serve_file(
         })
         .buffered(window.max(1));
     let counters = source.progress.counters.clone();
+    let started = Instant::now();
+    let mut served = 0u64;
     while let Some(piece) = pieces.next().await {
         let (data, mut zeros) = piece?;
         let res = async {
@@ -180,7 +198,9 @@ async fn serve_file(
         }
         source.progress.advance(data.len() as u64);
         counters.bytes_total.fetch_add(data.len() as u64, Relaxed);
+        served += data.len() as u64;
     }
+    tracing::debug!(file = %name, bytes = served, elapsed = ?started.elapsed(), "served");
     Ok(())
 }
 
@@ -212,6 +232,7 @@ pub async fn pull_restore(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     let (digest, manifest) = pull::fetch_manifest(remote, reference).await?;
+    tracing::info!(%digest, "manifest fetched");
 
     let mut warnings = Vec::new();
     let verdict = compat::check(&manifest.compat, &host::facts(), &CheckOptions::default());
@@ -308,6 +329,7 @@ pub async fn pull_restore(
         .spawn()
         .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     let log = dir.join("restore.log");
+    tracing::info!("criu restore started");
     let sock = match criu_stream::accept_from(&listener, &mut child).await {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -360,6 +382,7 @@ pub async fn pull_restore(
                     req.answer(Ok(())).await;
                     continue;
                 }
+                tracing::info!("post-restore: verifying every served file");
                 // Every file CRIU asked for must have been served whole and verified.
                 while let Ok((name, fd)) = rx.try_recv() {
                     served += 1;
@@ -382,6 +405,7 @@ pub async fn pull_restore(
         }
     };
     let restore_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(restore_seconds, "criu restore exited");
     let _ = shutdown_handle.shutdown(std::net::Shutdown::Both);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -422,6 +446,7 @@ pub async fn pull_restore(
         seconds: started.elapsed().as_secs_f64(),
         warnings,
         criu_log: log,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }
 

@@ -12,6 +12,7 @@ use snapreg_proto::tags::HlcClock;
 use snapreg_proto::Digest;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, MutexGuard};
+use tokio_stream::StreamExt;
 
 use crate::chunk_store::ChunkStore;
 use crate::error::{RegistryError, Result};
@@ -144,12 +145,17 @@ pub async fn run(
     let service = RegistryServer::new(RegistryService::new(registry))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Nagle's algorithm plus delayed ACKs cost 40 ms per small response (measured: each
+    // small image file of a restore took 43 ms to serve before this).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| RegistryError::Io(std::io::Error::other(e)))
 }

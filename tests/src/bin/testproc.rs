@@ -2,7 +2,7 @@
 //! a counter, and reports both through files it opens and closes each time (so it
 //! holds no file CRIU would have to reopen).
 //!
-//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H]`
+//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--pattern-mib T] [--huge-mib H]`
 //!   DIR/state   "<counter> <pid>", rewritten every 20 ms (write + rename)
 //!   DIR/verify  written on SIGUSR1: "ok <counter>" when the pattern is intact, "bad <page>"
 //! The pad (P MiB, pid-derived content) goes in before the pattern, so two runs hold
@@ -104,6 +104,14 @@ fn main() {
     let seed: u64 = arg(&args, "--seed").map_or(1, |v| v.parse().unwrap());
     let pad_mib: usize = arg(&args, "--pad-mib").map_or(0, |v| v.parse().unwrap());
     let zero_mib: usize = arg(&args, "--zero-mib").map_or(0, |v| v.parse().unwrap());
+    // Compressible, repeated text: heap metadata, strings, code.
+    let pattern_mib: usize = arg(&args, "--pattern-mib").map_or(0, |v| v.parse().unwrap());
+    let pattern: Vec<u8> = b"model.layers.17.mlp.down_proj.weight fp16[8192,8192] "
+        .iter()
+        .copied()
+        .cycle()
+        .take(pattern_mib << 20)
+        .collect();
     let huge_mib: usize = arg(&args, "--huge-mib").map_or(0, |v| v.parse().unwrap());
     if huge_mib > 0 {
         let len = huge_mib << 20;
@@ -151,6 +159,7 @@ fn main() {
             write_atomic(&out.join("verify"), &verdict);
         }
         std::hint::black_box(&pad);
+        std::hint::black_box(&pattern);
         std::thread::sleep(Duration::from_millis(20));
     }
 }
