@@ -2,7 +2,9 @@
 # The end-to-end demo on the embedded defaults (local-disk object store, RocksDB
 # index): installs what it needs, starts a registry, checkpoints a real process with
 # CRIU, pushes the images, pushes a second run of the same program to show dedup,
-# pulls the first snapshot back, and restores the process from the pulled images.
+# pulls the first snapshot back and restores the process from the pulled images; then
+# checkpoints it straight into the registry and pull-restores it (twice: the second
+# time from the node cache).
 # Needs root (CRIU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,5 +81,23 @@ echo "restored pid $restored_pid: counter $before at checkpoint, $after now" >&2
 [ "$after" -gt "$before" ] || { echo "the restored worker is not counting" >&2; exit 1; }
 kill -USR1 "$restored_pid"; sleep 0.5
 echo "memory check after restore: $(cat "$work/run1/verify")" >&2
+grep -q '^ok' "$work/run1/verify"
+
+say "checkpoint the running worker straight into the registry (no image on local disk)"
+snapctl checkpoint --pid "$restored_pid" demo/worker:streamed
+for _ in $(seq 100); do [ -e "/proc/$restored_pid" ] || break; sleep 0.05; done
+frozen_at="$(counter "$work/run1")"
+
+say "pull-restore it from the registry (through the node cache), twice"
+export SNAPCTL_CACHE="$work/node-cache"
+snapctl pull-restore --detach demo/worker:streamed
+sleep 1
+echo "counter $frozen_at at checkpoint, $(counter "$work/run1") now" >&2
+[ "$(counter "$work/run1")" -gt "$frozen_at" ] || { echo "the restored worker is not counting" >&2; exit 1; }
+kill -9 "$restored_pid"; for _ in $(seq 100); do [ -e "/proc/$restored_pid" ] || break; sleep 0.05; done
+snapctl --json pull-restore --detach demo/worker:streamed | tail -n 1 | tee "$work/restore2.json"
+python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('second restore on this node: %d chunks from the registry, %d from the node cache' % (j['chunks_transferred'], j['chunks_cached']))" "$work/restore2.json" >&2
+kill -USR1 "$restored_pid"; sleep 0.5
+echo "memory check after the streamed round trip: $(cat "$work/run1/verify")" >&2
 grep -q '^ok' "$work/run1/verify"
 say "demo finished"

@@ -162,7 +162,10 @@ pub async fn checkpoint(
         })?
         .to_string();
     let pids = process::tree(opts.pid)?;
-    process::refuse_huge_pages(&pids)?;
+    if opts.spool.is_none() {
+        // Streaming cannot carry hugetlb pages; CRIU's own directory dump can.
+        process::refuse_huge_pages(&pids)?;
+    }
     let external = process::external_files(&pids);
 
     let (layer, files, dir, dump_seconds, digest) = if let Some(spool) = &opts.spool {

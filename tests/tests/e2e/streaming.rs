@@ -335,3 +335,46 @@ fn huge_page_memory_is_refused_at_checkpoint() {
     let now = p.counter();
     p.wait_counter_above(now + 2);
 }
+
+#[test]
+fn restore_of_a_sibling_snapshot_fetches_only_what_differs() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let cache = t.path().join("cache");
+    // Two runs of one program holding the same 64 MiB at different offsets.
+    let mut a = TestProc::hold(&t.path().join("a"), 64, 21, 1, 0);
+    let mut b = TestProc::hold(&t.path().join("b"), 64, 21, 5, 0);
+    let (pa, pb) = (a.pid(), b.pid());
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pa.to_string(), "t/sib:a"],
+    )
+    .ok();
+    let _ = a.child.wait();
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pb.to_string(), "t/sib:b"],
+    )
+    .ok();
+    let _ = b.child.wait();
+
+    snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/sib:a"]).ok();
+    let _ra = Restored(pa);
+    let r = snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/sib:b"])
+        .ok()
+        .json();
+    let _rb = Restored(pb);
+    let (fetched, total) = (
+        r["chunks_transferred"].as_u64().unwrap(),
+        r["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        fetched * 3 < total,
+        "sibling restore fetched {fetched} of {total} chunks"
+    );
+    assert!(r["chunks_cached"].as_u64().unwrap() > 0);
+    let now = counter_of(&b.dir);
+    wait_counting(&b.dir, now + 3);
+    assert!(b.verify(pb).starts_with("ok"));
+}
