@@ -35,7 +35,7 @@ use snapreg_proto::reference::Reference;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::action::{ActionServer, ENV_SOCKET};
+use crate::action::ActionServer;
 use crate::chunker::ChunkerConfig;
 use crate::criu::{self, Criu};
 use crate::error::{ClientError, Result};
@@ -155,12 +155,7 @@ pub async fn checkpoint(
     progress: Progress,
 ) -> Result<CheckpointReport> {
     let started = Instant::now();
-    let tag = reference
-        .tag()
-        .ok_or_else(|| {
-            ClientError::Usage(format!("checkpoint needs a tag, not a digest: {reference}"))
-        })?
-        .to_string();
+    let tag = push::required_tag(reference, "checkpoint")?;
     let pids = process::tree(opts.pid)?;
     if opts.spool.is_none() {
         // Streaming cannot carry hugetlb pages; CRIU's own directory dump can.
@@ -386,8 +381,6 @@ async fn streamed(
         .map_err(|e| ClientError::io("binding the streamer socket", e))?;
     let actions = ActionServer::bind(&dir.join("action.sock"))
         .map_err(|e| ClientError::io("binding the action socket", e))?;
-    let self_exe =
-        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
     let uploader = Uploader::begin(
         remote,
         &reference.repository,
@@ -397,34 +390,20 @@ async fn streamed(
     .await?;
 
     let t = Instant::now();
-    let mut child = tokio::process::Command::new(&criu.path)
-        .args(dump_args(opts, &dir))
-        .arg("--stream")
-        .arg("--action-script")
-        .arg(&self_exe)
-        .env(ENV_SOCKET, dir.join("action.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
-
-    let sock = match criu_stream::accept_from(&listener, &mut child).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| ClientError::io("CRIU output", e))?;
+    let (child, sock) = match criu::start_streaming(
+        criu,
+        &dump_args(opts, &dir),
+        &listener,
+        &dir.join("action.sock"),
+        &dir.join("dump.log"),
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(e) => {
             uploader.abort().await;
-            return Err(criu::failure(
-                "dump",
-                &dir.join("dump.log"),
-                &String::from_utf8_lossy(&out.stderr),
-            ));
+            return Err(e);
         }
-        Err(e) => return Err(ClientError::io("accepting CRIU's connection", e)),
     };
     let shutdown_handle = sock
         .try_clone()

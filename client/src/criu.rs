@@ -104,6 +104,46 @@ mod tests {
     }
 }
 
+/// Starts `criu <args> --stream` with snapctl as its action script (answering on
+/// `action_socket`) and waits for its one connection to the streamer `listener`.
+/// If CRIU exits first, the error carries its stderr and log tail.
+pub async fn start_streaming(
+    criu: &Criu,
+    args: &[String],
+    listener: &std::os::unix::net::UnixListener,
+    action_socket: &Path,
+    log: &Path,
+) -> Result<(tokio::process::Child, std::os::unix::net::UnixStream)> {
+    let self_exe =
+        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
+    let mut child = tokio::process::Command::new(&criu.path)
+        .args(args)
+        .arg("--stream")
+        .arg("--action-script")
+        .arg(&self_exe)
+        .env(crate::action::ENV_SOCKET, action_socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
+    match crate::criu_stream::accept_from(listener, &mut child).await {
+        Ok(Some(sock)) => Ok((child, sock)),
+        Ok(None) => {
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| ClientError::io("CRIU output", e))?;
+            Err(failure(
+                &args[0],
+                log,
+                &String::from_utf8_lossy(&out.stderr),
+            ))
+        }
+        Err(e) => Err(ClientError::io("accepting CRIU's connection", e)),
+    }
+}
+
 /// The lines of a CRIU log worth showing: its last `Error` lines (without the
 /// harmless RLIMIT one every log has here), else its last lines.
 pub fn log_tail(log: &Path, n: usize) -> String {

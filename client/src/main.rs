@@ -41,6 +41,12 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ReplicationCommand {
+    /// Per peer: entries behind, last success, last error, what was sent.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum CacheCommand {
     /// List cached chunks (least recently used first) and the total.
     Ls,
@@ -132,6 +138,11 @@ enum Command {
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
+    },
+    /// Show how far each peer of the registry is behind.
+    Replication {
+        #[command(subcommand)]
+        command: ReplicationCommand,
     },
     /// Show or trim the node chunk cache.
     Cache {
@@ -414,6 +425,44 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                     r.seconds
                 ),
                 json: serde_json::to_value(&r)?,
+            })
+        }
+        Command::Replication {
+            command: ReplicationCommand::Status,
+        } => {
+            let remote = connect(&cli).await?;
+            let s = remote.replication_status().await?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut human = vec![format!("replication log head: {}", s.log_head)];
+            let mut peers = Vec::new();
+            for p in &s.peers {
+                let since = match p.last_success_unix_ms {
+                    0 => "never".to_string(),
+                    t => format!("{:.1}s ago", now_ms.saturating_sub(t) as f64 / 1000.0),
+                };
+                human.push(format!(
+                    "{}\t{}\t{} behind\tlast success {since}\t{}",
+                    p.name,
+                    p.url,
+                    p.entries_behind,
+                    if p.last_error.is_empty() {
+                        "ok".to_string()
+                    } else {
+                        format!("last error: {}", p.last_error)
+                    }
+                ));
+                peers.push(json!({
+                    "name": p.name, "url": p.url, "repository_prefixes": p.repository_prefixes, "acked_seq": p.acked_seq,
+                    "entries_behind": p.entries_behind, "last_success_unix_ms": p.last_success_unix_ms, "last_error": p.last_error,
+                    "chunks_sent": p.chunks_sent, "bytes_sent": p.bytes_sent, "manifests_sent": p.manifests_sent,
+                    "records_sent": p.records_sent, "failures": p.failures,
+                }));
+            }
+            Ok(Output {
+                human: human.join("\n"),
+                json: json!({ "log_head": s.log_head, "peers": peers }),
             })
         }
         Command::Cache { command } => {

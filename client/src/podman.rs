@@ -113,10 +113,7 @@ pub async fn push_archive(
     progress: Progress,
 ) -> Result<PushReport> {
     let started = Instant::now();
-    let tag = reference
-        .tag()
-        .ok_or_else(|| ClientError::Usage(format!("push needs a tag, not a digest: {reference}")))?
-        .to_string();
+    let tag = push::required_tag(reference, "push")?;
     let (input, compression) = open_archive(archive)?;
 
     let uploader = Uploader::begin(

@@ -298,10 +298,7 @@ pub async fn push_dir(
     progress: Progress,
 ) -> Result<PushReport> {
     let started = Instant::now();
-    let tag = reference
-        .tag()
-        .ok_or_else(|| ClientError::Usage(format!("push needs a tag, not a digest: {reference}")))?
-        .to_string();
+    let tag = required_tag(reference, "push")?;
     let files = list_files(dir)?;
     let kind = if files.iter().any(|(rel, _)| rel == "inventory.img") {
         LayerKind::Process
@@ -377,6 +374,13 @@ pub async fn push_dir(
         files: files.len(),
         counters: progress.counters.snapshot(),
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The tag a new snapshot is committed under: pushes name a tag, never a digest.
+pub fn required_tag(reference: &Reference, verb: &str) -> Result<String> {
+    reference.tag().map(str::to_string).ok_or_else(|| {
+        ClientError::Usage(format!("{verb} needs repo:tag, not a digest: {reference}"))
     })
 }
 

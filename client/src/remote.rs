@@ -257,6 +257,17 @@ impl Remote {
             .map_err(|s| self.status(s))?
             .into_inner())
     }
+
+    /// Per-peer replication progress of this registry.
+    pub async fn replication_status(&self) -> Result<pb::ReplicationStatusResponse> {
+        let resp = self
+            .client
+            .clone()
+            .replication_status(pb::ReplicationStatusRequest {})
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner())
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -33,7 +32,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::action::{ActionServer, ENV_SOCKET};
+use crate::action::ActionServer;
 use crate::cache::ChunkCache;
 use crate::criu::{self, Criu};
 use crate::error::{ClientError, Result};
@@ -291,17 +290,10 @@ pub async fn pull_restore(
         .map_err(|e| ClientError::io("binding the streamer socket", e))?;
     let actions = ActionServer::bind(&dir.join("action.sock"))
         .map_err(|e| ClientError::io("binding the action socket", e))?;
-    let self_exe =
-        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
     // The detached tree is orphaned when CRIU exits: be its reaper meanwhile.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
-    let mut args: Vec<String> = vec![
-        "restore".into(),
-        "--stream".into(),
-        "-D".into(),
-        dir.display().to_string(),
-    ];
+    let mut args: Vec<String> = vec!["restore".into(), "-D".into(), dir.display().to_string()];
     args.extend(["-o".into(), "restore.log".into(), "-v4".into()]);
     if opts.detach {
         args.push("-d".into());
@@ -318,33 +310,10 @@ pub async fn pull_restore(
     args.extend(opts.extra_args.iter().cloned());
 
     let t = Instant::now();
-    let mut child = tokio::process::Command::new(&criu.path)
-        .args(&args)
-        .arg("--action-script")
-        .arg(&self_exe)
-        .env(ENV_SOCKET, dir.join("action.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     let log = dir.join("restore.log");
+    let (mut child, sock) =
+        criu::start_streaming(criu, &args, &listener, &dir.join("action.sock"), &log).await?;
     tracing::info!("criu restore started");
-    let sock = match criu_stream::accept_from(&listener, &mut child).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| ClientError::io("CRIU output", e))?;
-            return Err(criu::failure(
-                "restore",
-                &log,
-                &String::from_utf8_lossy(&out.stderr),
-            ));
-        }
-        Err(e) => return Err(ClientError::io("accepting CRIU's connection", e)),
-    };
     let shutdown_handle = sock
         .try_clone()
         .map_err(|e| ClientError::io("streamer socket", e))?;

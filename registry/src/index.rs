@@ -8,12 +8,18 @@
 //! l/<lease id>                       u64 LE expiry, unix ms           push lease (node-local)
 //! L/<32-byte digest><lease id>       (empty)                          digest protected by a lease (node-local)
 //! meta/built                         (empty)                          the index mirrors the store
+//! r/<u64 BE seq>                     repo\0tag\0record object name     replication log: a local tag commit (node-local)
+//! p/<peer name>                      u64 LE seq                       last log entry the peer acknowledged (node-local)
 //! ```
 //!
-//! Everything but `l/` and `L/` is derived from the store and rebuilt by
+//! Everything but `l/`, `L/`, `r/` and `p/` is derived from the store and rebuilt by
 //! [`Index::rebuild`]. Leases are node-local: after a crash a push whose lease is gone
 //! fails its commit with "chunks missing" if GC swept something, and retries — the
 //! commit re-checks every chunk, so nothing half-made becomes visible.
+//! The replication log and the peer cursors are node-local too (see replication.rs):
+//! a rebuild on an empty log seeds it with every current tag record, so peers
+//! converge after an index loss (re-sending what they have is harmless).
+//! The log records only this registry's own commits, never replicated ones.
 //! Writes on the commit path use a synced WAL.
 
 use std::path::Path;
@@ -219,6 +225,76 @@ impl Index {
         Ok(expired.len())
     }
 
+    /// Appends a local tag commit to the replication log under `seq` (synced).
+    pub fn put_log_entry(&self, seq: u64, entry: &LogEntry) -> Result<()> {
+        let value = format!("{}\0{}\0{}", entry.repository, entry.tag, entry.record_name);
+        Ok(self
+            .db
+            .put_opt(key(b"r/", &seq.to_be_bytes()), value, &synced())?)
+    }
+
+    /// The highest sequence in the replication log (0: empty).
+    pub fn log_head(&self) -> Result<u64> {
+        let mut it = self.db.iterator(IteratorMode::From(
+            &key(b"r/", &u64::MAX.to_be_bytes()),
+            Direction::Reverse,
+        ));
+        match it.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                Ok(parse_log_key(&k).unwrap_or(0))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `limit` log entries with a sequence above `after`, in order.
+    pub fn log_entries_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>> {
+        let start = key(b"r/", &(after.saturating_add(1)).to_be_bytes());
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            let Some(seq) = parse_log_key(&k) else { break };
+            let v = String::from_utf8_lossy(&v);
+            let mut parts = v.splitn(3, '\0');
+            if let (Some(repository), Some(tag), Some(record_name)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                out.push((
+                    seq,
+                    LogEntry {
+                        repository: repository.into(),
+                        tag: tag.into(),
+                        record_name: record_name.into(),
+                    },
+                ));
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last log sequence `peer` acknowledged (0: none).
+    pub fn peer_cursor(&self, peer: &str) -> Result<u64> {
+        Ok(self
+            .db
+            .get_pinned(key(b"p/", peer.as_bytes()))?
+            .map(|v| u64::from_le_bytes(v[..8].try_into().unwrap_or_default()))
+            .unwrap_or(0))
+    }
+
+    /// Durably moves `peer`'s cursor.
+    pub fn set_peer_cursor(&self, peer: &str, seq: u64) -> Result<()> {
+        Ok(self
+            .db
+            .put_opt(key(b"p/", peer.as_bytes()), seq.to_le_bytes(), &synced())?)
+    }
+
     /// Rebuilds everything derivable from the store (chunks, manifests, tags); leases
     /// are kept. Run on a fresh index, or by `snapreg reindex`.
     pub async fn rebuild(&self, store: &ChunkStore) -> Result<RebuildStats> {
@@ -250,6 +326,20 @@ impl Index {
                 stats.tag_records += 1;
             }
         }
+        // A fresh index has lost its replication log (or never had one): seed it with
+        // every current record so that peers converge on this store's state.
+        if self.log_head()? == 0 {
+            for (seq, (repository, tag, rec)) in (1u64..).zip(self.all_tags()?) {
+                self.put_log_entry(
+                    seq,
+                    &LogEntry {
+                        repository,
+                        tag,
+                        record_name: rec.object_name(),
+                    },
+                )?;
+            }
+        }
         self.db.put_opt(BUILT, b"", &synced())?;
         Ok(stats)
     }
@@ -265,6 +355,19 @@ impl Index {
         }
         Ok(out)
     }
+}
+
+fn parse_log_key(k: &[u8]) -> Option<u64> {
+    let seq = k.strip_prefix(b"r/")?;
+    Some(u64::from_be_bytes(seq.try_into().ok()?))
+}
+
+/// One replication-log entry: a tag record this registry wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub repository: String,
+    pub tag: String,
+    pub record_name: String,
 }
 
 fn hex_or_text(b: &[u8]) -> String {

@@ -8,6 +8,8 @@
 //! - [`service`]: the `snapreg.v1.Registry` RPC handlers.
 //! - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
 //! - [`server`]: opening a data dir and serving on a listener until shutdown.
+//! - [`replication`]: pushing this registry's commits (tag records, their manifests
+//!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
 //! Invariants:
 //! - A chunk is in the index only after its object is durable; a manifest is stored
@@ -22,8 +24,10 @@ pub mod chunk_store;
 pub mod error;
 pub mod gc;
 pub mod index;
+pub mod replication;
 pub mod server;
 pub mod service;
 
 pub use error::RegistryError;
+pub use replication::PeerConfig;
 pub use server::{open, run, Registry, RegistryConfig};

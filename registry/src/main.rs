@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use snapreg_registry::RegistryConfig;
+use snapreg_registry::{PeerConfig, RegistryConfig};
 
 #[derive(Parser)]
 #[command(name = "snapreg", version, about = "Registry for process snapshots")]
@@ -39,6 +39,13 @@ enum Command {
         /// How long a push lease lives without activity, and after its commit.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
+        /// Replicate this registry's commits to a peer: NAME=URL[,repos=PREFIX1|PREFIX2]
+        /// (repeatable; every registry of a region set lists all the others).
+        #[arg(long = "peer", value_name = "NAME=URL[,repos=P1|P2]")]
+        peers: Vec<PeerConfig>,
+        /// Longest wait between two attempts at an unreachable or failing peer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        replication_backoff_max: Duration,
     },
     /// Rebuild the RocksDB index from the object store (the registry must be stopped).
     Reindex {
@@ -68,11 +75,15 @@ async fn real_main() -> anyhow::Result<()> {
             store,
             gc_grace,
             lease_ttl,
+            peers,
+            replication_backoff_max,
         } => {
             let mut config = RegistryConfig::new(&store.data);
             config.store_url = store.store;
             config.gc_grace = gc_grace;
             config.lease_ttl = lease_ttl;
+            config.peers = peers;
+            config.replication_backoff_max = replication_backoff_max;
             let registry = snapreg_registry::open(config)
                 .await
                 .with_context(|| format!("opening the registry in {}", store.data.display()))?;

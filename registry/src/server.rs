@@ -17,6 +17,7 @@ use tokio_stream::StreamExt;
 use crate::chunk_store::ChunkStore;
 use crate::error::{RegistryError, Result};
 use crate::index::Index;
+use crate::replication::{PeerConfig, Replication};
 use crate::service::RegistryService;
 
 /// Largest gRPC message either side accepts: a 16 MiB chunk object, or a manifest.
@@ -32,6 +33,10 @@ pub struct RegistryConfig {
     pub gc_grace: Duration,
     /// How long a push lease lives without activity, and after its commit.
     pub lease_ttl: Duration,
+    /// Registries this one replicates its commits to (see replication.rs).
+    pub peers: Vec<PeerConfig>,
+    /// Longest wait between two attempts at a failing peer.
+    pub replication_backoff_max: Duration,
 }
 
 impl RegistryConfig {
@@ -41,6 +46,8 @@ impl RegistryConfig {
             store_url: None,
             gc_grace: Duration::from_secs(3600),
             lease_ttl: Duration::from_secs(3600),
+            peers: Vec::new(),
+            replication_backoff_max: Duration::from_secs(5),
         }
     }
 }
@@ -57,6 +64,8 @@ pub struct Registry {
     /// While a GC runs: digests committed (manifests, their chunks) since its mark
     /// began, which it must treat as live. `None` when no GC runs.
     pub(crate) gc_committed: std::sync::Mutex<Option<std::collections::HashSet<Digest>>>,
+    /// The replication log's head and the peers' counters.
+    pub(crate) replication: Replication,
 }
 
 impl Registry {
@@ -100,6 +109,7 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
     }
     let clock = HlcClock::default();
     clock.observe(index.max_hlc()?);
+    let replication = Replication::new(&index, &config.peers, config.replication_backoff_max)?;
     Ok(Arc::new(Registry {
         store,
         index,
@@ -108,6 +118,7 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
         stripes: (0..256).map(|_| Mutex::new(())).collect(),
         gc_running: Mutex::new(()),
         gc_committed: std::sync::Mutex::new(None),
+        replication,
     }))
 }
 
@@ -136,8 +147,29 @@ fn open_object_store(config: &RegistryConfig) -> Result<Arc<dyn ObjectStore>> {
     }
 }
 
-/// Serves the registry on `listener` until `shutdown` completes.
+/// Serves the registry on `listener` until `shutdown` completes, replicating to its
+/// peers meanwhile (one task per peer, stopped with the server).
 pub async fn run(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let replicators = crate::replication::spawn(&registry, stop_rx);
+    // The sender lives in the shutdown future: it signals on shutdown, and is dropped
+    // (which stops the replicators too) whenever serving ends.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let served = serve(listener, registry, shutdown).await;
+    for r in replicators {
+        let _ = r.await;
+    }
+    served
+}
+
+async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send,

@@ -107,6 +107,20 @@ impl Registry {
             tag_arg(t)?;
         }
         self.check_lease(lease)?;
+        let (digest, chunks) = self.store_manifest(lease, bytes).await?;
+        for t in tags {
+            self.write_tag(repository, t, TagTarget::Manifest(digest))
+                .await?;
+        }
+        self.note_committed(chunks.iter().copied().chain([digest]));
+        self.index.drop_lease(lease)?;
+        tracing::info!(%repository, %digest, ?tags, chunks = chunks.len(), "manifest committed");
+        Ok(digest)
+    }
+
+    /// Stores a manifest whose chunks are all present (the lease already checked);
+    /// the manifest and its chunks join the lease. Returns its digest and chunks.
+    async fn store_manifest(&self, lease: &str, bytes: Bytes) -> Result<(Digest, Vec<Digest>)> {
         let manifest = Manifest::decode(&bytes)?;
         let chunks = manifest.chunk_digests();
         let missing: Vec<Digest> = chunks
@@ -129,14 +143,7 @@ impl Registry {
             self.store.put_manifest(&digest, bytes).await?;
             self.index.add_manifest(&digest, len)?;
         }
-        for t in tags {
-            self.write_tag(repository, t, TagTarget::Manifest(digest))
-                .await?;
-        }
-        self.note_committed(chunks.iter().copied().chain([digest]));
-        self.index.drop_lease(lease)?;
-        tracing::info!(%repository, %digest, ?tags, chunks = chunks.len(), "manifest committed");
-        Ok(digest)
+        Ok((digest, chunks))
     }
 
     pub(crate) async fn write_tag(
@@ -151,7 +158,59 @@ impl Registry {
         };
         self.store.put_tag_record(repository, tag, &record).await?;
         self.index.apply_tag_record(repository, tag, &record)?;
+        // A local commit: peers get it (replicated records are never logged).
+        self.replication
+            .log_commit(&self.index, repository, tag, &record)?;
         Ok(record)
+    }
+
+    /// Writes a tag record a peer sent, exactly as its origin wrote it (same HLC, same
+    /// target, hence the same object name), storing its manifest first when given.
+    /// Not logged for onward replication. Returns whether the record is now current.
+    async fn replicate_tag_record(&self, req: pb::ReplicateTagRecordRequest) -> Result<bool> {
+        repo_arg(&req.repository)?;
+        tag_arg(&req.tag)?;
+        let record = TagRecord::parse(&req.record_name)
+            .map_err(|e| RegistryError::invalid("record_name", e.to_string()))?;
+        if record.object_name() != req.record_name {
+            return Err(RegistryError::invalid(
+                "record_name",
+                format!("{:?} is not in canonical form", req.record_name),
+            ));
+        }
+        // Later local ticks order after every record seen from a peer.
+        self.clock.observe(record.hlc);
+        let mut protected = Vec::new();
+        if let Some(target) = record.digest() {
+            if !req.manifest.is_empty() {
+                let got = Digest::of(&req.manifest);
+                if got != target {
+                    return Err(RegistryError::invalid(
+                        "manifest",
+                        format!("bytes hash to {got}, the record names {target}"),
+                    ));
+                }
+                self.check_lease(&req.lease_id)?;
+                let (_, chunks) = self.store_manifest(&req.lease_id, req.manifest).await?;
+                protected = chunks;
+            } else if !self.index.has_manifest(&target)? {
+                return Err(RegistryError::ManifestNotFound { digest: target });
+            }
+            protected.push(target);
+        }
+        self.store
+            .put_tag_record(&req.repository, &req.tag, &record)
+            .await?;
+        let current = self
+            .index
+            .apply_tag_record(&req.repository, &req.tag, &record)?;
+        self.note_committed(protected);
+        if !req.lease_id.is_empty() {
+            self.index.drop_lease(&req.lease_id)?;
+        }
+        tracing::info!(repository = %req.repository, tag = %req.tag, record = %req.record_name,
+            current, "replicated tag record");
+        Ok(current)
     }
 
     fn resolve(&self, repository: &str, reference: &str) -> Result<Digest> {
@@ -404,5 +463,20 @@ impl registry_server::Registry for RegistryService {
             .map_or(self.reg.config.gc_grace, std::time::Duration::from_secs);
         let stats = crate::gc::collect(&self.reg, grace, req.dry_run).await?;
         Ok(Response::new(stats))
+    }
+
+    async fn replicate_tag_record(
+        &self,
+        req: Request<pb::ReplicateTagRecordRequest>,
+    ) -> Result<Response<pb::ReplicateTagRecordResponse>, Status> {
+        let current = self.reg.replicate_tag_record(req.into_inner()).await?;
+        Ok(Response::new(pb::ReplicateTagRecordResponse { current }))
+    }
+
+    async fn replication_status(
+        &self,
+        _req: Request<pb::ReplicationStatusRequest>,
+    ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
+        Ok(Response::new(self.reg.replication.status(&self.reg.index)?))
     }
 }

@@ -8,4 +8,5 @@ mod gc;
 mod podman;
 mod push_pull;
 mod real_images;
+mod replication;
 mod streaming;

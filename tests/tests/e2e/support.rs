@@ -427,3 +427,88 @@ pub fn snapctl_cached(registry: &str, cache: &Path, args: &[&str]) -> Out {
     all.extend_from_slice(args);
     snapctl(registry, &all)
 }
+
+/// A loopback port free right now (for a registry started later on a known address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    /// Starts on a given address (`127.0.0.1:PORT`), e.g. one a peer already names.
+    pub fn start_on(data: &Path, addr: &str, extra: &[&str]) -> Registry {
+        let mut r = Registry {
+            data: data.to_path_buf(),
+            url: String::new(),
+            addr: addr.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+}
+
+/// Runs a future to completion on a fresh single-threaded runtime.
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// `ReplicationStatus` of a registry.
+pub fn replication_status(url: &str) -> snapreg_proto::pb::ReplicationStatusResponse {
+    block_on(async {
+        let mut c = snapreg_proto::pb::registry_client::RegistryClient::connect(url.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        c.replication_status(snapreg_proto::pb::ReplicationStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
+/// Waits until every peer of the registry at `url` has acknowledged its whole log.
+pub fn wait_replicated(
+    url: &str,
+    timeout: Duration,
+) -> snapreg_proto::pb::ReplicationStatusResponse {
+    let mut last = None;
+    wait_for(timeout, || {
+        let s = replication_status(url);
+        let done = s.log_head > 0 && s.peers.iter().all(|p| p.entries_behind == 0);
+        last = Some(s.clone());
+        done.then_some(s)
+    })
+    .unwrap_or_else(|| panic!("replication from {url} did not catch up: {last:?}"))
+}
+
+/// (tag, digest, hlc) of every tag of a repository, through `ListTags`.
+pub fn list_tags(url: &str, repository: &str) -> Vec<(String, String, u64)> {
+    let repository = repository.to_string();
+    block_on(async {
+        let mut c = snapreg_proto::pb::registry_client::RegistryClient::connect(url.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        match c
+            .list_tags(snapreg_proto::pb::ListTagsRequest { repository })
+            .await
+        {
+            Ok(r) => r
+                .into_inner()
+                .tags
+                .into_iter()
+                .map(|t| (t.tag, t.digest, t.hlc))
+                .collect(),
+            // 5: NOT_FOUND (a repository without tags).
+            Err(s) if i32::from(s.code()) == 5 => Vec::new(),
+            Err(s) => panic!("ListTags on {url}: {s}"),
+        }
+    })
+}
