@@ -21,7 +21,8 @@ use snapreg_proto::reference::{Reference, Target};
     about = "Push, pull and restore process snapshots with a snapreg registry"
 )]
 struct Cli {
-    /// Registry URL, e.g. http://registry:5000.
+    /// Registry URL, e.g. http://registry:5000. pull-restore takes several,
+    /// comma-separated, nearest first: each chunk comes from the first that has it.
     #[arg(long, global = true, env = "SNAPCTL_REGISTRY")]
     registry: Option<String>,
     /// Print one JSON object on stdout's last line.
@@ -229,9 +230,41 @@ fn open_cache(cli: &Cli) -> anyhow::Result<ChunkCache> {
         .map_err(|e| ClientError::io(format!("opening the node cache {}", dir.display()), e))?)
 }
 
+/// The registries named by --registry, nearest first.
+fn registry_urls(cli: &Cli) -> anyhow::Result<Vec<&str>> {
+    let list = cli.registry.as_deref().ok_or(ClientError::NoRegistry)?;
+    Ok(list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect())
+}
+
+/// The first (nearest) registry: pushes, tags and listings go there.
 async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
-    let url = cli.registry.as_deref().ok_or(ClientError::NoRegistry)?;
-    Ok(Remote::connect(url).await?)
+    let urls = registry_urls(cli)?;
+    Ok(Remote::connect(urls.first().ok_or(ClientError::NoRegistry)?).await?)
+}
+
+/// Every reachable registry, nearest first; unreachable ones are skipped with a
+/// warning as long as one answers.
+async fn connect_all(cli: &Cli) -> anyhow::Result<Vec<Remote>> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for url in registry_urls(cli)? {
+        match Remote::connect(url).await {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                eprintln!("snapctl: warning: skipping {url}: {e}");
+                last = Some(e);
+            }
+        }
+    }
+    match (out.is_empty(), last) {
+        (true, Some(e)) => Err(e.into()),
+        (true, None) => Err(ClientError::NoRegistry.into()),
+        _ => Ok(out),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Output> {
@@ -397,13 +430,15 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
         } => {
             let reference = parse_ref(reference)?;
             let criu = criu::locate(cli.criu.as_deref())?;
-            let remote = connect(&cli).await?;
+            let mut remotes = connect_all(&cli).await?;
+            let remote = remotes.remove(0);
             let opts = restore::RestoreOptions {
                 detach: *detach,
                 extra_args: criu_args.clone(),
                 force: *force,
                 cache: open_cache(&cli)?,
                 window: *window,
+                fallbacks: remotes,
             };
             let r = restore::pull_restore(
                 &remote,

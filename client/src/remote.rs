@@ -20,6 +20,12 @@ pub struct Remote {
     client: RegistryClient<Channel>,
 }
 
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
 impl Remote {
     /// Connects now, so an unreachable registry fails here with its address.
     pub async fn connect(url: &str) -> Result<Self> {

@@ -14,7 +14,7 @@
 //! CRIU fails, and the post-restore answer is "fail" if it got that far, so no
 //! restored process resumes on bad bytes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -49,6 +49,9 @@ pub struct RestoreOptions {
     pub cache: ChunkCache,
     /// Chunk fetches in flight ahead of CRIU, per file.
     pub window: usize,
+    /// Registries to fall back to, in preference order, for the manifest and for
+    /// each chunk the first registry lacks.
+    pub fallbacks: Vec<Remote>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -68,6 +71,8 @@ pub struct RestoreReport {
     /// snapctl's own peak resident memory (VmHWM): bounded by the fetch window, not
     /// by the image size.
     pub peak_rss_bytes: Option<u64>,
+    /// Chunks fetched from each registry (nearest first in the request).
+    pub chunks_by_registry: BTreeMap<String, u64>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -83,21 +88,30 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Chunks by digest: the node cache first, then the registry (verified, then cached).
+/// Chunks by digest: the node cache first, then each registry in preference order
+/// (nearest region first); whatever a registry sends is verified, then cached.
 #[derive(Clone)]
 pub struct ChunkSource {
-    remote: Remote,
+    remotes: Vec<Remote>,
     cache: ChunkCache,
     progress: Progress,
+    fetched_from: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl ChunkSource {
-    pub fn new(remote: Remote, cache: ChunkCache, progress: Progress) -> Self {
+    /// `remotes`: the registries to ask, nearest first (at least one).
+    pub fn new(remotes: Vec<Remote>, cache: ChunkCache, progress: Progress) -> Self {
         ChunkSource {
-            remote,
+            remotes,
             cache,
             progress,
+            fetched_from: Arc::default(),
         }
+    }
+
+    /// Chunks fetched per registry URL.
+    pub fn fetched_from(&self) -> BTreeMap<String, u64> {
+        self.fetched_from.lock().unwrap().clone()
     }
 
     pub async fn get(&self, digest: Digest, file: &str) -> Result<Bytes> {
@@ -110,11 +124,38 @@ impl ChunkSource {
             self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
             return Ok(b);
         }
-        let mut stream = self.remote.get_chunks(&[digest]).await?;
+        let mut last_error = None;
+        for remote in &self.remotes {
+            match self.fetch_from(remote, digest, file).await {
+                Ok(data) => return Ok(data),
+                // Absent, unreachable or damaged there: the next registry may have it.
+                Err(
+                    e @ (ClientError::NotFound(_)
+                    | ClientError::Unreachable { .. }
+                    | ClientError::ChunkCorrupt { .. }),
+                ) => {
+                    if self.remotes.len() > 1 {
+                        tracing::info!(
+                            "chunk {digest} not usable from {}: {e}; trying the next registry",
+                            remote.url()
+                        );
+                    }
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            ClientError::NotFound(format!("chunk {digest} of {file}: no registry to ask"))
+        }))
+    }
+
+    async fn fetch_from(&self, remote: &Remote, digest: Digest, file: &str) -> Result<Bytes> {
+        let mut stream = remote.get_chunks(&[digest]).await?;
         let msg = stream
             .message()
             .await
-            .map_err(|s| self.remote.map_stream_error(s))?
+            .map_err(|s| remote.map_stream_error(s))?
             .ok_or_else(|| {
                 ClientError::NotFound(format!(
                     "registry sent no data for chunk {digest} of {file}"
@@ -147,6 +188,12 @@ impl ChunkSource {
             .counters
             .bytes_transferred
             .fetch_add(object_len, Relaxed);
+        *self
+            .fetched_from
+            .lock()
+            .unwrap()
+            .entry(remote.url().to_string())
+            .or_default() += 1;
         Ok(data)
     }
 }
@@ -222,6 +269,26 @@ fn serve_loop(
     Ok(())
 }
 
+/// The manifest from the first registry that has the reference.
+async fn first_manifest(
+    remotes: &[Remote],
+    reference: &Reference,
+) -> Result<(Digest, snapreg_proto::manifest::Manifest)> {
+    let mut last = None;
+    for r in remotes {
+        match pull::fetch_manifest(r, reference).await {
+            Ok(m) => return Ok(m),
+            Err(e @ (ClientError::NotFound(_) | ClientError::Unreachable { .. }))
+                if remotes.len() > 1 =>
+            {
+                last = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::NotFound(format!("{reference}: no registry to ask"))))
+}
+
 pub async fn pull_restore(
     remote: &Remote,
     criu: &Criu,
@@ -230,7 +297,10 @@ pub async fn pull_restore(
     progress: Progress,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
-    let (digest, manifest) = pull::fetch_manifest(remote, reference).await?;
+    let remotes: Vec<Remote> = std::iter::once(remote.clone())
+        .chain(opts.fallbacks.iter().cloned())
+        .collect();
+    let (digest, manifest) = first_manifest(&remotes, reference).await?;
     tracing::info!(%digest, "manifest fetched");
 
     let mut warnings = Vec::new();
@@ -321,7 +391,7 @@ pub async fn pull_restore(
     let names = files.keys().cloned().collect();
     let serving = tokio::task::spawn_blocking(move || serve_loop(sock, names, tx));
 
-    let source = ChunkSource::new(remote.clone(), opts.cache.clone(), progress.clone());
+    let source = ChunkSource::new(remotes, opts.cache.clone(), progress.clone());
     let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut served = 0usize;
@@ -416,6 +486,7 @@ pub async fn pull_restore(
         warnings,
         criu_log: log,
         peak_rss_bytes: peak_rss_bytes(),
+        chunks_by_registry: source.fetched_from(),
     })
 }
 

@@ -378,3 +378,49 @@ fn restore_of_a_sibling_snapshot_fetches_only_what_differs() {
     wait_counting(&b.dir, now + 3);
     assert!(b.verify(pb).starts_with("ok"));
 }
+
+/// Nearest region first: C holds the snapshot only partly (chunks lost there), A
+/// holds all of it; a node asking [C, A] restores, taking from A only what C lacks.
+#[test]
+fn restore_from_nearest_registry_falls_back_per_chunk() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let c = Registry::start(&t.path().join("c"));
+    let a = Registry::start_with(&t.path().join("a"), &["--peer", &format!("c={}", c.url)]);
+    let mut p = TestProc::hold(&t.path().join("proc"), 32, 31, 0, 0);
+    let pid = p.pid();
+    snapctl(
+        &a.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/near:v1"],
+    )
+    .ok();
+    let _ = p.child.wait();
+    let at = counter_of(&p.dir);
+    wait_for(Duration::from_secs(30), || {
+        (snapctl(&c.url, &["inspect", "t/near:v1"]).code == 0).then_some(())
+    })
+    .expect("the snapshot never reached C");
+    // C loses every other chunk object.
+    let mut objects: Vec<_> = read_tree(&c.store().join("chunks")).into_keys().collect();
+    objects.sort();
+    for o in objects.iter().step_by(2) {
+        std::fs::remove_file(c.store().join("chunks").join(o)).unwrap();
+    }
+
+    let both = format!("{},{}", c.url, a.url);
+    let r = snapctl_cached(
+        &both,
+        &t.path().join("cache"),
+        &["pull-restore", "--detach", "t/near:v1"],
+    )
+    .ok()
+    .json();
+    let _restored = Restored(pid);
+    let by = &r["chunks_by_registry"];
+    assert!(
+        by[&c.url].as_u64().unwrap_or(0) > 0 && by[&a.url].as_u64().unwrap_or(0) > 0,
+        "{r}"
+    );
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
