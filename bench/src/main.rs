@@ -14,6 +14,11 @@
 //!   `criu restore`), then pull-restore with a warm node cache; page cache dropped
 //!   before each, interleaved; then snapctl's peak RSS against image size.
 //!
+//! `snapreg-bench replication [--pushes N] [--mib M] [--interval-ms I]`
+//!   registry A replicating to B over loopback; a steady stream of N pushes of M MiB
+//!   (fresh random data each) to A, one every I ms; per push: the push time and the lag
+//!   until B serves the tag (polled through B's API), and replication throughput.
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -45,7 +50,10 @@ fn main() -> Result<()> {
                 .map_or(vec![0.5, 1.0, 2.0, 4.0], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
             restore(gib, opt("--reps", 3), &rss)
         }
-        _ => bail!("usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4]"),
+        Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
+        _ => bail!(
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I]"
+        ),
     }
 }
 
@@ -134,9 +142,14 @@ struct Registry {
 
 impl Registry {
     fn start(data: &Path) -> Result<Self> {
+        Registry::start_with(data, &[])
+    }
+
+    fn start_with(data: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(bin("snapreg"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -543,5 +556,81 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
         )?,
     )?;
     drop(reg);
+    Ok(())
+}
+
+fn replication(pushes: usize, mib: usize, interval_ms: usize) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("snapreg-bench-")
+        .tempdir_in("/var/tmp")?;
+    let w = work.path();
+    let b = Registry::start(&w.join("b"))?;
+    let a = Registry::start_with(&w.join("a"), &["--peer", &format!("b={}", b.url)])?;
+    let mut push_s = Vec::new();
+    let mut lag_s = Vec::new();
+    let started = Instant::now();
+    for i in 0..pushes {
+        let dir = w.join(format!("src{i}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("pages-1.img"), noise(1000 + i as u64, mib << 20))?;
+        let tag = format!("bench/repl:p{i}");
+        let t = Instant::now();
+        snapctl(&a.url, &["push", dir.to_str().unwrap(), &tag])?;
+        push_s.push(t.elapsed().as_secs_f64());
+        let committed = Instant::now();
+        // Lag: until B answers for the tag (its manifest and every chunk are there).
+        loop {
+            if snapctl(&b.url, &["inspect", &tag]).is_ok() {
+                break;
+            }
+            if committed.elapsed().as_secs() > 120 {
+                bail!("{tag} never reached B");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lag_s.push(committed.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dir)?;
+        let next = std::time::Duration::from_millis(interval_ms as u64 * (i as u64 + 1));
+        if let Some(wait) = next.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    let bytes = (pushes * (mib << 20)) as f64;
+    let stats = |v: &mut Vec<f64>| {
+        let m = median(v);
+        (
+            m,
+            v[0],
+            v[v.len() - 1],
+            v[(v.len() * 9 / 10).min(v.len() - 1)],
+        )
+    };
+    let (pm, plo, phi, _) = stats(&mut push_s.clone());
+    let (lm, llo, lhi, l90) = stats(&mut lag_s.clone());
+    let report = format!(
+        "### Replication A -> B on loopback: {pushes} pushes of {mib} MiB of fresh random data, one every {interval_ms} ms\n\n\
+         | measure | median | min–max | p90 |\n|---|---|---|---|\n\
+         | push to A, s | {pm:.2} | {plo:.2}–{phi:.2} | – |\n\
+         | lag until B serves the tag, s | {lm:.2} | {llo:.2}–{lhi:.2} | {l90:.2} |\n\n\
+         Replication throughput per snapshot (size / median lag): {:.0} MB/s. Offered load {:.1} MB/s ({:.0} MiB in {total:.1} s), each snapshot served by B before the next push.\n",
+        (mib << 20) as f64 / lm / 1e6,
+        bytes / total / 1e6,
+        bytes / (1u64 << 20) as f64
+    );
+    println!("{report}");
+    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
+    std::fs::create_dir_all(&runs)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    std::fs::write(
+        runs.join(format!("replication-{stamp}.json")),
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "pushes": pushes, "mib": mib, "interval_ms": interval_ms, "push_seconds": push_s, "lag_seconds": lag_s }),
+        )?,
+    )?;
+    drop(a);
+    drop(b);
     Ok(())
 }
