@@ -422,7 +422,11 @@ async fn streamed(
         let mut order: Vec<String> = Vec::new();
         loop {
             tokio::select! {
-                Some(f) = rx.recv() => capture_file(&uploader, &mut files, &mut order, f),
+                f = rx.recv() => match f {
+                    Some(f) => capture_file(&uploader, &mut files, &mut order, f),
+                    // The socket closes after post-dump on success; before it, CRIU failed.
+                    None => return Err(ClientError::Criu("CRIU ended the image stream before post-dump".into())),
+                },
                 req = actions.next() => {
                     let req = req.map_err(|e| ClientError::io("action socket", e))?;
                     if req.action != "post-dump" {
@@ -474,7 +478,7 @@ async fn streamed(
     let watchdog = watch_progress(progress.clone(), opts.stall_timeout);
     let outcome: Result<(Layer, usize, snapreg_proto::Digest)> = tokio::select! {
         r = work => r,
-        () = watchdog => Err(ClientError::Registry(format!(
+        () = watchdog => Err(ClientError::Aborted(format!(
             "no progress for {:?} (registry stalled?): the dump was aborted and PID {} released",
             opts.stall_timeout, opts.pid
         ))),
@@ -510,7 +514,14 @@ async fn streamed(
                 &dir.join("dump.log"),
                 &String::from_utf8_lossy(&out.stderr),
             );
-            Err(ClientError::Registry(format!("{e}\n{criu_side}")))
+            match e {
+                // CRIU's own failure: its log says why.
+                ClientError::Criu(_) => Err(criu_side),
+                e => Err(ClientError::Aborted(format!(
+                    "{e}; PID {} keeps running\n{criu_side}",
+                    opts.pid
+                ))),
+            }
         }
     }
 }

@@ -37,6 +37,10 @@ pub enum ClientError {
     Criu(String),
     #[error("{0}")]
     Usage(String),
+    /// An operation stopped partway on purpose (watchdog, failed commit) after
+    /// putting things back; the message says what was left as it was.
+    #[error("aborted: {0}")]
+    Aborted(String),
 }
 
 impl ClientError {

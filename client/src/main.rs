@@ -140,6 +140,13 @@ enum Command {
         #[arg(last = true)]
         criu_args: Vec<String>,
     },
+    /// Warm this node's chunk cache with a snapshot, so that pull-restore fetches nothing.
+    Prefetch {
+        reference: String,
+        /// Chunk fetches in flight.
+        #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+        window: usize,
+    },
     /// Show how far each peer of the registry is behind.
     Replication {
         #[command(subcommand)]
@@ -455,6 +462,30 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                     r.reference,
                     r.digest,
                     r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
+                    r.counters.chunks_transferred,
+                    r.counters.chunks_cached,
+                    r.seconds
+                ),
+                json: serde_json::to_value(&r)?,
+            })
+        }
+        Command::Prefetch { reference, window } => {
+            let reference = parse_ref(reference)?;
+            let remotes = connect_all(&cli).await?;
+            let r = restore::prefetch(
+                remotes,
+                &reference,
+                open_cache(&cli)?,
+                *window,
+                Progress::new("prefetch", show_progress),
+            )
+            .await
+            .with_context(|| format!("prefetching {reference}"))?;
+            Ok(Output {
+                human: format!(
+                    "prefetched {} ({}): {} chunks fetched, {} already cached, {:.2}s",
+                    r.reference,
+                    r.digest,
                     r.counters.chunks_transferred,
                     r.counters.chunks_cached,
                     r.seconds

@@ -269,6 +269,57 @@ fn serve_loop(
     Ok(())
 }
 
+#[derive(Debug, serde::Serialize)]
+pub struct PrefetchReport {
+    pub reference: String,
+    pub digest: String,
+    #[serde(flatten)]
+    pub counters: CountersSnapshot,
+    pub chunks_by_registry: BTreeMap<String, u64>,
+    pub seconds: f64,
+}
+
+/// Warms the node cache with every chunk of a snapshot (all layers), so that a
+/// restore on this node fetches nothing: what a scheduler runs before placing a pod.
+pub async fn prefetch(
+    remotes: Vec<Remote>,
+    reference: &Reference,
+    cache: ChunkCache,
+    window: usize,
+    progress: Progress,
+) -> Result<PrefetchReport> {
+    let started = Instant::now();
+    let (digest, manifest) = first_manifest(&remotes, reference).await?;
+    let chunks = manifest.chunk_digests();
+    progress
+        .counters
+        .chunks_total
+        .store(chunks.len() as u64, Relaxed);
+    progress
+        .counters
+        .bytes_total
+        .store(manifest.total_size(), Relaxed);
+    let source = ChunkSource::new(remotes, cache.clone(), progress.clone());
+    let mut fetches = futures::stream::iter(chunks)
+        .map(|d| {
+            let source = source.clone();
+            async move { source.get(d, "(prefetch)").await.map(|b| b.len() as u64) }
+        })
+        .buffer_unordered(window.max(1));
+    while let Some(n) = fetches.next().await {
+        progress.advance(n?);
+    }
+    let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
+    progress.finish();
+    Ok(PrefetchReport {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        counters: progress.counters.snapshot(),
+        chunks_by_registry: source.fetched_from(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 /// The manifest from the first registry that has the reference.
 async fn first_manifest(
     remotes: &[Remote],

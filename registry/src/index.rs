@@ -34,6 +34,9 @@ use crate::error::Result;
 
 pub struct Index {
     db: DB,
+    /// Serialises [`Index::apply_tag_record`]'s read-compare-write: a local commit and
+    /// a replicated record for the same tag must not both read the old value.
+    tag_apply: std::sync::Mutex<()>,
 }
 
 const BUILT: &[u8] = b"meta/built";
@@ -59,6 +62,7 @@ impl Index {
         opts.set_compression_type(rocksdb::DBCompressionType::None);
         Ok(Index {
             db: DB::open(&opts, path)?,
+            tag_apply: std::sync::Mutex::new(()),
         })
     }
 
@@ -110,6 +114,7 @@ impl Index {
         tag: &str,
         record: &TagRecord,
     ) -> Result<bool> {
+        let _serial = self.tag_apply.lock().unwrap_or_else(|e| e.into_inner());
         if self
             .tag_record(repository, tag)?
             .is_some_and(|cur| cur >= *record)

@@ -8,6 +8,9 @@
 //! - [`service`]: the `snapreg.v1.Registry` RPC handlers.
 //! - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
 //! - [`server`]: opening a data dir and serving on a listener until shutdown.
+//! - [`scheduler`]: the scheduler API: `Resolve` (compatible snapshots for a node,
+//!   newest first, with sizes and cached bytes) and `Watch` (the commit log as a
+//!   resumable event stream).
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
@@ -25,6 +28,7 @@ pub mod error;
 pub mod gc;
 pub mod index;
 pub mod replication;
+pub mod scheduler;
 pub mod server;
 pub mod service;
 

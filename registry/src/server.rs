@@ -66,6 +66,11 @@ pub struct Registry {
     pub(crate) gc_committed: std::sync::Mutex<Option<std::collections::HashSet<Digest>>>,
     /// The replication log's head and the peers' counters.
     pub(crate) replication: Replication,
+    /// Bumped after every append to the replication log: wakes Watch streams.
+    pub(crate) log_appended: tokio::sync::watch::Sender<u64>,
+    /// Turns true when the server shuts down: ends Watch streams, which would
+    /// otherwise hold a graceful shutdown open forever.
+    pub(crate) shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Registry {
@@ -119,6 +124,8 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
         gc_running: Mutex::new(()),
         gc_committed: std::sync::Mutex::new(None),
         replication,
+        log_appended: tokio::sync::watch::Sender::new(0),
+        shutting_down: tokio::sync::watch::Sender::new(false),
     }))
 }
 
@@ -156,11 +163,13 @@ pub async fn run(
 ) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let replicators = crate::replication::spawn(&registry, stop_rx);
+    let reg = registry.clone();
     // The sender lives in the shutdown future: it signals on shutdown, and is dropped
     // (which stops the replicators too) whenever serving ends.
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
+        reg.shutting_down.send_replace(true);
     };
     let served = serve(listener, registry, shutdown).await;
     for r in replicators {

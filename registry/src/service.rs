@@ -161,6 +161,7 @@ impl Registry {
         // A local commit: peers get it (replicated records are never logged).
         self.replication
             .log_commit(&self.index, repository, tag, &record)?;
+        self.log_appended.send_modify(|n| *n += 1);
         Ok(record)
     }
 
@@ -478,5 +479,26 @@ impl registry_server::Registry for RegistryService {
         _req: Request<pb::ReplicationStatusRequest>,
     ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
         Ok(Response::new(self.reg.replication.status(&self.reg.index)?))
+    }
+
+    async fn resolve(
+        &self,
+        req: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        Ok(Response::new(
+            crate::scheduler::resolve(&self.reg, req.into_inner()).await?,
+        ))
+    }
+
+    type WatchStream = crate::scheduler::WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Ok(Response::new(crate::scheduler::watch(
+            &self.reg,
+            req.into_inner().from_sequence,
+        )))
     }
 }

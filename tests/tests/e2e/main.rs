@@ -9,4 +9,5 @@ mod podman;
 mod push_pull;
 mod real_images;
 mod replication;
+mod scheduler;
 mod streaming;

@@ -424,3 +424,29 @@ fn restore_from_nearest_registry_falls_back_per_chunk() {
     wait_counting(&p.dir, at + 3);
     assert!(p.verify(pid).starts_with("ok"));
 }
+
+#[test]
+fn prefetch_then_restore_fetches_nothing() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let cache = t.path().join("cache");
+    let mut p = TestProc::hold(&t.path().join("proc"), 24, 41, 0, 4);
+    let pid = p.pid();
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/pre:v1"],
+    )
+    .ok();
+    let _ = p.child.wait();
+    let pre = snapctl_cached(&reg.url, &cache, &["prefetch", "t/pre:v1"])
+        .ok()
+        .json();
+    assert_eq!(pre["chunks_transferred"], pre["chunks_total"], "{pre}");
+    let r = snapctl_cached(&reg.url, &cache, &["pull-restore", "--detach", "t/pre:v1"])
+        .ok()
+        .json();
+    let _restored = Restored(pid);
+    assert_eq!(r["chunks_transferred"], 0, "{r}");
+    assert!(p.verify(pid).starts_with("ok"));
+}
