@@ -450,3 +450,57 @@ fn prefetch_then_restore_fetches_nothing() {
     assert_eq!(r["chunks_transferred"], 0, "{r}");
     assert!(p.verify(pid).starts_with("ok"));
 }
+
+/// An established connection survives: the client's socket stays open across the
+/// checkpoint and the restore (CRIU's TCP repair, nftables network lock).
+#[test]
+fn established_tcp_connection_survives_checkpoint_and_restore() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::serve(&t.path().join("srv"));
+    let pid = p.pid();
+    let conn = std::net::TcpStream::connect(("127.0.0.1", p.port())).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut writer = conn;
+    let mut ask = |q: &str| {
+        writer.write_all(format!("{q}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask("a"), "1 a");
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--tcp-established",
+            "t/tcp:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let _ = p.child.wait();
+    let inspect = snapctl(&reg.url, &["inspect", "t/tcp:v1"]).ok().json();
+    assert_eq!(
+        inspect["criu"]["restore_options"],
+        serde_json::json!(["--tcp-established"]),
+        "{ck}"
+    );
+    snapctl_cached(
+        &reg.url,
+        &t.path().join("cache"),
+        &["pull-restore", "--detach", "t/tcp:v1"],
+    )
+    .ok();
+    let _restored = Restored(pid);
+    assert_eq!(
+        ask("b"),
+        "2 b",
+        "the established connection did not survive"
+    );
+}
