@@ -163,7 +163,12 @@ pub async fn checkpoint(
     }
     let external = process::external_files(&pids);
 
-    let (layer, files, dir, dump_seconds, digest) = if let Some(spool) = &opts.spool {
+    let Dumped {
+        files,
+        dir,
+        dump_seconds,
+        digest,
+    } = if let Some(spool) = &opts.spool {
         spooled(
             remote,
             criu,
@@ -187,7 +192,6 @@ pub async fn checkpoint(
         )
         .await?
     };
-    let _ = layer;
     progress.finish();
     Ok(CheckpointReport {
         reference: reference.to_string(),
@@ -218,7 +222,14 @@ fn build_manifest(
     m
 }
 
-type Outcome = (Layer, usize, PathBuf, f64, snapreg_proto::Digest);
+/// What a dump left behind: how many image files, where CRIU's log and stats are,
+/// how long CRIU ran, and the committed snapshot.
+struct Dumped {
+    files: usize,
+    dir: PathBuf,
+    dump_seconds: f64,
+    digest: snapreg_proto::Digest,
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn spooled(
@@ -230,7 +241,7 @@ async fn spooled(
     tag: &str,
     external: Vec<snapreg_proto::manifest::ExternalFile>,
     progress: Progress,
-) -> Result<Outcome> {
+) -> Result<Dumped> {
     let dir = spool.join(format!("ck-{}-{}", opts.pid, unique()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| ClientError::io(format!("creating {}", dir.display()), e))?;
@@ -298,8 +309,12 @@ async fn spooled(
     for name in &names {
         let _ = std::fs::remove_file(dir.join(name));
     }
-    let n = layer.files.len();
-    Ok((layer, n, dir, dump_seconds, digest))
+    Ok(Dumped {
+        files: layer.files.len(),
+        dir,
+        dump_seconds,
+        digest,
+    })
 }
 
 fn kept_note(e: ClientError, dir: &Path) -> ClientError {
@@ -375,7 +390,7 @@ async fn streamed(
     tag: &str,
     external: Vec<snapreg_proto::manifest::ExternalFile>,
     progress: Progress,
-) -> Result<Outcome> {
+) -> Result<Dumped> {
     let dir = work_dir("ck")?;
     let listener = criu_stream::bind(&dir, criu_stream::CAPTURE_SOCKET)
         .map_err(|e| ClientError::io("binding the streamer socket", e))?;
@@ -464,7 +479,7 @@ async fn streamed(
                     match commit {
                         Ok(d) => {
                             req.answer(Ok(())).await;
-                            return Ok((layer, order.len(), d));
+                            return Ok((order.len(), d));
                         }
                         Err(e) => {
                             req.answer(Err(e.to_string())).await;
@@ -476,7 +491,7 @@ async fn streamed(
         }
     };
     let watchdog = watch_progress(progress.clone(), opts.stall_timeout);
-    let outcome: Result<(Layer, usize, snapreg_proto::Digest)> = tokio::select! {
+    let outcome: Result<(usize, snapreg_proto::Digest)> = tokio::select! {
         r = work => r,
         () = watchdog => Err(ClientError::Aborted(format!(
             "no progress for {:?} (registry stalled?): the dump was aborted and PID {} released",
@@ -499,8 +514,13 @@ async fn streamed(
     let _ = capture.await;
     let dump_seconds = t.elapsed().as_secs_f64();
     match outcome {
-        Ok((layer, n, digest)) if out.status.success() => Ok((layer, n, dir, dump_seconds, digest)),
-        Ok((_, _, digest)) => Err(ClientError::Criu(format!(
+        Ok((files, digest)) if out.status.success() => Ok(Dumped {
+            files,
+            dir,
+            dump_seconds,
+            digest,
+        }),
+        Ok((_, digest)) => Err(ClientError::Criu(format!(
             "the snapshot {digest} was committed but CRIU then failed: {}",
             criu::failure(
                 "dump",

@@ -113,10 +113,10 @@ impl Uploader {
         let mut hashed = tokio_stream::wrappers::ReceiverStream::new(piece_rx)
             .map(|piece| async move {
                 match piece? {
-                    Piece::Zero(n) => Ok::<_, std::io::Error>(Piece2::Zero(n)),
+                    Piece::Zero(n) => Ok::<_, std::io::Error>(Hashed::Zero(n)),
                     Piece::Data(d) => tokio::task::spawn_blocking(move || {
                         let digest = Digest::of(&d);
-                        Piece2::Data(digest, Bytes::from(d))
+                        Hashed::Data(digest, Bytes::from(d))
                     })
                     .await
                     .map_err(std::io::Error::other),
@@ -128,7 +128,7 @@ impl Uploader {
         let mut extents: Vec<Extent> = Vec::new();
         while let Some(piece) = hashed.next().await {
             match piece.map_err(|e| ClientError::io("reading the stream to chunk", e))? {
-                Piece2::Zero(n) => {
+                Hashed::Zero(n) => {
                     counters.zero_bytes.fetch_add(n, Relaxed);
                     counters.bytes_total.fetch_add(n, Relaxed);
                     self.progress.advance(n);
@@ -137,7 +137,7 @@ impl Uploader {
                         _ => extents.push(Extent::Zero { zero: n }),
                     }
                 }
-                Piece2::Data(digest, data) => {
+                Hashed::Data(digest, data) => {
                     let len = data.len() as u64;
                     counters.bytes_total.fetch_add(len, Relaxed);
                     extents.push(Extent::Chunk { chunk: digest, len });
@@ -202,7 +202,8 @@ impl Drop for Uploader {
     }
 }
 
-enum Piece2 {
+/// A piece of a stream once its data is hashed.
+enum Hashed {
     Zero(u64),
     Data(Digest, Bytes),
 }
