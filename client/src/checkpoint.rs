@@ -64,6 +64,9 @@ pub struct CheckpointOptions {
     pub spool: Option<PathBuf>,
     /// No byte read from CRIU and none uploaded for this long aborts the dump.
     pub stall_timeout: Duration,
+    /// Checkpoint the tree's CUDA state into host memory first (and put it back if
+    /// anything fails, or after a --leave-running dump).
+    pub cuda: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -80,6 +83,9 @@ pub struct CheckpointReport {
     pub dump_seconds: f64,
     pub seconds: f64,
     pub criu_log: PathBuf,
+    /// PIDs whose CUDA state was checkpointed, and how long lock + checkpoint took.
+    pub cuda_pids: Vec<u32>,
+    pub cuda_checkpoint_seconds: Option<f64>,
 }
 
 /// A short, private working directory: the streamer socket path must fit in 108 bytes.
@@ -161,37 +167,66 @@ pub async fn checkpoint(
         // Streaming cannot carry hugetlb pages; CRIU's own directory dump can.
         process::refuse_huge_pages(&pids)?;
     }
-    let external = process::external_files(&pids);
+    // CUDA first: the device state must be in host memory before CRIU looks.
+    let cuda = if opts.cuda {
+        Some(crate::cuda::Cuda::load()?)
+    } else {
+        None
+    };
+    let t_cuda = Instant::now();
+    let mut cuda_guard = match &cuda {
+        Some(c) => Some(crate::cuda::checkpoint_tree(c, &pids)?),
+        None => None,
+    };
+    let cuda_checkpoint_seconds = cuda_guard.as_ref().map(|_| t_cuda.elapsed().as_secs_f64());
+    let facts = TreeFacts {
+        external: process::external_files(&pids),
+        cuda_pids: cuda_guard
+            .as_ref()
+            .map(|g| g.pids.clone())
+            .unwrap_or_default(),
+        gpu: crate::cuda::host_gpu(),
+    };
 
+    let dumped = match &opts.spool {
+        Some(spool) => {
+            spooled(
+                remote,
+                criu,
+                reference,
+                opts,
+                spool,
+                &tag,
+                &facts,
+                progress.clone(),
+            )
+            .await
+        }
+        None => {
+            streamed(
+                remote,
+                criu,
+                reference,
+                opts,
+                &tag,
+                &facts,
+                progress.clone(),
+            )
+            .await
+        }
+    };
+    // A failed dump resumed the tasks, --leave-running keeps them: either way their
+    // CUDA state goes back on the GPU (the guard's drop). Killed tasks need nothing.
+    if let (Ok(_), false, Some(g)) = (&dumped, opts.leave_running, cuda_guard.take()) {
+        g.forget();
+    }
+    drop(cuda_guard);
     let Dumped {
         files,
         dir,
         dump_seconds,
         digest,
-    } = if let Some(spool) = &opts.spool {
-        spooled(
-            remote,
-            criu,
-            reference,
-            opts,
-            spool,
-            &tag,
-            external,
-            progress.clone(),
-        )
-        .await?
-    } else {
-        streamed(
-            remote,
-            criu,
-            reference,
-            opts,
-            &tag,
-            external,
-            progress.clone(),
-        )
-        .await?
-    };
+    } = dumped?;
     progress.finish();
     Ok(CheckpointReport {
         reference: reference.to_string(),
@@ -203,22 +238,40 @@ pub async fn checkpoint(
         dump_seconds,
         seconds: started.elapsed().as_secs_f64(),
         criu_log: dir.join("dump.log"),
+        cuda_pids: facts.cuda_pids,
+        cuda_checkpoint_seconds,
     })
 }
+
+/// What the manifest records about the dumped tree besides its images.
+struct TreeFacts {
+    external: Vec<snapreg_proto::manifest::ExternalFile>,
+    cuda_pids: Vec<u32>,
+    gpu: Option<snapreg_proto::compat::GpuRecord>,
+}
+
+/// Annotation listing the PIDs whose CUDA state is in the image (restore puts it back).
+pub const CUDA_PIDS_ANNOTATION: &str = "org.snapreg.cuda-pids";
 
 fn build_manifest(
     cfg: &ChunkerConfig,
     layer: Layer,
     opts: &CheckpointOptions,
-    external: Vec<snapreg_proto::manifest::ExternalFile>,
+    facts: &TreeFacts,
 ) -> Manifest {
     let mut m = push::new_manifest(cfg, vec![layer], true);
     if let Some(c) = m.criu.as_mut() {
         c.restore_options = restore_options(opts);
-        c.external_files = external;
+        c.external_files = facts.external.clone();
     }
     m.annotations
         .insert("org.snapreg.root-pid".into(), opts.pid.to_string());
+    if !facts.cuda_pids.is_empty() {
+        let pids: Vec<String> = facts.cuda_pids.iter().map(u32::to_string).collect();
+        m.annotations
+            .insert(CUDA_PIDS_ANNOTATION.into(), pids.join(","));
+        m.compat.gpu = facts.gpu.clone();
+    }
     m
 }
 
@@ -239,7 +292,7 @@ async fn spooled(
     opts: &CheckpointOptions,
     spool: &Path,
     tag: &str,
-    external: Vec<snapreg_proto::manifest::ExternalFile>,
+    facts: &TreeFacts,
     progress: Progress,
 ) -> Result<Dumped> {
     let dir = spool.join(format!("ck-{}-{}", opts.pid, unique()));
@@ -300,7 +353,7 @@ async fn spooled(
             extents,
         });
     }
-    let manifest = build_manifest(uploader.config(), layer.clone(), opts, external);
+    let manifest = build_manifest(uploader.config(), layer.clone(), opts, facts);
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![tag.to_string()])
         .await
@@ -388,7 +441,7 @@ async fn streamed(
     reference: &Reference,
     opts: &CheckpointOptions,
     tag: &str,
-    external: Vec<snapreg_proto::manifest::ExternalFile>,
+    facts: &TreeFacts,
     progress: Progress,
 ) -> Result<Dumped> {
     let dir = work_dir("ck")?;
@@ -472,7 +525,7 @@ async fn streamed(
                                 let extents = done.remove(name).unwrap_or_default();
                                 layer.files.push(File { path: name.clone(), size: extents.iter().map(Extent::len).sum(), mode: 0o600, extents });
                             }
-                            let manifest = build_manifest(uploader.config(), layer.clone(), opts, external.clone());
+                            let manifest = build_manifest(uploader.config(), layer.clone(), opts, facts);
                             uploader.commit(&reference.repository, &manifest, vec![tag.to_string()]).await
                         }
                     };

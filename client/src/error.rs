@@ -35,6 +35,8 @@ pub enum ClientError {
     },
     #[error("CRIU: {0}")]
     Criu(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
     #[error("{0}")]
     Usage(String),
     /// An operation stopped partway on purpose (watchdog, failed commit) after

@@ -10,21 +10,26 @@
 //!   as CRIU's action script (commit at post-dump, verify at post-restore).
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
 //!   through the node cache.
+//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID.
 //! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
 //! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
 //! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
+//! - [`agent`]: `snapctl agent`, the node agent (NodeAgent gRPC service, cache
+//!   management, node registration).
 //! - [`error`]: [`ClientError`] and the documented exit codes.
 //!
 //! The binary `snapctl` (src/main.rs) parses arguments and calls these.
 
 pub mod action;
+pub mod agent;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunker;
 pub mod criu;
 pub mod criu_stream;
+pub mod cuda;
 pub mod error;
 pub mod host;
 pub mod inspect;

@@ -11,7 +11,9 @@ use serde_json::json;
 use snapreg_client::cache::{self, ChunkCache};
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::Remote;
-use snapreg_client::{checkpoint, criu, host, inspect, podman, pull, push, restore, ClientError};
+use snapreg_client::{
+    agent, checkpoint, criu, host, inspect, podman, pull, push, restore, ClientError,
+};
 use snapreg_proto::reference::{Reference, Target};
 
 #[derive(Parser)]
@@ -120,6 +122,10 @@ enum Command {
         /// Abort the dump (and release the process) after this long without progress.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         stall_timeout: Duration,
+        /// Checkpoint every CUDA process of the tree into host memory first (NVIDIA's
+        /// checkpoint API; put back if anything fails or with --leave-running).
+        #[arg(long)]
+        cuda: bool,
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
@@ -175,6 +181,26 @@ enum Command {
     },
     /// Show this host's compatibility facts and the CRIU snapctl would use.
     Host,
+    /// Run the node agent: serve Prefetch and CacheStatus (gRPC `NodeAgent`) for
+    /// schedulers, manage the node cache and register this node with the registries.
+    /// Prints {"listen":"ADDR"} once bound; stops on SIGTERM/SIGINT. No TLS yet.
+    Agent {
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long)]
+        listen: String,
+        /// This node's name in the registry (default: the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// URL registered for this agent (default: http://<bound address>).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// How often to re-register the node (and trim the cache).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        register_every: Duration,
+        /// Chunk fetches in flight per prefetch.
+        #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+        window: usize,
+    },
 }
 
 fn main() {
@@ -274,9 +300,55 @@ async fn connect_all(cli: &Cli) -> anyhow::Result<Vec<Remote>> {
     }
 }
 
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<Output> {
     let show_progress = !cli.json;
     match &cli.command {
+        Command::Agent {
+            listen,
+            name,
+            advertise,
+            register_every,
+            window,
+        } => {
+            let registries: Vec<String> = registry_urls(&cli)?
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let config = agent::AgentConfig {
+                node_name: name.clone().unwrap_or_else(host::hostname),
+                advertise_url: advertise.clone(),
+                registries,
+                cache: open_cache(&cli)?,
+                register_every: *register_every,
+                window: *window,
+            };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| ClientError::io(format!("binding {listen}"), e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| ClientError::io("agent listener", e))?;
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", json!({ "listen": addr.to_string() }))?;
+                out.flush()?;
+            }
+            agent::run(listener, config, shutdown_signal()).await?;
+            // Whoever read the {"listen"} line may have closed stdout by now: say
+            // nothing more there.
+            eprintln!("snapctl: agent stopped");
+            std::process::exit(0)
+        }
         Command::Push {
             podman_archive,
             args,
@@ -385,6 +457,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             shell_job,
             spool,
             stall_timeout,
+            cuda,
             criu_args,
         } => {
             let reference = parse_ref(reference)?;
@@ -398,6 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 extra_args: criu_args.clone(),
                 spool: spool.clone(),
                 stall_timeout: *stall_timeout,
+                cuda: *cuda,
             };
             let r = checkpoint::checkpoint(
                 &remote,

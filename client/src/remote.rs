@@ -274,6 +274,31 @@ impl Remote {
             .map_err(|s| self.status(s))?;
         Ok(resp.into_inner())
     }
+
+    /// Registers (or refreshes) a node with this registry (`snapctl agent`).
+    pub async fn register_node(
+        &self,
+        req: pb::RegisterNodeRequest,
+    ) -> Result<pb::RegisterNodeResponse> {
+        let resp = self
+            .client
+            .clone()
+            .register_node(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner())
+    }
+
+    /// Every node registered with this registry.
+    pub async fn list_nodes(&self) -> Result<Vec<pb::NodeInfo>> {
+        let resp = self
+            .client
+            .clone()
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner().nodes)
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

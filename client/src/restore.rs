@@ -73,6 +73,8 @@ pub struct RestoreReport {
     pub peak_rss_bytes: Option<u64>,
     /// Chunks fetched from each registry (nearest first in the request).
     pub chunks_by_registry: BTreeMap<String, u64>,
+    /// Putting CUDA state back (restore + unlock) after CRIU, for CUDA snapshots.
+    pub cuda_restore_seconds: Option<f64>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -355,7 +357,9 @@ pub async fn pull_restore(
     tracing::info!(%digest, "manifest fetched");
 
     let mut warnings = Vec::new();
-    let verdict = compat::check(&manifest.compat, &host::facts(), &CheckOptions::default());
+    let mut facts = host::facts();
+    facts.gpu = crate::cuda::host_gpu();
+    let verdict = compat::check(&manifest.compat, &facts, &CheckOptions::default());
     warnings.extend(verdict.warnings.iter().map(|w| format!("warning: {w}")));
     if !verdict.is_compatible() {
         let list = verdict
@@ -430,6 +434,19 @@ pub async fn pull_restore(
     args.extend(restore_options);
     args.extend(opts.extra_args.iter().cloned());
 
+    // CUDA snapshots: initialise the driver while CRIU restores (cuInit costs seconds).
+    let cuda_pids: Vec<u32> = manifest
+        .annotations
+        .get(crate::checkpoint::CUDA_PIDS_ANNOTATION)
+        .map(|v| v.split(',').filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    if !cuda_pids.is_empty() && !opts.detach {
+        return Err(ClientError::Usage(format!(
+            "{reference} holds CUDA state: restore it with --detach (snapctl puts the GPU state back after CRIU returns)"
+        )));
+    }
+    let cuda_init =
+        (!cuda_pids.is_empty()).then(|| tokio::task::spawn_blocking(crate::cuda::Cuda::load));
     let t = Instant::now();
     let log = dir.join("restore.log");
     let (mut child, sock) =
@@ -522,6 +539,24 @@ pub async fn pull_restore(
             &String::from_utf8_lossy(&stderr),
         ));
     }
+    let mut cuda_restore_seconds = None;
+    if let Some(init) = cuda_init {
+        let t_cuda = Instant::now();
+        let pids = cuda_pids.clone();
+        let done = init
+            .await
+            .map_err(|e| ClientError::Cuda(e.to_string()))
+            .and_then(|loaded| loaded)
+            .and_then(|cuda| crate::cuda::restore_pids(&cuda, &pids));
+        if let Err(e) = done {
+            // A process whose GPU state cannot come back must not linger half-alive.
+            for p in &cuda_pids {
+                unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+            }
+            return Err(e);
+        }
+        cuda_restore_seconds = Some(t_cuda.elapsed().as_secs_f64());
+    }
     progress.finish();
     Ok(RestoreReport {
         reference: reference.to_string(),
@@ -538,6 +573,7 @@ pub async fn pull_restore(
         criu_log: log,
         peak_rss_bytes: peak_rss_bytes(),
         chunks_by_registry: source.fetched_from(),
+        cuda_restore_seconds,
     })
 }
 

@@ -10,9 +10,10 @@
 //! meta/built                         (empty)                          the index mirrors the store
 //! r/<u64 BE seq>                     repo\0tag\0record object name     replication log: a local tag commit (node-local)
 //! p/<peer name>                      u64 LE seq                       last log entry the peer acknowledged (node-local)
+//! n/<node name>                      JSON NodeEntry (scheduler.rs)    a node agent's last registration (node-local)
 //! ```
 //!
-//! Everything but `l/`, `L/`, `r/` and `p/` is derived from the store and rebuilt by
+//! Everything but `l/`, `L/`, `r/`, `p/` and `n/` is derived from the store and rebuilt by
 //! [`Index::rebuild`]. Leases are node-local: after a crash a push whose lease is gone
 //! fails its commit with "chunks missing" if GC swept something, and retries — the
 //! commit re-checks every chunk, so nothing half-made becomes visible.
@@ -298,6 +299,27 @@ impl Index {
         Ok(self
             .db
             .put_opt(key(b"p/", peer.as_bytes()), seq.to_le_bytes(), &synced())?)
+    }
+
+    /// Stores a node agent's registration (replacing the previous one).
+    pub fn put_node(&self, name: &str, value: &[u8]) -> Result<()> {
+        Ok(self.db.put(key(b"n/", name.as_bytes()), value)?)
+    }
+
+    /// Every registered node: (name, stored value), by name.
+    pub fn nodes(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"n/", Direction::Forward))
+        {
+            let (k, v) = item?;
+            let Some(name) = k.strip_prefix(b"n/") else {
+                break;
+            };
+            out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Rebuilds everything derivable from the store (chunks, manifests, tags); leases

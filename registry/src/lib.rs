@@ -10,7 +10,8 @@
 //! - [`server`]: opening a data dir and serving on a listener until shutdown.
 //! - [`scheduler`]: the scheduler API: `Resolve` (compatible snapshots for a node,
 //!   newest first, with sizes and cached bytes) and `Watch` (the commit log as a
-//!   resumable event stream).
+//!   resumable event stream), plus node registration (`RegisterNode`, `ListNodes`)
+//!   for `snapctl agent`.
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!

@@ -13,6 +13,9 @@
 //!   the caller's sequence, then waits on [`Registry::log_appended`] (bumped after each
 //!   append) and sends what is new; it ends when the caller goes away or the server
 //!   shuts down. A manifest record is `TAG_MOVED`, a tombstone `TAG_DELETED`.
+//! - **Nodes.** `RegisterNode` stores a node agent's facts, URL and cache summary
+//!   under index.rs `n/<node name>` (JSON, stamped with the registry's time; node-local,
+//!   not replicated); `ListNodes` returns them all, by name.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -221,4 +224,124 @@ pub fn watch(reg: &Arc<Registry>, from_sequence: u64) -> WatchStream {
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A node agent's registration as index.rs stores it under `n/<node name>` (JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeEntry {
+    agent_url: String,
+    facts: NodeFactsJson,
+    cache_bytes: u64,
+    cache_chunks: u64,
+    cache_limit_bytes: u64,
+    registered_unix_ms: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeFactsJson {
+    arch: String,
+    cpu_features: Vec<String>,
+    kernel: String,
+    criu_version: Option<String>,
+    container_image: Option<String>,
+    gpu: Option<GpuFactsJson>,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GpuFactsJson {
+    models: Vec<String>,
+    driver_version: String,
+    cuda_driver_api: u32,
+    mig_profile: Option<String>,
+}
+
+impl From<pb::NodeFacts> for NodeFactsJson {
+    fn from(n: pb::NodeFacts) -> Self {
+        NodeFactsJson {
+            arch: n.arch,
+            cpu_features: n.cpu_features,
+            kernel: n.kernel,
+            criu_version: n.criu_version,
+            container_image: n.container_image,
+            gpu: n.gpu.map(|g| GpuFactsJson {
+                models: g.models,
+                driver_version: g.driver_version,
+                cuda_driver_api: g.cuda_driver_api,
+                mig_profile: g.mig_profile,
+            }),
+            labels: n.labels.into_iter().collect(),
+        }
+    }
+}
+
+impl From<NodeFactsJson> for pb::NodeFacts {
+    fn from(n: NodeFactsJson) -> Self {
+        pb::NodeFacts {
+            arch: n.arch,
+            cpu_features: n.cpu_features,
+            kernel: n.kernel,
+            criu_version: n.criu_version,
+            container_image: n.container_image,
+            gpu: n.gpu.map(|g| pb::GpuFacts {
+                models: g.models,
+                driver_version: g.driver_version,
+                cuda_driver_api: g.cuda_driver_api,
+                mig_profile: g.mig_profile,
+            }),
+            labels: n.labels.into_iter().collect(),
+        }
+    }
+}
+
+/// `RegisterNode`: stores (replaces) the node's entry, stamped with the registry's time.
+pub fn register_node(
+    reg: &Registry,
+    req: pb::RegisterNodeRequest,
+) -> Result<pb::RegisterNodeResponse, Status> {
+    let name = req.node_name.trim();
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
+        return Err(RegistryError::invalid(
+            "node_name",
+            "must be 1-253 printable characters (e.g. the node's hostname)",
+        )
+        .into());
+    }
+    let facts = req
+        .facts
+        .ok_or_else(|| RegistryError::invalid("facts", "the node's facts are required"))?;
+    let registered_unix_ms = crate::server::now_ms();
+    let entry = NodeEntry {
+        agent_url: req.agent_url,
+        facts: facts.into(),
+        cache_bytes: req.cache_bytes,
+        cache_chunks: req.cache_chunks,
+        cache_limit_bytes: req.cache_limit_bytes,
+        registered_unix_ms,
+    };
+    let value = serde_json::to_vec(&entry).map_err(|e| Status::internal(e.to_string()))?;
+    reg.index.put_node(name, &value)?;
+    Ok(pb::RegisterNodeResponse { registered_unix_ms })
+}
+
+/// `ListNodes`: every registered node, by name (unreadable entries are skipped).
+pub fn list_nodes(reg: &Registry) -> Result<pb::ListNodesResponse, Status> {
+    let nodes = reg
+        .index
+        .nodes()?
+        .into_iter()
+        .filter_map(|(node_name, v)| {
+            let e: NodeEntry = serde_json::from_slice(&v).ok()?;
+            Some(pb::NodeInfo {
+                node_name,
+                agent_url: e.agent_url,
+                facts: Some(e.facts.into()),
+                cache_bytes: e.cache_bytes,
+                cache_chunks: e.cache_chunks,
+                cache_limit_bytes: e.cache_limit_bytes,
+                registered_unix_ms: e.registered_unix_ms,
+            })
+        })
+        .collect();
+    Ok(pb::ListNodesResponse { nodes })
 }

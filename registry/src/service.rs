@@ -501,4 +501,21 @@ impl registry_server::Registry for RegistryService {
             req.into_inner().from_sequence,
         )))
     }
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        Ok(Response::new(crate::scheduler::register_node(
+            &self.reg,
+            req.into_inner(),
+        )?))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Ok(Response::new(crate::scheduler::list_nodes(&self.reg)?))
+    }
 }

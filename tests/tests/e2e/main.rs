@@ -3,6 +3,7 @@
 
 mod support;
 
+mod agent;
 mod errors;
 mod gc;
 mod podman;

@@ -504,3 +504,29 @@ fn established_tcp_connection_survives_checkpoint_and_restore() {
         "the established connection did not survive"
     );
 }
+
+/// CI hosts have no NVIDIA driver: `--cuda` says so and leaves the process alone.
+#[test]
+fn cuda_checkpoint_without_a_driver_is_a_clear_error() {
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        return; // a GPU host: covered by the device run (bench/gpu)
+    }
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let p = TestProc::hold(&t.path().join("proc"), 1, 3, 0, 0);
+    let out = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--cuda",
+            "--pid",
+            &p.pid().to_string(),
+            "t/gpu:v1",
+        ],
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("no NVIDIA driver"), "{}", out.stderr);
+    let now = p.counter();
+    p.wait_counter_above(now + 2);
+    assert_eq!(snapctl(&reg.url, &["inspect", "t/gpu:v1"]).code, 3);
+}

@@ -1,0 +1,295 @@
+//! `snapctl agent`: the node agent. One per node, it
+//!
+//! - serves `snapreg.v1.NodeAgent` (`Prefetch`, `CacheStatus`) over gRPC, so a
+//!   scheduler can warm this node's chunk cache before placing a pod and ask how much
+//!   of a snapshot the node already holds;
+//! - manages the node chunk cache every snapctl on the node shares (the size limit is
+//!   enforced after each prefetch and on each registration tick);
+//! - registers the node's facts ([`crate::host::facts`]), its URL and its cache usage
+//!   with every configured registry at start and then every `register_every`.
+//!
+//! Registries are connected per call (nearest first, unreachable ones skipped), so an
+//! agent outlives registry restarts. Plain HTTP/2 for now: no TLS, no authentication.
+
+use std::future::Future;
+use std::time::Duration;
+
+use snapreg_proto::pb::node_agent_server::{NodeAgent, NodeAgentServer};
+use snapreg_proto::pb::{self};
+use snapreg_proto::reference::Reference;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::cache::ChunkCache;
+use crate::error::{ClientError, Result};
+use crate::progress::Progress;
+use crate::remote::Remote;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The node's name in the registry (default: the hostname).
+    pub node_name: String,
+    /// The URL registered for this agent (default: `http://<bound address>`).
+    pub advertise_url: Option<String>,
+    /// Registry URLs, nearest first.
+    pub registries: Vec<String>,
+    pub cache: ChunkCache,
+    pub register_every: Duration,
+    /// Chunk fetches in flight per prefetch.
+    pub window: usize,
+}
+
+#[derive(Clone)]
+struct Agent {
+    config: AgentConfig,
+    agent_url: String,
+}
+
+/// Every reachable registry, nearest first; an error only if none answers.
+async fn connect_all(urls: &[String]) -> Result<Vec<Remote>> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for url in urls {
+        match Remote::connect(url).await {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                tracing::warn!("agent: skipping registry {url}: {e}");
+                last = Some(e);
+            }
+        }
+    }
+    match (out.is_empty(), last) {
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(ClientError::NoRegistry),
+        _ => Ok(out),
+    }
+}
+
+fn status(e: ClientError) -> Status {
+    let msg = e.to_string();
+    match e.exit_code() {
+        2 => Status::invalid_argument(msg),
+        3 => Status::not_found(msg),
+        5 => Status::data_loss(msg),
+        _ => match e {
+            ClientError::Unreachable { .. } => Status::unavailable(msg),
+            _ => Status::internal(msg),
+        },
+    }
+}
+
+fn parse_reference(text: &str) -> std::result::Result<Reference, Status> {
+    text.parse::<Reference>()
+        .map_err(|e| Status::invalid_argument(format!("reference {text:?}: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClientError::io("node cache", std::io::Error::other(e)))?
+        .map_err(|e| ClientError::io("node cache", e))
+}
+
+impl Agent {
+    /// The registration this node sends: facts, URL and cache usage.
+    async fn registration(&self) -> Result<pb::RegisterNodeRequest> {
+        let cache = self.config.cache.clone();
+        let usage = blocking(move || cache.usage()).await?;
+        let f = crate::host::facts();
+        Ok(pb::RegisterNodeRequest {
+            node_name: self.config.node_name.clone(),
+            agent_url: self.agent_url.clone(),
+            facts: Some(pb::NodeFacts {
+                arch: f.arch,
+                cpu_features: f.cpu_features,
+                kernel: f.kernel,
+                criu_version: f.criu_version,
+                container_image: f.container_image,
+                gpu: f.gpu.map(|g| pb::GpuFacts {
+                    models: g.devices.into_iter().map(|d| d.model).collect(),
+                    driver_version: g.driver_version,
+                    cuda_driver_api: g.cuda_driver_api,
+                    mig_profile: g.mig_profile,
+                }),
+                labels: f.labels.into_iter().collect(),
+            }),
+            cache_bytes: usage.bytes,
+            cache_chunks: usage.chunks,
+            cache_limit_bytes: usage.limit_bytes,
+        })
+    }
+
+    /// One registration tick: trim the cache, then register with every registry.
+    async fn register_once(&self) {
+        let cache = self.config.cache.clone();
+        if let Err(e) = blocking(move || cache.enforce_limit()).await {
+            tracing::warn!("agent: trimming the node cache: {e}");
+        }
+        let req = match self.registration().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("agent: reading the node cache: {e}");
+                return;
+            }
+        };
+        for url in &self.config.registries {
+            let res = match Remote::connect(url).await {
+                Ok(r) => r.register_node(req.clone()).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::warn!("agent: registering with {url}: {e}");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for Agent {
+    async fn prefetch(
+        &self,
+        req: Request<pb::PrefetchRequest>,
+    ) -> std::result::Result<Response<pb::PrefetchResponse>, Status> {
+        let reference = parse_reference(&req.into_inner().reference)?;
+        let remotes = connect_all(&self.config.registries).await.map_err(status)?;
+        // restore::prefetch enforces the cache limit when done.
+        let r = crate::restore::prefetch(
+            remotes,
+            &reference,
+            self.config.cache.clone(),
+            self.config.window,
+            Progress::new("prefetch", false),
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(pb::PrefetchResponse {
+            reference: r.reference,
+            digest: r.digest,
+            chunks_total: r.counters.chunks_total,
+            chunks_fetched: r.counters.chunks_transferred,
+            chunks_cached: r.counters.chunks_cached,
+            bytes_fetched: r.counters.bytes_transferred,
+            bytes_total: r.counters.bytes_total,
+            seconds: r.seconds,
+        }))
+    }
+
+    async fn cache_status(
+        &self,
+        req: Request<pb::CacheStatusRequest>,
+    ) -> std::result::Result<Response<pb::CacheStatusResponse>, Status> {
+        let req = req.into_inner();
+        let cache = self.config.cache.clone();
+        let usage = blocking(move || cache.usage()).await.map_err(status)?;
+        let snapshot = match req.reference {
+            None => None,
+            Some(text) => {
+                let reference = parse_reference(&text)?;
+                Some(self.snapshot_status(&reference).await.map_err(status)?)
+            }
+        };
+        Ok(Response::new(pb::CacheStatusResponse {
+            chunks: usage.chunks,
+            bytes: usage.bytes,
+            limit_bytes: usage.limit_bytes,
+            snapshot,
+        }))
+    }
+}
+
+impl Agent {
+    /// How much of a snapshot's distinct chunks the node cache holds.
+    async fn snapshot_status(&self, reference: &Reference) -> Result<pb::SnapshotCacheStatus> {
+        let remotes = connect_all(&self.config.registries).await?;
+        let mut found = None;
+        let mut last = None;
+        for r in &remotes {
+            match crate::pull::fetch_manifest(r, reference).await {
+                Ok(m) => {
+                    found = Some(m);
+                    break;
+                }
+                Err(e @ (ClientError::NotFound(_) | ClientError::Unreachable { .. })) => {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((digest, manifest)) = found else {
+            return Err(last.unwrap_or(ClientError::NoRegistry));
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = pb::SnapshotCacheStatus {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            ..Default::default()
+        };
+        for e in manifest
+            .layers
+            .iter()
+            .flat_map(|l| &l.files)
+            .flat_map(|f| &f.extents)
+        {
+            if let snapreg_proto::manifest::Extent::Chunk { chunk, len } = e {
+                if seen.insert(*chunk) {
+                    out.chunks_total += 1;
+                    out.bytes_total += len;
+                    if self.config.cache.contains(chunk) {
+                        out.chunks_cached += 1;
+                        out.bytes_cached += len;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The URL a scheduler reaches this agent at, from the bound address.
+fn default_url(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = crate::host::hostname();
+        if !host.is_empty() {
+            return format!("http://{host}:{}", addr.port());
+        }
+    }
+    format!("http://{addr}")
+}
+
+/// Serves the agent on `listener` and registers the node periodically, until
+/// `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ClientError::io("agent listener", e))?;
+    let agent_url = config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| default_url(addr));
+    let agent = Agent { config, agent_url };
+    let ticker = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut every =
+                tokio::time::interval(agent.config.register_every.max(Duration::from_millis(100)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                agent.register_once().await;
+            }
+        })
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let served = tonic::transport::Server::builder()
+        .add_service(NodeAgentServer::new(agent))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    ticker.abort();
+    served.map_err(|e| ClientError::io("serving the node agent", std::io::Error::other(e)))
+}
