@@ -48,6 +48,33 @@ rm -f "$W/ctl/done.json"; touch "$W/ctl/go"
 for _ in $(seq 200); do [ -s "$W/ctl/done.json" ] && break; sleep 0.1; done
 cat "$W/ctl/done.json" | tee "$OUT/result2.json"; echo
 kill -9 "$PID" 2>/dev/null || true
+for _ in $(seq 100); do [ -e "/proc/$PID" ] || break; sleep 0.05; done
+
+# Baseline, same worker: CUDA checkpoint from cuda-python, criu dump to a local
+# directory, criu restore from it, CUDA restore from cuda-python.
+rm -rf "$W/ctl"/*; mkdir -p "$W/local"
+setsid python3 bench/gpu/worker.py "$W/ctl" "$MIB" </dev/null >"$W/worker2.log" 2>&1 &
+for _ in $(seq 1200); do [ -s "$W/ctl/ready.json" ] && break; sleep 0.1; done
+PID=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pid'])" "$W/ctl/ready.json")
+sleep 1
+python3 bench/gpu/cuda_ckpt.py checkpoint "$PID"
+"$CRIU" dump -t "$PID" -D "$W/local" -o dump.log
+for _ in $(seq 200); do [ -e "/proc/$PID" ] || break; sleep 0.05; done
+sync; echo 3 > /proc/sys/vm/drop_caches
+python3 - "$CRIU" "$W/local" "$PID" <<'PY' | tee "$OUT/baseline.json"
+import json, subprocess, sys, time
+criu, d, pid = sys.argv[1:4]
+t0 = time.time()
+subprocess.run([criu, "restore", "-D", d, "-d", "-o", "restore.log"], check=True)
+t1 = time.time()
+out = subprocess.run(["python3", "bench/gpu/cuda_ckpt.py", "restore", pid], check=True, capture_output=True, text=True).stdout
+t2 = time.time()
+print(json.dumps({"local_criu_restore_s": round(t1 - t0, 3), "cuda_restore_process_s": round(t2 - t1, 3), "cuda_restore_detail": out.strip(), "total_s": round(t2 - t0, 3)}))
+PY
+rm -f "$W/ctl/done.json"; touch "$W/ctl/go"
+for _ in $(seq 200); do [ -s "$W/ctl/done.json" ] && break; sleep 0.1; done
+cat "$W/ctl/done.json" | tee "$OUT/result-baseline.json"; echo
+kill -9 "$PID" 2>/dev/null || true
 cp "$W/reg.log" "$OUT/" 2>/dev/null || true
 ls /run/snapctl/ 2>/dev/null | tail -3
 for d in $(ls -d /run/snapctl/* 2>/dev/null | tail -3); do cp "$d"/*.log "$OUT/" 2>/dev/null || true; done

@@ -229,6 +229,7 @@ async fn serve_file(
     let mut served = 0u64;
     while let Some(piece) = pieces.next().await {
         let (data, mut zeros) = piece?;
+        let zero_len = zeros;
         let res = async {
             pipe.write_all(&data).await?;
             while zeros > 0 {
@@ -244,8 +245,10 @@ async fn serve_file(
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => return Err(ClientError::io(format!("serving {name} to CRIU"), e)),
         }
-        source.progress.advance(data.len() as u64);
-        counters.bytes_total.fetch_add(data.len() as u64, Relaxed);
+        source.progress.advance(data.len() as u64 + zero_len);
+        counters
+            .bytes_total
+            .fetch_add(data.len() as u64 + zero_len, Relaxed);
         served += data.len() as u64;
     }
     tracing::debug!(file = %name, bytes = served, elapsed = ?started.elapsed(), "served");
