@@ -52,9 +52,13 @@ pub fn run_if_action_script() {
     }
 }
 
-/// The snapctl side: accepts the script's connection and answers it.
+/// The snapctl side: accepts the script's connections on a task of its own and hands
+/// each named request over a channel, so `next` is cancel-safe inside `select!` (an
+/// accept-then-read future dropped halfway would close the script's connection, and
+/// CRIU would read that as a failed post-dump).
 pub struct ActionServer {
-    listener: UnixListener,
+    requests: tokio::sync::mpsc::Receiver<ActionRequest>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 pub struct ActionRequest {
@@ -65,20 +69,36 @@ pub struct ActionRequest {
 impl ActionServer {
     pub fn bind(path: &Path) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
-        Ok(ActionServer {
-            listener: UnixListener::bind(path)?,
-        })
+        let listener = UnixListener::bind(path)?;
+        let (tx, requests) = tokio::sync::mpsc::channel(4);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut reader = tokio::io::BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.is_err() {
+                    continue;
+                }
+                let req = ActionRequest {
+                    action: line.trim().to_string(),
+                    stream: reader.into_inner(),
+                };
+                if tx.send(req).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(ActionServer { requests, task })
     }
 
-    pub async fn next(&self) -> std::io::Result<ActionRequest> {
-        let (stream, _) = self.listener.accept().await?;
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
-        Ok(ActionRequest {
-            action: line.trim().to_string(),
-            stream: reader.into_inner(),
-        })
+    /// The next request from CRIU's action script; `None` once the server stopped.
+    pub async fn next(&mut self) -> Option<ActionRequest> {
+        self.requests.recv().await
+    }
+}
+
+impl Drop for ActionServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

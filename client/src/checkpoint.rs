@@ -447,7 +447,7 @@ async fn streamed(
     let dir = work_dir("ck")?;
     let listener = criu_stream::bind(&dir, criu_stream::CAPTURE_SOCKET)
         .map_err(|e| ClientError::io("binding the streamer socket", e))?;
-    let actions = ActionServer::bind(&dir.join("action.sock"))
+    let mut actions = ActionServer::bind(&dir.join("action.sock"))
         .map_err(|e| ClientError::io("binding the action socket", e))?;
     let uploader = Uploader::begin(
         remote,
@@ -484,19 +484,26 @@ async fn streamed(
     let idle2 = idle.clone();
     let capture = tokio::task::spawn_blocking(move || capture_loop(sock, tx, idle2));
 
+    let criu_pid = child.id().unwrap_or(0);
     let uploader = Arc::new(uploader);
     let work = async {
         let mut files: FileTasks = JoinSet::new();
         let mut order: Vec<String> = Vec::new();
+        let mut stream_done = false;
         loop {
             tokio::select! {
-                f = rx.recv() => match f {
+                f = rx.recv(), if !stream_done => match f {
                     Some(f) => capture_file(&uploader, &mut files, &mut order, f),
-                    // The socket closes after post-dump on success; before it, CRIU failed.
-                    None => return Err(ClientError::Criu("CRIU ended the image stream before post-dump".into())),
+                    // CRIU may close the stream just before it runs post-dump: wait for
+                    // the script, unless CRIU exits (a failed dump) first.
+                    None => stream_done = true,
                 },
-                req = actions.next() => {
-                    let req = req.map_err(|e| ClientError::io("action socket", e))?;
+                () = tokio::time::sleep(Duration::from_millis(20)), if stream_done => {
+                    if has_exited(criu_pid) {
+                        return Err(ClientError::Criu("CRIU exited before post-dump".into()));
+                    }
+                }
+                Some(req) = actions.next() => {
                     if req.action != "post-dump" {
                         req.answer(Ok(())).await;
                         continue;
@@ -597,6 +604,17 @@ async fn streamed(
             }
         }
     }
+}
+
+/// Whether a child has exited (gone, or a zombie not yet reaped).
+fn has_exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 /// Resolves when neither bytes from CRIU nor bytes to the registry moved for `limit`.

@@ -255,6 +255,27 @@ async fn serve_file(
     Ok(())
 }
 
+/// What every file-serving task shares: the image's files, the chunk source, and
+/// the first error (which turns the post-restore answer into "fail").
+struct Serving<'a> {
+    files: &'a HashMap<String, Vec<Extent>>,
+    source: &'a ChunkSource,
+    first_error: &'a Arc<Mutex<Option<ClientError>>>,
+    window: usize,
+}
+
+impl Serving<'_> {
+    fn spawn_file(&self, tasks: &mut JoinSet<()>, name: String, fd: OwnedFd) {
+        let extents = self.files.get(&name).cloned().unwrap_or_default();
+        let (src, errs, window) = (self.source.clone(), self.first_error.clone(), self.window);
+        tasks.spawn(async move {
+            if let Err(e) = serve_file(src, name, extents, fd, window).await {
+                errs.lock().unwrap().get_or_insert(e);
+            }
+        });
+    }
+}
+
 /// Answers CRIU's requests; hands each file's pipe (write end) to `tx`.
 fn serve_loop(
     mut sock: UnixStream,
@@ -416,7 +437,7 @@ pub async fn pull_restore(
     let dir = crate::checkpoint::work_dir("rs")?;
     let listener = criu_stream::bind(&dir, criu_stream::SERVE_SOCKET)
         .map_err(|e| ClientError::io("binding the streamer socket", e))?;
-    let actions = ActionServer::bind(&dir.join("action.sock"))
+    let mut actions = ActionServer::bind(&dir.join("action.sock"))
         .map_err(|e| ClientError::io("binding the action socket", e))?;
     // The detached tree is orphaned when CRIU exits: be its reaper meanwhile.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -466,6 +487,12 @@ pub async fn pull_restore(
     let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut served = 0usize;
+    let server = Serving {
+        files: &files,
+        source: &source,
+        first_error: &first_error,
+        window: opts.window,
+    };
     let mut stderr = child.stderr.take();
     let stderr_task = tokio::spawn(async move {
         let mut buf = Vec::new();
@@ -478,16 +505,9 @@ pub async fn pull_restore(
         tokio::select! {
             Some((name, fd)) = rx.recv() => {
                 served += 1;
-                let extents = files.get(&name).cloned().unwrap_or_default();
-                let (src, errs, window) = (source.clone(), first_error.clone(), opts.window);
-                tasks.spawn(async move {
-                    if let Err(e) = serve_file(src, name, extents, fd, window).await {
-                        errs.lock().unwrap().get_or_insert(e);
-                    }
-                });
+                server.spawn_file(&mut tasks, name, fd);
             }
-            req = actions.next() => {
-                let Ok(req) = req else { continue };
+            Some(req) = actions.next() => {
                 if req.action != "post-restore" {
                     req.answer(Ok(())).await;
                     continue;
@@ -496,13 +516,7 @@ pub async fn pull_restore(
                 // Every file CRIU asked for must have been served whole and verified.
                 while let Ok((name, fd)) = rx.try_recv() {
                     served += 1;
-                    let extents = files.get(&name).cloned().unwrap_or_default();
-                    let (src, errs, window) = (source.clone(), first_error.clone(), opts.window);
-                    tasks.spawn(async move {
-                        if let Err(e) = serve_file(src, name, extents, fd, window).await {
-                            errs.lock().unwrap().get_or_insert(e);
-                        }
-                    });
+                    server.spawn_file(&mut tasks, name, fd);
                 }
                 while tasks.join_next().await.is_some() {}
                 let verdict = match first_error.lock().unwrap().as_ref() {
