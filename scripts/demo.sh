@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 deploy/install-build-deps.sh
 CRIU="$(deploy/install-criu.sh | tail -n 1)"
 export SNAPCTL_CRIU="$CRIU"
-cargo build --workspace --bins --locked >&2
+cargo build --workspace --all-targets --locked >&2
 
 work="$(mktemp -d /tmp/snapreg-demo.XXXXXX)"
 pids=()

@@ -17,7 +17,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        "{} missing: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
         p.display()
     );
     p
