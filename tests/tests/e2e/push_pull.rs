@@ -2,12 +2,6 @@
 
 use crate::support::*;
 
-fn write(dir: &std::path::Path, name: &str, bytes: &[u8]) {
-    let p = dir.join(name);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, bytes).unwrap();
-}
-
 #[test]
 fn round_trip_is_byte_identical_and_second_push_sends_nothing() {
     let t = tempfile::tempdir().unwrap();

@@ -12,23 +12,8 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// Short backoff so that a peer coming back is retried within a second.
 const FAST_RETRY: [&str; 2] = ["--replication-backoff-max", "500ms"];
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) {
-    let p = dir.join(name);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, bytes).unwrap();
-}
-
 fn peer_arg(name: &str, url: &str) -> String {
     format!("{name}={url}")
-}
-
-fn push(url: &str, src: &Path, reference: &str) -> String {
-    snapctl(url, &["push", src.to_str().unwrap(), reference])
-        .ok()
-        .json()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn pull_and_compare(url: &str, reference: &str, src: &Path, dst: &Path) {

@@ -3,7 +3,6 @@
 //! their sizes and cached bytes; `Watch` streams commits in order and resumes from a
 //! sequence after the registry restarts.
 
-use std::path::Path;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -11,21 +10,6 @@ use snapreg_proto::manifest::Manifest;
 use snapreg_proto::pb::{self, registry_client::RegistryClient, watch_event::Kind};
 
 use crate::support::*;
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) {
-    let p = dir.join(name);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, bytes).unwrap();
-}
-
-fn push(url: &str, src: &Path, reference: &str) -> String {
-    snapctl(url, &["push", src.to_str().unwrap(), reference])
-        .ok()
-        .json()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
 
 /// gRPC status codes (the tests crate does not depend on tonic directly).
 const NOT_FOUND: i32 = 5;

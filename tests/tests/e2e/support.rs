@@ -512,3 +512,20 @@ pub fn list_tags(url: &str, repository: &str) -> Vec<(String, String, u64)> {
         }
     })
 }
+
+/// Writes `bytes` to `dir/name`, creating parent directories.
+pub fn write(dir: &Path, name: &str, bytes: &[u8]) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, bytes).unwrap();
+}
+
+/// `snapctl push DIR REF`; returns the manifest digest.
+pub fn push(url: &str, src: &Path, reference: &str) -> String {
+    snapctl(url, &["push", src.to_str().unwrap(), reference])
+        .ok()
+        .json()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
