@@ -42,6 +42,7 @@ use crate::error::{ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::push::{self, Uploader};
 use crate::remote::Remote;
+use crate::weights::{self, WeightsPlan};
 use crate::{criu_stream, process};
 
 /// CRIU options that a restore must repeat when they were given to the dump.
@@ -67,6 +68,9 @@ pub struct CheckpointOptions {
     /// Checkpoint the tree's CUDA state into host memory first (and put it back if
     /// anything fails, or after a --leave-running dump).
     pub cuda: bool,
+    /// Separated mode: the weights service whose buffers the tree released become
+    /// the snapshot's weights layer.
+    pub weights_service: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -86,6 +90,9 @@ pub struct CheckpointReport {
     /// PIDs whose CUDA state was checkpointed, and how long lock + checkpoint took.
     pub cuda_pids: Vec<u32>,
     pub cuda_checkpoint_seconds: Option<f64>,
+    /// Bytes of the CRIU image (process layer) and of the weights layer.
+    pub process_bytes: u64,
+    pub weights_bytes: u64,
 }
 
 /// A short, private working directory: the streamer socket path must fit in 108 bytes.
@@ -167,6 +174,16 @@ pub async fn checkpoint(
         // Streaming cannot carry hugetlb pages; CRIU's own directory dump can.
         process::refuse_huge_pages(&pids)?;
     }
+    // Before CUDA: a worker still holding weights must be refused untouched.
+    let weights = match &opts.weights_service {
+        Some(_) if opts.spool.is_some() => {
+            return Err(ClientError::Usage(
+                "--weights-service streams the dump: drop --spool".into(),
+            ))
+        }
+        Some(socket) => Some(Arc::new(WeightsPlan::prepare(socket, &pids)?)),
+        None => None,
+    };
     // CUDA first: the device state must be in host memory before CRIU looks.
     let cuda = if opts.cuda {
         Some(crate::cuda::Cuda::load()?)
@@ -186,6 +203,7 @@ pub async fn checkpoint(
             .map(|g| g.pids.clone())
             .unwrap_or_default(),
         gpu: crate::cuda::host_gpu(),
+        weights,
     };
 
     let dumped = match &opts.spool {
@@ -226,6 +244,8 @@ pub async fn checkpoint(
         dir,
         dump_seconds,
         digest,
+        process_bytes,
+        weights_bytes,
     } = dumped?;
     progress.finish();
     Ok(CheckpointReport {
@@ -240,6 +260,8 @@ pub async fn checkpoint(
         criu_log: dir.join("dump.log"),
         cuda_pids: facts.cuda_pids,
         cuda_checkpoint_seconds,
+        process_bytes,
+        weights_bytes,
     })
 }
 
@@ -248,6 +270,8 @@ struct TreeFacts {
     external: Vec<snapreg_proto::manifest::ExternalFile>,
     cuda_pids: Vec<u32>,
     gpu: Option<snapreg_proto::compat::GpuRecord>,
+    /// Separated mode: the buffers the tree released, uploaded as the weights layer.
+    weights: Option<Arc<WeightsPlan>>,
 }
 
 /// Annotation listing the PIDs whose CUDA state is in the image (restore puts it back).
@@ -255,11 +279,11 @@ pub const CUDA_PIDS_ANNOTATION: &str = "org.snapreg.cuda-pids";
 
 fn build_manifest(
     cfg: &ChunkerConfig,
-    layer: Layer,
+    layers: Vec<Layer>,
     opts: &CheckpointOptions,
     facts: &TreeFacts,
 ) -> Manifest {
-    let mut m = push::new_manifest(cfg, vec![layer], true);
+    let mut m = push::new_manifest(cfg, layers, true);
     if let Some(c) = m.criu.as_mut() {
         c.restore_options = restore_options(opts);
         c.external_files = facts.external.clone();
@@ -272,6 +296,10 @@ fn build_manifest(
             .insert(CUDA_PIDS_ANNOTATION.into(), pids.join(","));
         m.compat.gpu = facts.gpu.clone();
     }
+    if let Some(w) = &facts.weights {
+        m.annotations
+            .insert(weights::RESUME_ANNOTATION.into(), w.resume_annotation());
+    }
     m
 }
 
@@ -282,6 +310,8 @@ struct Dumped {
     dir: PathBuf,
     dump_seconds: f64,
     digest: snapreg_proto::Digest,
+    process_bytes: u64,
+    weights_bytes: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -353,7 +383,8 @@ async fn spooled(
             extents,
         });
     }
-    let manifest = build_manifest(uploader.config(), layer.clone(), opts, facts);
+    let process_bytes = layer.files.iter().map(|f| f.size).sum();
+    let manifest = build_manifest(uploader.config(), vec![layer.clone()], opts, facts);
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![tag.to_string()])
         .await
@@ -367,6 +398,8 @@ async fn spooled(
         dir,
         dump_seconds,
         digest,
+        process_bytes,
+        weights_bytes: 0,
     })
 }
 
@@ -456,6 +489,13 @@ async fn streamed(
         progress.clone(),
     )
     .await?;
+    let uploader = Arc::new(uploader);
+    // The weights do not change while the worker is quiesced: upload them from now,
+    // alongside the dump.
+    let mut weights_task = facts
+        .weights
+        .clone()
+        .map(|plan| tokio::spawn(weights::upload_layer(plan, uploader.clone())));
 
     let t = Instant::now();
     let (child, sock) = match criu::start_streaming(
@@ -485,7 +525,6 @@ async fn streamed(
     let capture = tokio::task::spawn_blocking(move || capture_loop(sock, tx, idle2));
 
     let criu_pid = child.id().unwrap_or(0);
-    let uploader = Arc::new(uploader);
     let work = async {
         let mut files: FileTasks = JoinSet::new();
         let mut order: Vec<String> = Vec::new();
@@ -525,6 +564,13 @@ async fn streamed(
                             Err(e) => { failed.get_or_insert(e); }
                         }
                     }
+                    let mut layers = Vec::new();
+                    if let Some(task) = weights_task.take() {
+                        match task.await.map_err(|e| ClientError::Weights(e.to_string())).and_then(|r| r) {
+                            Ok(l) => layers.push(l),
+                            Err(e) => { failed.get_or_insert(e); }
+                        }
+                    }
                     let commit = match failed {
                         Some(e) => Err(e),
                         None => {
@@ -532,14 +578,15 @@ async fn streamed(
                                 let extents = done.remove(name).unwrap_or_default();
                                 layer.files.push(File { path: name.clone(), size: extents.iter().map(Extent::len).sum(), mode: 0o600, extents });
                             }
-                            let manifest = build_manifest(uploader.config(), layer.clone(), opts, facts);
+                            layers.insert(0, layer.clone());
+                            let manifest = build_manifest(uploader.config(), layers.clone(), opts, facts);
                             uploader.commit(&reference.repository, &manifest, vec![tag.to_string()]).await
                         }
                     };
                     match commit {
                         Ok(d) => {
                             req.answer(Ok(())).await;
-                            return Ok((order.len(), d));
+                            return Ok((order.len(), d, layer_bytes(&layers, LayerKind::Process), layer_bytes(&layers, LayerKind::Weights)));
                         }
                         Err(e) => {
                             req.answer(Err(e.to_string())).await;
@@ -551,7 +598,7 @@ async fn streamed(
         }
     };
     let watchdog = watch_progress(progress.clone(), opts.stall_timeout);
-    let outcome: Result<(usize, snapreg_proto::Digest)> = tokio::select! {
+    let outcome: Result<(usize, snapreg_proto::Digest, u64, u64)> = tokio::select! {
         r = work => r,
         () = watchdog => Err(ClientError::Aborted(format!(
             "no progress for {:?} (registry stalled?): the dump was aborted and PID {} released",
@@ -574,13 +621,15 @@ async fn streamed(
     let _ = capture.await;
     let dump_seconds = t.elapsed().as_secs_f64();
     match outcome {
-        Ok((files, digest)) if out.status.success() => Ok(Dumped {
+        Ok((files, digest, process_bytes, weights_bytes)) if out.status.success() => Ok(Dumped {
             files,
             dir,
             dump_seconds,
             digest,
+            process_bytes,
+            weights_bytes,
         }),
-        Ok((_, digest)) => Err(ClientError::Criu(format!(
+        Ok((_, digest, ..)) => Err(ClientError::Criu(format!(
             "the snapshot {digest} was committed but CRIU then failed: {}",
             criu::failure(
                 "dump",
@@ -604,6 +653,15 @@ async fn streamed(
             }
         }
     }
+}
+
+fn layer_bytes(layers: &[Layer], kind: LayerKind) -> u64 {
+    layers
+        .iter()
+        .filter(|l| l.kind == kind)
+        .flat_map(|l| &l.files)
+        .map(|f| f.size)
+        .sum()
 }
 
 /// Whether a child has exited (gone, or a zombie not yet reaped).

@@ -43,6 +43,8 @@ pub enum ClientError {
     /// putting things back; the message says what was left as it was.
     #[error("aborted: {0}")]
     Aborted(String),
+    #[error("weights service: {0}")]
+    Weights(String),
 }
 
 impl ClientError {

@@ -11,6 +11,8 @@
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
 //!   through the node cache.
 //! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID.
+//! - [`weights`]: separated mode: the weights layer read from and filled into the node's
+//!   weights service (the service itself is the `snapreg-weights` crate).
 //! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
@@ -40,5 +42,6 @@ pub mod pull;
 pub mod push;
 pub mod remote;
 pub mod restore;
+pub mod weights;
 
 pub use error::ClientError;

@@ -50,6 +50,30 @@ enum ReplicationCommand {
 }
 
 #[derive(Subcommand)]
+enum WeightsCommand {
+    /// Run the node's weights service: own named weight buffers and share them with
+    /// workers over a UNIX socket. Prints {"socket":..,"backend":..} once bound;
+    /// stops on SIGTERM/SIGINT (the buffers go with it).
+    Serve {
+        #[arg(long, env = "SNAPCTL_WEIGHTS_SOCKET", default_value = DEFAULT_WEIGHTS_SOCKET)]
+        socket: PathBuf,
+        /// cuda: CUDA virtual-memory allocations (GPU nodes); memfd: shared memory.
+        #[arg(long)]
+        backend: snapreg_weights::BackendKind,
+        /// CUDA device the buffers live on.
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+    },
+    /// List the service's buffers, who holds them, and the quiesced workers.
+    Ls {
+        #[arg(long, env = "SNAPCTL_WEIGHTS_SOCKET", default_value = DEFAULT_WEIGHTS_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+const DEFAULT_WEIGHTS_SOCKET: &str = "/run/snapreg/weights.sock";
+
+#[derive(Subcommand)]
 enum CacheCommand {
     /// List cached chunks (least recently used first) and the total.
     Ls,
@@ -126,6 +150,10 @@ enum Command {
         /// checkpoint API; put back if anything fails or with --leave-running).
         #[arg(long)]
         cuda: bool,
+        /// Separated mode: store the buffers the worker released to this weights
+        /// service as the snapshot's weights layer (refused while it holds any).
+        #[arg(long, value_name = "SOCKET")]
+        weights_service: Option<PathBuf>,
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
@@ -142,9 +170,18 @@ enum Command {
         /// Chunk fetches in flight ahead of CRIU, per file.
         #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
         window: usize,
+        /// Separated mode: fill the weights layer into this weights service while
+        /// CRIU restores the process, then signal the worker to re-attach.
+        #[arg(long, value_name = "SOCKET")]
+        weights_service: Option<PathBuf>,
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
+    },
+    /// Weights kept apart from process snapshots (separated mode).
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
     },
     /// Warm this node's chunk cache with a snapshot, so that pull-restore fetches nothing.
     Prefetch {
@@ -458,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             spool,
             stall_timeout,
             cuda,
+            weights_service,
             criu_args,
         } => {
             let reference = parse_ref(reference)?;
@@ -472,6 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 spool: spool.clone(),
                 stall_timeout: *stall_timeout,
                 cuda: *cuda,
+                weights_service: weights_service.clone(),
             };
             let r = checkpoint::checkpoint(
                 &remote,
@@ -507,6 +546,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             detach,
             force,
             window,
+            weights_service,
             criu_args,
         } => {
             let reference = parse_ref(reference)?;
@@ -520,6 +560,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 cache: open_cache(&cli)?,
                 window: *window,
                 fallbacks: remotes,
+                weights_service: weights_service.clone(),
             };
             let r = restore::pull_restore(
                 &remote,
@@ -605,6 +646,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 json: json!({ "log_head": s.log_head, "peers": peers }),
             })
         }
+        Command::Weights { command } => weights_command(command).await,
         Command::Cache { command } => {
             let cache = open_cache(&cli)?;
             match command {
@@ -780,6 +822,69 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                     facts.cpu_features.join(" ")
                 ),
                 json: json!({ "compat": facts, "criu": criu_json }),
+            })
+        }
+    }
+}
+
+async fn weights_command(command: &WeightsCommand) -> anyhow::Result<Output> {
+    use snapreg_weights::{Service, ServiceConfig, WeightsClient};
+    match command {
+        WeightsCommand::Serve {
+            socket,
+            backend,
+            device,
+        } => {
+            let service = Service::new(ServiceConfig {
+                socket: socket.clone(),
+                backend: *backend,
+                device: *device,
+            })
+            .with_context(|| format!("starting the {backend} weights service"))?;
+            let listener = service.bind()?;
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", json!({ "socket": socket, "backend": backend }))?;
+                out.flush()?;
+            }
+            let serving = tokio::task::spawn_blocking(move || service.serve(listener));
+            tokio::select! {
+                r = serving => { r??; }
+                () = shutdown_signal() => {}
+            }
+            let _ = std::fs::remove_file(socket);
+            Ok(Output {
+                human: "weights service stopped".into(),
+                json: json!({ "stopped": true }),
+            })
+        }
+        WeightsCommand::Ls { socket } => {
+            let reply = WeightsClient::new(socket).list()?;
+            let mut human: Vec<String> = reply
+                .buffers
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{}\t{} bytes\t{}\tleases {:?}",
+                        b.name,
+                        b.size,
+                        if b.sealed { "sealed" } else { "filling" },
+                        b.leases
+                    )
+                })
+                .collect();
+            for q in &reply.quiesced {
+                human.push(format!(
+                    "quiesced PID {} (resume signal {}): {}",
+                    q.pid,
+                    q.signal,
+                    q.names.join(", ")
+                ));
+            }
+            Ok(Output {
+                human: human.join("\n"),
+                json: serde_json::to_value(&reply)?,
             })
         }
     }

@@ -88,6 +88,20 @@ impl Uploader {
         &self.cfg
     }
 
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Whether the registry holds every one of `digests`; they are then covered by
+    /// this push's lease like the chunks it uploads.
+    pub async fn all_present(&self, digests: &[Digest]) -> Result<bool> {
+        Ok(self
+            .remote
+            .find_missing(&self.lease, digests)
+            .await?
+            .is_empty())
+    }
+
     /// Chunks one stream into extents, queueing its chunks for upload.
     pub async fn chunk_stream<R: Read + Send + 'static>(
         &self,

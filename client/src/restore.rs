@@ -52,6 +52,9 @@ pub struct RestoreOptions {
     /// Registries to fall back to, in preference order, for the manifest and for
     /// each chunk the first registry lacks.
     pub fallbacks: Vec<Remote>,
+    /// Separated mode: fill the snapshot's weights layer into this weights service
+    /// while CRIU restores the process.
+    pub weights_service: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -75,6 +78,8 @@ pub struct RestoreReport {
     pub chunks_by_registry: BTreeMap<String, u64>,
     /// Putting CUDA state back (restore + unlock) after CRIU, for CUDA snapshots.
     pub cuda_restore_seconds: Option<f64>,
+    /// Separated mode: filling the weights service (concurrent with CRIU).
+    pub weights: Option<crate::weights::FillReport>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -407,6 +412,24 @@ pub async fn pull_restore(
     for w in &warnings {
         eprintln!("snapctl: {w}");
     }
+    let weights_layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.kind == LayerKind::Weights);
+    let resume =
+        crate::weights::resume_list(manifest.annotations.get(crate::weights::RESUME_ANNOTATION));
+    if weights_layer.is_some() {
+        if opts.weights_service.is_none() {
+            return Err(ClientError::Usage(format!(
+                "{reference} keeps its weights apart: pass --weights-service SOCKET (the node's `snapctl weights serve`)"
+            )));
+        }
+        if !opts.detach {
+            return Err(ClientError::Usage(format!(
+                "{reference} keeps its weights apart: restore it with --detach (snapctl resumes the worker after CRIU returns)"
+            )));
+        }
+    }
     let layer = manifest
         .layers
         .iter()
@@ -484,6 +507,17 @@ pub async fn pull_restore(
     let serving = tokio::task::spawn_blocking(move || serve_loop(sock, names, tx));
 
     let source = ChunkSource::new(remotes, opts.cache.clone(), progress.clone());
+    // Weights and process restore concurrently: the restore takes max(), not the sum.
+    let weights_fill = match (weights_layer, &opts.weights_service) {
+        (Some(l), Some(socket)) => {
+            let (l, socket, source) = (l.clone(), socket.clone(), source.clone());
+            progress.add_total(l.files.iter().map(|f| f.size).sum());
+            Some(tokio::spawn(async move {
+                crate::weights::fill_layer(&socket, &l, source).await
+            }))
+        }
+        _ => None,
+    };
     let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut served = 0usize;
@@ -538,6 +572,25 @@ pub async fn pull_restore(
     let cache = opts.cache.clone();
     let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
 
+    let weights = match weights_fill {
+        None => None,
+        Some(task) => match task
+            .await
+            .map_err(|e| ClientError::Weights(e.to_string()))
+            .and_then(|r| r)
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // The tree waits for weights that will not come: it must not linger.
+                if status.success() {
+                    for (p, _) in &resume {
+                        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+                    }
+                }
+                return Err(e);
+            }
+        },
+    };
     if let Some(e) = first_error.lock().unwrap().take() {
         let criu_side = criu::failure("restore", &log, &String::from_utf8_lossy(&stderr));
         tracing::warn!("restore aborted before the process resumed: {e}\n{criu_side}");
@@ -574,6 +627,9 @@ pub async fn pull_restore(
         }
         cuda_restore_seconds = Some(t_cuda.elapsed().as_secs_f64());
     }
+    if weights.is_some() {
+        crate::weights::resume(&resume)?;
+    }
     progress.finish();
     Ok(RestoreReport {
         reference: reference.to_string(),
@@ -591,6 +647,7 @@ pub async fn pull_restore(
         peak_rss_bytes: peak_rss_bytes(),
         chunks_by_registry: source.fetched_from(),
         cuda_restore_seconds,
+        weights,
     })
 }
 

@@ -12,6 +12,14 @@
 //!
 //! `snapreg-testproc serve --out DIR`: a TCP server on 127.0.0.1 (port in DIR/port)
 //! that answers each line with `<n> <line>`, n counting requests since it started.
+//!
+//! `snapreg-testproc weights --socket S --out DIR --name W --mib N --state-mib M --seed S`:
+//! a worker of the weights service. Attaches W (or creates it and fills N MiB from the
+//! seed), holds M MiB of its own state and a counter, and writes
+//!   DIR/state   "<counter> <pid>" every 20 ms
+//!   DIR/result  "<weights address> <result over weights and state> <counter>"
+//! When DIR/quiesce appears it quiesces (unmaps, releases; writes DIR/quiesced), waits
+//! for SIGUSR2, re-attaches at the same address and writes DIR/result again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -90,13 +98,17 @@ fn serve(out: &std::path::Path) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str);
-    if mode != Some("hold") && mode != Some("serve") {
-        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR");
+    if !matches!(mode, Some("hold" | "serve" | "weights")) {
+        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S");
         std::process::exit(2);
     }
     close_inherited_fds();
     if mode == Some("serve") {
         serve(std::path::Path::new(&arg(&args, "--out").expect("--out")));
+        return;
+    }
+    if mode == Some("weights") {
+        weights_worker(&args);
         return;
     }
     let out = std::path::PathBuf::from(arg(&args, "--out").expect("--out"));
@@ -160,6 +172,80 @@ fn main() {
         }
         std::hint::black_box(&pad);
         std::hint::black_box(&pattern);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A result that depends on every weight byte and on the worker's own state.
+fn compute(weights: &[u8], state: &[u8]) -> u64 {
+    let s: Vec<u64> = state
+        .chunks_exact(8)
+        .take(4096)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()) | 1)
+        .collect();
+    weights
+        .chunks_exact(8)
+        .enumerate()
+        .fold(0u64, |acc, (i, w)| {
+            acc.rotate_left(5).wrapping_add(
+                u64::from_le_bytes(w.try_into().unwrap()).wrapping_mul(s[i % s.len()]),
+            )
+        })
+}
+
+fn weights_worker(args: &[String]) {
+    use snapreg_weights::client::{block_signal, wait_for_signal};
+    use snapreg_weights::WeightsClient;
+    let out = std::path::PathBuf::from(arg(args, "--out").expect("--out"));
+    let socket = arg(args, "--socket").expect("--socket");
+    let name = arg(args, "--name").unwrap_or_else(|| "model/weights".into());
+    let mib: u64 = arg(args, "--mib").map_or(64, |v| v.parse().unwrap());
+    let state_mib: usize = arg(args, "--state-mib").map_or(16, |v| v.parse().unwrap());
+    let seed: u64 = arg(args, "--seed").map_or(1, |v| v.parse().unwrap());
+    block_signal(libc::SIGUSR2);
+    let client = WeightsClient::new(&socket);
+    let mut weights = match client.attach(&name, Duration::ZERO) {
+        Ok(w) => w,
+        Err(_) => {
+            // The loader's path: create, fill from "the checkpoint file", seal.
+            let w = client.create(&name, mib << 20).expect("create weights");
+            let mut bytes = vec![0u8; (mib << 20) as usize];
+            fill(seed, &mut bytes);
+            w.mapping().write_at(0, &bytes).expect("fill weights");
+            client.seal(&name, None).expect("seal weights");
+            w
+        }
+    };
+    let mut state = vec![0u8; state_mib << 20];
+    fill(seed ^ 0x5eed, &mut state);
+    let mut counter: u64 = 0;
+    let report = |w: &snapreg_weights::Attached, state: &[u8], counter: u64| {
+        let r = compute(w.host_slice().expect("memfd weights"), state);
+        write_atomic(
+            &out.join("result"),
+            &format!("{:#x} {r:016x} {counter}\n", w.addr()),
+        );
+    };
+    report(&weights, &state, counter);
+    loop {
+        counter += 1;
+        write_atomic(
+            &out.join("state"),
+            &format!("{counter} {}\n", std::process::id()),
+        );
+        if std::fs::remove_file(out.join("quiesce")).is_ok() {
+            client
+                .quiesce(&mut [&mut weights], libc::SIGUSR2)
+                .expect("quiesce");
+            write_atomic(&out.join("quiesced"), &format!("{counter}\n"));
+            wait_for_signal(libc::SIGUSR2);
+            client
+                .resume(&mut [&mut weights], Duration::from_secs(120))
+                .expect("resume");
+            report(&weights, &state, counter);
+            write_atomic(&out.join("resumed"), &format!("{counter}\n"));
+        }
+        std::hint::black_box(&state);
         std::thread::sleep(Duration::from_millis(20));
     }
 }

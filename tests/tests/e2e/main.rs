@@ -12,3 +12,4 @@ mod real_images;
 mod replication;
 mod scheduler;
 mod streaming;
+mod weights;

@@ -1,0 +1,289 @@
+//! Separated mode with the memfd backend and a real CRIU: a worker attached to 1 GiB of
+//! weights from `snapctl weights serve` is checkpointed without them, restored while
+//! a fresh service is filled from the registry, re-attaches at the same address and
+//! computes the same result; a second snapshot of the same weights uploads none.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+/// `snapctl weights serve`, killed on drop.
+struct WeightsService {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl WeightsService {
+    fn start(socket: &Path) -> WeightsService {
+        let mut child = Command::new(bin("snapctl"))
+            .args([
+                "--json",
+                "weights",
+                "serve",
+                "--backend",
+                "memfd",
+                "--socket",
+            ])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("weights serve printed {line:?}: {e}"));
+        assert_eq!(ready["backend"], "memfd");
+        WeightsService {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn ls(&self) -> serde_json::Value {
+        snapctl(
+            "http://unused",
+            &["weights", "ls", "--socket", self.socket.to_str().unwrap()],
+        )
+        .ok()
+        .json()
+    }
+}
+
+impl Drop for WeightsService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (weights address, result, counter) from the worker's result file.
+fn result_of(dir: &Path) -> (String, String, u64) {
+    let text = std::fs::read_to_string(dir.join("result")).unwrap();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    (f[0].into(), f[1].into(), f[2].parse().unwrap())
+}
+
+fn quiesce(p: &TestProc) -> u64 {
+    let _ = std::fs::remove_file(p.dir.join("quiesced"));
+    std::fs::write(p.dir.join("quiesce"), "").unwrap();
+    wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(p.dir.join("quiesced"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .expect("the worker did not quiesce")
+}
+
+fn wait_resumed(dir: &Path) {
+    wait_for(Duration::from_secs(60), || {
+        dir.join("resumed").exists().then_some(())
+    })
+    .expect("the restored worker did not resume");
+}
+
+#[test]
+fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let cache = t.path().join("cache");
+    let socket = t.path().join("weights.sock");
+    let service = WeightsService::start(&socket);
+    let sock = socket.to_str().unwrap();
+    let mut p = TestProc::spawn(
+        &t.path().join("worker"),
+        &[
+            "weights",
+            "--socket",
+            sock,
+            "--name",
+            "llama/layers",
+            "--mib",
+            "1024",
+            "--state-mib",
+            "32",
+            "--seed",
+            "7",
+        ],
+    );
+    let pid = p.pid();
+    let dir = p.dir.clone();
+    p.wait_counter_above(2);
+    let (addr, before, _) = result_of(&dir);
+    let ls = service.ls();
+    assert_eq!(ls["buffers"][0]["name"], "llama/layers");
+    assert_eq!(ls["buffers"][0]["leases"], serde_json::json!([pid]));
+
+    // Still attached: refused, and the worker keeps running untouched.
+    let refused = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--weights-service",
+            sock,
+            "t/w:v1",
+        ],
+    );
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("has not quiesced") && refused.stderr.contains("llama/layers"),
+        "{}",
+        refused.stderr
+    );
+    let c = p.counter();
+    p.wait_counter_above(c + 2);
+
+    let at_quiesce = quiesce(&p);
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--weights-service",
+            sock,
+            "t/w:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let _ = p.child.wait(); // CRIU killed it after the commit
+    assert_eq!(ck["weights_bytes"], 1u64 << 30, "{ck}");
+    let process_bytes = ck["process_bytes"].as_u64().unwrap();
+    assert!(
+        process_bytes < 256 << 20,
+        "the process layer should hold no weights: {ck}"
+    );
+    assert!(
+        ck["bytes_transferred"].as_u64().unwrap() > 1 << 30,
+        "first snapshot uploads the weights: {ck}"
+    );
+    let inspect = snapctl(&reg.url, &["inspect", "t/w:v1"]).ok().json();
+    let kinds: Vec<&str> = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["process", "weights"], "{inspect}");
+    assert_eq!(inspect["layers"][1]["bytes"], 1u64 << 30);
+
+    // A new node's service: the weights must come from the registry.
+    drop(service);
+    let service = WeightsService::start(&socket);
+    let r = snapctl_cached(
+        &reg.url,
+        &cache,
+        &[
+            "pull-restore",
+            "--detach",
+            "--weights-service",
+            sock,
+            "t/w:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let restored = Restored(pid);
+    assert_eq!(r["weights"]["bytes_filled"], 1u64 << 30, "{r}");
+    assert_eq!(r["weights"]["buffers_reused"], 0, "{r}");
+    wait_resumed(&dir);
+    let (addr_after, after, _) = result_of(&dir);
+    assert_eq!(addr_after, addr, "re-attached at another address");
+    assert_eq!(after, before, "a different result after restore");
+    p.wait_counter_above(at_quiesce + 3);
+    assert_eq!(
+        service.ls()["buffers"][0]["leases"],
+        serde_json::json!([pid])
+    );
+
+    // The same weights again: nothing of them is read or uploaded.
+    let at_quiesce = quiesce(&p);
+    let ck2 = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--weights-service",
+            sock,
+            "t/w:v2",
+        ],
+    )
+    .ok()
+    .json();
+    std::mem::forget(restored); // CRIU killed it
+    kill_and_wait(pid);
+    assert_eq!(ck2["weights_bytes"], 1u64 << 30);
+    assert!(
+        ck2["bytes_transferred"].as_u64().unwrap() < ck2["process_bytes"].as_u64().unwrap(),
+        "the second snapshot re-sent weight bytes: {ck2}"
+    );
+
+    // Restored where the service still holds them: no fill at all.
+    let _ = std::fs::remove_file(dir.join("resumed"));
+    let r2 = snapctl_cached(
+        &reg.url,
+        &cache,
+        &[
+            "pull-restore",
+            "--detach",
+            "--weights-service",
+            sock,
+            "t/w:v2",
+        ],
+    )
+    .ok()
+    .json();
+    let _restored = Restored(pid);
+    assert_eq!(r2["weights"]["buffers_reused"], 1, "{r2}");
+    assert_eq!(r2["weights"]["bytes_filled"], 0, "{r2}");
+    wait_resumed(&dir);
+    assert_eq!(result_of(&dir).1, before);
+    p.wait_counter_above(at_quiesce + 3);
+}
+
+#[test]
+fn a_snapshot_with_weights_needs_a_weights_service_and_cuda_needs_a_driver() {
+    let t = tempfile::tempdir().unwrap();
+    if !std::path::Path::new("/dev/nvidiactl").exists() {
+        let out = snapctl(
+            "http://unused",
+            &[
+                "weights",
+                "serve",
+                "--backend",
+                "cuda",
+                "--socket",
+                t.path().join("w.sock").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.code, 1);
+        assert!(out.stderr.contains("no NVIDIA driver"), "{}", out.stderr);
+    }
+    let out = snapctl(
+        "http://unused",
+        &[
+            "weights",
+            "ls",
+            "--socket",
+            t.path().join("none.sock").to_str().unwrap(),
+        ],
+    );
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("snapctl weights serve --socket"),
+        "{}",
+        out.stderr
+    );
+}

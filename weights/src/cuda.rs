@@ -1,0 +1,343 @@
+//! The CUDA backend: weight buffers as CUDA virtual-memory allocations (cuMemCreate)
+//! exported as POSIX file descriptors, mapped by each client into an address range it
+//! reserved itself (the pattern of NVIDIA Dynamo's GPU Memory Service).
+//!
+//! libcuda is loaded at run time: nothing CUDA is needed to build, and a host without
+//! a driver gets a clear error. Host↔device copies go through pinned staging buffers
+//! (55 GB/s against 7.6 GB/s from pageable memory, measured on an H100).
+
+use std::ffi::{c_int, c_uint, c_void, CStr};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
+
+use crate::{Error, Result};
+
+type CuResult = c_int;
+const POSIX_FD: c_int = 1; // CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+const ALLOCATION_PINNED: c_int = 1; // CU_MEM_ALLOCATION_TYPE_PINNED
+const LOCATION_DEVICE: c_int = 1; // CU_MEM_LOCATION_TYPE_DEVICE
+const ACCESS_READ: c_int = 1; // CU_MEM_ACCESS_FLAGS_PROT_READ
+const ACCESS_READWRITE: c_int = 3;
+const STAGING_BYTES: usize = 8 << 20;
+
+#[repr(C)]
+#[derive(Default)]
+struct Location {
+    kind: c_int,
+    id: c_int,
+}
+
+/// CUmemAllocationProp (32 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct AllocationProp {
+    kind: c_int,
+    requested_handle_types: c_int,
+    location: Location,
+    win32_handle_meta_data: usize,
+    alloc_flags: [u8; 8],
+}
+
+#[repr(C)]
+struct AccessDesc {
+    location: Location,
+    flags: c_int,
+}
+
+struct Driver {
+    device_primary_ctx_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult,
+    ctx_set_current: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    granularity: unsafe extern "C" fn(*mut usize, *const AllocationProp, c_int) -> CuResult,
+    create: unsafe extern "C" fn(*mut u64, usize, *const AllocationProp, u64) -> CuResult,
+    export: unsafe extern "C" fn(*mut c_void, u64, c_int, u64) -> CuResult,
+    import: unsafe extern "C" fn(*mut u64, *mut c_void, c_int) -> CuResult,
+    release: unsafe extern "C" fn(u64) -> CuResult,
+    address_reserve: unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> CuResult,
+    address_free: unsafe extern "C" fn(u64, usize) -> CuResult,
+    map: unsafe extern "C" fn(u64, usize, usize, u64, u64) -> CuResult,
+    unmap: unsafe extern "C" fn(u64, usize) -> CuResult,
+    set_access: unsafe extern "C" fn(u64, usize, *const AccessDesc, usize) -> CuResult,
+    htod: unsafe extern "C" fn(u64, *const c_void, usize) -> CuResult,
+    dtoh: unsafe extern "C" fn(*mut c_void, u64, usize) -> CuResult,
+    memset: unsafe extern "C" fn(u64, u8, usize) -> CuResult,
+    host_alloc: unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> CuResult,
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
+}
+
+/// The loaded driver, bound to one device's primary context.
+pub struct Cuda {
+    d: Driver,
+    ctx: usize,
+    pub device: i32,
+    granularity: u64,
+    /// Pinned host buffers, reused across copies (never freed: they live as long as
+    /// the process, like the context).
+    staging: Mutex<Vec<usize>>,
+}
+
+fn check(what: &str, rc: CuResult) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!("{what} failed with CUDA error {rc}")))
+    }
+}
+
+/// A symbol as the function pointer type the caller names.
+///
+/// # Safety
+/// `p` must be a function of exactly the type `F`.
+unsafe fn fn_ptr<F: Copy>(p: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+static LOADED: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
+
+/// The driver for device `device` (the first call decides the device).
+pub fn get(device: i32) -> Result<&'static Cuda> {
+    let loaded = LOADED.get_or_init(|| Cuda::load(device).map_err(|e| e.to_string()));
+    match loaded {
+        Ok(c) if c.device == device => Ok(c),
+        Ok(c) => Err(Error::Cuda(format!(
+            "this process already drives CUDA device {}, not {device}",
+            c.device
+        ))),
+        Err(e) => Err(Error::Cuda(e.clone())),
+    }
+}
+
+impl Cuda {
+    fn load(device: i32) -> Result<Cuda> {
+        let lib =
+            unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if lib.is_null() {
+            return Err(Error::Cuda(
+                "no NVIDIA driver: libcuda.so.1 cannot be loaded on this host (use --backend memfd on CPU-only nodes)".into(),
+            ));
+        }
+        let sym = |name: &CStr| -> Result<*mut c_void> {
+            let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+            if p.is_null() {
+                Err(Error::Cuda(format!(
+                    "the NVIDIA driver lacks {} (virtual memory management needs CUDA 10.2 or newer)",
+                    name.to_string_lossy()
+                )))
+            } else {
+                Ok(p)
+            }
+        };
+        macro_rules! f {
+            ($name:literal) => {
+                // SAFETY: the symbol is the driver entry point of that signature.
+                unsafe { fn_ptr(sym($name)?) }
+            };
+        }
+        let init: unsafe extern "C" fn(c_uint) -> CuResult = f!(c"cuInit");
+        let d = Driver {
+            device_primary_ctx_retain: f!(c"cuDevicePrimaryCtxRetain"),
+            ctx_set_current: f!(c"cuCtxSetCurrent"),
+            granularity: f!(c"cuMemGetAllocationGranularity"),
+            create: f!(c"cuMemCreate"),
+            export: f!(c"cuMemExportToShareableHandle"),
+            import: f!(c"cuMemImportFromShareableHandle"),
+            release: f!(c"cuMemRelease"),
+            address_reserve: f!(c"cuMemAddressReserve"),
+            address_free: f!(c"cuMemAddressFree"),
+            map: f!(c"cuMemMap"),
+            unmap: f!(c"cuMemUnmap"),
+            set_access: f!(c"cuMemSetAccess"),
+            htod: f!(c"cuMemcpyHtoD_v2"),
+            dtoh: f!(c"cuMemcpyDtoH_v2"),
+            memset: f!(c"cuMemsetD8_v2"),
+            host_alloc: f!(c"cuMemHostAlloc"),
+            device_get: f!(c"cuDeviceGet"),
+        };
+        check("cuInit (no usable GPU on this host?)", unsafe { init(0) })?;
+        let mut dev = 0;
+        check(&format!("cuDeviceGet({device})"), unsafe {
+            (d.device_get)(&mut dev, device)
+        })?;
+        let mut ctx = std::ptr::null_mut();
+        check("cuDevicePrimaryCtxRetain", unsafe {
+            (d.device_primary_ctx_retain)(&mut ctx, dev)
+        })?;
+        let mut cuda = Cuda {
+            d,
+            ctx: ctx as usize,
+            device,
+            granularity: 0,
+            staging: Mutex::default(),
+        };
+        cuda.current()?;
+        let mut g = 0usize;
+        check("cuMemGetAllocationGranularity", unsafe {
+            (cuda.d.granularity)(&mut g, &cuda.prop(), 0)
+        })?;
+        cuda.granularity = g.max(1) as u64;
+        Ok(cuda)
+    }
+
+    fn prop(&self) -> AllocationProp {
+        AllocationProp {
+            kind: ALLOCATION_PINNED,
+            requested_handle_types: POSIX_FD,
+            location: Location {
+                kind: LOCATION_DEVICE,
+                id: self.device,
+            },
+            ..AllocationProp::default()
+        }
+    }
+
+    /// Makes the context current on the calling thread (a cheap call; every entry
+    /// point does it, since blocking-pool threads come and go).
+    fn current(&self) -> Result<()> {
+        check("cuCtxSetCurrent", unsafe {
+            (self.d.ctx_set_current)(self.ctx as *mut c_void)
+        })
+    }
+
+    pub fn round_up(&self, size: u64) -> u64 {
+        size.div_ceil(self.granularity).max(1) * self.granularity
+    }
+
+    /// A new device allocation of at least `size` bytes: (handle, allocated size).
+    pub fn create(&self, size: u64) -> Result<(u64, u64)> {
+        self.current()?;
+        let alloc = self.round_up(size);
+        let mut h = 0u64;
+        check(
+            &format!("cuMemCreate of {alloc} bytes (GPU memory full?)"),
+            unsafe { (self.d.create)(&mut h, alloc as usize, &self.prop(), 0) },
+        )?;
+        Ok((h, alloc))
+    }
+
+    pub fn export(&self, handle: u64) -> Result<OwnedFd> {
+        self.current()?;
+        let mut fd: c_int = -1;
+        check("cuMemExportToShareableHandle", unsafe {
+            (self.d.export)(&mut fd as *mut c_int as *mut c_void, handle, POSIX_FD, 0)
+        })?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub fn release(&self, handle: u64) {
+        if self.current().is_ok() {
+            unsafe { (self.d.release)(handle) };
+        }
+    }
+
+    pub fn reserve(&self, len: u64) -> Result<u64> {
+        self.current()?;
+        let mut va = 0u64;
+        check("cuMemAddressReserve", unsafe {
+            (self.d.address_reserve)(&mut va, len as usize, self.granularity as usize, 0, 0)
+        })?;
+        Ok(va)
+    }
+
+    pub fn free_reservation(&self, va: u64, len: u64) {
+        if self.current().is_ok() {
+            unsafe { (self.d.address_free)(va, len as usize) };
+        }
+    }
+
+    /// Imports `fd` and maps it at `va` (a reservation of ours): returns the imported
+    /// handle, which must be released after unmapping.
+    pub fn map(&self, fd: OwnedFd, va: u64, len: u64, writable: bool) -> Result<u64> {
+        self.current()?;
+        let mut h = 0u64;
+        let raw = fd.into_raw_fd();
+        let rc = unsafe { (self.d.import)(&mut h, raw as usize as *mut c_void, POSIX_FD) };
+        unsafe { libc::close(raw) };
+        check("cuMemImportFromShareableHandle", rc)?;
+        if let Err(e) = check("cuMemMap", unsafe {
+            (self.d.map)(va, len as usize, 0, h, 0)
+        }) {
+            self.release(h);
+            return Err(e);
+        }
+        let access = AccessDesc {
+            location: Location {
+                kind: LOCATION_DEVICE,
+                id: self.device,
+            },
+            flags: if writable {
+                ACCESS_READWRITE
+            } else {
+                ACCESS_READ
+            },
+        };
+        if let Err(e) = check("cuMemSetAccess", unsafe {
+            (self.d.set_access)(va, len as usize, &access, 1)
+        }) {
+            self.unmap(va, len, h);
+            return Err(e);
+        }
+        Ok(h)
+    }
+
+    /// Unmaps and releases the imported handle; the reservation stays.
+    pub fn unmap(&self, va: u64, len: u64, handle: u64) {
+        if self.current().is_ok() {
+            unsafe {
+                (self.d.unmap)(va, len as usize);
+                (self.d.release)(handle);
+            }
+        }
+    }
+
+    fn with_staging<T>(&self, f: impl FnOnce(*mut u8) -> Result<T>) -> Result<T> {
+        let buf = match self.staging.lock().unwrap().pop() {
+            Some(b) => b,
+            None => {
+                let mut p = std::ptr::null_mut();
+                check("cuMemHostAlloc (pinned staging)", unsafe {
+                    (self.d.host_alloc)(&mut p, STAGING_BYTES, 0)
+                })?;
+                p as usize
+            }
+        };
+        let out = f(buf as *mut u8);
+        self.staging.lock().unwrap().push(buf);
+        out
+    }
+
+    pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {
+        self.current()?;
+        for (i, piece) in data.chunks(STAGING_BYTES).enumerate() {
+            let dst = va + (i * STAGING_BYTES) as u64;
+            self.with_staging(|buf| {
+                unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), buf, piece.len()) };
+                check("cuMemcpyHtoD", unsafe {
+                    (self.d.htod)(dst, buf as *const c_void, piece.len())
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, va: u64, out: &mut [u8]) -> Result<()> {
+        self.current()?;
+        for (i, piece) in out.chunks_mut(STAGING_BYTES).enumerate() {
+            let src = va + (i * STAGING_BYTES) as u64;
+            self.with_staging(|buf| {
+                check("cuMemcpyDtoH", unsafe {
+                    (self.d.dtoh)(buf as *mut c_void, src, piece.len())
+                })?;
+                unsafe { std::ptr::copy_nonoverlapping(buf, piece.as_mut_ptr(), piece.len()) };
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn zero(&self, va: u64, len: u64) -> Result<()> {
+        self.current()?;
+        check("cuMemsetD8", unsafe {
+            (self.d.memset)(va, 0, len as usize)
+        })
+    }
+}
