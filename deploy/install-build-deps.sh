@@ -2,11 +2,12 @@
 # Installs the system packages building snapreg needs on a Debian-family machine:
 # libclang (bindgen, for librocksdb-sys) and a C++ compiler (RocksDB itself). protoc
 # is not among them: proto/build.rs uses the vendored protoc-bin-vendored crate.
+# python3 runs the end-to-end test of the weights service's Python client.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
-for pkg in libclang-dev clang g++ make; do
+for pkg in libclang-dev clang g++ make python3; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if ((${#need[@]})); then

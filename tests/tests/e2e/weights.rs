@@ -69,11 +69,11 @@ fn result_of(dir: &Path) -> (String, String, u64) {
     (f[0].into(), f[1].into(), f[2].parse().unwrap())
 }
 
-fn quiesce(p: &TestProc) -> u64 {
-    let _ = std::fs::remove_file(p.dir.join("quiesced"));
-    std::fs::write(p.dir.join("quiesce"), "").unwrap();
+fn quiesce(dir: &Path) -> u64 {
+    let _ = std::fs::remove_file(dir.join("quiesced"));
+    std::fs::write(dir.join("quiesce"), "").unwrap();
     wait_for(Duration::from_secs(30), || {
-        std::fs::read_to_string(p.dir.join("quiesced"))
+        std::fs::read_to_string(dir.join("quiesced"))
             .ok()?
             .trim()
             .parse()
@@ -143,7 +143,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     let c = p.counter();
     p.wait_counter_above(c + 2);
 
-    let at_quiesce = quiesce(&p);
+    let at_quiesce = quiesce(&dir);
     let ck = snapctl(
         &reg.url,
         &[
@@ -208,7 +208,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     );
 
     // The same weights again: nothing of them is read or uploaded.
-    let at_quiesce = quiesce(&p);
+    let at_quiesce = quiesce(&dir);
     let ck2 = snapctl(
         &reg.url,
         &[
@@ -286,4 +286,82 @@ fn a_snapshot_with_weights_needs_a_weights_service_and_cuda_needs_a_driver() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn the_python_client_quiesces_and_resumes_a_worker_across_checkpoint_and_restore() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let socket = t.path().join("weights.sock");
+    let _service = WeightsService::start(&socket);
+    let dir = t.path().join("py");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/weights_worker.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .arg(&socket)
+        .arg(&dir)
+        .args(["py/model", "64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let _guard = Restored(pid);
+    let counter = || -> u64 {
+        std::fs::read_to_string(dir.join("state"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    wait_for(Duration::from_secs(30), || (counter() > 2).then_some(()))
+        .expect("the Python worker did not start");
+    let before = std::fs::read_to_string(dir.join("result")).unwrap();
+    let at_quiesce = quiesce(&dir);
+    let sock = socket.to_str().unwrap();
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--weights-service",
+            sock,
+            "py/w:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let _ = child.wait();
+    assert_eq!(ck["weights_bytes"], 64u64 << 20, "{ck}");
+    snapctl_cached(
+        &reg.url,
+        &t.path().join("cache"),
+        &[
+            "pull-restore",
+            "--detach",
+            "--weights-service",
+            sock,
+            "py/w:v1",
+        ],
+    )
+    .ok();
+    wait_resumed(&dir);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("result")).unwrap(),
+        before,
+        "the Python worker sees other bytes, or at another address, after restore"
+    );
+    wait_for(Duration::from_secs(30), || {
+        (counter() > at_quiesce + 3).then_some(())
+    })
+    .expect("the restored Python worker does not count");
 }
