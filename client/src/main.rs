@@ -848,9 +848,14 @@ async fn weights_command(command: &WeightsCommand) -> anyhow::Result<Output> {
                 writeln!(out, "{}", json!({ "socket": socket, "backend": backend }))?;
                 out.flush()?;
             }
-            let serving = tokio::task::spawn_blocking(move || service.serve(listener));
+            // A thread of its own, not the runtime's blocking pool: shutting the runtime
+            // down must not wait for an accept loop that never returns.
+            let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = failed_tx.send(service.serve(listener));
+            });
             tokio::select! {
-                r = serving => { r??; }
+                r = failed_rx => { r?? }
                 () = shutdown_signal() => {}
             }
             let _ = std::fs::remove_file(socket);

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# GPU restore paths side by side, one run, registry on the same machine (the device
+# machine; needs root, a GPU, torch + transformers, and .carry/bin/{snapctl,snapreg} +
+# .carry/criu-debs as for run.sh). Worker: bench/gpu/hf/worker.py, a Llama with
+# torch.compile and CUDA graphs (PRESET small: 134M params; medium: 1.26B).
+#
+#   cold start            the worker from nothing to its first answer
+#   local                 criu restore from /dev/shm + CUDA restore (cuda-python), to first answer
+#   transparent           snapctl pull-restore of the `checkpoint --cuda` snapshot (cold node cache)
+#   separated             snapctl pull-restore of the `checkpoint --cuda --weights-service`
+#                         snapshot into a freshly started weights service (weights from the registry)
+#   separated, warm svc   the same with the weights still in the service (what a node that
+#                         already serves the model pays)
+#
+# Every restore starts with the page cache dropped and must answer with exactly the
+# tokens and logits the worker produced before its checkpoint. Results (JSON per step,
+# summary.json, run.log) go to $OUT as they come; DEADLINE (s) stops the run early.
+#   PRESET=small DEADLINE=540 OUT=/tmp/sep bash bench/gpu/separated.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+S0=$(date +%s)
+OUT="${OUT:-/tmp/snapreg-sep}"
+PRESET="${PRESET:-small}"
+DEADLINE="${DEADLINE:-540}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 SNAPCTL_LOG=info
+left() { echo $((DEADLINE - ($(date +%s) - S0))); }
+now() { date +%s.%N; }
+el() { python3 -c "print(round($2-$1, 3))"; }
+say() { echo "### $* ($(left) s left)"; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+gone() { for _ in $(seq 400); do [ -e "/proc/$1" ] || return 0; sleep 0.05; done; }
+waitfile() { # FILE SECONDS
+  local n=$(( $2 * 20 )); for _ in $(seq $n); do [ -s "$1" ] && return 0; sleep 0.05; done; return 1; }
+result() { echo "$1=$2" >>"$OUT/summary.env"; echo "RESULT $1=$2"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+CRIU="$(deploy/install-criu.sh --from .carry/criu-debs | tail -n 1)"
+export SNAPCTL_CRIU="$CRIU"
+B=$PWD/.carry/bin
+W=/var/tmp/snapreg-sep
+rm -rf "$W" /dev/shm/local; mkdir -p "$W"
+: >"$OUT/summary.env"
+
+"$B/snapreg" serve --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
+REG=$!
+waitfile "$W/reg.out" 10
+export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"
+SOCK="$W/weights.sock"
+start_service() {
+  "$B/snapctl" --json weights serve --backend cuda --socket "$SOCK" >"$W/ws.out" 2>>"$W/ws.log" &
+  WS=$!
+  waitfile "$W/ws.out" 30 || { echo "weights service did not start"; cat "$W/ws.log"; }
+}
+start_service
+trap 'kill -9 $REG $WS 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
+
+python3 bench/gpu/hf/mkmodel.py "$W/model" --preset "$PRESET" 2>&1 | grep -v "Writing model shards" | tail -2
+export TORCHINDUCTOR_CACHE_DIR="$W/ind" TRITON_CACHE_DIR="$W/ind/triton"
+
+start_worker() { # CTL [env...]
+  local ctl=$1; shift
+  rm -rf "$ctl"; mkdir -p "$ctl"
+  drop
+  local t0; t0=$(now)
+  env "$@" setsid python3 bench/gpu/hf/worker.py "$W/model" "$ctl" </dev/null >"$ctl.log" 2>&1 &
+  PID=$!
+  waitfile "$ctl/ready.json" "$(( $(left) - 30 ))" || { echo "worker not ready"; tail -30 "$ctl.log"; exit 1; }
+  WALL=$(el "$t0" "$(now)")
+}
+answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are equal
+  touch "$1/go0"
+  waitfile "$1/done0.json" 120 || { echo "no answer"; tail -20 "$1.log"; return 1; }
+  cat "$1/done0.json"; echo
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
+}
+kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
+
+# ---- transparent
+say "cold start ($PRESET)"
+A=/tmp/ctl-a
+start_worker "$A"
+cat "$A/ready.json" | python3 -c "import json,sys; d=json.load(sys.stdin); print({k: d[k] for k in ('import_s','load_s','kv_alloc_s','compile_warmup_s','total_s','kv_gib','device_used_gib')})"
+result cold_start_s "$(python3 -c "import json; print(json.load(open('$A/ready.json'))['total_s'])")"
+result cold_start_wall_s "$WALL"
+say "checkpoint --cuda"
+timeout 180 "$B/snapctl" --json checkpoint --cuda --pid "$PID" "hf/$PRESET:transparent" | tail -n 1 | tee "$OUT/ck-transparent.json"
+gone "$PID"
+# The restored worker reopens its log, and CRIU insists on the size it had: keep a copy
+# to put back before each restore (every restore appends to it).
+cp -p "$A.log" "$A.log.ck"
+"$B/snapctl" --json inspect "hf/$PRESET:transparent" | tail -n 1 >"$OUT/inspect-transparent.json"
+
+say "pull-restore, transparent"
+rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
+t0=$(now)
+timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 | tee "$OUT/rs-transparent.json"
+t1=$(now)
+answer "$A" && result transparent_equal true || result transparent_equal false
+t2=$(now)
+result transparent_restore_s "$(el "$t0" "$t1")"
+result transparent_first_answer_s "$(el "$t0" "$t2")"
+kill_worker
+
+say "local criu restore + CUDA restore (baseline)"
+"$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
+rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
+t0=$(now)
+"$CRIU" restore -D /dev/shm/local -d -o restore.log || tail -20 /dev/shm/local/restore.log
+t1=$(now)
+python3 bench/gpu/cuda_ckpt.py restore "$PID"
+t2=$(now)
+answer "$A" && result local_equal true || result local_equal false
+t3=$(now)
+result local_criu_restore_s "$(el "$t0" "$t1")"
+result local_cuda_restore_s "$(el "$t1" "$t2")"
+result local_restore_s "$(el "$t0" "$t2")"
+result local_first_answer_s "$(el "$t0" "$t3")"
+kill_worker
+rm -rf /dev/shm/local
+
+# ---- separated
+say "worker with its weights in the service"
+Bc=/tmp/ctl-b
+start_worker "$Bc" WORKER_WEIGHTS_SOCKET="$SOCK" WORKER_WEIGHTS_NAME="llama-$PRESET"
+result separated_worker_start_wall_s "$WALL"
+"$B/snapctl" --json weights ls --socket "$SOCK" | tail -n 1
+touch "$Bc/quiesce"
+waitfile "$Bc/quiesced.json" 30 && cat "$Bc/quiesced.json"; echo
+say "checkpoint --cuda --weights-service"
+timeout 180 "$B/snapctl" --json checkpoint --cuda --weights-service "$SOCK" --pid "$PID" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/ck-separated.json"
+gone "$PID"
+cp -p "$Bc.log" "$Bc.log.ck"
+"$B/snapctl" --json inspect "hf/$PRESET:separated" | tail -n 1 | python3 -c "import json,sys; d=json.load(sys.stdin); d['criu'].pop('external_files'); print(json.dumps(d))" | tee "$OUT/inspect-separated.json"
+
+say "pull-restore, separated, fresh weights service (weights from the registry)"
+kill -9 "$WS"; gone "$WS"; start_service
+rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
+t0=$(now)
+timeout 180 "$B/snapctl" --json --cache "$W/cache-b" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-separated.json"
+t1=$(now)
+waitfile "$Bc/resumed.json" 60 && cat "$Bc/resumed.json"; echo
+answer "$Bc" && result separated_equal true || result separated_equal false
+t2=$(now)
+result separated_restore_s "$(el "$t0" "$t1")"
+result separated_first_answer_s "$(el "$t0" "$t2")"
+kill_worker
+
+say "pull-restore, separated, weights already in the service"
+rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
+t0=$(now)
+timeout 180 "$B/snapctl" --json --cache "$W/cache-c" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-separated-warm.json"
+t1=$(now)
+waitfile "$Bc/resumed.json" 60
+answer "$Bc" && result separated_warm_equal true || result separated_warm_equal false
+t2=$(now)
+result separated_warm_restore_s "$(el "$t0" "$t1")"
+result separated_warm_first_answer_s "$(el "$t0" "$t2")"
+kill_worker
+
+cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null
+for d in $(ls -td /run/snapctl/* 2>/dev/null | head -4); do cp "$d"/*.log "$OUT/" 2>/dev/null; done
+say "done"
+cat "$OUT/summary.env"
