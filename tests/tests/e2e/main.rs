@@ -10,5 +10,6 @@ mod podman;
 mod push_pull;
 mod real_images;
 mod replication;
+mod s3;
 mod scheduler;
 mod streaming;

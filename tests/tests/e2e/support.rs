@@ -63,6 +63,8 @@ pub struct Registry {
     pub url: String,
     pub addr: String,
     extra: Vec<String>,
+    /// Extra environment (an S3 store's AWS_* variables).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -77,6 +79,7 @@ impl Registry {
             url: String::new(),
             addr: "127.0.0.1:0".into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         r.spawn();
@@ -88,6 +91,7 @@ impl Registry {
             .args(["serve", "--listen", &self.addr, "--data"])
             .arg(&self.data)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -445,6 +449,7 @@ impl Registry {
             url: String::new(),
             addr: addr.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         r.spawn();
@@ -528,4 +533,95 @@ pub fn push(url: &str, src: &Path, reference: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A real S3-compatible server (s3s-fs, installed by scripts/test.sh) on a free
+/// loopback port, with authentication on; killed by PID on drop.
+pub struct S3Server {
+    child: Child,
+    /// Its data directory: `<root>/<bucket>/<key>` is each object's file.
+    pub root: PathBuf,
+    pub endpoint: String,
+}
+
+pub const S3_ACCESS_KEY: &str = "snapreg-test";
+pub const S3_SECRET_KEY: &str = "snapreg-test-secret";
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        let exe = std::env::var_os("SNAPREG_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                    .join(".cache/snapreg/tools/bin/s3s-fs")
+            });
+        assert!(
+            exe.exists(),
+            "no s3s-fs at {}: scripts/test.sh installs it (cargo install --locked s3s-fs --features binary)",
+            exe.display()
+        );
+        std::fs::create_dir_all(root).unwrap();
+        let port = free_port();
+        let child = Command::new(exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let server = S3Server {
+            child,
+            root: root.to_path_buf(),
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        wait_for(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .expect("s3s-fs did not start listening");
+        server
+    }
+
+    /// Creates a bucket (for s3s-fs, a directory under its root).
+    pub fn bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.root.join(name)).unwrap();
+    }
+
+    /// The AWS_* variables a registry needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Starts a registry whose store is `s3://<bucket>/<prefix>` on this server.
+    pub fn registry(&self, data: &Path, store: &str, extra: &[&str]) -> Registry {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra);
+        let mut r = Registry {
+            data: data.to_path_buf(),
+            url: String::new(),
+            addr: "127.0.0.1:0".into(),
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            env: self.env(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
