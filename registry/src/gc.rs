@@ -99,6 +99,9 @@ async fn mark_and_sweep(
                     continue;
                 }
             }
+            reg.shared
+                .refresh_gc(&reg.store, reg.config.lease_ttl)
+                .await?;
             if !dry_run {
                 let ds: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
                 let (chunks, manifests) = if is_chunk {

@@ -146,15 +146,23 @@ impl SharedStore {
 
     /// Keeps push lease `id` alive in the store while the push is active.
     pub async fn refresh(&self, store: &ChunkStore, id: &str, ttl: Duration) -> Result<()> {
-        let name = format!("push-{id}");
+        self.refresh_named(store, &format!("push-{id}"), ttl).await
+    }
+
+    /// Keeps the GC lock alive while a long sweep runs.
+    pub async fn refresh_gc(&self, store: &ChunkStore, ttl: Duration) -> Result<()> {
+        self.refresh_named(store, "gc", ttl).await
+    }
+
+    async fn refresh_named(&self, store: &ChunkStore, name: &str, ttl: Duration) -> Result<()> {
         let due = self
             .written
             .lock()
             .unwrap()
-            .get(&name)
+            .get(name)
             .is_none_or(|exp| exp.saturating_sub(now_ms()) < ttl.as_millis() as u64 / 2);
         if due {
-            self.write_lease(store, &name, ttl).await?;
+            self.write_lease(store, name, ttl).await?;
         }
         Ok(())
     }

@@ -1,33 +1,14 @@
 //! The registry on a real S3-compatible server (s3s-fs on loopback, authentication
-//! on): the conformance behaviours (push, pull, pull-restore, GC), several instances
+//! on; or an external one such as the Garage cluster of bench/s3/garage.sh, see
+//! support.rs `S3Server`): the conformance behaviours (push, pull, pull-restore, GC), several instances
 //! on one bucket, the index rebuilt from the bucket, and the direct data path
 //! (presigned chunk URLs).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
-
-/// Chunk object files under `<bucket dir>/<prefix>/chunks` (s3s-fs keeps an object
-/// as the file `<root>/<bucket>/<key>`, written to a temporary name and renamed).
-fn chunk_objects(bucket_prefix: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![bucket_prefix.join("chunks")];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
 
 /// `snapreg ARGS` with the S3 server's variables; (exit code, stdout, stderr).
 fn snapreg(s3: &S3Server, args: &[&str]) -> (i32, String, String) {
@@ -60,8 +41,8 @@ fn tree(dir: &Path, seed: u64, files: usize, mib: usize) {
 fn s3_push_pull_direct_and_through_the_registry_then_gc() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&t.path().join("s3"));
-    s3.bucket("snaps");
-    let reg = s3.registry(&t.path().join("reg"), "s3://snaps/region1", &[]);
+    let store = s3.store_url("region1");
+    let reg = s3.registry(&t.path().join("reg"), &store, &[]);
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     tree(&a, 1, 2, 3);
     tree(&b, 1, 1, 3); // shares f0 with a
@@ -69,12 +50,11 @@ fn s3_push_pull_direct_and_through_the_registry_then_gc() {
     push(&reg.url, &a, "t/s3:a");
     push(&reg.url, &b, "t/s3:b");
     // Objects land under the URL's prefix, in the bucket.
-    let prefix = s3.root.join("snaps/region1");
     assert!(
-        !chunk_objects(&prefix).is_empty(),
-        "no chunk objects under {prefix:?}"
+        !s3.chunk_keys(&store).is_empty(),
+        "no chunk objects under {store}"
     );
-    assert!(prefix.join("snapreg-layout.json").exists());
+    assert!(s3.exists(&store, "snapreg-layout.json"));
 
     // Direct: every chunk from a presigned URL, verified, byte-identical.
     let direct = t.path().join("direct");
@@ -97,7 +77,7 @@ fn s3_push_pull_direct_and_through_the_registry_then_gc() {
     assert_eq!(v["chunks_transferred"], d["chunks_transferred"]);
 
     // GC: within the grace period nothing goes; past it, what only a held.
-    let before = chunk_objects(&prefix).len();
+    let before = s3.chunk_keys(&store).len();
     let kept = snapctl(&reg.url, &["gc"]).ok().json();
     assert_eq!(kept["chunks_swept"], 0, "{kept}");
     snapctl(&reg.url, &["rm", "t/s3:a"]).ok();
@@ -107,7 +87,7 @@ fn s3_push_pull_direct_and_through_the_registry_then_gc() {
     assert!(swept["bytes_swept"].as_u64().unwrap() < 4 << 20, "{swept}");
     assert_eq!(swept["manifests_swept"], 1, "{swept}");
     let n = swept["chunks_swept"].as_u64().unwrap() as usize;
-    assert_eq!(chunk_objects(&prefix).len(), before - n);
+    assert_eq!(s3.chunk_keys(&store).len(), before - n);
     let after = t.path().join("after");
     snapctl(&reg.url, &["pull", "t/s3:b", after.to_str().unwrap()]).ok();
     assert_trees_equal(&b, &after);
@@ -123,8 +103,7 @@ fn s3_checkpoint_and_pull_restore_fetch_chunks_by_url() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&t.path().join("s3"));
-    s3.bucket("snaps");
-    let reg = s3.registry(&t.path().join("reg"), "s3://snaps/ck", &[]);
+    let reg = s3.registry(&t.path().join("reg"), &s3.store_url("ck"), &[]);
     let mut p = TestProc::hold(&t.path().join("proc"), 32, 17, 1, 8);
     let pid = p.pid();
     snapctl(
@@ -157,17 +136,14 @@ fn s3_checkpoint_and_pull_restore_fetch_chunks_by_url() {
 fn s3_corrupt_object_fetched_by_url_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&t.path().join("s3"));
-    s3.bucket("snaps");
-    let reg = s3.registry(&t.path().join("reg"), "s3://snaps/c", &[]);
+    let store = s3.store_url("c");
+    let reg = s3.registry(&t.path().join("reg"), &store, &[]);
     let src = t.path().join("src");
     write(&src, "f", &noise(7, 100_000)); // one chunk
     push(&reg.url, &src, "t/bad:v1");
-    let objects = chunk_objects(&s3.root.join("snaps/c"));
+    let objects = s3.chunk_keys(&store);
     assert_eq!(objects.len(), 1);
-    let mut bytes = std::fs::read(&objects[0]).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&objects[0], &bytes).unwrap();
+    s3.corrupt(&objects[0]);
 
     let dst = t.path().join("dst");
     let out = snapctl(&reg.url, &["pull", "t/bad:v1", dst.to_str().unwrap()]);
@@ -187,11 +163,9 @@ fn s3_corrupt_object_fetched_by_url_is_refused() {
 fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&t.path().join("s3"));
-    s3.bucket("snaps");
-    let store = "s3://snaps/shared";
-    let prefix = s3.root.join("snaps/shared");
+    let store = &s3.store_url("shared");
     // Short leases: the killed instance's push lease stops holding off GC soon.
-    let ttl = ["--lease-ttl", "3s"];
+    let ttl = ["--lease-ttl", "5s"];
     let mut a = s3.registry(&t.path().join("a"), store, &ttl);
     let mut b = s3.registry(&t.path().join("b"), store, &ttl);
 
@@ -212,7 +186,7 @@ fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
         .spawn()
         .unwrap();
     wait_for(Duration::from_secs(60), || {
-        (chunk_objects(&prefix).len() >= 10).then_some(())
+        (s3.chunk_keys(store).len() >= 10).then_some(())
     })
     .expect("the push through A stored nothing");
     a.kill9();
@@ -221,7 +195,15 @@ fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
         !status.success(),
         "the push through a killed registry succeeded"
     );
-    let stored_by_a = chunk_objects(&prefix).len();
+    let stored_by_a = s3.chunk_keys(store).len();
+
+    // The killed instance's push lease holds off GC on B until it expires.
+    let refused = snapctl(&b.url, &["gc", "--grace", "0s"]);
+    assert_ne!(
+        refused.code, 0,
+        "GC ran while another instance held a push lease"
+    );
+    assert!(refused.stderr.contains("push lease"), "{}", refused.stderr);
     assert!(
         stored_by_a < 120,
         "A stored (nearly) every chunk before the kill ({stored_by_a})"
@@ -248,14 +230,6 @@ fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
     assert_eq!(before, after, "the rebuilt index differs");
     b.restart();
 
-    // The killed instance's push lease holds off GC until it expires.
-    let refused = snapctl(&b.url, &["gc", "--grace", "0s"]);
-    assert_ne!(
-        refused.code, 0,
-        "GC ran while another instance held a push lease"
-    );
-    assert!(refused.stderr.contains("push lease"), "{}", refused.stderr);
-
     // A comes back with an index that knows nothing of B's work, and serves it.
     a.restart();
     let small = t.path().join("small");
@@ -266,10 +240,14 @@ fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
     assert_trees_equal(&small, &via_a);
     assert_eq!(list_tags(&a.url, "t/big").len(), 1);
 
-    // GC on B sweeps what A's index still lists; A's next push re-sends it.
-    std::thread::sleep(Duration::from_secs(4)); // A's old lease expires
+    // GC on B, once A's old lease has expired, sweeps what A's index still lists;
+    // A's next push re-sends it.
     snapctl(&b.url, &["rm", "t/small:v1"]).ok();
-    let swept = snapctl(&b.url, &["gc", "--grace", "0s"]).ok().json();
+    let swept = wait_for(Duration::from_secs(30), || {
+        let out = snapctl(&b.url, &["gc", "--grace", "0s"]);
+        (out.code == 0).then(|| out.json())
+    })
+    .expect("GC on B never ran after A's lease expired");
     assert!(swept["chunks_swept"].as_u64().unwrap() >= 4, "{swept}");
     let again = snapctl(&a.url, &["push", small.to_str().unwrap(), "t/small:v2"])
         .ok()
