@@ -40,7 +40,8 @@ struct Cli {
     #[arg(long, global = true, env = "SNAPCTL_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
     cache_size: u64,
     /// Fetch chunks through the registry even when it offers presigned object-store URLs.
-    #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT")]
+    #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT",
+          value_parser = clap::builder::FalseyValueParser::new())]
     no_direct: bool,
     #[command(subcommand)]
     command: Command,
