@@ -234,15 +234,25 @@ fn s3_two_instances_one_bucket_kill9_mid_push_reindex() {
     a.restart();
     let small = t.path().join("small");
     tree(&small, 200, 1, 2);
-    push(&b.url, &small, "t/small:v1");
+    let small_digest = push(&b.url, &small, "t/small:v1");
     let via_a = t.path().join("via-a");
     snapctl(&a.url, &["pull", "t/small:v1", via_a.to_str().unwrap()]).ok();
     assert_trees_equal(&small, &via_a);
+    let by_digest = t.path().join("by-digest");
+    let pinned = format!("t/small@{small_digest}");
+    snapctl(&a.url, &["pull", &pinned, by_digest.to_str().unwrap()]).ok();
+    assert_trees_equal(&small, &by_digest);
     assert_eq!(list_tags(&a.url, "t/big").len(), 1);
 
     // GC on B, once A's old lease has expired, sweeps what A's index still lists;
     // A's next push re-sends it.
     snapctl(&b.url, &["rm", "t/small:v1"]).ok();
+    let gone = snapctl(&a.url, &["inspect", "t/small:v1"]);
+    assert_eq!(
+        gone.code, 3,
+        "A still serves a tag B deleted: {}",
+        gone.stdout
+    );
     let swept = wait_for(Duration::from_secs(30), || {
         let out = snapctl(&b.url, &["gc", "--grace", "0s"]);
         (out.code == 0).then(|| out.json())
