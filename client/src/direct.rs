@@ -23,6 +23,7 @@ use crate::remote::Remote;
 
 /// Digests per GetChunkUrls call (the registry's limit).
 const URLS_PER_CALL: usize = 1024;
+const URL_CALLS_IN_FLIGHT: usize = 8;
 
 /// An HTTP client for chunk URLs: one connection pool per process, rustls for https.
 #[derive(Clone, Debug)]
@@ -77,9 +78,21 @@ pub async fn chunk_urls(
     remote: &Remote,
     digests: &[Digest],
 ) -> Result<Option<HashMap<Digest, String>>> {
+    use futures::{StreamExt, TryStreamExt};
+    // Several calls in flight: a 100 GiB image is ~170 calls, which in sequence would
+    // delay the first chunk of a restore by seconds.
+    let batches: Vec<Vec<Digest>> = digests.chunks(URLS_PER_CALL).map(<[_]>::to_vec).collect();
+    let answers: Vec<_> = futures::stream::iter(batches)
+        .map(|batch| async move {
+            let urls = remote.chunk_urls(&batch).await?;
+            Ok::<_, ClientError>((batch, urls))
+        })
+        .buffered(URL_CALLS_IN_FLIGHT)
+        .try_collect()
+        .await?;
     let mut out = HashMap::with_capacity(digests.len());
-    for batch in digests.chunks(URLS_PER_CALL) {
-        match remote.chunk_urls(batch).await? {
+    for (batch, urls) in answers {
+        match urls {
             Some(urls) if urls.len() == batch.len() => {
                 out.extend(batch.iter().copied().zip(urls));
             }
