@@ -12,6 +12,20 @@ SNAPCTL_CRIU="$(deploy/install-criu.sh | tail -n 1)"
 export SNAPCTL_CRIU
 echo "using CRIU at $SNAPCTL_CRIU" >&2
 
+# The S3-compatible server the e2e tests run the registry against (tests/tests/e2e/s3.rs).
+# 0.14.1: later releases need a newer rustc than the toolchain here. Built in a
+# throw-away target dir, kept under ~/.cache/snapreg/tools so CI runs reuse it.
+S3S_FS_VERSION=0.14.1
+SNAPREG_S3S_FS="${HOME:-/root}/.cache/snapreg/tools/bin/s3s-fs"
+if ! "$SNAPREG_S3S_FS" --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
+    s3s_target="$(mktemp -d)"
+    CARGO_TARGET_DIR="$s3s_target" cargo install --locked --force "s3s-fs@$S3S_FS_VERSION" \
+        --features binary --root "$(dirname "$(dirname "$SNAPREG_S3S_FS")")"
+    rm -rf "$s3s_target"
+fi
+export SNAPREG_S3S_FS
+echo "using s3s-fs at $SNAPREG_S3S_FS" >&2
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # --all-targets: the same feature set as clippy and test, so RocksDB is compiled once

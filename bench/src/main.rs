@@ -19,6 +19,10 @@
 //!   (fresh random data each) to A, one every I ms; per push: the push time and the lag
 //!   until B serves the tag (polled through B's API), and replication throughput.
 //!
+//! `snapreg-bench s3 [--mib N] [--reps R] [--requests K]`
+//!   the registry on s3s-fs: objects per GiB, request latency, and pull through the
+//!   registry vs straight from the store by presigned URL (s3.rs).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -29,6 +33,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use snapreg_client::chunker::{Chunker, ChunkerConfig};
+
+mod s3;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -51,8 +57,9 @@ fn main() -> Result<()> {
             restore(gib, opt("--reps", 3), &rss)
         }
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
+        Some("s3") => s3::run(opt("--mib", 1024), opt("--reps", 3), opt("--requests", 200)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K]"
         ),
     }
 }

@@ -5,6 +5,7 @@
 //!   is the engine every producer of bytes uses).
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
+//! - [`direct`]: chunk objects fetched from the object store by presigned URL.
 //! - [`inspect`]: manifest summaries.
 //! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
 //!   as CRIU's action script (commit at post-dump, verify at post-restore).
@@ -32,6 +33,7 @@ pub mod chunker;
 pub mod criu;
 pub mod criu_stream;
 pub mod cuda;
+pub mod direct;
 pub mod error;
 pub mod host;
 pub mod inspect;

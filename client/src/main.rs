@@ -39,6 +39,10 @@ struct Cli {
     /// Node chunk cache size limit, e.g. 20G, 512M.
     #[arg(long, global = true, env = "SNAPCTL_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
     cache_size: u64,
+    /// Fetch chunks through the registry even when it offers presigned object-store URLs.
+    #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    no_direct: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -313,7 +317,11 @@ fn registry_urls(cli: &Cli) -> anyhow::Result<Vec<&str>> {
 /// The first (nearest) registry: pushes, tags and listings go there.
 async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
     let urls = registry_urls(cli)?;
-    Ok(Remote::connect(urls.first().ok_or(ClientError::NoRegistry)?).await?)
+    Ok(
+        Remote::connect(urls.first().ok_or(ClientError::NoRegistry)?)
+            .await?
+            .with_direct(!cli.no_direct),
+    )
 }
 
 /// Every reachable registry, nearest first; unreachable ones are skipped with a
@@ -323,7 +331,7 @@ async fn connect_all(cli: &Cli) -> anyhow::Result<Vec<Remote>> {
     let mut last = None;
     for url in registry_urls(cli)? {
         match Remote::connect(url).await {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push(r.with_direct(!cli.no_direct)),
             Err(e) => {
                 eprintln!("snapctl: warning: skipping {url}: {e}");
                 last = Some(e);

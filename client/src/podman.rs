@@ -313,6 +313,7 @@ pub async fn pull_archive(
         digest: report.digest,
         files: members,
         counters: progress.counters.snapshot(),
+        chunks_direct: report.chunks_direct,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -18,6 +18,9 @@ const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (
 pub struct Remote {
     url: String,
     client: RegistryClient<Channel>,
+    /// Whether chunk downloads may use the presigned URLs the registry offers
+    /// (direct.rs); on unless `--no-direct`.
+    direct: bool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -59,7 +62,37 @@ impl Remote {
         Ok(Remote {
             url: url.to_string(),
             client,
+            direct: true,
         })
+    }
+
+    /// Switches the direct data path (presigned chunk URLs) on or off.
+    pub fn with_direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+
+    /// Presigned URLs for chunk objects, one per digest in order (at most 1024);
+    /// `None` when the registry offers none (file:// store, a registry without the
+    /// call) or the direct path is off.
+    pub async fn chunk_urls(&self, digests: &[Digest]) -> Result<Option<Vec<String>>> {
+        if !self.direct {
+            return Ok(None);
+        }
+        let req = pb::GetChunkUrlsRequest {
+            digests: digests
+                .iter()
+                .map(|d| Bytes::copy_from_slice(&d.0))
+                .collect(),
+        };
+        match self.client.clone().get_chunk_urls(req).await {
+            Ok(resp) => {
+                let urls = resp.into_inner().urls;
+                Ok((!urls.is_empty()).then_some(urls))
+            }
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(self.status(s)),
+        }
     }
 
     pub fn url(&self) -> &str {

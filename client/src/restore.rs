@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 use crate::action::ActionServer;
 use crate::cache::ChunkCache;
 use crate::criu::{self, Criu};
+use crate::direct::{self, DirectFetcher};
 use crate::error::{ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
@@ -95,14 +96,24 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Chunks by digest: the node cache first, then each registry in preference order
-/// (nearest region first); whatever a registry sends is verified, then cached.
+/// Chunks by digest: the node cache first, then the nearest registry's presigned
+/// URLs when it offered them (direct.rs), then each registry in preference order
+/// (nearest region first); whatever arrives is verified, then cached.
 #[derive(Clone)]
 pub struct ChunkSource {
     remotes: Vec<Remote>,
     cache: ChunkCache,
     progress: Progress,
     fetched_from: Arc<Mutex<BTreeMap<String, u64>>>,
+    direct: Option<Arc<DirectUrls>>,
+}
+
+/// Presigned chunk URLs from one registry, and the client that fetches them.
+struct DirectUrls {
+    fetcher: DirectFetcher,
+    urls: HashMap<Digest, String>,
+    /// How direct fetches are counted in `chunks_by_registry`.
+    label: String,
 }
 
 impl ChunkSource {
@@ -113,7 +124,24 @@ impl ChunkSource {
             cache,
             progress,
             fetched_from: Arc::default(),
+            direct: None,
         }
+    }
+
+    /// Asks the nearest registry for presigned URLs of `chunks`: those it signs are
+    /// then fetched from the object store directly (counted as "URL (direct)").
+    pub async fn use_direct(mut self, chunks: &[Digest]) -> Result<Self> {
+        let Some(remote) = self.remotes.first() else {
+            return Ok(self);
+        };
+        if let Some(urls) = direct::chunk_urls(remote, chunks).await? {
+            self.direct = Some(Arc::new(DirectUrls {
+                fetcher: DirectFetcher::new()?,
+                urls,
+                label: format!("{} (direct)", remote.url()),
+            }));
+        }
+        Ok(self)
     }
 
     /// Chunks fetched per registry URL.
@@ -130,6 +158,20 @@ impl ChunkSource {
         if let Some(b) = cached {
             self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
             return Ok(b);
+        }
+        if let Some(direct) = &self.direct {
+            if let Some(url) = direct.urls.get(&digest) {
+                match direct.fetcher.fetch(url).await {
+                    Ok(object) => return self.accept(digest, object, file, &direct.label).await,
+                    // Expired, unreachable from this node, absent: the registry serves it.
+                    Err(e @ (ClientError::NotFound(_) | ClientError::Unreachable { .. })) => {
+                        tracing::info!(
+                            "chunk {digest}: direct URL failed ({e}); asking the registry"
+                        );
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let mut last_error = None;
         for remote in &self.remotes {
@@ -168,10 +210,15 @@ impl ChunkSource {
                     "registry sent no data for chunk {digest} of {file}"
                 ))
             })?;
-        let object_len = msg.data.len() as u64;
+        self.accept(digest, msg.data, file, remote.url()).await
+    }
+
+    /// Verifies a chunk object, caches and counts it.
+    async fn accept(&self, digest: Digest, object: Bytes, file: &str, from: &str) -> Result<Bytes> {
+        let object_len = object.len() as u64;
         let cache = self.cache.clone();
         let data = tokio::task::spawn_blocking(move || {
-            let data = codec::decode(&digest, &msg.data)?;
+            let data = codec::decode(&digest, &object)?;
             if let Err(e) = cache.put(&digest, &data) {
                 tracing::warn!("node cache: cannot store {digest}: {e}");
             }
@@ -199,7 +246,7 @@ impl ChunkSource {
             .fetched_from
             .lock()
             .unwrap()
-            .entry(remote.url().to_string())
+            .entry(from.to_string())
             .or_default() += 1;
         Ok(data)
     }
@@ -330,7 +377,9 @@ pub async fn prefetch(
         .counters
         .bytes_total
         .store(manifest.total_size(), Relaxed);
-    let source = ChunkSource::new(remotes, cache.clone(), progress.clone());
+    let source = ChunkSource::new(remotes, cache.clone(), progress.clone())
+        .use_direct(&chunks)
+        .await?;
     let mut fetches = futures::stream::iter(chunks)
         .map(|d| {
             let source = source.clone();
@@ -506,7 +555,9 @@ pub async fn pull_restore(
     let names = files.keys().cloned().collect();
     let serving = tokio::task::spawn_blocking(move || serve_loop(sock, names, tx));
 
-    let source = ChunkSource::new(remotes, opts.cache.clone(), progress.clone());
+    let source = ChunkSource::new(remotes, opts.cache.clone(), progress.clone())
+        .use_direct(&manifest.chunk_digests())
+        .await?;
     // Weights and process restore concurrently: the restore takes max(), not the sum.
     let weights_fill = match (weights_layer, &opts.weights_service) {
         (Some(l), Some(socket)) => {

@@ -1,16 +1,28 @@
-//! Objects in the store: chunks, manifests, tag records, the layout-version object.
+//! Objects in the store: chunks, manifests, tag records, the layout-version object,
+//! and the objects that let several instances share one store (`shared_store.rs`).
 //!
 //! Publish, never overwrite in place: a chunk object is written once under its digest
 //! (a second writer of the same digest writes equivalent bytes, so a race is
 //! harmless), manifests likewise, tag records are new names each time. On the local
 //! backend every write is fsync'd (file and directory) before it returns, which is
 //! what lets the index record it as durable.
+//!
+//! Backends: `file:///path` (the embedded default under `<data>/store`) and
+//! `s3://bucket[/prefix]`, configured from the standard `AWS_*` variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, and for a self-hosted
+//! server `AWS_ENDPOINT_URL` plus `AWS_ALLOW_HTTP=true` when it speaks plain HTTP).
+//! Only S3 can hand out presigned chunk URLs ([`ChunkStore::chunk_urls`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::signer::{Method, Signer};
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use snapreg_proto::layout;
 use snapreg_proto::tags::TagRecord;
@@ -18,14 +30,167 @@ use snapreg_proto::Digest;
 
 use crate::error::{RegistryError, Result};
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
+    /// Presigns GET URLs for chunk objects; `None` for stores that cannot (local).
+    signer: Option<Arc<dyn Signer>>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("store", &self.store)
+            .field("signs_urls", &self.signer.is_some())
+            .finish()
+    }
 }
 
 impl ChunkStore {
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        ChunkStore { store }
+        ChunkStore {
+            store,
+            signer: None,
+        }
+    }
+
+    /// Opens the store a `--store` URL names; `None` is the local directory `default_dir`.
+    pub fn open(url: Option<&str>, default_dir: PathBuf) -> Result<Self> {
+        let local = |dir: PathBuf| -> Result<Self> {
+            std::fs::create_dir_all(&dir)?;
+            // fsync on: the index records a chunk as durable right after this returns.
+            Ok(ChunkStore::new(Arc::new(
+                LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true),
+            )))
+        };
+        let Some(url) = url else {
+            return local(default_dir);
+        };
+        let parsed = url::Url::parse(url)
+            .map_err(|e| RegistryError::invalid("--store", format!("{url:?} is not a URL: {e}")))?;
+        match parsed.scheme() {
+            "file" => local(PathBuf::from(parsed.path())),
+            "s3" => {
+                // AmazonS3Builder takes the bucket from the URL and ignores its path:
+                // the prefix is applied here, to objects and presigned URLs alike.
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()?;
+                let prefix = parsed.path().trim_matches('/');
+                let store: Arc<PrefixStore<_>> = Arc::new(PrefixStore::new(s3, prefix));
+                Ok(ChunkStore {
+                    store: store.clone(),
+                    signer: Some(store),
+                })
+            }
+            other => Err(RegistryError::invalid(
+                "--store",
+                format!("scheme {other:?} is not supported; use file:///path or s3://bucket/prefix (credentials and endpoint from AWS_* variables)"),
+            )),
+        }
+    }
+
+    /// Presigned GET URLs for chunk objects, valid for `expires_in`, in the order asked;
+    /// `None` when the store cannot sign (the client then fetches through GetChunks).
+    /// Signing is local computation: nothing is asked of the store.
+    pub async fn chunk_urls(
+        &self,
+        digests: &[Digest],
+        expires_in: Duration,
+    ) -> Result<Option<Vec<String>>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let paths: Vec<Path> = digests
+            .iter()
+            .map(|d| Path::from(layout::chunk_path(d)))
+            .collect();
+        let urls = signer.signed_urls(Method::GET, &paths, expires_in).await?;
+        Ok(Some(urls.into_iter().map(String::from).collect()))
+    }
+
+    /// The stored size of a chunk object, `None` when it is not in the store.
+    pub async fn chunk_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.object_size(&Path::from(layout::chunk_path(digest)))
+            .await
+    }
+
+    /// The size of a manifest object, `None` when it is not in the store.
+    pub async fn manifest_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.object_size(&Path::from(layout::manifest_path(digest)))
+            .await
+    }
+
+    async fn object_size(&self, path: &Path) -> Result<Option<u64>> {
+        match self.store.head(path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every tag record under `tags/<prefix>` as (repository, tag, record); a prefix of
+    /// `repo/tag` also lists the tags of a repository named `repo/tag/...`, which the
+    /// caller filters out.
+    pub async fn tag_records(&self, prefix: &str) -> Result<Vec<(String, String, TagRecord)>> {
+        let dir = if prefix.is_empty() {
+            layout::TAGS.to_string()
+        } else {
+            format!("{}/{prefix}", layout::TAGS)
+        };
+        Ok(self
+            .list(&dir)
+            .await?
+            .iter()
+            .filter_map(|m| layout::parse_tag_record_path(m.location.as_ref()).ok())
+            .collect())
+    }
+
+    /// The records of one tag that order after `after` (all of them when `None`):
+    /// record names are fixed-width HLCs, so one listing from an offset finds every
+    /// newer record without reading the tag's history.
+    pub async fn tag_records_after(
+        &self,
+        repository: &str,
+        tag: &str,
+        after: Option<&TagRecord>,
+    ) -> Result<Vec<TagRecord>> {
+        let dir = Path::from(layout::tag_dir(repository, tag));
+        let listing = match after {
+            Some(rec) => {
+                let offset = Path::from(layout::tag_record_path(repository, tag, rec));
+                self.store.list_with_offset(Some(&dir), &offset)
+            }
+            None => self.store.list(Some(&dir)),
+        };
+        let metas: Vec<ObjectMeta> = listing.try_collect().await?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| layout::parse_tag_record_path(m.location.as_ref()).ok())
+            .filter(|(r, t, _)| r == repository && t == tag)
+            .map(|(_, _, rec)| rec)
+            .collect())
+    }
+
+    /// Writes a small object outside the content-addressed prefixes (leases, sweep logs).
+    pub async fn put_raw(&self, path: &str, body: Bytes) -> Result<()> {
+        self.store
+            .put(&Path::from(path), PutPayload::from(body))
+            .await?;
+        Ok(())
+    }
+
+    /// Reads such an object; `None` when it is gone.
+    pub async fn get_raw(&self, path: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&Path::from(path)).await {
+            Ok(got) => Ok(Some(got.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn delete_raw(&self, path: &str) -> Result<()> {
+        ignore_not_found(self.store.delete(&Path::from(path)).await)
     }
 
     /// Writes the layout-version object on a new store; refuses a store written by an

@@ -30,6 +30,9 @@ pub enum RegistryError {
     LayoutVersion { found: String, supported: u64 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Another instance on the same store holds what this call needs (GC vs push).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl RegistryError {
@@ -56,6 +59,7 @@ impl From<RegistryError> for Status {
             }
             Manifest(_) | InvalidArgument { .. } => Status::invalid_argument(msg),
             Store(object_store::Error::NotFound { .. }) => Status::not_found(msg),
+            Busy(_) => Status::unavailable(msg),
             Store(_) | Index(_) | Io(_) | LayoutVersion { .. } => {
                 tracing::error!("internal error: {msg}");
                 Status::unavailable(format!("registry storage failed: {msg}"))

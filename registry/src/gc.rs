@@ -11,6 +11,12 @@
 //! `gc_committed` is switched on before the mark reads the tags, so every commit is
 //! either in the mark or in that set. The store is listed for the sweep (not the
 //! index), so objects a crash left out of the index are collected too.
+//!
+//! Other instances on the same store (shared_store.rs): GC first takes the store's GC
+//! lock, which it only gets while no other instance holds a push lease (and which
+//! makes their new pushes wait); it marks from every tag record in the store, not
+//! just those this index knows; and it writes each batch of candidates to a sweep log
+//! before deleting any, so the other instances forget them.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,11 +36,16 @@ pub async fn collect(
     dry_run: bool,
 ) -> Result<CollectGarbageResponse> {
     let _only_one = reg.gc_running.lock().await;
+    reg.shared.lock_gc(&reg.store, reg.config.lease_ttl).await?;
     *reg.gc_committed.lock().unwrap() = Some(HashSet::new());
     let result = mark_and_sweep(reg, grace, dry_run).await;
     *reg.gc_committed.lock().unwrap() = None;
+    reg.shared.unlock_gc(&reg.store).await?;
     result
 }
+
+/// Candidates written to one sweep log before any of them is deleted.
+const SWEEP_BATCH: usize = 1024;
 
 async fn mark_and_sweep(
     reg: &Registry,
@@ -46,7 +57,8 @@ async fn mark_and_sweep(
     let mut stats = CollectGarbageResponse::default();
     reg.index.drop_expired_leases(now_ms())?;
 
-    // Mark.
+    // Mark, from every instance's tag records.
+    reg.refresh_tags("").await?;
     let mut live_manifests = HashSet::new();
     let mut live_chunks: HashSet<Digest> = HashSet::new();
     for (_, _, record) in reg.index.all_tags()? {
@@ -62,52 +74,93 @@ async fn mark_and_sweep(
     // Sweep chunks, then manifests.
     for (prefix, is_chunk) in [(layout::CHUNKS, true), (layout::MANIFESTS, false)] {
         let mut listing = std::pin::pin!(reg.store.list_stream(prefix));
-        while let Some(meta) = listing.try_next().await? {
-            let path = meta.location.as_ref();
-            let parsed = if is_chunk {
-                layout::parse_chunk_path(path)
-            } else {
-                layout::parse_manifest_path(path)
-            };
-            let Ok(d) = parsed else { continue };
-            if (is_chunk && live_chunks.contains(&d)) || (!is_chunk && live_manifests.contains(&d))
-            {
-                continue;
-            }
-            if SystemTime::from(meta.last_modified) > cutoff {
-                stats.chunks_kept_young += is_chunk as u64;
-                continue;
-            }
-            let _g = reg.lock_digest(&d).await;
-            let committed = reg
-                .gc_committed
-                .lock()
-                .unwrap()
-                .as_ref()
-                .is_some_and(|s| s.contains(&d));
-            if committed || reg.index.is_leased(&d, now_ms())? {
-                stats.chunks_kept_leased += is_chunk as u64;
-                continue;
-            }
-            if !dry_run {
-                // Index first: a crash between the two leaves an unindexed object,
-                // which a later push re-uploads harmlessly and a later GC removes.
-                if is_chunk {
-                    reg.index.remove_chunk(&d)?;
-                    reg.store.delete_chunk(&d).await?;
+        let mut batch = Vec::new();
+        loop {
+            let next = listing.try_next().await?;
+            if let Some(meta) = &next {
+                let path = meta.location.as_ref();
+                let parsed = if is_chunk {
+                    layout::parse_chunk_path(path)
                 } else {
-                    reg.index.remove_manifest(&d)?;
-                    reg.store.delete_manifest(&d).await?;
+                    layout::parse_manifest_path(path)
+                };
+                let Ok(d) = parsed else { continue };
+                if (is_chunk && live_chunks.contains(&d))
+                    || (!is_chunk && live_manifests.contains(&d))
+                {
+                    continue;
+                }
+                if SystemTime::from(meta.last_modified) > cutoff {
+                    stats.chunks_kept_young += is_chunk as u64;
+                    continue;
+                }
+                batch.push((d, meta.size));
+                if batch.len() < SWEEP_BATCH {
+                    continue;
                 }
             }
-            if is_chunk {
-                stats.chunks_swept += 1;
-                stats.bytes_swept += meta.size;
-            } else {
-                stats.manifests_swept += 1;
+            reg.shared
+                .refresh_gc(&reg.store, reg.config.lease_ttl)
+                .await?;
+            if !dry_run {
+                let ds: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
+                let (chunks, manifests) = if is_chunk {
+                    (&ds[..], &[][..])
+                } else {
+                    (&[][..], &ds[..])
+                };
+                reg.shared
+                    .log_sweep(&reg.store, &reg.index, chunks, manifests)
+                    .await?;
+            }
+            for (d, size) in batch.drain(..) {
+                sweep_one(reg, d, size, is_chunk, dry_run, &mut stats).await?;
+            }
+            if next.is_none() {
+                break;
             }
         }
     }
     tracing::info!(?stats, elapsed = ?started.elapsed(), dry_run, "garbage collection finished");
     Ok(stats)
+}
+
+/// Deletes one unreferenced, old object unless a push holds it.
+async fn sweep_one(
+    reg: &Registry,
+    d: Digest,
+    size: u64,
+    is_chunk: bool,
+    dry_run: bool,
+    stats: &mut CollectGarbageResponse,
+) -> Result<()> {
+    let _g = reg.lock_digest(&d).await;
+    let committed = reg
+        .gc_committed
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|s| s.contains(&d));
+    if committed || reg.index.is_leased(&d, now_ms())? {
+        stats.chunks_kept_leased += is_chunk as u64;
+        return Ok(());
+    }
+    if !dry_run {
+        // Index first: a crash between the two leaves an unindexed object,
+        // which a later push re-uploads harmlessly and a later GC removes.
+        if is_chunk {
+            reg.index.remove_chunk(&d)?;
+            reg.store.delete_chunk(&d).await?;
+        } else {
+            reg.index.remove_manifest(&d)?;
+            reg.store.delete_manifest(&d).await?;
+        }
+    }
+    if is_chunk {
+        stats.chunks_swept += 1;
+        stats.bytes_swept += size;
+    } else {
+        stats.manifests_swept += 1;
+    }
+    Ok(())
 }

@@ -11,10 +11,13 @@
 //! r/<u64 BE seq>                     repo\0tag\0record object name     replication log: a local tag commit (node-local)
 //! p/<peer name>                      u64 LE seq                       last log entry the peer acknowledged (node-local)
 //! n/<node name>                      JSON NodeEntry (scheduler.rs)    a node agent's last registration (node-local)
+//! g/<sweep log object name>          (empty)                          another instance's GC sweep log, applied (node-local)
 //! ```
 //!
-//! Everything but `l/`, `L/`, `r/`, `p/` and `n/` is derived from the store and rebuilt by
-//! [`Index::rebuild`]. Leases are node-local: after a crash a push whose lease is gone
+//! Everything but `l/`, `L/`, `r/`, `p/`, `n/` and `g/` is derived from the store and
+//! rebuilt by [`Index::rebuild`]; `snapreg dump-index` prints the derived part for
+//! comparison. With several instances on one store the derived part is a cache that
+//! may lag the store: shared_store.rs says how each gap is closed. Leases are node-local: after a crash a push whose lease is gone
 //! fails its commit with "chunks missing" if GC swept something, and retries — the
 //! commit re-checks every chunk, so nothing half-made becomes visible.
 //! The replication log and the peer cursors are node-local too (see replication.rs):
@@ -32,6 +35,7 @@ use snapreg_proto::Digest;
 
 use crate::chunk_store::ChunkStore;
 use crate::error::Result;
+use crate::shared_store::SharedStore;
 
 pub struct Index {
     db: DB,
@@ -322,9 +326,37 @@ impl Index {
         Ok(out)
     }
 
+    /// Whether another instance's sweep log `name` has been applied to this index.
+    pub fn sweep_applied(&self, name: &str) -> Result<bool> {
+        Ok(self.db.get_pinned(key(b"g/", name.as_bytes()))?.is_some())
+    }
+
+    pub fn mark_sweep_applied(&self, name: &str) -> Result<()> {
+        Ok(self
+            .db
+            .put_opt(key(b"g/", name.as_bytes()), b"", &synced())?)
+    }
+
     /// Rebuilds everything derivable from the store (chunks, manifests, tags); leases
-    /// are kept. Run on a fresh index, or by `snapreg reindex`.
+    /// are kept. Run on a fresh index, or by `snapreg reindex`. Holds a push lease in
+    /// the store meanwhile, so no other instance's GC deletes what it is listing.
     pub async fn rebuild(&self, store: &ChunkStore) -> Result<RebuildStats> {
+        let shared = SharedStore::default();
+        let lease = "reindex";
+        shared
+            .begin_push(store, self, lease, std::time::Duration::from_secs(3600))
+            .await?;
+        let result = self.rebuild_listing(store, &shared).await;
+        shared.end(store, lease).await?;
+        result
+    }
+
+    async fn rebuild_listing(
+        &self,
+        store: &ChunkStore,
+        shared: &SharedStore,
+    ) -> Result<RebuildStats> {
+        shared.mark_all_applied(store, self).await?;
         let mut stats = RebuildStats::default();
         let mut batch = WriteBatch::default();
         for prefix in [&b"c/"[..], b"m/", b"t/", BUILT] {
@@ -371,7 +403,8 @@ impl Index {
         Ok(stats)
     }
 
-    /// Every indexed (non-lease) entry as text lines, for comparing two indexes.
+    /// Every entry derived from the store (chunks, manifests, current tags) as text
+    /// lines, in key order: two indexes of one store compare equal line by line.
     pub fn dump_derived(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for item in self.db.iterator(IteratorMode::Start) {

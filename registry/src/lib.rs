@@ -12,6 +12,9 @@
 //!   newest first, with sizes and cached bytes) and `Watch` (the commit log as a
 //!   resumable event stream), plus node registration (`RegisterNode`, `ListNodes`)
 //!   for `snapctl agent`.
+//! - [`shared_store`]: several instances on one store: store leases that keep GC on
+//!   one instance from racing a push on another, sweep logs, and the rule that the
+//!   index is a cache that looks in the store before calling anything missing.
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
@@ -32,6 +35,7 @@ pub mod replication;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod shared_store;
 
 pub use error::RegistryError;
 pub use replication::PeerConfig;

@@ -52,6 +52,13 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Print the index entries derived from the store, one per line, in key order
+    /// (the registry must be stopped): an index and its rebuild compare equal.
+    DumpIndex {
+        /// Directory holding the RocksDB index.
+        #[arg(long, env = "SNAPREG_DATA")]
+        data: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -108,6 +115,14 @@ async fn real_main() -> anyhow::Result<()> {
                 .await
                 .context("rebuilding the index")?;
             println!("{}", serde_json::to_string(&stats)?);
+            Ok(())
+        }
+        Command::DumpIndex { data } => {
+            let index = snapreg_registry::index::Index::open(&data.join("index"))
+                .with_context(|| format!("opening the index in {}", data.display()))?;
+            for line in index.dump_derived()? {
+                println!("{line}");
+            }
             Ok(())
         }
     }

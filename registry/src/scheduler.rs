@@ -109,6 +109,7 @@ pub async fn resolve(
         required_labels: req.required_labels.into_iter().collect(),
         gpu_remapped: req.gpu_remapped,
     };
+    reg.refresh_tags(&req.repository).await?;
     let tags: Vec<(String, TagRecord, Digest)> = reg
         .index
         .all_tags()?

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use object_store::local::LocalFileSystem;
-use object_store::ObjectStore;
 use snapreg_proto::pb::registry_server::RegistryServer;
 use snapreg_proto::tags::HlcClock;
 use snapreg_proto::Digest;
@@ -19,6 +17,7 @@ use crate::error::{RegistryError, Result};
 use crate::index::Index;
 use crate::replication::{PeerConfig, Replication};
 use crate::service::RegistryService;
+use crate::shared_store::SharedStore;
 
 /// Largest gRPC message either side accepts: a 16 MiB chunk object, or a manifest.
 pub const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
@@ -71,6 +70,8 @@ pub struct Registry {
     /// Turns true when the server shuts down: ends Watch streams, which would
     /// otherwise hold a graceful shutdown open forever.
     pub(crate) shutting_down: tokio::sync::watch::Sender<bool>,
+    /// Store leases and sweep logs shared with other instances on the same store.
+    pub(crate) shared: SharedStore,
 }
 
 impl Registry {
@@ -105,7 +106,7 @@ pub(crate) fn now_ms() -> u64 {
 /// Opens (creating when new) the store and index; rebuilds the index when it is new.
 pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let store = ChunkStore::new(open_object_store(&config)?);
+    let store = ChunkStore::open(config.store_url.as_deref(), config.data_dir.join("store"))?;
     store.check_layout().await?;
     let index = Index::open(&config.data_dir.join("index"))?;
     if !index.is_built()? {
@@ -126,32 +127,8 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
         replication,
         log_appended: tokio::sync::watch::Sender::new(0),
         shutting_down: tokio::sync::watch::Sender::new(false),
+        shared: SharedStore::default(),
     }))
-}
-
-fn open_object_store(config: &RegistryConfig) -> Result<Arc<dyn ObjectStore>> {
-    let local = |dir: PathBuf| -> Result<Arc<dyn ObjectStore>> {
-        std::fs::create_dir_all(&dir)?;
-        // fsync on: the index records a chunk as durable right after this returns.
-        Ok(Arc::new(
-            LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true),
-        ))
-    };
-    let Some(url) = &config.store_url else {
-        return local(config.data_dir.join("store"));
-    };
-    let parsed = url::Url::parse(url)
-        .map_err(|e| RegistryError::invalid("--store", format!("{url:?} is not a URL: {e}")))?;
-    match parsed.scheme() {
-        "file" => local(PathBuf::from(parsed.path())),
-        "s3" => Ok(Arc::new(
-            object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).build()?,
-        )),
-        other => Err(RegistryError::invalid(
-            "--store",
-            format!("scheme {other:?} is not supported; use file:///path or s3://bucket (credentials from AWS_* variables)"),
-        )),
-    }
 }
 
 /// Serves the registry on `listener` until `shutdown` completes, replicating to its

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use snapreg_proto::codec;
 use snapreg_proto::manifest::Manifest;
 use snapreg_proto::pb::{self, registry_server};
@@ -19,6 +19,17 @@ use crate::server::{now_ms, Registry};
 
 /// Chunks fetched from the store ahead of the one being sent, per GetChunks stream.
 const GET_CHUNKS_READAHEAD: usize = 8;
+
+/// Store lookups in flight for digests a FindMissingChunks or a commit does not find
+/// in the index (another instance may have stored them).
+const STORE_LOOKUPS: usize = 32;
+
+/// How long a presigned chunk URL stays valid: long enough for a large pull to work
+/// through its list; a client that outlives it falls back to GetChunks per chunk.
+const CHUNK_URL_TTL: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// Digests per GetChunkUrls call: ~0.5 GiB of chunks, a ~300 KiB answer.
+const MAX_CHUNK_URLS: usize = 1024;
 
 pub struct RegistryService {
     reg: Arc<Registry>,
@@ -44,12 +55,14 @@ fn tag_arg(tag: &str) -> Result<()> {
 }
 
 impl Registry {
-    fn check_lease(&self, lease: &str) -> Result<()> {
+    async fn check_lease(&self, lease: &str) -> Result<()> {
         match self.index.lease_expiry(lease)? {
             Some(exp) if exp > now_ms() => {
-                // Activity extends the lease.
+                // Activity extends the lease, here and (now and then) in the store.
+                let ttl = self.config.lease_ttl;
                 self.index
-                    .put_lease(lease, now_ms() + self.config.lease_ttl.as_millis() as u64)
+                    .put_lease(lease, now_ms() + ttl.as_millis() as u64)?;
+                self.shared.refresh(&self.store, lease, ttl).await
             }
             _ => Err(RegistryError::LeaseUnknown {
                 lease: lease.to_string(),
@@ -58,18 +71,82 @@ impl Registry {
     }
 
     async fn find_missing(&self, lease: &str, digests: Vec<Digest>) -> Result<Vec<Digest>> {
-        self.check_lease(lease)?;
-        let mut missing = Vec::new();
-        for d in digests {
-            // Lease first, then look, under the stripe lock: GC sweeping `d` either
-            // finished before (we report it missing) or sees our lease.
-            let _g = self.lock_digest(&d).await;
-            self.index.lease_digests(lease, &[d])?;
-            if !self.index.has_chunk(&d)? {
-                missing.push(d);
-            }
+        self.check_lease(lease).await?;
+        let looked_up = futures::stream::iter(digests)
+            .map(|d| async move {
+                // Lease first, then look, under the stripe lock: GC sweeping `d` either
+                // finished before (we report it missing) or sees our lease.
+                let _g = self.lock_digest(&d).await;
+                self.index.lease_digests(lease, &[d])?;
+                Ok::<_, RegistryError>((d, self.chunk_present(&d).await?))
+            })
+            .buffered(STORE_LOOKUPS);
+        let found: Vec<(Digest, bool)> = looked_up.try_collect().await?;
+        Ok(found
+            .into_iter()
+            .filter(|(_, present)| !present)
+            .map(|(d, _)| d)
+            .collect())
+    }
+
+    /// Whether a chunk is stored: the index, else the store (another instance may
+    /// have written it), indexing what the store has.
+    async fn chunk_present(&self, d: &Digest) -> Result<bool> {
+        if self.index.has_chunk(d)? {
+            return Ok(true);
         }
-        Ok(missing)
+        match self.store.chunk_size(d).await? {
+            Some(len) => {
+                self.index.add_chunk(d, len)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Whether a manifest is stored, like [`Registry::chunk_present`].
+    async fn manifest_present(&self, d: &Digest) -> Result<bool> {
+        if self.index.has_manifest(d)? {
+            return Ok(true);
+        }
+        match self.store.manifest_size(d).await? {
+            Some(len) => {
+                self.index.add_manifest(d, len)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Folds the store's records of one tag that are newer than the indexed one into
+    /// the index (another instance may have moved the tag).
+    async fn refresh_tag(&self, repository: &str, tag: &str) -> Result<()> {
+        let current = self.index.tag_record(repository, tag)?;
+        for rec in self
+            .store
+            .tag_records_after(repository, tag, current.as_ref())
+            .await?
+        {
+            self.clock.observe(rec.hlc);
+            self.index.apply_tag_record(repository, tag, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Folds every tag record under `tags/<prefix>` into the index: a repository's
+    /// (`ls REPO`, Resolve) or all of them (`ls`, GC's mark).
+    pub(crate) async fn refresh_tags(&self, prefix: &str) -> Result<()> {
+        for (repository, tag, rec) in self.store.tag_records(prefix).await? {
+            self.clock.observe(rec.hlc);
+            self.index.apply_tag_record(&repository, &tag, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a push lease in the index and in the store.
+    async fn end_lease(&self, lease: &str) -> Result<()> {
+        self.index.drop_lease(lease)?;
+        self.shared.end(&self.store, lease).await
     }
 
     /// Verifies and stores one uploaded chunk; returns whether it was new.
@@ -89,6 +166,8 @@ impl Registry {
         if self.index.has_chunk(&digest)? {
             return Ok(false);
         }
+        // Not looked up in the store: a chunk another instance stored is rewritten with
+        // the same bytes, which costs one PUT and is harmless.
         let len = object.len() as u64;
         self.store.put_chunk(&digest, object).await?;
         self.index.add_chunk(&digest, len)?;
@@ -106,14 +185,14 @@ impl Registry {
         for t in tags {
             tag_arg(t)?;
         }
-        self.check_lease(lease)?;
+        self.check_lease(lease).await?;
         let (digest, chunks) = self.store_manifest(lease, bytes).await?;
         for t in tags {
             self.write_tag(repository, t, TagTarget::Manifest(digest))
                 .await?;
         }
         self.note_committed(chunks.iter().copied().chain([digest]));
-        self.index.drop_lease(lease)?;
+        self.end_lease(lease).await?;
         tracing::info!(%repository, %digest, ?tags, chunks = chunks.len(), "manifest committed");
         Ok(digest)
     }
@@ -123,10 +202,16 @@ impl Registry {
     async fn store_manifest(&self, lease: &str, bytes: Bytes) -> Result<(Digest, Vec<Digest>)> {
         let manifest = Manifest::decode(&bytes)?;
         let chunks = manifest.chunk_digests();
+        let present: Vec<bool> = futures::stream::iter(chunks.clone())
+            .map(|d| async move { self.chunk_present(&d).await })
+            .buffered(STORE_LOOKUPS)
+            .try_collect()
+            .await?;
         let missing: Vec<Digest> = chunks
             .iter()
-            .filter(|d| !self.index.has_chunk(d).unwrap_or(false))
-            .copied()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(d, _)| *d)
             .collect();
         if let Some(first) = missing.first() {
             return Err(RegistryError::ManifestIncomplete {
@@ -138,7 +223,7 @@ impl Registry {
         // The manifest joins the lease too, so GC cannot take it between here and the tag.
         self.index.lease_digests(lease, &[digest])?;
         self.index.lease_digests(lease, &chunks)?;
-        if !self.index.has_manifest(&digest)? {
+        if !self.manifest_present(&digest).await? {
             let len = bytes.len() as u64;
             self.store.put_manifest(&digest, bytes).await?;
             self.index.add_manifest(&digest, len)?;
@@ -191,10 +276,10 @@ impl Registry {
                         format!("bytes hash to {got}, the record names {target}"),
                     ));
                 }
-                self.check_lease(&req.lease_id)?;
+                self.check_lease(&req.lease_id).await?;
                 let (_, chunks) = self.store_manifest(&req.lease_id, req.manifest).await?;
                 protected = chunks;
-            } else if !self.index.has_manifest(&target)? {
+            } else if !self.manifest_present(&target).await? {
                 return Err(RegistryError::ManifestNotFound { digest: target });
             }
             protected.push(target);
@@ -207,23 +292,24 @@ impl Registry {
             .apply_tag_record(&req.repository, &req.tag, &record)?;
         self.note_committed(protected);
         if !req.lease_id.is_empty() {
-            self.index.drop_lease(&req.lease_id)?;
+            self.end_lease(&req.lease_id).await?;
         }
         tracing::info!(repository = %req.repository, tag = %req.tag, record = %req.record_name,
             current, "replicated tag record");
         Ok(current)
     }
 
-    fn resolve(&self, repository: &str, reference: &str) -> Result<Digest> {
+    async fn resolve(&self, repository: &str, reference: &str) -> Result<Digest> {
         if reference.starts_with(snapreg_proto::digest::PREFIX) {
             let d: Digest = reference.parse()?;
-            return if self.index.has_manifest(&d)? {
+            return if self.manifest_present(&d).await? {
                 Ok(d)
             } else {
                 Err(RegistryError::ManifestNotFound { digest: d })
             };
         }
         tag_arg(reference)?;
+        self.refresh_tag(repository, reference).await?;
         match self
             .index
             .tag_record(repository, reference)?
@@ -254,6 +340,10 @@ impl registry_server::Registry for RegistryService {
             .index
             .put_lease(&id, now_ms() + ttl.as_millis() as u64)
             .map_err(Status::from)?;
+        self.reg
+            .shared
+            .begin_push(&self.reg.store, &self.reg.index, &id, ttl)
+            .await?;
         Ok(Response::new(pb::BeginPushResponse {
             lease_id: id,
             ttl_seconds: ttl.as_secs(),
@@ -288,7 +378,7 @@ impl registry_server::Registry for RegistryService {
         let mut checked_lease: Option<String> = None;
         while let Some(msg) = stream.message().await? {
             if checked_lease.as_deref() != Some(msg.lease_id.as_str()) {
-                self.reg.check_lease(&msg.lease_id)?;
+                self.reg.check_lease(&msg.lease_id).await?;
                 checked_lease = Some(msg.lease_id.clone());
             }
             let digest = digest_arg("digest", &msg.digest)?;
@@ -352,7 +442,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::GetManifestResponse>, Status> {
         let req = req.into_inner();
         repo_arg(&req.repository)?;
-        let digest = self.reg.resolve(&req.repository, &req.reference)?;
+        let digest = self.reg.resolve(&req.repository, &req.reference).await?;
         let manifest = self.reg.store.get_manifest(&digest).await?;
         Ok(Response::new(pb::GetManifestResponse {
             digest: digest.to_string(),
@@ -364,6 +454,7 @@ impl registry_server::Registry for RegistryService {
         &self,
         _req: Request<pb::ListRepositoriesRequest>,
     ) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
+        self.reg.refresh_tags("").await?;
         let mut repos: Vec<String> = self
             .reg
             .index
@@ -385,6 +476,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::ListTagsResponse>, Status> {
         let repo = req.into_inner().repository;
         repo_arg(&repo)?;
+        self.reg.refresh_tags(&repo).await?;
         let tags: Vec<pb::TagInfo> = self
             .reg
             .index
@@ -415,7 +507,7 @@ impl registry_server::Registry for RegistryService {
         let req = req.into_inner();
         repo_arg(&req.repository)?;
         tag_arg(&req.tag)?;
-        let digest = self.reg.resolve(&req.repository, &req.digest)?;
+        let digest = self.reg.resolve(&req.repository, &req.digest).await?;
         // Protect the manifest and its chunks from a GC already past its mark phase.
         let manifest = Manifest::decode(&self.reg.store.get_manifest(&digest).await?)
             .map_err(RegistryError::from)?;
@@ -425,6 +517,9 @@ impl registry_server::Registry for RegistryService {
         reg.index
             .put_lease(&lease, now_ms() + reg.config.lease_ttl.as_millis() as u64)
             .map_err(Status::from)?;
+        reg.shared
+            .begin_push(&reg.store, &reg.index, &lease, reg.config.lease_ttl)
+            .await?;
         reg.index
             .lease_digests(&lease, &[digest])
             .map_err(Status::from)?;
@@ -435,7 +530,7 @@ impl registry_server::Registry for RegistryService {
             .write_tag(&req.repository, &req.tag, TagTarget::Manifest(digest))
             .await?;
         reg.note_committed(chunks.into_iter().chain([digest]));
-        reg.index.drop_lease(&lease).map_err(Status::from)?;
+        reg.end_lease(&lease).await?;
         Ok(Response::new(pb::SetTagResponse { hlc: rec.hlc.0 }))
     }
 
@@ -445,7 +540,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::DeleteTagResponse>, Status> {
         let req = req.into_inner();
         repo_arg(&req.repository)?;
-        let digest = self.reg.resolve(&req.repository, &req.tag)?;
+        let digest = self.reg.resolve(&req.repository, &req.tag).await?;
         self.reg
             .write_tag(&req.repository, &req.tag, TagTarget::Deleted)
             .await?;
@@ -517,5 +612,29 @@ impl registry_server::Registry for RegistryService {
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         Ok(Response::new(crate::scheduler::list_nodes(&self.reg)?))
+    }
+
+    async fn get_chunk_urls(
+        &self,
+        req: Request<pb::GetChunkUrlsRequest>,
+    ) -> Result<Response<pb::GetChunkUrlsResponse>, Status> {
+        let digests = req
+            .into_inner()
+            .digests
+            .iter()
+            .map(|b| digest_arg("digests", b))
+            .collect::<Result<Vec<_>>>()?;
+        if digests.len() > MAX_CHUNK_URLS {
+            return Err(RegistryError::invalid(
+                "digests",
+                format!("at most {MAX_CHUNK_URLS} per call, got {}", digests.len()),
+            )
+            .into());
+        }
+        let urls = self.reg.store.chunk_urls(&digests, CHUNK_URL_TTL).await?;
+        Ok(Response::new(pb::GetChunkUrlsResponse {
+            urls: urls.unwrap_or_default(),
+            expires_seconds: CHUNK_URL_TTL.as_secs(),
+        }))
     }
 }

@@ -10,6 +10,7 @@ mod podman;
 mod push_pull;
 mod real_images;
 mod replication;
+mod s3;
 mod scheduler;
 mod streaming;
 mod weights;

@@ -63,6 +63,8 @@ pub struct Registry {
     pub url: String,
     pub addr: String,
     extra: Vec<String>,
+    /// Extra environment (an S3 store's AWS_* variables).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -77,6 +79,7 @@ impl Registry {
             url: String::new(),
             addr: "127.0.0.1:0".into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         r.spawn();
@@ -88,6 +91,7 @@ impl Registry {
             .args(["serve", "--listen", &self.addr, "--data"])
             .arg(&self.data)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -445,6 +449,7 @@ impl Registry {
             url: String::new(),
             addr: addr.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         r.spawn();
@@ -528,4 +533,198 @@ pub fn push(url: &str, src: &Path, reference: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A real S3-compatible server: s3s-fs (installed by scripts/test.sh) started on a
+/// free loopback port with authentication on and killed by PID on drop, or, when
+/// `SNAPREG_TEST_S3_ENDPOINT` is set, a server already running (bench/s3/garage.sh
+/// runs the suite on a Garage cluster that way: `SNAPREG_TEST_S3_ACCESS_KEY`,
+/// `_SECRET_KEY`, `_BUCKET`, `_REGION`). Tests inspect and damage objects through the
+/// S3 API only, so they run the same against either.
+pub struct S3Server {
+    child: Option<Child>,
+    pub endpoint: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+    pub bucket: String,
+    /// Prefixes are unique per server instance: reruns against a long-lived server
+    /// never see each other's objects.
+    run: String,
+}
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        let run = format!("{:x}-{}", std::process::id(), rand_suffix());
+        if let Ok(endpoint) = std::env::var("SNAPREG_TEST_S3_ENDPOINT") {
+            let var = |k: &str| {
+                std::env::var(format!("SNAPREG_TEST_S3_{k}")).unwrap_or_else(|_| {
+                    panic!("SNAPREG_TEST_S3_{k} must be set with SNAPREG_TEST_S3_ENDPOINT")
+                })
+            };
+            return S3Server {
+                child: None,
+                endpoint,
+                access_key: var("ACCESS_KEY"),
+                secret_key: var("SECRET_KEY"),
+                region: std::env::var("SNAPREG_TEST_S3_REGION")
+                    .unwrap_or_else(|_| "us-east-1".into()),
+                bucket: var("BUCKET"),
+                run,
+            };
+        }
+        let exe = std::env::var_os("SNAPREG_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                    .join(".cache/snapreg/tools/bin/s3s-fs")
+            });
+        assert!(
+            exe.exists(),
+            "no s3s-fs at {}: scripts/test.sh installs it (cargo install --locked s3s-fs --features binary)",
+            exe.display()
+        );
+        let bucket = "snaps".to_string();
+        // s3s-fs keeps a bucket as a directory under its root.
+        std::fs::create_dir_all(root.join(&bucket)).unwrap();
+        let port = free_port();
+        let (access_key, secret_key) = (
+            "snapreg-test".to_string(),
+            "snapreg-test-secret".to_string(),
+        );
+        let child = Command::new(exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &access_key, "--secret-key", &secret_key])
+            .arg(root)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .expect("s3s-fs did not start listening");
+        S3Server {
+            child: Some(child),
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key,
+            secret_key,
+            region: "us-east-1".into(),
+            bucket,
+            run,
+        }
+    }
+
+    /// `s3://<bucket>/<prefix>` for a store named `name`, unique to this instance.
+    pub fn store_url(&self, name: &str) -> String {
+        format!("s3://{}/{}-{name}", self.bucket, self.run)
+    }
+
+    /// The AWS_* variables a registry needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", &self.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &self.secret_key),
+            ("AWS_REGION", &self.region),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Starts a registry on `store` (a [`S3Server::store_url`]).
+    pub fn registry(&self, data: &Path, store: &str, extra: &[&str]) -> Registry {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra);
+        let mut r = Registry {
+            data: data.to_path_buf(),
+            url: String::new(),
+            addr: "127.0.0.1:0".into(),
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            env: self.env(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn client(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .with_region(&self.region)
+            .with_bucket_name(&self.bucket)
+            .build()
+            .unwrap()
+    }
+
+    fn key_prefix(store: &str) -> String {
+        store.splitn(4, '/').nth(3).unwrap_or_default().to_string()
+    }
+
+    /// Keys of the chunk objects of `store`, through the S3 API.
+    pub fn chunk_keys(&self, store: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let prefix = object_store::path::Path::from(format!("{}/chunks", Self::key_prefix(store)));
+        let client = self.client();
+        block_on(async {
+            client
+                .list(Some(&prefix))
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// Whether `key` (relative to `store`'s prefix) exists.
+    pub fn exists(&self, store: &str, key: &str) -> bool {
+        use object_store::ObjectStoreExt;
+        let path = object_store::path::Path::from(format!("{}/{key}", Self::key_prefix(store)));
+        let client = self.client();
+        block_on(async { client.head(&path).await.is_ok() })
+    }
+
+    /// Rewrites an object (a full key, as [`S3Server::chunk_keys`] gives) with its
+    /// last byte flipped: storage corruption behind the registry's back.
+    pub fn corrupt(&self, key: &str) {
+        use object_store::ObjectStoreExt;
+        let path = object_store::path::Path::from(key);
+        let client = self.client();
+        block_on(async {
+            let mut bytes = client
+                .get(&path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            client.put(&path, bytes.into()).await.unwrap();
+        });
+    }
+}
+
+fn rand_suffix() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{:x}", t.as_nanos() & 0xffff_ffff)
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -1,0 +1,268 @@
+//! Several `snapreg` instances serving one region from one store.
+//!
+//! The store is the source of truth; each instance's RocksDB index is a cache of it
+//! that may lag (what another instance wrote) or run ahead (what another instance's
+//! GC deleted). How each is closed:
+//!
+//! | the index of instance A lacks or misstates | closed by |
+//! |---|---|
+//! | a chunk or manifest B stored | FindMissingChunks, PutManifest and GetManifest look in the store (HEAD) before calling it missing, and index what they find |
+//! | a tag B moved | tag reads list the tag's records newer than A's current one (`list` from an offset: one request) and fold them in; `ls` lists the repository's or all records |
+//! | objects B's GC deleted | B writes a sweep log (`sweeps/<ms>-<instance>`, the digests it may delete) before deleting; A applies unseen logs at every BeginPush, before it answers which chunks exist |
+//! | B's GC racing A's push | store leases: a push lease is an object (`leases/<instance>/push-<id>`) written at BeginPush, removed at commit; GC writes `leases/<instance>/gc` first and then lists: a live lease of another instance makes it give up ("retry"); BeginPush lists after writing: a live GC lock of another instance makes it wait (up to `GC_WAIT`). Write-then-list on both sides means at least one sees the other (S3 lists are read-after-write consistent) |
+//!
+//! Within one instance the finer-grained machinery of gc.rs (per-digest leases under
+//! stripe locks, `gc_committed`) still applies, so GC on an instance never waits for
+//! its own pushes. Node-local (never in the store, lost with the data dir, harmless):
+//! the per-digest lease entries, the replication log and peer cursors, node agent
+//! registrations, and which sweep logs were applied.
+//!
+//! Leases of an instance that crashed stay live until they expire (`--lease-ttl`)
+//! and hold off other instances' GC until then; instance names are fresh at every
+//! start, so a restarted instance does not mistake them for its own.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use snapreg_proto::Digest;
+
+use crate::chunk_store::ChunkStore;
+use crate::error::{RegistryError, Result};
+use crate::index::Index;
+use crate::server::now_ms;
+
+pub const LEASES: &str = "leases";
+pub const SWEEPS: &str = "sweeps";
+
+/// How long BeginPush waits for another instance's GC to finish before refusing.
+const GC_WAIT: Duration = Duration::from_secs(300);
+const GC_POLL: Duration = Duration::from_millis(200);
+
+pub struct SharedStore {
+    /// This process's name in lease and sweep-log objects.
+    instance: String,
+    /// Expiry last written to each store lease of this instance: a lease object is
+    /// rewritten only when half of its lifetime is spent, not on every call.
+    written: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl Default for SharedStore {
+    fn default() -> Self {
+        SharedStore {
+            instance: format!("{:016x}", rand::random::<u64>()),
+            written: Default::default(),
+        }
+    }
+}
+
+/// A live lease of some instance, as listed from the store.
+struct Listed {
+    instance: String,
+    name: String,
+    expires_ms: u64,
+}
+
+impl SharedStore {
+    fn lease_path(&self, name: &str) -> String {
+        format!("{LEASES}/{}/{name}", self.instance)
+    }
+
+    async fn write_lease(&self, store: &ChunkStore, name: &str, ttl: Duration) -> Result<()> {
+        let expires = now_ms() + ttl.as_millis() as u64;
+        store
+            .put_raw(&self.lease_path(name), Bytes::from(expires.to_string()))
+            .await?;
+        self.written
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), expires);
+        Ok(())
+    }
+
+    /// Live leases of other instances.
+    async fn foreign_leases(&self, store: &ChunkStore) -> Result<Vec<Listed>> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for meta in store.list(LEASES).await? {
+            let path = meta.location.as_ref();
+            let mut parts = path.split('/').skip(1);
+            let (Some(instance), Some(name)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if instance == self.instance {
+                continue;
+            }
+            let Some(body) = store.get_raw(path).await? else {
+                continue; // ended meanwhile
+            };
+            let expires_ms = String::from_utf8_lossy(&body).trim().parse().unwrap_or(0);
+            if expires_ms > now {
+                out.push(Listed {
+                    instance: instance.to_string(),
+                    name: name.to_string(),
+                    expires_ms,
+                });
+            } else {
+                // Expired (its instance died): tidy up; nothing relies on it.
+                store.delete_raw(path).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publishes push lease `id` (BeginPush, SetTag), waiting out another instance's
+    /// GC first, then applies the sweep logs that GC left.
+    pub async fn begin_push(
+        &self,
+        store: &ChunkStore,
+        index: &Index,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let name = format!("push-{id}");
+        self.write_lease(store, &name, ttl).await?;
+        let started = std::time::Instant::now();
+        loop {
+            let gcs: Vec<Listed> = self
+                .foreign_leases(store)
+                .await?
+                .into_iter()
+                .filter(|l| l.name == "gc")
+                .collect();
+            let Some(gc) = gcs.first() else { break };
+            if started.elapsed() > GC_WAIT {
+                self.end(store, id).await?;
+                return Err(RegistryError::Busy(format!(
+                    "garbage collection on instance {} has held the store for over {GC_WAIT:?} (its lock expires at unix ms {}); retry the push later",
+                    gc.instance, gc.expires_ms
+                )));
+            }
+            tokio::time::sleep(GC_POLL).await;
+        }
+        self.catch_up(store, index).await?;
+        Ok(())
+    }
+
+    /// Keeps push lease `id` alive in the store while the push is active.
+    pub async fn refresh(&self, store: &ChunkStore, id: &str, ttl: Duration) -> Result<()> {
+        self.refresh_named(store, &format!("push-{id}"), ttl).await
+    }
+
+    /// Keeps the GC lock alive while a long sweep runs.
+    pub async fn refresh_gc(&self, store: &ChunkStore, ttl: Duration) -> Result<()> {
+        self.refresh_named(store, "gc", ttl).await
+    }
+
+    async fn refresh_named(&self, store: &ChunkStore, name: &str, ttl: Duration) -> Result<()> {
+        let due = self
+            .written
+            .lock()
+            .unwrap()
+            .get(name)
+            .is_none_or(|exp| exp.saturating_sub(now_ms()) < ttl.as_millis() as u64 / 2);
+        if due {
+            self.write_lease(store, name, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends push lease `id` (commit, or a refused begin).
+    pub async fn end(&self, store: &ChunkStore, id: &str) -> Result<()> {
+        let name = format!("push-{id}");
+        self.written.lock().unwrap().remove(&name);
+        store.delete_raw(&self.lease_path(&name)).await
+    }
+
+    /// Takes the store-wide GC lock; refuses while another instance holds a push
+    /// lease or the GC lock. Release with [`SharedStore::unlock_gc`].
+    pub async fn lock_gc(&self, store: &ChunkStore, ttl: Duration) -> Result<()> {
+        self.write_lease(store, "gc", ttl).await?;
+        let others = self.foreign_leases(store).await?;
+        if let Some(l) = others.first() {
+            self.unlock_gc(store).await?;
+            let what = if l.name == "gc" {
+                "is collecting garbage".to_string()
+            } else {
+                format!("holds a push lease ({})", l.name)
+            };
+            return Err(RegistryError::Busy(format!(
+                "instance {} {what} on this store until unix ms {} at the latest ({} other lease(s) live); retry GC when pushes on other instances have committed",
+                l.instance,
+                l.expires_ms,
+                others.len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn unlock_gc(&self, store: &ChunkStore) -> Result<()> {
+        self.written.lock().unwrap().remove("gc");
+        store.delete_raw(&self.lease_path("gc")).await
+    }
+
+    /// Records, before GC deletes them, chunks and manifests it may delete, so other
+    /// instances drop them from their indexes. Marked applied here.
+    pub async fn log_sweep(
+        &self,
+        store: &ChunkStore,
+        index: &Index,
+        chunks: &[Digest],
+        manifests: &[Digest],
+    ) -> Result<()> {
+        if chunks.is_empty() && manifests.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{SWEEPS}/{:016x}-{}", now_ms(), self.instance);
+        let mut body = String::new();
+        for (kind, ds) in [("c", chunks), ("m", manifests)] {
+            for d in ds {
+                body.push_str(&format!("{kind} {}\n", d.to_hex()));
+            }
+        }
+        store.put_raw(&name, Bytes::from(body)).await?;
+        index.mark_sweep_applied(&name)?;
+        Ok(())
+    }
+
+    /// Applies every sweep log this index has not seen: its digests leave the index
+    /// (a digest that is in fact still stored is found again by a store lookup).
+    pub async fn catch_up(&self, store: &ChunkStore, index: &Index) -> Result<usize> {
+        let mut applied = 0;
+        for meta in store.list(SWEEPS).await? {
+            let name = meta.location.as_ref();
+            if index.sweep_applied(name)? {
+                continue;
+            }
+            let body = store.get_raw(name).await?.unwrap_or_default();
+            for line in String::from_utf8_lossy(&body).lines() {
+                let Some((kind, hex)) = line.split_once(' ') else {
+                    continue;
+                };
+                let Ok(d) = Digest::from_hex(hex) else {
+                    continue;
+                };
+                match kind {
+                    "c" => index.remove_chunk(&d)?,
+                    "m" => index.remove_manifest(&d)?,
+                    _ => {}
+                }
+            }
+            index.mark_sweep_applied(name)?;
+            applied += 1;
+        }
+        if applied > 0 {
+            tracing::info!(applied, "applied sweep logs of other instances' GC");
+        }
+        Ok(applied)
+    }
+
+    /// Marks every sweep log in the store as applied (a rebuilt index lists the store
+    /// after them). Called by a rebuild that holds a push lease, so no GC runs meanwhile.
+    pub async fn mark_all_applied(&self, store: &ChunkStore, index: &Index) -> Result<()> {
+        for meta in store.list(SWEEPS).await? {
+            index.mark_sweep_applied(meta.location.as_ref())?;
+        }
+        Ok(())
+    }
+}
