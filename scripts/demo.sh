@@ -35,6 +35,12 @@ addr="$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$work/snapreg.out")"
 export SNAPCTL_REGISTRY="http://$addr"
 echo "registry at $SNAPCTL_REGISTRY" >&2
 
+say "issue an access token for demo/* (the registry admits no anonymous callers)"
+SNAPCTL_TOKEN="$("$SNAPREG_BIN/snapreg" token issue --data "$work/registry" --repo 'demo/*' --scope push --ttl 1h --name demo \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
+export SNAPCTL_TOKEN
+"$SNAPREG_BIN/snapreg" token ls --data "$work/registry" >&2
+
 start_worker() { # dir pad_mib -> pid (256 MiB of seeded data, 64 MiB of zero pages)
   mkdir -p "$1"
   setsid "$SNAPREG_BIN/snapreg-testproc" hold --out "$1" --mib 256 --seed 7 --pad-mib "$2" --zero-mib 64 </dev/null >/dev/null 2>&1 &

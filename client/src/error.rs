@@ -26,6 +26,12 @@ pub enum ClientError {
     Format(#[from] snapreg_proto::Error),
     #[error("registry refused: {0}")]
     Registry(String),
+    /// No valid token, or a token without the scope the call needs (gRPC
+    /// UNAUTHENTICATED / PERMISSION_DENIED); the registry's message says what to do.
+    #[error("access refused by {url}: {message}")]
+    Auth { url: String, message: String },
+    #[error("TLS with {url} failed: {reason}; for a registry with a private CA pass it with --ca-cert or SNAPCTL_CA_CERT, and where it requires client certificates pass --client-cert and --client-key")]
+    Tls { url: String, reason: String },
     #[error("this host cannot restore the snapshot:\n{0}\n(use --force to try anyway)")]
     Incompatible(String),
     #[error("{what}: {source}")]
@@ -54,7 +60,8 @@ impl ClientError {
     }
 
     /// The documented exit code: 1 failure, 2 usage, 3 not found, 4 incompatible
-    /// host, 5 integrity failure.
+    /// host, 5 integrity failure, 6 access refused (authentication, authorization or
+    /// the TLS handshake).
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Usage(_) | ClientError::NoRegistry => 2,
@@ -63,7 +70,25 @@ impl ClientError {
             ClientError::ChunkCorrupt { .. } | ClientError::ManifestCorrupt { .. } => 5,
             ClientError::Format(snapreg_proto::Error::InvalidReference { .. }) => 2,
             ClientError::Format(snapreg_proto::Error::ChunkCorrupt { .. }) => 5,
+            ClientError::Auth { .. } | ClientError::Tls { .. } => 6,
             _ => 1,
+        }
+    }
+
+    /// A connection that failed: a TLS refusal (certificate not trusted, or one the
+    /// server requires and we lack) is told apart from an unreachable address.
+    pub fn connect_failed(url: &str, reason: String) -> Self {
+        let lower = reason.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            ClientError::Tls {
+                url: url.to_string(),
+                reason,
+            }
+        } else {
+            ClientError::Unreachable {
+                url: url.to_string(),
+                reason,
+            }
         }
     }
 
@@ -72,6 +97,10 @@ impl ClientError {
         use tonic::Code;
         let msg = s.message().to_string();
         match s.code() {
+            Code::Unauthenticated | Code::PermissionDenied => ClientError::Auth {
+                url: url.to_string(),
+                message: msg,
+            },
             Code::NotFound => ClientError::NotFound(msg),
             Code::DataLoss => ClientError::Registry(format!("integrity failure: {msg}")),
             Code::InvalidArgument => ClientError::Usage(msg),
@@ -80,10 +109,8 @@ impl ClientError {
                     || msg.contains("connect")
                     || msg.contains("error trying to connect") =>
             {
-                ClientError::Unreachable {
-                    url: url.to_string(),
-                    reason: msg,
-                }
+                // The transport's own cause (e.g. the server's TLS alert) is in the source.
+                ClientError::connect_failed(url, crate::remote::error_chain(&s))
             }
             Code::Cancelled | Code::DeadlineExceeded => ClientError::Unreachable {
                 url: url.to_string(),
