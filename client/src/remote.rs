@@ -24,6 +24,7 @@ pub struct Credentials {
     token: BearerToken,
     /// For `https://` URLs; `None`: the platform's roots, no client certificate.
     tls: Option<ClientTlsConfig>,
+    client_identity: bool,
 }
 
 impl From<CredentialsError> for ClientError {
@@ -48,17 +49,26 @@ impl Credentials {
         let token = BearerToken::new(token.or(from_file.as_deref()))?;
         let identity =
             credentials::identity_pair(client_cert, client_key, ("--client-cert", "--client-key"))?;
+        let client_identity = identity.is_some();
         let tls = match (ca_cert, identity) {
             (None, None) => None,
             (ca, identity) => Some(credentials::client_tls(ca, identity)?),
         };
-        Ok(Credentials { token, tls })
+        Ok(Credentials {
+            token,
+            tls,
+            client_identity,
+        })
     }
 }
 
 #[derive(Clone)]
 pub struct Remote {
     url: String,
+    /// TLS without a client certificate: a server that requires one (mutual TLS)
+    /// closes the connection after the handshake, which the client sees only as a
+    /// closed stream on its first call.
+    tls_without_identity: bool,
     client: RegistryClient<InterceptedService<Channel, BearerToken>>,
 }
 
@@ -95,9 +105,12 @@ impl Remote {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20));
         match (&creds.tls, url.starts_with("https://")) {
-            (Some(tls), true) => {
+            (tls, true) => {
+                let tls = tls
+                    .clone()
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
                 endpoint = endpoint
-                    .tls_config(tls.clone())
+                    .tls_config(tls)
                     .map_err(|e| ClientError::Usage(format!("TLS settings: {e}")))?;
             }
             (Some(_), false) => {
@@ -105,7 +118,7 @@ impl Remote {
                     "--ca-cert / --client-cert are for TLS: use an https:// URL instead of {url}"
                 )))
             }
-            _ => {}
+            (None, false) => {}
         }
         if creds.token.is_set() && url.starts_with("http://") && !is_loopback(url) {
             tracing::warn!("sending a token to {url} over plain HTTP: anyone on the path can read it; serve TLS (snapreg serve --tls-cert) and use https://");
@@ -119,6 +132,7 @@ impl Remote {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Remote {
             url: url.to_string(),
+            tls_without_identity: url.starts_with("https://") && !creds.client_identity,
             client,
         })
     }
@@ -128,7 +142,23 @@ impl Remote {
     }
 
     fn status(&self, s: tonic::Status) -> ClientError {
-        ClientError::from_status(&self.url, s)
+        match ClientError::from_status(&self.url, s) {
+            ClientError::Unreachable { url, reason }
+                if self.tls_without_identity
+                    && ["broken pipe", "connection reset", "closed", "canceled", "end of file"]
+                        .iter()
+                        .any(|w| reason.contains(w)) =>
+            {
+                ClientError::Tls {
+                    url,
+                    reason: format!(
+                        "the registry closed the connection after the TLS handshake; it may \
+                         require a client certificate ({reason})"
+                    ),
+                }
+            }
+            e => e,
+        }
     }
 
     pub async fn begin_push(&self, repository: &str) -> Result<String> {
