@@ -145,9 +145,15 @@ impl Remote {
         match ClientError::from_status(&self.url, s) {
             ClientError::Unreachable { url, reason }
                 if self.tls_without_identity
-                    && ["broken pipe", "connection reset", "closed", "canceled", "end of file"]
-                        .iter()
-                        .any(|w| reason.contains(w)) =>
+                    && [
+                        "broken pipe",
+                        "connection reset",
+                        "closed",
+                        "canceled",
+                        "end of file",
+                    ]
+                    .iter()
+                    .any(|w| reason.contains(w)) =>
             {
                 ClientError::Tls {
                     url,

@@ -362,7 +362,9 @@ fn mutual_tls_refuses_clients_and_agents_without_a_certificate() {
     refused(&out, "--client-cert");
     snapctl(&reg.url, &args(&[&client], &["--token", &node_token, "ls"])).ok();
 
-    // Two agents: one with the client certificate, one without.
+    // Two agents: one with the client certificate, one without. Each serves its own
+    // listener with TLS too, admitting only callers with a certificate of the CA.
+    let agent_tls = pki.serve_args(true);
     let start_agent = |name: &str, tls: &[String]| {
         let mut cmd = std::process::Command::new(bin("snapctl"));
         cmd.arg("--registry")
@@ -373,13 +375,53 @@ fn mutual_tls_refuses_clients_and_agents_without_a_certificate() {
             .args(["--token", &node_token])
             .args(["agent", "--listen", "127.0.0.1:0", "--name", name])
             .args(["--register-every", "500ms"])
+            .args(&agent_tls)
             .env_remove("SNAPCTL_REGISTRY")
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
-        KillOnDrop(cmd.spawn().unwrap())
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("snapctl agent printed {line:?}: {e}"));
+        let url = format!("https://{}", v["listen"].as_str().unwrap());
+        (KillOnDrop(child), url)
     };
-    let _good = start_agent("with-cert", &client);
+    let (_good, good_url) = start_agent("with-cert", &client);
     let _bad = start_agent("without-cert", &ca);
+    // A scheduler without a client certificate is refused by the agent; one with it
+    // gets the cache status.
+    let cache_status = |identity: bool| {
+        block_on(async {
+            let ca = tonic::transport::Certificate::from_pem(std::fs::read(&pki.ca).unwrap());
+            let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(ca);
+            if identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(&pki.client_cert).unwrap(),
+                    std::fs::read(&pki.client_key).unwrap(),
+                ));
+            }
+            let channel = tonic::transport::Endpoint::from_shared(good_url.clone())
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            snapreg_proto::pb::node_agent_client::NodeAgentClient::new(channel)
+                .cache_status(snapreg_proto::pb::CacheStatusRequest { reference: None })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.to_string())
+        })
+    };
+    assert!(cache_status(false).is_err());
+    let status = cache_status(true).expect("CacheStatus with a client certificate");
+    assert_eq!(status.chunks, 0);
     let creds = snapreg_client::remote::Credentials::new(
         Some(&node_token),
         None,
