@@ -127,3 +127,36 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub fn shown(p: &std::path::Path) -> String {
     p.display().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_refusals_exit_6_with_the_registry_message() {
+        for s in [
+            tonic::Status::unauthenticated("this registry requires a token: issue one"),
+            tonic::Status::permission_denied("token x grants pull"),
+        ] {
+            let msg = s.message().to_string();
+            let e = ClientError::from_status("http://r:5000", s);
+            assert_eq!(e.exit_code(), 6, "{e}");
+            assert!(e.to_string().contains(&msg), "{e}");
+            assert!(e.to_string().contains("http://r:5000"), "{e}");
+        }
+    }
+
+    #[test]
+    fn certificate_failures_are_tls_refusals_not_unreachable() {
+        let e = ClientError::connect_failed(
+            "https://r:5000",
+            "transport error: invalid peer certificate: UnknownIssuer".into(),
+        );
+        assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("--ca-cert"), "{e}");
+        let e = ClientError::connect_failed("http://r:5000", "connection refused".into());
+        assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}
