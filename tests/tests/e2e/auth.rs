@@ -554,3 +554,48 @@ fn replication_over_mutual_tls_with_a_token() {
     assert_eq!(out["digest"], digest.as_str());
     assert_trees_equal(&src, &dst);
 }
+
+#[test]
+fn watch_shows_only_the_repositories_a_token_may_pull() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = closed(&t.path().join("reg"), &[]);
+    let (_, admin) = reg.issue_token(&["--repo", "*", "--scope", "admin"]);
+    let (_, team) = reg.issue_token(&["--repo", "team/*", "--scope", "pull"]);
+    let src = small_snapshot(t.path());
+    let s = src.to_str().unwrap();
+    for r in ["team/app:v1", "other/app:v1", "team/app:v2"] {
+        snapctl(&reg.url, &["--token", &admin, "push", s, r]).ok();
+    }
+    let events = block_on(async {
+        use futures::StreamExt;
+        let channel = tonic::transport::Endpoint::from_shared(reg.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token = snapreg_proto::credentials::BearerToken::new(Some(&team)).unwrap();
+        let mut stream =
+            snapreg_proto::pb::registry_client::RegistryClient::with_interceptor(channel, token)
+                .watch(snapreg_proto::pb::WatchRequest { from_sequence: 0 })
+                .await
+                .unwrap()
+                .into_inner();
+        let mut seen = Vec::new();
+        // The stream stays open: read until team/app:v2, the last commit.
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            let e = e.unwrap();
+            seen.push((e.sequence, format!("{}:{}", e.repository, e.tag)));
+            if e.tag == "v2" {
+                break;
+            }
+        }
+        seen
+    });
+    assert_eq!(
+        events,
+        [
+            (1, "team/app:v1".to_string()),
+            (3, "team/app:v2".to_string())
+        ]
+    );
+}
