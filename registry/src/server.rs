@@ -140,9 +140,19 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
             tonic::transport::Server::builder()
                 .tls_config(tls.clone())
                 .map_err(|e| {
+                    let mut why = e.to_string();
+                    let mut cur = std::error::Error::source(&e);
+                    while let Some(c) = cur {
+                        why = format!("{why}: {c}");
+                        cur = c.source();
+                    }
                     RegistryError::invalid(
                         "--tls-cert",
-                        format!("{} / {}: {e}", f.cert.display(), f.key.display()),
+                        format!(
+                            "{} / {} are not a PEM certificate chain and its private key ({why})",
+                            f.cert.display(),
+                            f.key.display()
+                        ),
                     )
                 })?;
             Some(tls)
