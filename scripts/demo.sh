@@ -35,6 +35,12 @@ addr="$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$work/snapreg.out")"
 export SNAPCTL_REGISTRY="http://$addr"
 echo "registry at $SNAPCTL_REGISTRY" >&2
 
+say "issue an access token for demo/* (the registry admits no anonymous callers)"
+SNAPCTL_TOKEN="$("$SNAPREG_BIN/snapreg" token issue --data "$work/registry" --repo 'demo/*' --scope push --ttl 1h --name demo \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
+export SNAPCTL_TOKEN
+"$SNAPREG_BIN/snapreg" token ls --data "$work/registry" >&2
+
 start_worker() { # dir pad_mib -> pid (256 MiB of seeded data, 64 MiB of zero pages)
   mkdir -p "$1"
   setsid "$SNAPREG_BIN/snapreg-testproc" hold --out "$1" --mib 256 --seed 7 --pad-mib "$2" --zero-mib 64 </dev/null >/dev/null 2>&1 &
@@ -44,6 +50,12 @@ start_worker() { # dir pad_mib -> pid (256 MiB of seeded data, 64 MiB of zero pa
   echo "$pid"
 }
 counter() { cut -d' ' -f1 "$1/state"; }
+verify() { # dir pid: ask the worker to check its memory; wait for its verdict (up to 30 s)
+  rm -f "$1/verify"
+  kill -USR1 "$2"
+  for _ in $(seq 300); do [ -s "$1/verify" ] && break; sleep 0.1; done
+  cat "$1/verify"
+}
 
 say "run 1: a worker holding 256 MiB of state and a counter"
 pid1="$(start_worker "$work/run1" 3)"
@@ -79,8 +91,7 @@ restored_pid="$(cut -d' ' -f2 "$work/run1/state")"
 pids+=("$restored_pid")
 echo "restored pid $restored_pid: counter $before at checkpoint, $after now" >&2
 [ "$after" -gt "$before" ] || { echo "the restored worker is not counting" >&2; exit 1; }
-kill -USR1 "$restored_pid"; sleep 0.5
-echo "memory check after restore: $(cat "$work/run1/verify")" >&2
+echo "memory check after restore: $(verify "$work/run1" "$restored_pid")" >&2
 grep -q '^ok' "$work/run1/verify"
 
 say "checkpoint the running worker straight into the registry (no image on local disk)"
@@ -97,7 +108,6 @@ echo "counter $frozen_at at checkpoint, $(counter "$work/run1") now" >&2
 kill -9 "$restored_pid"; for _ in $(seq 100); do [ -e "/proc/$restored_pid" ] || break; sleep 0.05; done
 snapctl --json pull-restore --detach demo/worker:streamed | tail -n 1 | tee "$work/restore2.json"
 python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('second restore on this node: %d chunks from the registry, %d from the node cache' % (j['chunks_transferred'], j['chunks_cached']))" "$work/restore2.json" >&2
-kill -USR1 "$restored_pid"; sleep 0.5
-echo "memory check after the streamed round trip: $(cat "$work/run1/verify")" >&2
+echo "memory check after the streamed round trip: $(verify "$work/run1" "$restored_pid")" >&2
 grep -q '^ok' "$work/run1/verify"
 say "demo finished"

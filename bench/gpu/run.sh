@@ -15,7 +15,7 @@ CRIU="$(deploy/install-criu.sh --from .carry/criu-debs | tail -n 1)"
 export SNAPCTL_CRIU="$CRIU"
 B=.carry/bin
 W="$(mktemp -d /tmp/g.XXXXXX)"
-"$B/snapreg" serve --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
+"$B/snapreg" serve --listen 127.0.0.1:0 --anonymous admin --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
 REG=$!
 trap 'kill -9 $REG 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$W/reg.out" ] && break; sleep 0.1; done

@@ -43,7 +43,7 @@ W=/var/tmp/snapreg-sep
 rm -rf "$W" /dev/shm/local; mkdir -p "$W"
 : >"$OUT/summary.env"
 
-"$B/snapreg" serve --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
+"$B/snapreg" serve --anonymous admin --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
 REG=$!
 waitfile "$W/reg.out" 10
 export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"

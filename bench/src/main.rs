@@ -154,7 +154,15 @@ impl Registry {
 
     fn start_with(data: &Path, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(bin("snapreg"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            // Benchmarks measure data paths, not access control.
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--anonymous",
+                "admin",
+                "--data",
+            ])
             .arg(data)
             .args(extra)
             .env("RUST_LOG", "warn")

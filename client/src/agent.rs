@@ -9,7 +9,10 @@
 //!   with every configured registry at start and then every `register_every`.
 //!
 //! Registries are connected per call (nearest first, unreachable ones skipped), so an
-//! agent outlives registry restarts. Plain HTTP/2 for now: no TLS, no authentication.
+//! agent outlives registry restarts. The agent presents [`AgentConfig::credentials`]
+//! (the node's token; a client certificate where registries require mutual TLS) to
+//! every registry. Its own listener serves TLS when given a certificate, and with a
+//! client CA admits only callers (schedulers) holding a certificate that CA signed.
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,7 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::cache::ChunkCache;
 use crate::error::{ClientError, Result};
 use crate::progress::Progress;
-use crate::remote::Remote;
+use crate::remote::{Credentials, Remote};
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -37,6 +40,10 @@ pub struct AgentConfig {
     pub register_every: Duration,
     /// Chunk fetches in flight per prefetch.
     pub window: usize,
+    /// What the agent presents to registries.
+    pub credentials: Credentials,
+    /// TLS for the agent's own listener.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 #[derive(Clone)]
@@ -46,11 +53,11 @@ struct Agent {
 }
 
 /// Every reachable registry, nearest first; an error only if none answers.
-async fn connect_all(urls: &[String]) -> Result<Vec<Remote>> {
+async fn connect_all(urls: &[String], creds: &Credentials) -> Result<Vec<Remote>> {
     let mut out = Vec::new();
     let mut last = None;
     for url in urls {
-        match Remote::connect(url).await {
+        match Remote::connect_with(url, creds).await {
             Ok(r) => out.push(r),
             Err(e) => {
                 tracing::warn!("agent: skipping registry {url}: {e}");
@@ -73,6 +80,7 @@ fn status(e: ClientError) -> Status {
         5 => Status::data_loss(msg),
         _ => match e {
             ClientError::Unreachable { .. } => Status::unavailable(msg),
+            ClientError::Auth { .. } | ClientError::Tls { .. } => Status::permission_denied(msg),
             _ => Status::internal(msg),
         },
     }
@@ -135,7 +143,7 @@ impl Agent {
             }
         };
         for url in &self.config.registries {
-            let res = match Remote::connect(url).await {
+            let res = match Remote::connect_with(url, &self.config.credentials).await {
                 Ok(r) => r.register_node(req.clone()).await.map(|_| ()),
                 Err(e) => Err(e),
             };
@@ -153,7 +161,9 @@ impl NodeAgent for Agent {
         req: Request<pb::PrefetchRequest>,
     ) -> std::result::Result<Response<pb::PrefetchResponse>, Status> {
         let reference = parse_reference(&req.into_inner().reference)?;
-        let remotes = connect_all(&self.config.registries).await.map_err(status)?;
+        let remotes = connect_all(&self.config.registries, &self.config.credentials)
+            .await
+            .map_err(status)?;
         // restore::prefetch enforces the cache limit when done.
         let r = crate::restore::prefetch(
             remotes,
@@ -202,7 +212,7 @@ impl NodeAgent for Agent {
 impl Agent {
     /// How much of a snapshot's distinct chunks the node cache holds.
     async fn snapshot_status(&self, reference: &Reference) -> Result<pb::SnapshotCacheStatus> {
-        let remotes = connect_all(&self.config.registries).await?;
+        let remotes = connect_all(&self.config.registries, &self.config.credentials).await?;
         let mut found = None;
         let mut last = None;
         for r in &remotes {
@@ -248,14 +258,15 @@ impl Agent {
 }
 
 /// The URL a scheduler reaches this agent at, from the bound address.
-fn default_url(addr: std::net::SocketAddr) -> String {
+fn default_url(addr: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if addr.ip().is_unspecified() {
         let host = crate::host::hostname();
         if !host.is_empty() {
-            return format!("http://{host}:{}", addr.port());
+            return format!("{scheme}://{host}:{}", addr.port());
         }
     }
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
 }
 
 /// Serves the agent on `listener` and registers the node periodically, until
@@ -271,7 +282,13 @@ pub async fn run(
     let agent_url = config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| default_url(addr));
+        .unwrap_or_else(|| default_url(addr, config.tls.is_some()));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ClientError::Usage(format!("agent TLS (--tls-cert/--tls-key): {e}")))?;
+    }
     let agent = Agent { config, agent_url };
     let ticker = {
         let agent = agent.clone();
@@ -286,7 +303,7 @@ pub async fn run(
         })
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let served = tonic::transport::Server::builder()
+    let served = builder
         .add_service(NodeAgentServer::new(agent))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -26,6 +26,12 @@ pub enum ClientError {
     Format(#[from] snapreg_proto::Error),
     #[error("registry refused: {0}")]
     Registry(String),
+    /// No valid token, or a token without the scope the call needs (gRPC
+    /// UNAUTHENTICATED / PERMISSION_DENIED); the registry's message says what to do.
+    #[error("access refused by {url}: {message}")]
+    Auth { url: String, message: String },
+    #[error("TLS with {url} failed: {reason}; for a registry with a private CA pass it with --ca-cert or SNAPCTL_CA_CERT, and where it requires client certificates pass --client-cert and --client-key")]
+    Tls { url: String, reason: String },
     #[error("this host cannot restore the snapshot:\n{0}\n(use --force to try anyway)")]
     Incompatible(String),
     #[error("{what}: {source}")]
@@ -56,7 +62,8 @@ impl ClientError {
     }
 
     /// The documented exit code: 1 failure, 2 usage, 3 not found, 4 incompatible
-    /// host, 5 integrity failure.
+    /// host, 5 integrity failure, 6 access refused (authentication, authorization or
+    /// the TLS handshake).
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Usage(_) | ClientError::NoRegistry => 2,
@@ -65,7 +72,25 @@ impl ClientError {
             ClientError::ChunkCorrupt { .. } | ClientError::ManifestCorrupt { .. } => 5,
             ClientError::Format(snapreg_proto::Error::InvalidReference { .. }) => 2,
             ClientError::Format(snapreg_proto::Error::ChunkCorrupt { .. }) => 5,
+            ClientError::Auth { .. } | ClientError::Tls { .. } => 6,
             _ => 1,
+        }
+    }
+
+    /// A connection that failed: a TLS refusal (certificate not trusted, or one the
+    /// server requires and we lack) is told apart from an unreachable address.
+    pub fn connect_failed(url: &str, reason: String) -> Self {
+        let lower = reason.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            ClientError::Tls {
+                url: url.to_string(),
+                reason,
+            }
+        } else {
+            ClientError::Unreachable {
+                url: url.to_string(),
+                reason,
+            }
         }
     }
 
@@ -74,6 +99,10 @@ impl ClientError {
         use tonic::Code;
         let msg = s.message().to_string();
         match s.code() {
+            Code::Unauthenticated | Code::PermissionDenied => ClientError::Auth {
+                url: url.to_string(),
+                message: msg,
+            },
             Code::NotFound => ClientError::NotFound(msg),
             Code::DataLoss => ClientError::Registry(format!("integrity failure: {msg}")),
             Code::InvalidArgument => ClientError::Usage(msg),
@@ -82,10 +111,8 @@ impl ClientError {
                     || msg.contains("connect")
                     || msg.contains("error trying to connect") =>
             {
-                ClientError::Unreachable {
-                    url: url.to_string(),
-                    reason: msg,
-                }
+                // The transport's own cause (e.g. the server's TLS alert) is in the source.
+                ClientError::connect_failed(url, crate::remote::error_chain(&s))
             }
             Code::Cancelled | Code::DeadlineExceeded => ClientError::Unreachable {
                 url: url.to_string(),
@@ -101,4 +128,37 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 /// A path for messages.
 pub fn shown(p: &std::path::Path) -> String {
     p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_refusals_exit_6_with_the_registry_message() {
+        for s in [
+            tonic::Status::unauthenticated("this registry requires a token: issue one"),
+            tonic::Status::permission_denied("token x grants pull"),
+        ] {
+            let msg = s.message().to_string();
+            let e = ClientError::from_status("http://r:5000", s);
+            assert_eq!(e.exit_code(), 6, "{e}");
+            assert!(e.to_string().contains(&msg), "{e}");
+            assert!(e.to_string().contains("http://r:5000"), "{e}");
+        }
+    }
+
+    #[test]
+    fn certificate_failures_are_tls_refusals_not_unreachable() {
+        let e = ClientError::connect_failed(
+            "https://r:5000",
+            "transport error: invalid peer certificate: UnknownIssuer".into(),
+        );
+        assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("--ca-cert"), "{e}");
+        let e = ClientError::connect_failed("http://r:5000", "connection refused".into());
+        assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+        assert_eq!(e.exit_code(), 1);
+    }
 }

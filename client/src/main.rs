@@ -1,6 +1,6 @@
 //! `snapctl`: parse arguments, call the library, print one result, map errors to the
 //! documented exit codes (0 ok, 1 failure, 2 usage, 3 not found, 4 incompatible
-//! host, 5 integrity failure). With `--json`, stdout's last line is one JSON object.
+//! host, 5 integrity failure, 6 access refused). With `--json`, stdout's last line is one JSON object.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use snapreg_client::cache::{self, ChunkCache};
 use snapreg_client::progress::Progress;
-use snapreg_client::remote::Remote;
+use snapreg_client::remote::{Credentials, Remote};
 use snapreg_client::{
     agent, checkpoint, criu, host, inspect, podman, pull, push, restore, ClientError,
 };
@@ -43,6 +43,21 @@ struct Cli {
     #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT",
           value_parser = clap::builder::FalseyValueParser::new())]
     no_direct: bool,
+    /// Access token for the registries (`snapreg token issue` prints one).
+    #[arg(long, global = true, env = "SNAPCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the token from this file's first line (used when --token is not given).
+    #[arg(long, global = true, env = "SNAPCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for https:// registries (default: the system's roots).
+    #[arg(long, global = true, env = "SNAPCTL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for registries that require mutual TLS.
+    #[arg(long, global = true, env = "SNAPCTL_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, global = true, env = "SNAPCTL_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -224,7 +239,8 @@ enum Command {
     Host,
     /// Run the node agent: serve Prefetch and CacheStatus (gRPC `NodeAgent`) for
     /// schedulers, manage the node cache and register this node with the registries.
-    /// Prints {"listen":"ADDR"} once bound; stops on SIGTERM/SIGINT. No TLS yet.
+    /// Prints {"listen":"ADDR"} once bound; stops on SIGTERM/SIGINT. Talks to the
+    /// registries with the global --token / --ca-cert / --client-cert.
     Agent {
         /// Address to listen on; port 0 picks a free one.
         #[arg(long)]
@@ -241,6 +257,15 @@ enum Command {
         /// Chunk fetches in flight per prefetch.
         #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
         window: usize,
+        /// Serve TLS with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key", value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_key: Option<PathBuf>,
+        /// Mutual TLS: refuse callers without a certificate signed by this CA (PEM).
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_client_ca: Option<PathBuf>,
     },
 }
 
@@ -314,14 +339,24 @@ fn registry_urls(cli: &Cli) -> anyhow::Result<Vec<&str>> {
         .collect())
 }
 
+/// The token and TLS settings of the global flags.
+fn credentials(cli: &Cli) -> anyhow::Result<Credentials> {
+    Ok(Credentials::new(
+        cli.token.as_deref(),
+        cli.token_file.as_deref(),
+        cli.ca_cert.as_deref(),
+        cli.client_cert.as_deref(),
+        cli.client_key.as_deref(),
+    )?)
+}
+
 /// The first (nearest) registry: pushes, tags and listings go there.
 async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
     let urls = registry_urls(cli)?;
-    Ok(
-        Remote::connect(urls.first().ok_or(ClientError::NoRegistry)?)
-            .await?
-            .with_direct(!cli.no_direct),
-    )
+    let url = urls.first().ok_or(ClientError::NoRegistry)?;
+    Ok(Remote::connect_with(url, &credentials(cli)?)
+        .await?
+        .with_direct(!cli.no_direct))
 }
 
 /// Every reachable registry, nearest first; unreachable ones are skipped with a
@@ -329,8 +364,9 @@ async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
 async fn connect_all(cli: &Cli) -> anyhow::Result<Vec<Remote>> {
     let mut out = Vec::new();
     let mut last = None;
+    let creds = credentials(cli)?;
     for url in registry_urls(cli)? {
-        match Remote::connect(url).await {
+        match Remote::connect_with(url, &creds).await {
             Ok(r) => out.push(r.with_direct(!cli.no_direct)),
             Err(e) => {
                 eprintln!("snapctl: warning: skipping {url}: {e}");
@@ -363,6 +399,9 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             advertise,
             register_every,
             window,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
         } => {
             let registries: Vec<String> = registry_urls(&cli)?
                 .into_iter()
@@ -375,6 +414,14 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 cache: open_cache(&cli)?,
                 register_every: *register_every,
                 window: *window,
+                credentials: credentials(&cli)?,
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some(
+                        snapreg_proto::credentials::server_tls(cert, key, tls_client_ca.as_deref())
+                            .map_err(|e| ClientError::Usage(e.to_string()))?,
+                    ),
+                    _ => None,
+                },
             };
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -1,26 +1,78 @@
 //! A connection to one registry: the generated gRPC client plus errors that name the
-//! registry's address.
+//! registry's address, carrying this side's [`Credentials`] (a bearer token on every
+//! call; for `https://` URLs the CA to trust and, for mutual TLS, a client certificate).
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use snapreg_proto::credentials::{self, BearerToken, CredentialsError};
 use snapreg_proto::pb::registry_client::RegistryClient;
 use snapreg_proto::pb::{self};
 use snapreg_proto::Digest;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{ClientError, Result};
 
 /// Matches the registry's limit: a manifest or a 16 MiB chunk fits.
 const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
 
+/// What this side presents to registries and which servers it trusts.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    token: BearerToken,
+    /// For `https://` URLs; `None`: the platform's roots, no client certificate.
+    tls: Option<ClientTlsConfig>,
+    client_identity: bool,
+}
+
+impl From<CredentialsError> for ClientError {
+    fn from(e: CredentialsError) -> Self {
+        ClientError::Usage(e.to_string())
+    }
+}
+
+impl Credentials {
+    /// `token` wins over `token_file`; `client_cert` and `client_key` come together.
+    pub fn new(
+        token: Option<&str>,
+        token_file: Option<&Path>,
+        ca_cert: Option<&Path>,
+        client_cert: Option<&Path>,
+        client_key: Option<&Path>,
+    ) -> Result<Self> {
+        let from_file = match (token, token_file) {
+            (None, Some(f)) => Some(credentials::read_token_file(f)?),
+            _ => None,
+        };
+        let token = BearerToken::new(token.or(from_file.as_deref()))?;
+        let identity =
+            credentials::identity_pair(client_cert, client_key, ("--client-cert", "--client-key"))?;
+        let client_identity = identity.is_some();
+        let tls = match (ca_cert, identity) {
+            (None, None) => None,
+            (ca, identity) => Some(credentials::client_tls(ca, identity)?),
+        };
+        Ok(Credentials {
+            token,
+            tls,
+            client_identity,
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Remote {
     url: String,
-    client: RegistryClient<Channel>,
+    client: RegistryClient<InterceptedService<Channel, BearerToken>>,
     /// Whether chunk downloads may use the presigned URLs the registry offers
     /// (direct.rs); on unless `--no-direct`.
     direct: bool,
+    /// TLS without a client certificate: a server that requires one (mutual TLS)
+    /// closes the connection after the handshake, which the client sees only as a
+    /// closed stream on its first call.
+    tls_without_identity: bool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -30,14 +82,20 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// Connects now, so an unreachable registry fails here with its address.
+    /// Connects now without credentials (anonymous, platform roots for https).
     pub async fn connect(url: &str) -> Result<Self> {
+        Remote::connect_with(url, &Credentials::default()).await
+    }
+
+    /// Connects now, so an unreachable registry (or a failed TLS handshake) fails
+    /// here with its address.
+    pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Self> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ClientError::Usage(format!(
                 "registry {url:?} needs a scheme: --registry http://{url}"
             )));
         }
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| ClientError::Usage(format!("registry URL {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -49,18 +107,35 @@ impl Remote {
             // Large windows: chunks are 0.5-2 MiB and restores are throughput-bound.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20));
+        match (&creds.tls, url.starts_with("https://")) {
+            (tls, true) => {
+                let tls = tls
+                    .clone()
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| ClientError::Usage(format!("TLS settings: {e}")))?;
+            }
+            (Some(_), false) => {
+                return Err(ClientError::Usage(format!(
+                    "--ca-cert / --client-cert are for TLS: use an https:// URL instead of {url}"
+                )))
+            }
+            (None, false) => {}
+        }
+        if creds.token.is_set() && url.starts_with("http://") && !is_loopback(url) {
+            tracing::warn!("sending a token to {url} over plain HTTP: anyone on the path can read it; serve TLS (snapreg serve --tls-cert) and use https://");
+        }
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                url: url.to_string(),
-                reason: error_chain(&e),
-            })?;
-        let client = RegistryClient::new(channel)
+            .map_err(|e| ClientError::connect_failed(url, error_chain(&e)))?;
+        let client = RegistryClient::with_interceptor(channel, creds.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Remote {
             url: url.to_string(),
+            tls_without_identity: url.starts_with("https://") && !creds.client_identity,
             client,
             direct: true,
         })
@@ -100,7 +175,29 @@ impl Remote {
     }
 
     fn status(&self, s: tonic::Status) -> ClientError {
-        ClientError::from_status(&self.url, s)
+        match ClientError::from_status(&self.url, s) {
+            ClientError::Unreachable { url, reason }
+                if self.tls_without_identity
+                    && [
+                        "broken pipe",
+                        "connection reset",
+                        "closed",
+                        "canceled",
+                        "end of file",
+                    ]
+                    .iter()
+                    .any(|w| reason.contains(w)) =>
+            {
+                ClientError::Tls {
+                    url,
+                    reason: format!(
+                        "the registry closed the connection after the TLS handshake; it may \
+                         require a client certificate ({reason})"
+                    ),
+                }
+            }
+            e => e,
+        }
     }
 
     pub async fn begin_push(&self, repository: &str) -> Result<String> {
@@ -334,7 +431,18 @@ impl Remote {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or_default()
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    host == "localhost" || host.starts_with("127.") || url.contains("://[::1]")
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -10,6 +10,7 @@
 //! - [`layout`]: where chunks, manifests, tag records and the layout-version object
 //!   live in the object store.
 //! - [`compat`]: the one function that decides whether a snapshot may restore on a host.
+//! - [`credentials`]: bearer tokens and TLS material every gRPC connection uses.
 //!
 //! Invariants that span modules: a digest is always the BLAKE3 of *uncompressed*
 //! chunk bytes, or of a manifest's exact stored bytes; whoever receives bytes verifies
@@ -17,6 +18,7 @@
 
 pub mod codec;
 pub mod compat;
+pub mod credentials;
 pub mod digest;
 pub mod layout;
 pub mod manifest;

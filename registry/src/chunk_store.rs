@@ -54,6 +54,12 @@ impl ChunkStore {
         }
     }
 
+    /// The object store itself (prefix applied), for what lives beside the chunks
+    /// (access tokens).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     /// Opens the store a `--store` URL names; `None` is the local directory `default_dir`.
     pub fn open(url: Option<&str>, default_dir: PathBuf) -> Result<Self> {
         let local = |dir: PathBuf| -> Result<Self> {

@@ -6,6 +6,8 @@
 //!   values, push leases. Rebuildable from the store ([`index::Index::rebuild`]),
 //!   except leases, which are node-local and short-lived by design.
 //! - [`service`]: the `snapreg.v1.Registry` RPC handlers.
+//! - [`auth`]: bearer tokens (stored hashed in the object store under `auth/`) and
+//!   what each RPC needs; every RPC passes through it before its handler.
 //! - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
 //! - [`server`]: opening a data dir and serving on a listener until shutdown.
 //! - [`scheduler`]: the scheduler API: `Resolve` (compatible snapshots for a node,
@@ -27,6 +29,7 @@
 //!   a "which are missing" answer happen under that chunk's stripe lock, so GC never
 //!   sweeps a chunk a push was just told exists.
 
+pub mod auth;
 pub mod chunk_store;
 pub mod error;
 pub mod gc;
@@ -39,4 +42,4 @@ pub mod shared_store;
 
 pub use error::RegistryError;
 pub use replication::PeerConfig;
-pub use server::{open, run, Registry, RegistryConfig};
+pub use server::{open, open_tokens, run, Registry, RegistryConfig, TlsFiles};

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use snapreg_registry::{PeerConfig, RegistryConfig};
+use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope};
+use snapreg_registry::{PeerConfig, RegistryConfig, TlsFiles};
 
 #[derive(Parser)]
 #[command(name = "snapreg", version, about = "Registry for process snapshots")]
@@ -24,6 +25,61 @@ struct StoreArgs {
     store: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM); clients then use https:// URLs.
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: refuse clients without a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it, once (only its BLAKE3 is stored).
+    Issue {
+        /// Repositories it covers: `*`, `team/*` or an exact repository.
+        #[arg(long = "repo", value_name = "PATTERN")]
+        repository: RepoPattern,
+        /// pull (read), push (read and write), admin (push plus gc, on `*`).
+        #[arg(long)]
+        scope: Scope,
+        /// Lifetime, e.g. 30d or 12h (default: until revoked).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// A name shown in listings and refusals (default: <scope>-<id>).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a token by its id (the 16 hex digits after `snapreg_`).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tokens (never their secrets).
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+impl TokenCommand {
+    fn store(&self) -> &StoreArgs {
+        match self {
+            TokenCommand::Issue { store, .. }
+            | TokenCommand::Revoke { store, .. }
+            | TokenCommand::Ls { store } => store,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API.
@@ -40,12 +96,29 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
         /// Replicate this registry's commits to a peer: NAME=URL[,repos=PREFIX1|PREFIX2]
+        /// [,token-file=PATH][,ca-cert=PATH][,client-cert=PATH,client-key=PATH]
         /// (repeatable; every registry of a region set lists all the others).
-        #[arg(long = "peer", value_name = "NAME=URL[,repos=P1|P2]")]
+        #[arg(long = "peer", value_name = "NAME=URL[,OPTIONS]")]
         peers: Vec<PeerConfig>,
         /// Longest wait between two attempts at an unreachable or failing peer.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         replication_backoff_max: Duration,
+        /// What callers without a token may do: none, pull, push or admin (on every
+        /// repository). Default none: every call needs a token (`snapreg token issue`).
+        #[arg(long, default_value = "none", value_parser = ["none", "pull", "push", "admin"])]
+        anonymous: String,
+        /// How long a checked token is trusted before the store is read again; a
+        /// revocation reaches this registry within this time.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        auth_cache_ttl: Duration,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Issue, revoke and list access tokens (in the object store, shared by every
+    /// registry serving it; works while the registry runs).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Rebuild the RocksDB index from the object store (the registry must be stopped).
     Reindex {
@@ -84,6 +157,9 @@ async fn real_main() -> anyhow::Result<()> {
             lease_ttl,
             peers,
             replication_backoff_max,
+            anonymous,
+            auth_cache_ttl,
+            tls,
         } => {
             let mut config = RegistryConfig::new(&store.data);
             config.store_url = store.store;
@@ -91,6 +167,16 @@ async fn real_main() -> anyhow::Result<()> {
             config.lease_ttl = lease_ttl;
             config.peers = peers;
             config.replication_backoff_max = replication_backoff_max;
+            config.anonymous = parse_anonymous(&anonymous).map_err(anyhow::Error::msg)?;
+            config.auth_cache_ttl = auth_cache_ttl;
+            config.tls = match (tls.tls_cert, tls.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca: tls.tls_client_ca,
+                }),
+                _ => None,
+            };
             let registry = snapreg_registry::open(config)
                 .await
                 .with_context(|| format!("opening the registry in {}", store.data.display()))?;
@@ -101,6 +187,45 @@ async fn real_main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "listen": addr.to_string() }));
             tracing::info!(%addr, "snapreg serving");
             snapreg_registry::run(listener, registry, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Token { command } => {
+            let store = command.store();
+            let mut config = RegistryConfig::new(&store.data);
+            config.store_url = store.store.clone();
+            let tokens = snapreg_registry::open_tokens(&config)
+                .await
+                .context("opening the registry's object store")?;
+            match command {
+                TokenCommand::Issue {
+                    repository,
+                    scope,
+                    ttl,
+                    name,
+                    store: _,
+                } => {
+                    let (record, token) = tokens.issue(repository, scope, ttl, name).await?;
+                    eprintln!(
+                        "issued token {} ({}): {} on {}; it is shown only now",
+                        record.id, record.name, record.scope, record.repository
+                    );
+                    let mut out = serde_json::to_value(&record)?;
+                    out["token"] = token.into();
+                    println!("{out}");
+                }
+                TokenCommand::Revoke { id, store: _ } => {
+                    let record = tokens.revoke(&id).await?;
+                    println!(
+                        "{}",
+                        serde_json::json!({ "revoked": record.id, "name": record.name })
+                    );
+                }
+                TokenCommand::Ls { store: _ } => {
+                    for t in tokens.list().await? {
+                        println!("{}", serde_json::to_string(&t)?);
+                    }
+                }
+            }
             Ok(())
         }
         Command::Reindex { store } => {

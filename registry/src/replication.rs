@@ -24,6 +24,11 @@
 //!   to `--replication-backoff-max`); the loop never gives up. The last error, the
 //!   failure count and the last success are kept per peer and served by
 //!   `ReplicationStatus`, with the lag (log entries not yet acknowledged).
+//! - **Credentials.** A peer's options give the token this registry presents there
+//!   (`token-file=PATH`; a token with push on the replicated repositories) and, for an
+//!   `https://` peer, the CA to trust (`ca-cert=PATH`) and a client certificate for
+//!   mutual TLS (`client-cert=PATH,client-key=PATH`). Files are read when the peer's
+//!   task starts; a refusal by the peer shows up in `ReplicationStatus`'s last error.
 //! - **Lifetime.** One task per peer, started by [`crate::server::run`] and stopped
 //!   when the server shuts down (an entry in flight is abandoned; it is re-sent later).
 
@@ -33,12 +38,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use snapreg_proto::credentials::{self, BearerToken};
 use snapreg_proto::manifest::Manifest;
 use snapreg_proto::pb::{self, registry_client::RegistryClient};
 use snapreg_proto::tags::TagRecord;
 use snapreg_proto::Digest;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{RegistryError, Result};
@@ -57,13 +64,23 @@ const PUT_BATCH_BYTES: usize = 16 << 20;
 /// While caught up, the loop re-reads the log at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// A peer from `--peer NAME=URL[,repos=PREFIX1|PREFIX2]`.
+type PeerClient = RegistryClient<InterceptedService<Channel, BearerToken>>;
+
+/// A peer from `--peer NAME=URL[,repos=PREFIX1|PREFIX2][,token-file=PATH]
+/// [,ca-cert=PATH][,client-cert=PATH,client-key=PATH]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     pub name: String,
     pub url: String,
     /// Repository prefixes replicated to this peer; empty means every repository.
     pub repository_prefixes: Vec<String>,
+    /// The token presented to the peer (a file, so it stays out of `ps`).
+    pub token_file: Option<std::path::PathBuf>,
+    /// CA that signed the peer's TLS certificate (default: the platform's roots).
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate and key for a peer that requires mutual TLS.
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl PeerConfig {
@@ -80,7 +97,8 @@ impl FromStr for PeerConfig {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let usage = "expected NAME=URL[,repos=PREFIX1|PREFIX2], e.g. eu=http://10.0.0.2:5000";
+        let usage = "expected NAME=URL[,repos=PREFIX1|PREFIX2][,token-file=PATH][,ca-cert=PATH]\
+                     [,client-cert=PATH,client-key=PATH], e.g. eu=https://10.0.0.2:5000,token-file=/etc/snapreg/eu.token";
         let mut parts = s.split(',');
         let (name, url) = parts
             .next()
@@ -100,22 +118,40 @@ impl FromStr for PeerConfig {
                 "peer {name}: URL {url:?} needs a scheme (http://host:port)"
             ));
         }
-        let mut repository_prefixes = Vec::new();
+        let mut peer = PeerConfig {
+            name: name.into(),
+            url: url.into(),
+            repository_prefixes: Vec::new(),
+            token_file: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        };
         for opt in parts {
             match opt.split_once('=') {
-                Some(("repos", list)) => repository_prefixes.extend(
+                Some(("repos", list)) => peer.repository_prefixes.extend(
                     list.split('|')
                         .filter(|p| !p.is_empty())
                         .map(str::to_string),
                 ),
+                Some(("token-file", p)) if !p.is_empty() => peer.token_file = Some(p.into()),
+                Some(("ca-cert", p)) if !p.is_empty() => peer.ca_cert = Some(p.into()),
+                Some(("client-cert", p)) if !p.is_empty() => peer.client_cert = Some(p.into()),
+                Some(("client-key", p)) if !p.is_empty() => peer.client_key = Some(p.into()),
                 _ => return Err(format!("peer {name}: unknown option {opt:?}; {usage}")),
             }
         }
-        Ok(PeerConfig {
-            name: name.into(),
-            url: url.into(),
-            repository_prefixes,
-        })
+        if peer.client_cert.is_some() != peer.client_key.is_some() {
+            return Err(format!(
+                "peer {name}: client-cert and client-key go together: give both or neither"
+            ));
+        }
+        if !url.starts_with("https://") && (peer.ca_cert.is_some() || peer.client_cert.is_some()) {
+            return Err(format!(
+                "peer {name}: ca-cert and client-cert need an https:// URL"
+            ));
+        }
+        Ok(peer)
     }
 }
 
@@ -236,9 +272,26 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn connect_lazy(url: &str) -> anyhow::Result<RegistryClient<Channel>> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("peer URL {url:?}"))?
+fn connect_lazy(peer: &PeerConfig) -> anyhow::Result<PeerClient> {
+    let url = &peer.url;
+    let token = match &peer.token_file {
+        Some(f) => Some(credentials::read_token_file(f).context("the peer's token-file")?),
+        None => None,
+    };
+    let token = BearerToken::new(token.as_deref())?;
+    let mut endpoint =
+        Endpoint::from_shared(url.to_string()).with_context(|| format!("peer URL {url:?}"))?;
+    if url.starts_with("https://") {
+        let identity = credentials::identity_pair(
+            peer.client_cert.as_deref(),
+            peer.client_key.as_deref(),
+            ("client-cert", "client-key"),
+        )?;
+        endpoint = endpoint
+            .tls_config(credentials::client_tls(peer.ca_cert.as_deref(), identity)?)
+            .context("the peer's TLS settings")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         // A peer that stops answering fails the call instead of hanging the loop.
@@ -248,14 +301,14 @@ fn connect_lazy(url: &str) -> anyhow::Result<RegistryClient<Channel>> {
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .connect_lazy();
-    Ok(RegistryClient::new(channel)
+    Ok(RegistryClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receiver<bool>) {
     let name = peer.config.name.clone();
-    let client = match connect_lazy(&peer.config.url) {
+    let client = match connect_lazy(&peer.config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(peer = %name, "replication disabled: {e:#}");
@@ -344,7 +397,7 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
 async fn send_entry(
     reg: &Registry,
     peer: &Peer,
-    mut client: RegistryClient<Channel>,
+    mut client: PeerClient,
     entry: &LogEntry,
 ) -> anyhow::Result<()> {
     if !peer.config.wants(&entry.repository) {
@@ -415,7 +468,7 @@ async fn send_entry(
 async fn upload(
     reg: &Registry,
     peer: &Peer,
-    client: &mut RegistryClient<Channel>,
+    client: &mut PeerClient,
     lease_id: &str,
     missing: &[Digest],
 ) -> anyhow::Result<()> {
@@ -465,6 +518,13 @@ mod tests {
             .unwrap();
         assert_eq!(p.repository_prefixes, ["team/", "infra/llama"]);
         assert!(p.wants("team/x") && p.wants("infra/llama3") && !p.wants("other/x"));
+        let p: PeerConfig =
+            "eu=https://h:1,token-file=/t,ca-cert=/ca.pem,client-cert=/c.pem,client-key=/k.pem"
+                .parse()
+                .unwrap();
+        assert_eq!(p.token_file.as_deref(), Some(std::path::Path::new("/t")));
+        assert_eq!(p.ca_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert!(p.client_cert.is_some() && p.client_key.is_some());
         for bad in [
             "",
             "eu",
@@ -472,6 +532,9 @@ mod tests {
             "eu=h:1",
             "eu=http://h,zones=x",
             "e u=http://h",
+            "eu=https://h:1,client-cert=/c.pem",
+            "eu=http://h:1,ca-cert=/ca.pem",
+            "eu=http://h:1,token-file=",
         ] {
             assert!(bad.parse::<PeerConfig>().is_err(), "{bad}");
         }

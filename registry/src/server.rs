@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_stream::StreamExt;
 
+use crate::auth::{Authenticator, AuthorizedRegistry, Scope, TokenStore};
 use crate::chunk_store::ChunkStore;
 use crate::error::{RegistryError, Result};
 use crate::index::Index;
@@ -36,6 +37,22 @@ pub struct RegistryConfig {
     pub peers: Vec<PeerConfig>,
     /// Longest wait between two attempts at a failing peer.
     pub replication_backoff_max: Duration,
+    /// What callers without a token may do (auth.rs); `None`: nothing.
+    pub anonymous: Option<Scope>,
+    /// How long a looked-up token is trusted before the store is read again (so how
+    /// long a revocation takes to reach this registry).
+    pub auth_cache_ttl: Duration,
+    /// Serve TLS instead of plain HTTP/2.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the listener: certificate chain, key and, for mutual TLS, the CA
+/// that must have signed every client's certificate.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl RegistryConfig {
@@ -47,6 +64,9 @@ impl RegistryConfig {
             lease_ttl: Duration::from_secs(3600),
             peers: Vec::new(),
             replication_backoff_max: Duration::from_secs(5),
+            anonymous: None,
+            auth_cache_ttl: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -72,6 +92,8 @@ pub struct Registry {
     pub(crate) shutting_down: tokio::sync::watch::Sender<bool>,
     /// Store leases and sweep logs shared with other instances on the same store.
     pub(crate) shared: SharedStore,
+    auth: Arc<Authenticator>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Registry {
@@ -107,7 +129,41 @@ pub(crate) fn now_ms() -> u64 {
 pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = ChunkStore::open(config.store_url.as_deref(), config.data_dir.join("store"))?;
+    let objects = store.object_store();
     store.check_layout().await?;
+    // TLS material is read now, so a bad file fails the start, not the first client.
+    let tls = match &config.tls {
+        None => None,
+        Some(f) => {
+            let tls =
+                snapreg_proto::credentials::server_tls(&f.cert, &f.key, f.client_ca.as_deref())
+                    .map_err(|e| RegistryError::invalid("--tls-cert", e.to_string()))?;
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .map_err(|e| {
+                    let mut why = e.to_string();
+                    let mut cur = std::error::Error::source(&e);
+                    while let Some(c) = cur {
+                        why = format!("{why}: {c}");
+                        cur = c.source();
+                    }
+                    RegistryError::invalid(
+                        "--tls-cert",
+                        format!(
+                            "{} / {} are not a PEM certificate chain and its private key ({why})",
+                            f.cert.display(),
+                            f.key.display()
+                        ),
+                    )
+                })?;
+            Some(tls)
+        }
+    };
+    let auth = Arc::new(Authenticator::new(
+        TokenStore::new(objects),
+        config.anonymous,
+        config.auth_cache_ttl,
+    ));
     let index = Index::open(&config.data_dir.join("index"))?;
     if !index.is_built()? {
         let stats = index.rebuild(&store).await?;
@@ -128,7 +184,17 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
         log_appended: tokio::sync::watch::Sender::new(0),
         shutting_down: tokio::sync::watch::Sender::new(false),
         shared: SharedStore::default(),
+        auth,
+        tls,
     }))
+}
+
+/// The tokens of the store `config` names, without opening the index: token commands
+/// run beside a serving registry, which holds the RocksDB lock.
+pub async fn open_tokens(config: &RegistryConfig) -> Result<TokenStore> {
+    let store = ChunkStore::open(config.store_url.as_deref(), config.data_dir.join("store"))?;
+    store.check_layout().await?;
+    Ok(TokenStore::new(store.object_store()))
 }
 
 /// Serves the registry on `listener` until `shutdown` completes, replicating to its
@@ -160,9 +226,14 @@ async fn serve(
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let service = RegistryServer::new(RegistryService::new(registry))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let auth = registry.auth.clone();
+    let tls = registry.tls.clone();
+    let service = RegistryServer::new(AuthorizedRegistry::new(
+        RegistryService::new(registry),
+        auth,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Nagle's algorithm plus delayed ACKs cost 40 ms per small response (measured: each
     // small image file of a restore took 43 ms to serve before this).
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -171,7 +242,13 @@ async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| RegistryError::invalid("--tls-cert", e.to_string()))?;
+    }
+    builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -4,6 +4,7 @@
 mod support;
 
 mod agent;
+mod auth;
 mod errors;
 mod gc;
 mod podman;

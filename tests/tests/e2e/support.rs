@@ -69,6 +69,9 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry open to anonymous callers (`--anonymous admin`), so every test that
+    /// is not about access control runs as before; auth.rs passes its own
+    /// `--anonymous` to start one that needs tokens.
     pub fn start(data: &Path) -> Registry {
         Registry::start_with(data, &[])
     }
@@ -87,9 +90,17 @@ impl Registry {
     }
 
     fn spawn(&mut self) {
+        let has = |flag: &str| self.extra.iter().any(|a| a == flag);
+        let anonymous: &[&str] = if has("--anonymous") {
+            &[]
+        } else {
+            &["--anonymous", "admin"]
+        };
+        let scheme = if has("--tls-cert") { "https" } else { "http" };
         let mut child = Command::new(bin("snapreg"))
             .args(["serve", "--listen", &self.addr, "--data"])
             .arg(&self.data)
+            .args(anonymous)
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
@@ -104,7 +115,7 @@ impl Registry {
         let v: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("snapreg printed {line:?}: {e}"));
         self.addr = v["listen"].as_str().unwrap().to_string();
-        self.url = format!("http://{}", self.addr);
+        self.url = format!("{scheme}://{}", self.addr);
         self.child = Some(child);
     }
 
@@ -136,6 +147,45 @@ impl Registry {
 
     pub fn store(&self) -> PathBuf {
         self.data.join("store")
+    }
+
+    /// `snapreg token issue ARGS` on this registry's store: (id, token).
+    pub fn issue_token(&self, args: &[&str]) -> (String, String) {
+        let out = Command::new(bin("snapreg"))
+            .args(["token", "issue", "--data"])
+            .arg(&self.data)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "token issue failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// `snapreg token ARGS` (revoke, ls) on this registry's store.
+    pub fn token_command(&self, args: &[&str]) -> Out {
+        let out = Command::new(bin("snapreg"))
+            .arg("token")
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 
@@ -179,6 +229,11 @@ pub fn snapctl(registry: &str, args: &[&str]) -> Out {
         .arg("--json")
         .args(args)
         .env_remove("SNAPCTL_REGISTRY")
+        .env_remove("SNAPCTL_TOKEN")
+        .env_remove("SNAPCTL_TOKEN_FILE")
+        .env_remove("SNAPCTL_CA_CERT")
+        .env_remove("SNAPCTL_CLIENT_CERT")
+        .env_remove("SNAPCTL_CLIENT_KEY")
         .output()
         .unwrap();
     Out {
