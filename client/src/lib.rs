@@ -5,6 +5,7 @@
 //!   is the engine every producer of bytes uses).
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
+//! - [`verify`]: fetch and check every chunk of a snapshot, naming the files of bad ones.
 //! - [`inspect`]: manifest summaries.
 //! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
 //!   as CRIU's action script (commit at post-dump, verify at post-restore).
@@ -40,5 +41,6 @@ pub mod pull;
 pub mod push;
 pub mod remote;
 pub mod restore;
+pub mod verify;
 
 pub use error::ClientError;

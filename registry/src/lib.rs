@@ -12,6 +12,10 @@
 //!   newest first, with sizes and cached bytes) and `Watch` (the commit log as a
 //!   resumable event stream), plus node registration (`RegisterNode`, `ListNodes`)
 //!   for `snapctl agent`.
+//! - [`retention`]: per-repository keep-N / keep-for-D policies (stored in the object
+//!   store), applied by `ApplyRetention` and before every GC.
+//! - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
+//!   `quarantine/` and out of the index, so the next push re-uploads them.
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
@@ -29,7 +33,9 @@ pub mod error;
 pub mod gc;
 pub mod index;
 pub mod replication;
+pub mod retention;
 pub mod scheduler;
+pub mod scrub;
 pub mod server;
 pub mod service;
 

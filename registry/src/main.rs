@@ -52,6 +52,16 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Re-read and verify every chunk and manifest; move damaged ones to quarantine/
+    /// so the next push re-uploads them (the registry must be stopped). Prints a JSON
+    /// report; exits 5 when anything was damaged.
+    Scrub {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Report only; quarantine nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -108,6 +118,26 @@ async fn real_main() -> anyhow::Result<()> {
                 .await
                 .context("rebuilding the index")?;
             println!("{}", serde_json::to_string(&stats)?);
+            Ok(())
+        }
+        Command::Scrub { store, dry_run } => {
+            let mut config = RegistryConfig::new(&store.data);
+            config.store_url = store.store;
+            let registry = snapreg_registry::open(config)
+                .await
+                .context("opening the registry (is it still serving? stop it first)")?;
+            let report = snapreg_registry::scrub::scrub(&registry, dry_run)
+                .await
+                .context("scrubbing the store")?;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.damaged.is_empty() {
+                eprintln!(
+                    "snapreg: {} damaged object(s){}; push the affected snapshots again from their source",
+                    report.damaged.len(),
+                    if dry_run { "" } else { " moved to quarantine/" }
+                );
+                std::process::exit(5);
+            }
             Ok(())
         }
     }
