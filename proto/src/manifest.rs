@@ -239,7 +239,15 @@ impl Manifest {
                         layer.kind.as_str()
                     ));
                 }
-                let sum: u64 = f.extents.iter().map(Extent::len).sum();
+                // Checked: extents summing past 2^64 would wrap to a small "size" in
+                // a release build and place later extents at bogus offsets.
+                let sum = f
+                    .extents
+                    .iter()
+                    .try_fold(0u64, |acc, e| acc.checked_add(e.len()));
+                let Some(sum) = sum else {
+                    return invalid(format!("file {:?}: extents overflow 64 bits", f.path));
+                };
                 if sum != f.size {
                     return invalid(format!(
                         "file {:?}: extents cover {sum} bytes, size is {}",
@@ -284,7 +292,7 @@ impl Manifest {
             .iter()
             .flat_map(|l| &l.files)
             .map(|f| f.size)
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 }
 
@@ -398,6 +406,16 @@ mod tests {
                 "layer {bad} accepted"
             );
         }
+    }
+
+    #[test]
+    fn extents_that_overflow_are_refused() {
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        let f = &mut m.layers[0].files[1];
+        f.extents = vec![Extent::Zero { zero: u64::MAX }, Extent::Zero { zero: 2 }];
+        f.size = 1;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
     }
 
     #[test]
