@@ -5,10 +5,13 @@ mod support;
 
 mod agent;
 mod errors;
+mod faults;
 mod gc;
+mod limits;
 mod podman;
 mod push_pull;
 mod real_images;
 mod replication;
+mod retention;
 mod scheduler;
 mod streaming;
