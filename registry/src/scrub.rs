@@ -138,7 +138,7 @@ async fn check(
         }
     })
     .await
-    .map_err(|e| std::io::Error::other(e))?;
+    .map_err(std::io::Error::other)?;
     Ok((path.to_string(), Some(digest), len, problem))
 }
 
