@@ -131,7 +131,7 @@ pub async fn pull_dir(
         .map_err(|e| ClientError::io(format!("creating {}", shown(dest)), e))?;
 
     let mut targets = Vec::new();
-    // digest -> every (target, offset) it fills, in first-use order.
+    // digest -> every (target, offset, extent length) it fills, in first-use order.
     let mut order: Vec<Digest> = Vec::new();
     let mut places: HashMap<Digest, Vec<(usize, u64, u64)>> = HashMap::new();
     let counters = progress.counters.clone();

@@ -10,8 +10,11 @@
 //! fails naming it instead of serving bad bytes. A crash between the steps leaves the
 //! original in place (unindexed or not), which the next scrub finds again.
 //!
-//! `snapreg scrub` runs it on a stopped registry (RocksDB allows one process), like
-//! `snapreg reindex`.
+//! `snapreg scrub --data DIR` runs it on a stopped registry (RocksDB allows one
+//! process), like `snapreg reindex`; `snapreg scrub --registry URL` asks a serving one
+//! (the `Scrub` RPC). Online, one scrub runs at a time, and a chunk quarantined while
+//! a push was told it exists makes that push's commit fail with "does not hold" (the
+//! client pushes again and uploads it): never a manifest over a missing chunk.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +22,6 @@ use std::time::Instant;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
-use serde::Serialize;
 use snapreg_proto::manifest::Manifest;
 use snapreg_proto::{codec, layout, Digest};
 
@@ -29,7 +31,7 @@ use crate::server::Registry;
 /// Objects read and verified at once: each is at most a 16 MiB chunk.
 const IN_FLIGHT: usize = 4;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct ScrubReport {
     pub chunks_checked: u64,
     pub manifests_checked: u64,
@@ -41,7 +43,7 @@ pub struct ScrubReport {
     pub seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Damaged {
     /// `chunk` or `manifest`.
     pub kind: &'static str,
@@ -49,11 +51,37 @@ pub struct Damaged {
     pub path: String,
     pub reason: String,
     /// Where the object now lives (absent on a dry run).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantined_to: Option<String>,
 }
 
+impl From<ScrubReport> for snapreg_proto::pb::ScrubResponse {
+    fn from(r: ScrubReport) -> Self {
+        snapreg_proto::pb::ScrubResponse {
+            chunks_checked: r.chunks_checked,
+            manifests_checked: r.manifests_checked,
+            bytes_read: r.bytes_read,
+            damaged: r
+                .damaged
+                .into_iter()
+                .map(|d| snapreg_proto::pb::DamagedObject {
+                    kind: d.kind.into(),
+                    digest: d.digest,
+                    path: d.path,
+                    reason: d.reason,
+                    quarantined_to: d.quarantined_to.unwrap_or_default(),
+                })
+                .collect(),
+            quarantined: r.quarantined,
+            seconds: r.seconds,
+        }
+    }
+}
+
+/// One scrub at a time per process: two would race to quarantine the same object.
+static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub async fn scrub(reg: &Arc<Registry>, dry_run: bool) -> Result<ScrubReport> {
+    let _only_one = RUNNING.lock().await;
     let started = Instant::now();
     let mut report = ScrubReport {
         quarantined: !dry_run,

@@ -630,4 +630,12 @@ impl registry_server::Registry for RegistryService {
         let repositories = crate::retention::apply(&self.reg, repo, req.dry_run).await?;
         Ok(Response::new(pb::ApplyRetentionResponse { repositories }))
     }
+
+    async fn scrub(
+        &self,
+        req: Request<pb::ScrubRequest>,
+    ) -> Result<Response<pb::ScrubResponse>, Status> {
+        let report = crate::scrub::scrub(&self.reg, req.into_inner().dry_run).await?;
+        Ok(Response::new(report.into()))
+    }
 }

@@ -81,10 +81,11 @@ fn chunk_object(store: &Path, hex: &str) -> PathBuf {
     store.join("chunks").join(&hex[..2]).join(hex)
 }
 
-fn snapreg_scrub(data: &Path) -> Out {
+/// `snapreg scrub ARGS` (`--data DIR` offline, `--registry URL` online).
+fn snapreg_scrub(args: &[&str]) -> Out {
     let out = Command::new(bin("snapreg"))
-        .args(["scrub", "--data"])
-        .arg(data)
+        .arg("scrub")
+        .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -299,7 +300,8 @@ fn bit_flip_is_named_by_verify_quarantined_by_scrub_and_healed_by_the_next_push(
     assert_eq!(out.json()["exit_code"], 5);
 
     reg.kill9();
-    let scrub = snapreg_scrub(&reg.data);
+    let data = reg.data.to_str().unwrap().to_string();
+    let scrub = snapreg_scrub(&["--data", &data]);
     assert_eq!(scrub.code, 5, "{}", scrub.stderr);
     let report = scrub.json();
     let damaged = report["damaged"].as_array().unwrap();
@@ -312,7 +314,7 @@ fn bit_flip_is_named_by_verify_quarantined_by_scrub_and_healed_by_the_next_push(
     assert!(quarantined.exists(), "{}", quarantined.display());
     assert!(!obj.exists(), "the damaged object is still served");
     // A second scrub finds the store clean.
-    assert_eq!(snapreg_scrub(&reg.data).code, 0);
+    assert_eq!(snapreg_scrub(&["--data", &data]).code, 0);
 
     reg.restart();
     let out = snapctl(&reg.url, &["verify", "t/flip:v1"]);
@@ -334,9 +336,9 @@ fn bit_flip_is_named_by_verify_quarantined_by_scrub_and_healed_by_the_next_push(
 }
 
 #[test]
-fn truncated_chunk_object_fails_pull_and_verify_and_scrub_names_it() {
+fn truncated_chunk_object_fails_pull_and_verify_and_online_scrub_quarantines_it() {
     let t = tempfile::tempdir().unwrap();
-    let mut reg = Registry::start(&t.path().join("reg"));
+    let reg = Registry::start(&t.path().join("reg"));
     let src = t.path().join("src");
     write(&src, "victim.img", &noise(150, 2 << 20));
     let digest = push(&reg.url, &src, "t/trunc:v1");
@@ -359,13 +361,31 @@ fn truncated_chunk_object_fails_pull_and_verify_and_scrub_names_it() {
     assert_eq!(out.code, 5, "{}", out.stderr);
     assert!(out.stderr.contains("victim.img"), "{}", out.stderr);
 
-    reg.kill9();
-    let scrub = snapreg_scrub(&reg.data);
+    // Online this time: the registry keeps serving while it scrubs itself.
+    let dry = snapreg_scrub(&["--registry", &reg.url, "--dry-run"]);
+    assert_eq!(dry.code, 5, "{}", dry.stderr);
+    assert!(obj.exists(), "a dry run quarantined");
+    let scrub = snapreg_scrub(&["--registry", &reg.url]);
     assert_eq!(scrub.code, 5, "{}", scrub.stderr);
-    assert_eq!(
-        scrub.json()["damaged"][0]["digest"],
-        format!("blake3:{victim}")
+    let report = scrub.json();
+    assert_eq!(report["damaged"][0]["digest"], format!("blake3:{victim}"));
+    assert!(
+        report["damaged"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("length"),
+        "{report}"
     );
+    assert!(!obj.exists());
+    let out = snapctl(&reg.url, &["verify", "t/trunc:v1"]);
+    assert!(
+        out.code == 5 && out.stderr.contains("missing"),
+        "{}",
+        out.stderr
+    );
+    push(&reg.url, &src, "t/trunc:v1");
+    snapctl(&reg.url, &["verify", "t/trunc:v1"]).ok();
+    assert_eq!(snapreg_scrub(&["--registry", &reg.url]).code, 0);
 }
 
 #[test]
