@@ -448,3 +448,27 @@ fn gc_during_a_push_keeps_everything_the_push_commits() {
     snapctl(&reg.url, &["pull", "t/gcpush:v1", dst.to_str().unwrap()]).ok();
     assert_trees_equal(&src, &dst);
 }
+
+#[test]
+fn stopped_registry_fails_a_call_in_bounded_time_naming_it() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    struct Continue(u32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        }
+    }
+    unsafe { libc::kill(reg.pid() as i32, libc::SIGSTOP) };
+    let _resume = Continue(reg.pid());
+    let started = std::time::Instant::now();
+    let out = snapctl(&reg.url, &["ls"]);
+    let took = started.elapsed();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(took < Duration::from_secs(60), "hung for {took:?}");
+    assert!(
+        out.stderr.contains("cannot reach") && out.stderr.contains(&reg.addr),
+        "the error should say the registry at its address stopped answering: {}",
+        out.stderr
+    );
+}
