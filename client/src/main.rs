@@ -207,11 +207,13 @@ enum Command {
         #[command(subcommand)]
         command: RetentionCommand,
     },
-    /// Collect garbage on the registry now.
+    /// Collect garbage on the registry now (retention policies are applied first).
     Gc {
         /// Keep unreferenced chunks younger than this (default: the registry's --gc-grace).
         #[arg(long, value_parser = humantime::parse_duration)]
         grace: Option<Duration>,
+        /// Report what would be swept; retention policies are not applied (see
+        /// `retention apply --dry-run` for those).
         #[arg(long)]
         dry_run: bool,
     },
