@@ -32,3 +32,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # (a --bins build unifies features differently and rebuilt it: 15 minutes cold).
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads=2
+
+# Fuzzing: a short bounded run of every target in fuzz/ (cargo-fuzz on nightly, its
+# own target dir under ~/.cache), seeded from fuzz/corpus/<target>; new inputs go to a
+# scratch dir, never into the repo. Prints executions per target (docs/FAULTS.md).
+scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

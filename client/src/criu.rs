@@ -190,7 +190,11 @@ pub fn failure(what: &str, log: &Path, stderr: &str) -> ClientError {
 /// Time the tasks were frozen, from CRIU's `stats-dump`: two magics, a u32 length,
 /// then `stats_entry { dump_stats_entry dump = 1 { freezing_time = 1; frozen_time = 2 (µs) … } }`.
 pub fn read_freeze_ms(path: &Path) -> Option<f64> {
-    let b = std::fs::read(path).ok()?;
+    parse_freeze_ms(&std::fs::read(path).ok()?)
+}
+
+/// [`read_freeze_ms`] on the file's bytes.
+pub fn parse_freeze_ms(b: &[u8]) -> Option<f64> {
     let len = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
     let entry = b.get(12..12 + len)?;
     let dump = proto_field(entry, 1)?.bytes?;

@@ -97,8 +97,14 @@ pub fn parse_filename(msg: &[u8]) -> io::Result<String> {
     }
     let (len, used) = varint(&msg[1..]).ok_or_else(|| bad("bad length"))?;
     let start = 1 + used;
+    // A length near 2^64 must read as "truncated", not overflow (found by fuzz/
+    // stream_request).
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| start.checked_add(l))
+        .ok_or_else(|| bad("bad length"))?;
     let name = msg
-        .get(start..start + len as usize)
+        .get(start..end)
         .ok_or_else(|| bad("truncated filename"))?;
     let name = std::str::from_utf8(name).map_err(|_| bad("filename is not UTF-8"))?;
     if name.is_empty() || name.contains('/') || name.contains('\0') {
@@ -219,6 +225,8 @@ mod tests {
             b"\x0a\x05ab",
             b"\x0a\x02a/",
             b"\x0a\xff",
+            // fuzz/stream_request crash-7b70e6c6: a length of ~2^64 overflowed.
+            b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x0f\x00\x00\x90",
         ] {
             assert!(parse_filename(bad).is_err(), "{bad:?}");
         }

@@ -114,6 +114,17 @@ impl ClientError {
                 // The transport's own cause (e.g. the server's TLS alert) is in the source.
                 ClientError::connect_failed(url, crate::remote::error_chain(&s))
             }
+            // hyper's whole message when the connection dies under a call, e.g. after
+            // keep-alive pings went unanswered (a SIGSTOPped or partitioned registry).
+            Code::Unavailable | Code::Unknown if msg.contains("http2 error") => {
+                ClientError::Unreachable {
+                    url: url.to_string(),
+                    reason: format!(
+                        "{msg}: the connection broke mid-call (the registry stopped answering \
+                         keep-alive pings for 20 s, or closed the connection)"
+                    ),
+                }
+            }
             Code::Cancelled | Code::DeadlineExceeded => ClientError::Unreachable {
                 url: url.to_string(),
                 reason: msg,

@@ -6,6 +6,7 @@
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
 //! - [`direct`]: chunk objects fetched from the object store by presigned URL.
+//! - [`verify`]: fetch and check every chunk of a snapshot, naming the files of bad ones.
 //! - [`inspect`]: manifest summaries.
 //! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
 //!   as CRIU's action script (commit at post-dump, verify at post-restore).
@@ -44,6 +45,7 @@ pub mod pull;
 pub mod push;
 pub mod remote;
 pub mod restore;
+pub mod verify;
 pub mod weights;
 
 pub use error::ClientError;

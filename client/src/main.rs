@@ -12,7 +12,7 @@ use snapreg_client::cache::{self, ChunkCache};
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::{Credentials, Remote};
 use snapreg_client::{
-    agent, checkpoint, criu, host, inspect, podman, pull, push, restore, ClientError,
+    agent, checkpoint, criu, host, inspect, podman, pull, push, restore, verify, ClientError,
 };
 use snapreg_proto::reference::{Reference, Target};
 
@@ -91,6 +91,28 @@ enum WeightsCommand {
 }
 
 const DEFAULT_WEIGHTS_SOCKET: &str = "/run/snapreg/weights.sock";
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Keep the N newest tags of REPO and every tag younger than the age; GC (or
+    /// `retention apply`) deletes the rest. Both zero removes the policy.
+    Set {
+        repository: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        /// e.g. 7d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        keep_for: Option<Duration>,
+    },
+    /// Show REPO's policy.
+    Show { repository: String },
+    /// Delete the tags policies do not keep (REPO's, or every repository's) now.
+    Apply {
+        repository: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
 
 #[derive(Subcommand)]
 enum CacheCommand {
@@ -225,13 +247,29 @@ enum Command {
     Ls { repository: Option<String> },
     /// Point DST (repo:tag) at the snapshot SRC names.
     Tag { source: String, destination: String },
-    /// Delete a tag (its data goes at the next gc).
+    /// Delete a tag (its data goes at the next gc), or with repo@blake3:<hex> an
+    /// untagged manifest.
     Rm { reference: String },
-    /// Collect garbage on the registry now.
+    /// Fetch and check every chunk of a snapshot; exits 5 naming each damaged chunk
+    /// and its files.
+    Verify {
+        reference: String,
+        /// Chunk fetches in flight.
+        #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+        window: usize,
+    },
+    /// Retention policies per repository: keep-last N / keep-for D.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
+    /// Collect garbage on the registry now (retention policies are applied first).
     Gc {
         /// Keep unreferenced chunks younger than this (default: the registry's --gc-grace).
         #[arg(long, value_parser = humantime::parse_duration)]
         grace: Option<Duration>,
+        /// Report what would be swept; retention policies are not applied (see
+        /// `retention apply --dry-run` for those).
         #[arg(long)]
         dry_run: bool,
     },
@@ -829,18 +867,123 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
         }
         Command::Rm { reference } => {
             let r = parse_ref(reference)?;
-            let Target::Tag(tag) = &r.target else {
-                return Err(ClientError::Usage(format!(
-                    "rm takes repo:tag (manifests go when no tag names them), got {r}"
-                ))
-                .into());
-            };
             let remote = connect(&cli).await?;
+            let tag = match &r.target {
+                Target::Tag(tag) => tag,
+                Target::Digest(d) => {
+                    let digest = remote
+                        .delete_manifest(&r.repository, d)
+                        .await
+                        .with_context(|| format!("deleting manifest {r}"))?;
+                    return Ok(Output {
+                        human: format!("deleted manifest {digest}; its chunks go at the next gc"),
+                        json: json!({ "deleted": r.to_string(), "digest": digest.to_string() }),
+                    });
+                }
+            };
             let digest = remote.delete_tag(&r.repository, tag).await?;
             Ok(Output {
                 human: format!("deleted {r} (was {digest})"),
                 json: json!({ "deleted": r.to_string(), "digest": digest.to_string() }),
             })
+        }
+        Command::Verify { reference, window } => {
+            let reference = parse_ref(reference)?;
+            let remote = connect(&cli).await?;
+            let r = verify::verify(
+                &remote,
+                &reference,
+                *window,
+                Progress::new("verify", show_progress),
+            )
+            .await
+            .with_context(|| format!("verifying {reference} on {}", remote.url()))?;
+            if let Some(e) = r.failure() {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("verifying {reference} on {}", remote.url())));
+            }
+            Ok(Output {
+                human: format!(
+                    "verified {} ({}): {} files, {} chunks ({} bytes) all intact, {:.2}s",
+                    r.reference,
+                    r.digest,
+                    r.files,
+                    r.chunks_ok,
+                    r.counters.bytes_transferred,
+                    r.seconds
+                ),
+                json: serde_json::to_value(&r)?,
+            })
+        }
+        Command::Retention { command } => {
+            let remote = connect(&cli).await?;
+            let show = |p: &snapreg_proto::pb::RetentionPolicy| json!({ "keep_last": p.keep_last, "keep_for_seconds": p.keep_for_seconds });
+            match command {
+                RetentionCommand::Set {
+                    repository,
+                    keep_last,
+                    keep_for,
+                } => {
+                    let policy = snapreg_proto::pb::RetentionPolicy {
+                        keep_last: *keep_last,
+                        keep_for_seconds: keep_for.map_or(0, |d| d.as_secs()),
+                    };
+                    remote.set_retention(repository, policy).await?;
+                    Ok(Output {
+                        human: format!(
+                            "{repository}: keep the last {} tags and those younger than {}s (0: no such rule)",
+                            policy.keep_last, policy.keep_for_seconds
+                        ),
+                        json: json!({ "repository": repository, "policy": show(&policy) }),
+                    })
+                }
+                RetentionCommand::Show { repository } => {
+                    let p = remote.get_retention(repository).await?;
+                    Ok(Output {
+                        human: match &p {
+                            Some(p) => format!(
+                                "{repository}: keep last {}, keep for {}s",
+                                p.keep_last, p.keep_for_seconds
+                            ),
+                            None => format!("{repository}: no retention policy"),
+                        },
+                        json: json!({ "repository": repository, "policy": p.as_ref().map(show) }),
+                    })
+                }
+                RetentionCommand::Apply {
+                    repository,
+                    dry_run,
+                } => {
+                    let outcomes = remote
+                        .apply_retention(repository.as_deref(), *dry_run)
+                        .await?;
+                    let human = outcomes
+                        .iter()
+                        .map(|o| {
+                            format!(
+                                "{}: {} {} tags ({}), kept {}",
+                                o.repository,
+                                if *dry_run { "would delete" } else { "deleted" },
+                                o.deleted.len(),
+                                o.deleted.join(", "),
+                                o.kept.len()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    let list: Vec<_> = outcomes
+                        .iter()
+                        .map(|o| {
+                            json!({ "repository": o.repository, "policy": o.policy.as_ref().map(show),
+                                    "deleted": o.deleted, "kept": o.kept })
+                        })
+                        .collect();
+                    Ok(Output {
+                        human,
+                        json: json!({ "dry_run": dry_run, "repositories": list }),
+                    })
+                }
+            }
         }
         Command::Gc { grace, dry_run } => {
             let remote = connect(&cli).await?;

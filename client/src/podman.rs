@@ -325,10 +325,44 @@ pub async fn pull_archive(
 fn open_archive(path: &Path) -> Result<(Box<dyn Read + Send>, &'static str)> {
     let file = std::fs::File::open(path)
         .map_err(|e| ClientError::io(format!("opening archive {}", shown(path)), e))?;
-    let mut buf = BufReader::with_capacity(1 << 20, file);
+    decompress(BufReader::with_capacity(1 << 20, file), &shown(path))
+}
+
+/// Scans an archive (plain, gzip or zstd tar, by magic bytes) as [`push_archive`]
+/// does, with every check an import makes (names stay inside the archive, a
+/// `checkpoint/inventory.img`, sizes, checksums), reading and dropping member data:
+/// its skeleton, nothing uploaded. For callers that only look, such as the fuzz
+/// targets under fuzz/.
+pub fn read_archive(input: impl Read + Send + 'static, name: &str) -> Result<ArchiveIndex> {
+    let (input, compression) = decompress(BufReader::new(input), name)?;
+    // Member data arrives through bounded channels: drain it beside the scan.
+    let (tx, rx) = sync_channel::<BlockReader>(1);
+    let drain = std::thread::spawn(move || {
+        for mut data in rx {
+            let _ = io::copy(&mut data, &mut io::sink());
+        }
+    });
+    let scanned = scan(input, name, compression, &mut |f| tx.send(f.data).is_ok());
+    drop(tx);
+    let _ = drain.join();
+    match scanned {
+        Ok(index) => Ok(index),
+        Err(ScanError::Failed(e)) => Err(e),
+        Err(ScanError::Cancelled) => Err(ClientError::io(
+            format!("reading archive {name}"),
+            io::Error::other("the member reader stopped"),
+        )),
+    }
+}
+
+/// Picks the decompressor from the first bytes of `buf`.
+fn decompress<R: BufRead + Send + 'static>(
+    mut buf: R,
+    shown: &str,
+) -> Result<(Box<dyn Read + Send>, &'static str)> {
     let head: Vec<u8> = buf
         .fill_buf()
-        .map_err(|e| ClientError::io(format!("reading archive {}", shown(path)), e))?
+        .map_err(|e| ClientError::io(format!("reading archive {shown}"), e))?
         .iter()
         .take(8)
         .copied()
@@ -338,13 +372,12 @@ fn open_archive(path: &Path) -> Result<(Box<dyn Read + Send>, &'static str)> {
         Ok((Box::new(flate2::read::MultiGzDecoder::new(buf)), "gzip"))
     } else if starts(&[0x28, 0xb5, 0x2f, 0xfd]) {
         let d = zstd::stream::read::Decoder::with_buffer(buf)
-            .map_err(|e| ClientError::io(format!("reading archive {}", shown(path)), e))?;
+            .map_err(|e| ClientError::io(format!("reading archive {shown}"), e))?;
         Ok((Box::new(d), "zstd"))
     } else if starts(&[0xfd, b'7', b'z', b'X', b'Z', 0]) || starts(b"BZh") {
         Err(ClientError::Usage(format!(
-            "{} is xz- or bzip2-compressed: snapreg reads plain, gzip or zstd tar; \
-             decompress it first (xz -d / bunzip2) or export with podman's default (zstd)",
-            shown(path)
+            "{shown} is xz- or bzip2-compressed: snapreg reads plain, gzip or zstd tar; \
+             decompress it first (xz -d / bunzip2) or export with podman's default (zstd)"
         )))
     } else {
         Ok((Box::new(buf), "none"))

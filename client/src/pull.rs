@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use snapreg_proto::manifest::{Extent, Manifest};
+use snapreg_proto::manifest::{check_relative_path, Extent, Manifest};
 use snapreg_proto::reference::Reference;
 use snapreg_proto::{codec, Digest};
 
@@ -45,12 +45,64 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
-/// Where a layer's file lands under the destination directory.
-pub fn file_dest(dest: &Path, layer_name: Option<&str>, path: &str) -> PathBuf {
-    match layer_name {
-        Some(name) => dest.join(name).join(path),
-        None => dest.join(path),
+/// Where a layer's file lands under the destination directory. Manifest::decode has
+/// already refused absolute and `..` paths; checked again here because this is where
+/// a name turns into a place on disk.
+pub fn file_dest(dest: &Path, layer_name: Option<&str>, path: &str) -> Result<PathBuf> {
+    let mut rel = PathBuf::new();
+    for part in layer_name.into_iter().chain([path]) {
+        check_relative_path(part).map_err(|reason| {
+            ClientError::Format(snapreg_proto::Error::ManifestInvalid(format!(
+                "file {part:?} would land outside {}: {reason}",
+                shown(dest)
+            )))
+        })?;
+        rel.push(part);
     }
+    Ok(dest.join(rel))
+}
+
+/// Refuses a destination whose directories below `dest` include a symlink (left by
+/// an earlier run or planted): writing through it could land anywhere.
+fn refuse_symlinks_below(dest: &Path, file: &Path) -> Result<()> {
+    let Ok(rel) = file.strip_prefix(dest) else {
+        return Ok(());
+    };
+    let mut at = dest.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() && at != file => {
+                return Err(ClientError::io(
+                    format!("pulling into {}", shown(dest)),
+                    std::io::Error::other(format!(
+                        "{} is a symlink; remove it or pull into an empty directory",
+                        shown(&at)
+                    )),
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+/// Creates (truncating) a partial file without following a symlink planted under
+/// its name.
+fn create_partial(partial: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(partial) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(partial)?,
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(partial)
 }
 
 fn partial_name(final_path: &Path) -> PathBuf {
@@ -88,21 +140,22 @@ pub async fn pull_dir(
         .map_err(|e| ClientError::io(format!("creating {}", shown(dest)), e))?;
 
     let mut targets = Vec::new();
-    // digest -> every (target, offset) it fills, in first-use order.
+    // digest -> every (target, offset, extent length) it fills, in first-use order.
     let mut order: Vec<Digest> = Vec::new();
-    let mut places: HashMap<Digest, Vec<(usize, u64)>> = HashMap::new();
+    let mut places: HashMap<Digest, Vec<(usize, u64, u64)>> = HashMap::new();
     let counters = progress.counters.clone();
     let mut chunks_direct = 0;
     let result = async {
         for layer in &manifest.layers {
             for f in &layer.files {
-                let final_path = file_dest(dest, layer.name.as_deref(), &f.path);
+                let final_path = file_dest(dest, layer.name.as_deref(), &f.path)?;
+                refuse_symlinks_below(dest, &final_path)?;
                 if let Some(parent) = final_path.parent() {
                     std::fs::create_dir_all(parent)
                         .map_err(|e| ClientError::io(format!("creating {}", shown(parent)), e))?;
                 }
                 let partial = partial_name(&final_path);
-                let file = std::fs::File::create(&partial)
+                let file = create_partial(&partial)
                     .map_err(|e| ClientError::io(format!("creating {}", shown(&partial)), e))?;
                 // Sparse: zero extents are never written.
                 file.set_len(f.size)
@@ -118,12 +171,12 @@ pub async fn pull_dir(
                 let mut off = 0;
                 for e in &f.extents {
                     match *e {
-                        Extent::Chunk { chunk, .. } => {
+                        Extent::Chunk { chunk, len } => {
                             let v = places.entry(chunk).or_default();
                             if v.is_empty() {
                                 order.push(chunk);
                             }
-                            v.push((idx, off));
+                            v.push((idx, off, len));
                         }
                         Extent::Zero { zero } => {
                             counters.zero_bytes.fetch_add(zero, Relaxed);
@@ -223,7 +276,7 @@ fn objects<'a>(
 async fn fetch_into(
     remote: &Remote,
     order: &[Digest],
-    places: &HashMap<Digest, Vec<(usize, u64)>>,
+    places: &HashMap<Digest, Vec<(usize, u64, u64)>>,
     targets: &[Target],
     progress: &Progress,
 ) -> Result<u64> {
@@ -244,7 +297,7 @@ async fn fetch_into(
                         let file = places
                             .get(&digest)
                             .and_then(|p| p.first())
-                            .map(|(i, _)| targets[*i].shown.clone());
+                            .map(|(i, _, _)| targets[*i].shown.clone());
                         ClientError::ChunkCorrupt {
                             digest,
                             file: file.unwrap_or_else(|| "(no file)".into()),
@@ -267,8 +320,20 @@ async fn fetch_into(
                 "registry sent chunk {digest} out of order"
             )));
         }
-        for &(idx, off) in places.get(&digest).map(Vec::as_slice).unwrap_or_default() {
+        for &(idx, off, len) in places.get(&digest).map(Vec::as_slice).unwrap_or_default() {
             let t = &targets[idx];
+            // A verified chunk of another length than its extent would spill into the
+            // next extent (or past the file's end): the manifest is inconsistent.
+            if data.len() as u64 != len {
+                return Err(ClientError::ChunkCorrupt {
+                    digest,
+                    file: t.shown.clone(),
+                    reason: format!(
+                        "it has {} bytes where the manifest's extent says {len}",
+                        data.len()
+                    ),
+                });
+            }
             t.file
                 .write_all_at(&data, off)
                 .map_err(|e| ClientError::io(format!("writing {}", shown(&t.partial)), e))?;

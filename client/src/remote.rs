@@ -429,6 +429,67 @@ impl Remote {
             .map_err(|s| self.status(s))?;
         Ok(resp.into_inner().nodes)
     }
+
+    /// Deletes an untagged manifest (`snapctl rm repo@blake3:..`).
+    pub async fn delete_manifest(&self, repository: &str, digest: &Digest) -> Result<Digest> {
+        let req = pb::DeleteManifestRequest {
+            repository: repository.into(),
+            digest: digest.to_string(),
+        };
+        let resp = self
+            .client
+            .clone()
+            .delete_manifest(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner().digest.parse()?)
+    }
+
+    /// Sets (or with an all-zero policy, removes) a repository's retention policy.
+    pub async fn set_retention(&self, repository: &str, policy: pb::RetentionPolicy) -> Result<()> {
+        let req = pb::SetRetentionRequest {
+            repository: repository.into(),
+            policy: Some(policy),
+        };
+        self.client
+            .clone()
+            .set_retention(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(())
+    }
+
+    pub async fn get_retention(&self, repository: &str) -> Result<Option<pb::RetentionPolicy>> {
+        let req = pb::GetRetentionRequest {
+            repository: repository.into(),
+        };
+        let resp = self
+            .client
+            .clone()
+            .get_retention(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner().policy)
+    }
+
+    /// Applies the retention policy of `repository` (`None`: of every repository).
+    pub async fn apply_retention(
+        &self,
+        repository: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Vec<pb::RetentionOutcome>> {
+        let req = pb::ApplyRetentionRequest {
+            repository: repository.unwrap_or_default().into(),
+            dry_run,
+        };
+        let resp = self
+            .client
+            .clone()
+            .apply_retention(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(resp.into_inner().repositories)
+    }
 }
 
 fn is_loopback(url: &str) -> bool {

@@ -24,6 +24,10 @@ pub const HEADER_LEN: usize = 12;
 /// Largest chunk the codec accepts: the chunker's maximum with headroom; bounds the
 /// memory a hostile object can make a reader allocate.
 pub const MAX_CHUNK_LEN: usize = 16 << 20;
+/// Largest chunk object: [`encode`] keeps zstd only when it is smaller than the raw
+/// bytes, so an object is never more than the header over [`MAX_CHUNK_LEN`]. Receivers
+/// refuse anything larger before decoding it.
+pub const MAX_OBJECT_LEN: usize = HEADER_LEN + MAX_CHUNK_LEN;
 /// zstd level 1: ~500 MB/s per core here, and most of the gain on memory images
 /// (zeros never reach the codec; what compresses is text, heap metadata, code).
 pub const ZSTD_LEVEL: i32 = 1;
@@ -79,6 +83,12 @@ pub fn decode(expected: &Digest, object: &[u8]) -> Result<Bytes, Error> {
         digest: *expected,
         reason,
     };
+    if object.len() > MAX_OBJECT_LEN {
+        return Err(corrupt(format!(
+            "object is {} bytes, over the {MAX_OBJECT_LEN}-byte limit",
+            object.len()
+        )));
+    }
     if object.len() < HEADER_LEN || &object[..4] != MAGIC {
         return Err(corrupt("bad header (not a snapreg chunk object)".into()));
     }

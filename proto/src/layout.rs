@@ -5,7 +5,13 @@
 //! chunks/<first 2 hex>/<64 hex>            chunk objects (codec framing); put once, never rewritten
 //! manifests/<64 hex>                       manifest bytes, exactly as the client encoded them
 //! tags/<repository>/<tag>/<hlc>-<target>   append-only tag records (see tags.rs)
+//! retention/<repository>/_policy.json      a repository's retention policy (registry retention.rs)
+//! quarantine/<original path>               objects scrub found damaged, kept for inspection
 //! ```
+//!
+//! `_policy.json` cannot collide with a repository component (those start with a
+//! letter or digit). Nothing reads `quarantine/` back: a quarantined chunk is simply
+//! missing, and the next push that has its bytes uploads it again.
 //!
 //! The two-hex fan-out keeps directories of the local backend to ~1/256 of the chunk
 //! count; object stores do not care. Everything in the registry's RocksDB index can be
@@ -20,6 +26,9 @@ pub const LAYOUT_VERSION: u64 = 1;
 pub const CHUNKS: &str = "chunks";
 pub const MANIFESTS: &str = "manifests";
 pub const TAGS: &str = "tags";
+pub const RETENTION: &str = "retention";
+pub const QUARANTINE: &str = "quarantine";
+const RETENTION_OBJECT: &str = "_policy.json";
 
 pub fn layout_object_body() -> String {
     format!("{{\"layout_version\": {LAYOUT_VERSION}}}\n")
@@ -40,6 +49,31 @@ pub fn tag_dir(repository: &str, tag: &str) -> String {
 
 pub fn tag_record_path(repository: &str, tag: &str, record: &TagRecord) -> String {
     format!("{}/{}", tag_dir(repository, tag), record.object_name())
+}
+
+pub fn retention_path(repository: &str) -> String {
+    format!("{RETENTION}/{repository}/{RETENTION_OBJECT}")
+}
+
+/// Parses `retention/<repo...>/_policy.json` back into the repository.
+pub fn parse_retention_path(path: &str) -> Result<String, Error> {
+    let repo = path
+        .strip_prefix("retention/")
+        .and_then(|r| r.strip_suffix(&format!("/{RETENTION_OBJECT}")))
+        .ok_or_else(|| Error::InvalidPath {
+            path: path.into(),
+            reason: format!("expected {RETENTION}/<repository>/{RETENTION_OBJECT}"),
+        })?;
+    validate_repository(repo).map_err(|reason| Error::InvalidPath {
+        path: path.into(),
+        reason,
+    })?;
+    Ok(repo.to_string())
+}
+
+/// Where scrub moves a damaged object (`chunks/ab/ab..` -> `quarantine/chunks/ab/ab..`).
+pub fn quarantine_path(original: &str) -> String {
+    format!("{QUARANTINE}/{original}")
 }
 
 /// Parses `chunks/<2>/<hex>` back into a digest.
@@ -120,5 +154,14 @@ mod tests {
         assert_eq!((repo.as_str(), tag.as_str(), r), ("a/b/c", "t", rec));
         assert!(parse_chunk_path("chunks/zz/abc").is_err());
         assert!(parse_tag_record_path("tags/x").is_err());
+        assert_eq!(
+            parse_retention_path(&retention_path("team/llama")).unwrap(),
+            "team/llama"
+        );
+        assert!(parse_retention_path("retention/x/other.json").is_err());
+        assert_eq!(
+            quarantine_path(&chunk_path(&d)),
+            format!("quarantine/{}", chunk_path(&d))
+        );
     }
 }

@@ -38,6 +38,11 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// Upper bound on an accepted manifest: ~10^6 extents. Bounds what a hostile or
 /// corrupt manifest can make either side allocate.
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
+/// Linux's PATH_MAX: a longer file path could never be created by a pull.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Components of a file path (CRIU images are flat; rootfs layers are not deep).
+/// JSON nesting itself is bounded by serde_json's recursion limit (128).
+pub const MAX_PATH_DEPTH: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -208,7 +213,20 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), Error> {
         let invalid = |s: String| Err(Error::ManifestInvalid(s));
+        let max_chunk = self.chunker.max_size as u64;
+        if max_chunk as usize > crate::codec::MAX_CHUNK_LEN {
+            return invalid(format!(
+                "chunker max_size {max_chunk} exceeds the codec's {} bytes",
+                crate::codec::MAX_CHUNK_LEN
+            ));
+        }
         for layer in &self.layers {
+            // A layer name becomes a directory of the pull: the same rules as a path.
+            if let Some(name) = &layer.name {
+                if let Err(reason) = check_relative_path(name) {
+                    return invalid(format!("layer name {name:?}: {reason}"));
+                }
+            }
             let mut seen = std::collections::HashSet::new();
             for f in &layer.files {
                 if let Err(reason) = check_relative_path(&f.path) {
@@ -221,15 +239,29 @@ impl Manifest {
                         layer.kind.as_str()
                     ));
                 }
-                let sum: u64 = f.extents.iter().map(Extent::len).sum();
+                // Checked: extents summing past 2^64 would wrap to a small "size" in
+                // a release build and place later extents at bogus offsets.
+                let sum = f
+                    .extents
+                    .iter()
+                    .try_fold(0u64, |acc, e| acc.checked_add(e.len()));
+                let Some(sum) = sum else {
+                    return invalid(format!("file {:?}: extents overflow 64 bits", f.path));
+                };
                 if sum != f.size {
                     return invalid(format!(
                         "file {:?}: extents cover {sum} bytes, size is {}",
                         f.path, f.size
                     ));
                 }
-                if f.extents.iter().any(|e| matches!(e, Extent::Chunk { len, .. } if *len as usize > crate::codec::MAX_CHUNK_LEN)) {
-                    return invalid(format!("file {:?}: chunk larger than the codec allows", f.path));
+                if f.extents
+                    .iter()
+                    .any(|e| matches!(e, Extent::Chunk { len, .. } if *len > max_chunk))
+                {
+                    return invalid(format!(
+                        "file {:?}: a chunk is larger than the chunker's max_size {max_chunk}",
+                        f.path
+                    ));
                 }
             }
         }
@@ -260,7 +292,7 @@ impl Manifest {
             .iter()
             .flat_map(|l| &l.files)
             .map(|f| f.size)
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 }
 
@@ -268,6 +300,12 @@ impl Manifest {
 pub fn check_relative_path(path: &str) -> Result<(), &'static str> {
     if path.is_empty() {
         return Err("empty");
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err("longer than PATH_MAX (4096)");
+    }
+    if path.split('/').count() > MAX_PATH_DEPTH {
+        return Err("more than 64 components deep");
     }
     if path.starts_with('/') {
         return Err("absolute");
@@ -357,6 +395,43 @@ mod tests {
         }
         let mut m = Manifest::decode(GOLDEN_V1).unwrap();
         m.layers[0].files[0].size += 1;
+        assert!(Manifest::decode(&m.encode()).is_err());
+        let deep = vec!["d"; MAX_PATH_DEPTH + 1].join("/");
+        let long = "x".repeat(MAX_PATH_LEN + 1);
+        for bad in ["../up", "/abs", deep.as_str(), long.as_str()] {
+            let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+            m.layers[0].name = Some(bad.into());
+            assert!(
+                Manifest::decode(&m.encode()).is_err(),
+                "layer {bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn extents_that_overflow_are_refused() {
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        let f = &mut m.layers[0].files[1];
+        f.extents = vec![Extent::Zero { zero: u64::MAX }, Extent::Zero { zero: 2 }];
+        f.size = 1;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn chunks_above_the_chunkers_max_size_are_refused() {
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        let pages = &mut m.layers[0].files[1];
+        let Extent::Chunk { len, .. } = &mut pages.extents[0] else {
+            panic!("golden pages-1.img starts with a chunk")
+        };
+        let grow = u64::from(m.chunker.max_size) + 1 - *len;
+        *len += grow;
+        pages.size += grow;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("max_size"), "{e}");
+        let mut m = Manifest::decode(GOLDEN_V1).unwrap();
+        m.chunker.max_size = 1 << 30;
         assert!(Manifest::decode(&m.encode()).is_err());
     }
 

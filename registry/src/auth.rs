@@ -25,6 +25,10 @@
 //! | FindMissingChunks, PutChunks | push on some repository (see below) |
 //! | GetManifest, ListTags, Resolve | pull on the request's repository |
 //! | GetChunks, GetChunkUrls | pull on some repository (see below) |
+//! | DeleteManifest | push on the named repository |
+//! | SetRetention, ApplyRetention (one repository) | admin on the named repository |
+//! | GetRetention | pull on the named repository |
+//! | ApplyRetention (every repository), Scrub | admin on `*` |
 //! | ListRepositories, Watch | pull on some repository; the answer is filtered to the repositories the token may pull |
 //! | RegisterNode | pull on some repository (a node announces itself with the token it pulls with) |
 //! | ListNodes, ReplicationStatus | pull on `*` (they describe the whole registry) |
@@ -611,6 +615,55 @@ impl RegistryRpc for AuthorizedRegistry {
             .await?
             .require(Scope::Push, &req.get_ref().repository)?;
         self.inner.delete_tag(req).await
+    }
+
+    async fn delete_manifest(
+        &self,
+        req: Request<pb::DeleteManifestRequest>,
+    ) -> Rpc<pb::DeleteManifestResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Push, &req.get_ref().repository)?;
+        self.inner.delete_manifest(req).await
+    }
+
+    async fn set_retention(
+        &self,
+        req: Request<pb::SetRetentionRequest>,
+    ) -> Rpc<pb::SetRetentionResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Admin, &req.get_ref().repository)?;
+        self.inner.set_retention(req).await
+    }
+
+    async fn get_retention(
+        &self,
+        req: Request<pb::GetRetentionRequest>,
+    ) -> Rpc<pb::GetRetentionResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Pull, &req.get_ref().repository)?;
+        self.inner.get_retention(req).await
+    }
+
+    async fn apply_retention(
+        &self,
+        req: Request<pb::ApplyRetentionRequest>,
+    ) -> Rpc<pb::ApplyRetentionResponse> {
+        let who = self.who(&req).await?;
+        match req.get_ref().repository.as_str() {
+            "" => who.require_all(Scope::Admin, "retention for every repository")?,
+            repo => who.require(Scope::Admin, repo)?,
+        }
+        self.inner.apply_retention(req).await
+    }
+
+    async fn scrub(&self, req: Request<pb::ScrubRequest>) -> Rpc<pb::ScrubResponse> {
+        self.who(&req)
+            .await?
+            .require_all(Scope::Admin, "scrubbing the store")?;
+        self.inner.scrub(req).await
     }
 
     async fn collect_garbage(

@@ -300,6 +300,12 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// The object store itself, for modules that own a prefix of their own
+    /// (retention policies, scrub's quarantine).
+    pub(crate) fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     /// Lists every object under a top-level prefix (`chunks`, `manifests`, `tags`).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let prefix = Path::from(prefix);

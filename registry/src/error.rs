@@ -22,6 +22,10 @@ pub enum RegistryError {
     TagNotFound { repository: String, tag: String },
     #[error("manifest {digest} not found")]
     ManifestNotFound { digest: Digest },
+    #[error("manifest {digest} is still tagged ({tags}); `snapctl rm` those tags first")]
+    ManifestTagged { digest: Digest, tags: String },
+    #[error("manifest {digest} is held by a push or tag update in progress; try again once it has finished")]
+    ManifestBusy { digest: Digest },
     #[error("push lease {lease:?} is unknown or expired; start the push again")]
     LeaseUnknown { lease: String },
     #[error("invalid argument {field}: {reason}")]
@@ -53,7 +57,10 @@ impl From<RegistryError> for Status {
             ChunkMissing { .. } | TagNotFound { .. } | ManifestNotFound { .. } => {
                 Status::not_found(msg)
             }
-            ManifestIncomplete { .. } | LeaseUnknown { .. } => Status::failed_precondition(msg),
+            ManifestIncomplete { .. }
+            | LeaseUnknown { .. }
+            | ManifestTagged { .. }
+            | ManifestBusy { .. } => Status::failed_precondition(msg),
             Manifest(snapreg_proto::Error::ManifestVersion { .. }) => {
                 Status::failed_precondition(msg)
             }

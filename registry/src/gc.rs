@@ -1,4 +1,5 @@
-//! Garbage collection: mark from tags, sweep what is unreferenced and old.
+//! Garbage collection: apply retention policies, mark from tags, sweep what is
+//! unreferenced and old.
 //!
 //! | concurrent with GC | why it is safe |
 //! |---|---|
@@ -37,6 +38,10 @@ pub async fn collect(
 ) -> Result<CollectGarbageResponse> {
     let _only_one = reg.gc_running.lock().await;
     reg.shared.lock_gc(&reg.store, reg.config.lease_ttl).await?;
+    // Expired tags first, so this very GC reclaims what they held.
+    if !dry_run {
+        crate::retention::apply(reg, None, false).await?;
+    }
     *reg.gc_committed.lock().unwrap() = Some(HashSet::new());
     let result = mark_and_sweep(reg, grace, dry_run).await;
     *reg.gc_committed.lock().unwrap() = None;

@@ -17,6 +17,10 @@
 //! - [`shared_store`]: several instances on one store: store leases that keep GC on
 //!   one instance from racing a push on another, sweep logs, and the rule that the
 //!   index is a cache that looks in the store before calling anything missing.
+//! - [`retention`]: per-repository keep-N / keep-for-D policies (stored in the object
+//!   store), applied by `ApplyRetention` and before every GC.
+//! - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
+//!   `quarantine/` and out of the index, so the next push re-uploads them.
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
@@ -35,7 +39,9 @@ pub mod error;
 pub mod gc;
 pub mod index;
 pub mod replication;
+pub mod retention;
 pub mod scheduler;
+pub mod scrub;
 pub mod server;
 pub mod service;
 pub mod shared_store;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use snapreg_proto::pb::{self, registry_client::RegistryClient};
 use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope};
 use snapreg_registry::{PeerConfig, RegistryConfig, TlsFiles};
 
@@ -132,6 +133,24 @@ enum Command {
         #[arg(long, env = "SNAPREG_DATA")]
         data: PathBuf,
     },
+    /// Re-read and verify every chunk and manifest; move damaged ones to quarantine/
+    /// so the next push re-uploads them. Offline with --data (the registry stopped),
+    /// or online with --registry URL. Prints a JSON report; exits 5 when anything was
+    /// damaged.
+    Scrub {
+        /// Data directory of a stopped registry.
+        #[arg(long, env = "SNAPREG_DATA", required_unless_present = "registry")]
+        data: Option<PathBuf>,
+        /// Object store URL of that registry (as for serve).
+        #[arg(long, env = "SNAPREG_STORE")]
+        store: Option<String>,
+        /// Ask the registry serving at this URL to scrub itself instead.
+        #[arg(long, conflicts_with = "data")]
+        registry: Option<String>,
+        /// Report only; quarantine nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -250,7 +269,68 @@ async fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scrub {
+            data,
+            store,
+            registry,
+            dry_run,
+        } => {
+            let report = match (registry, data) {
+                (Some(url), _) => {
+                    let mut client = RegistryClient::connect(url.clone())
+                        .await
+                        .with_context(|| format!("connecting to {url}"))?;
+                    client
+                        .scrub(pb::ScrubRequest { dry_run })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+                        .with_context(|| format!("scrubbing the registry at {url}"))?
+                        .into_inner()
+                }
+                (None, Some(data)) => {
+                    let mut config = RegistryConfig::new(&data);
+                    config.store_url = store;
+                    let registry = snapreg_registry::open(config).await.with_context(|| {
+                        format!(
+                            "opening the registry in {} (still serving? stop it, or pass --registry URL)",
+                            data.display()
+                        )
+                    })?;
+                    snapreg_registry::scrub::scrub(&registry, dry_run)
+                        .await
+                        .context("scrubbing the store")?
+                        .into()
+                }
+                (None, None) => unreachable!("clap requires --data or --registry"),
+            };
+            println!("{}", scrub_json(&report));
+            if !report.damaged.is_empty() {
+                eprintln!(
+                    "snapreg: {} damaged object(s){}; push the affected snapshots again from their source",
+                    report.damaged.len(),
+                    if dry_run { "" } else { " moved to quarantine/" }
+                );
+                std::process::exit(5);
+            }
+            Ok(())
+        }
     }
+}
+
+fn scrub_json(r: &pb::ScrubResponse) -> serde_json::Value {
+    let damaged: Vec<_> = r
+        .damaged
+        .iter()
+        .map(|d| {
+            serde_json::json!({ "kind": d.kind, "digest": d.digest, "path": d.path, "reason": d.reason,
+                "quarantined_to": (!d.quarantined_to.is_empty()).then_some(&d.quarantined_to) })
+        })
+        .collect();
+    serde_json::json!({
+        "chunks_checked": r.chunks_checked, "manifests_checked": r.manifests_checked,
+        "bytes_read": r.bytes_read, "damaged": damaged, "quarantined": r.quarantined,
+        "seconds": r.seconds,
+    })
 }
 
 async fn shutdown_signal() {

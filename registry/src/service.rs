@@ -19,6 +19,9 @@ use crate::server::{now_ms, Registry};
 
 /// Chunks fetched from the store ahead of the one being sent, per GetChunks stream.
 const GET_CHUNKS_READAHEAD: usize = 8;
+/// Digests one FindMissingChunks or GetChunks call may name: 64 Ki x 34 bytes stays
+/// far below the message limit, and clients ask for 512 and 32 at a time.
+const MAX_DIGESTS_PER_CALL: usize = 1 << 16;
 
 /// Store lookups in flight for digests a FindMissingChunks or a commit does not find
 /// in the index (another instance may have stored them).
@@ -44,6 +47,19 @@ impl RegistryService {
 fn digest_arg(field: &'static str, bytes: &[u8]) -> Result<Digest> {
     Digest::from_slice(bytes)
         .map_err(|_| RegistryError::invalid(field, "must be a 32-byte BLAKE3 digest"))
+}
+
+fn digests_arg(field: &'static str, list: &[Bytes]) -> Result<Vec<Digest>> {
+    if list.len() > MAX_DIGESTS_PER_CALL {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "{} digests in one call; send at most {MAX_DIGESTS_PER_CALL}",
+                list.len()
+            ),
+        ));
+    }
+    list.iter().map(|b| digest_arg(field, b)).collect()
 }
 
 fn repo_arg(repo: &str) -> Result<()> {
@@ -299,6 +315,44 @@ impl Registry {
         Ok(current)
     }
 
+    /// Deletes an untagged manifest nobody is committing; its chunks go at the next GC.
+    async fn delete_manifest(&self, digest: &str) -> Result<Digest> {
+        let d: Digest = digest
+            .parse()
+            .map_err(|_| RegistryError::invalid("digest", "must be blake3:<64 hex digits>"))?;
+        if !self.index.has_manifest(&d)? {
+            return Err(RegistryError::ManifestNotFound { digest: d });
+        }
+        let _g = self.lock_digest(&d).await;
+        let tags: Vec<String> = self
+            .index
+            .all_tags()?
+            .into_iter()
+            .filter(|(_, _, r)| r.digest() == Some(d))
+            .map(|(repo, tag, _)| format!("{repo}:{tag}"))
+            .collect();
+        if !tags.is_empty() {
+            return Err(RegistryError::ManifestTagged {
+                digest: d,
+                tags: tags.join(", "),
+            });
+        }
+        let committing = self
+            .gc_committed
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.contains(&d));
+        if committing || self.index.is_leased(&d, now_ms())? {
+            return Err(RegistryError::ManifestBusy { digest: d });
+        }
+        // Index first, as GC does: a crash between leaves an unindexed object for GC.
+        self.index.remove_manifest(&d)?;
+        self.store.delete_manifest(&d).await?;
+        tracing::info!(digest = %d, "manifest deleted");
+        Ok(d)
+    }
+
     async fn resolve(&self, repository: &str, reference: &str) -> Result<Digest> {
         if reference.starts_with(snapreg_proto::digest::PREFIX) {
             let d: Digest = reference.parse()?;
@@ -355,11 +409,7 @@ impl registry_server::Registry for RegistryService {
         req: Request<pb::FindMissingChunksRequest>,
     ) -> Result<Response<pb::FindMissingChunksResponse>, Status> {
         let req = req.into_inner();
-        let digests = req
-            .digests
-            .iter()
-            .map(|b| digest_arg("digests", b))
-            .collect::<Result<Vec<_>>>()?;
+        let digests = digests_arg("digests", &req.digests)?;
         let missing = self.reg.find_missing(&req.lease_id, digests).await?;
         Ok(Response::new(pb::FindMissingChunksResponse {
             missing: missing
@@ -382,6 +432,18 @@ impl registry_server::Registry for RegistryService {
                 checked_lease = Some(msg.lease_id.clone());
             }
             let digest = digest_arg("digest", &msg.digest)?;
+            if msg.data.len() > codec::MAX_OBJECT_LEN {
+                return Err(RegistryError::invalid(
+                    "data",
+                    format!(
+                        "chunk {digest} is a {}-byte object, over the {}-byte limit (a {}-byte chunk plus the codec header); chunk with a smaller max_size",
+                        msg.data.len(),
+                        codec::MAX_OBJECT_LEN,
+                        codec::MAX_CHUNK_LEN
+                    ),
+                )
+                .into());
+            }
             let len = msg.data.len() as u64;
             if self.reg.put_chunk(&msg.lease_id, digest, msg.data).await? {
                 resp.chunks_stored += 1;
@@ -399,12 +461,7 @@ impl registry_server::Registry for RegistryService {
         &self,
         req: Request<pb::GetChunksRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let digests = req
-            .into_inner()
-            .digests
-            .iter()
-            .map(|b| digest_arg("digests", b))
-            .collect::<Result<Vec<_>>>()?;
+        let digests = digests_arg("digests", &req.into_inner().digests)?;
         let reg = self.reg.clone();
         let stream = futures::stream::iter(digests)
             .map(move |d| {
@@ -540,6 +597,9 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::DeleteTagResponse>, Status> {
         let req = req.into_inner();
         repo_arg(&req.repository)?;
+        // Not a digest: `resolve` takes those, and a tag record named after one would
+        // be a path no tag can have.
+        tag_arg(&req.tag)?;
         let digest = self.reg.resolve(&req.repository, &req.tag).await?;
         self.reg
             .write_tag(&req.repository, &req.tag, TagTarget::Deleted)
@@ -636,5 +696,65 @@ impl registry_server::Registry for RegistryService {
             urls: urls.unwrap_or_default(),
             expires_seconds: CHUNK_URL_TTL.as_secs(),
         }))
+    }
+
+    async fn delete_manifest(
+        &self,
+        req: Request<pb::DeleteManifestRequest>,
+    ) -> Result<Response<pb::DeleteManifestResponse>, Status> {
+        let req = req.into_inner();
+        repo_arg(&req.repository)?;
+        let d = self.reg.delete_manifest(&req.digest).await?;
+        Ok(Response::new(pb::DeleteManifestResponse {
+            digest: d.to_string(),
+        }))
+    }
+
+    async fn set_retention(
+        &self,
+        req: Request<pb::SetRetentionRequest>,
+    ) -> Result<Response<pb::SetRetentionResponse>, Status> {
+        let req = req.into_inner();
+        let p = req.policy.unwrap_or_default();
+        let policy = crate::retention::Policy {
+            keep_last: p.keep_last,
+            keep_for_seconds: p.keep_for_seconds,
+        };
+        crate::retention::set(&self.reg, &req.repository, policy).await?;
+        Ok(Response::new(pb::SetRetentionResponse {}))
+    }
+
+    async fn get_retention(
+        &self,
+        req: Request<pb::GetRetentionRequest>,
+    ) -> Result<Response<pb::GetRetentionResponse>, Status> {
+        let policy = crate::retention::get(&self.reg, &req.into_inner().repository).await?;
+        Ok(Response::new(pb::GetRetentionResponse {
+            policy: policy.map(|p| pb::RetentionPolicy {
+                keep_last: p.keep_last,
+                keep_for_seconds: p.keep_for_seconds,
+            }),
+        }))
+    }
+
+    async fn apply_retention(
+        &self,
+        req: Request<pb::ApplyRetentionRequest>,
+    ) -> Result<Response<pb::ApplyRetentionResponse>, Status> {
+        let req = req.into_inner();
+        let repo = (!req.repository.is_empty()).then_some(req.repository.as_str());
+        if let Some(r) = repo {
+            repo_arg(r)?;
+        }
+        let repositories = crate::retention::apply(&self.reg, repo, req.dry_run).await?;
+        Ok(Response::new(pb::ApplyRetentionResponse { repositories }))
+    }
+
+    async fn scrub(
+        &self,
+        req: Request<pb::ScrubRequest>,
+    ) -> Result<Response<pb::ScrubResponse>, Status> {
+        let report = crate::scrub::scrub(&self.reg, req.into_inner().dry_run).await?;
+        Ok(Response::new(report.into()))
     }
 }
