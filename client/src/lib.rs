@@ -11,7 +11,8 @@
 //! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
 //!   as CRIU's action script (commit at post-dump, verify at post-restore).
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
-//!   through the node cache.
+//!   through the node cache; [`zero_pages`]: zero pages of private anonymous memory
+//!   left out of the served pagemap.
 //! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID.
 //! - [`weights`]: separated mode: the weights layer read from and filled into the node's
 //!   weights service (the service itself is the `snapreg-weights` crate).
@@ -47,5 +48,6 @@ pub mod remote;
 pub mod restore;
 pub mod verify;
 pub mod weights;
+pub mod zero_pages;
 
 pub use error::ClientError;

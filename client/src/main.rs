@@ -215,6 +215,10 @@ enum Command {
         /// CRIU restores the process, then signal the worker to re-attach.
         #[arg(long, value_name = "SOCKET")]
         weights_service: Option<PathBuf>,
+        /// Serve every zero page to CRIU (by default zero pages of private anonymous
+        /// memory are left out of the pagemap: they read as zero anyway).
+        #[arg(long)]
+        keep_zero_pages: bool,
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
@@ -640,6 +644,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             force,
             window,
             weights_service,
+            keep_zero_pages,
             criu_args,
         } => {
             let reference = parse_ref(reference)?;
@@ -654,6 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 window: *window,
                 fallbacks: remotes,
                 weights_service: weights_service.clone(),
+                keep_zero_pages: *keep_zero_pages,
             };
             let r = restore::pull_restore(
                 &remote,

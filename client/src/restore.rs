@@ -39,7 +39,7 @@ use crate::direct::{self, DirectFetcher};
 use crate::error::{ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
-use crate::{criu_stream, host, process, pull};
+use crate::{criu_stream, host, process, pull, zero_pages};
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -56,6 +56,9 @@ pub struct RestoreOptions {
     /// Separated mode: fill the snapshot's weights layer into this weights service
     /// while CRIU restores the process.
     pub weights_service: Option<PathBuf>,
+    /// Serve zero pages of private anonymous memory too (they are left out of the
+    /// served pagemap otherwise; see zero_pages.rs).
+    pub keep_zero_pages: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -81,6 +84,8 @@ pub struct RestoreReport {
     pub cuda_restore_seconds: Option<f64>,
     /// Separated mode: filling the weights service (concurrent with CRIU).
     pub weights: Option<crate::weights::FillReport>,
+    /// Bytes of zero pages left out of the served pagemap (never crossed the pipe).
+    pub zero_bytes_left_out: u64,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -254,6 +259,18 @@ impl ChunkSource {
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
+/// A small file's whole bytes (verified chunks, through the node cache).
+async fn file_bytes(source: &ChunkSource, name: &str, extents: &[Extent]) -> Result<Bytes> {
+    let mut out = bytes::BytesMut::new();
+    for e in extents {
+        match *e {
+            Extent::Chunk { chunk, .. } => out.extend_from_slice(&source.get(chunk, name).await?),
+            Extent::Zero { zero } => out.resize(out.len() + zero as usize, 0),
+        }
+    }
+    Ok(out.freeze())
+}
+
 /// Writes one file's extents into CRIU's pipe. EPIPE means CRIU closed the file
 /// early: not an error here; CRIU's exit code decides.
 async fn serve_file(
@@ -311,6 +328,8 @@ async fn serve_file(
 /// the first error (which turns the post-restore answer into "fail").
 struct Serving<'a> {
     files: &'a HashMap<String, Vec<Extent>>,
+    /// Files served from memory instead of their extents (rewritten pagemaps).
+    inline: &'a HashMap<String, Bytes>,
     source: &'a ChunkSource,
     first_error: &'a Arc<Mutex<Option<ClientError>>>,
     window: usize,
@@ -318,6 +337,25 @@ struct Serving<'a> {
 
 impl Serving<'_> {
     fn spawn_file(&self, tasks: &mut JoinSet<()>, name: String, fd: OwnedFd) {
+        if let Some(bytes) = self.inline.get(&name).cloned() {
+            let errs = self.first_error.clone();
+            tasks.spawn(async move {
+                let written = async {
+                    let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(fd)?;
+                    pipe.write_all(&bytes).await
+                }
+                .await;
+                match written {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                        errs.lock()
+                            .unwrap()
+                            .get_or_insert(ClientError::io(format!("serving {name} to CRIU"), e));
+                    }
+                    _ => {}
+                }
+            });
+            return;
+        }
         let extents = self.files.get(&name).cloned().unwrap_or_default();
         let (src, errs, window) = (self.source.clone(), self.first_error.clone(), self.window);
         tasks.spawn(async move {
@@ -488,7 +526,7 @@ pub async fn pull_restore(
                 "{reference} has no process layer: use `snapctl pull` for plain snapshots"
             ))
         })?;
-    let files: HashMap<String, Vec<Extent>> = layer
+    let mut files: HashMap<String, Vec<Extent>> = layer
         .files
         .iter()
         .map(|f| (f.path.clone(), f.extents.clone()))
@@ -569,11 +607,35 @@ pub async fn pull_restore(
         }
         _ => None,
     };
+    // CRIU waits for its first answers meanwhile: the plan reads two small files.
+    let zero_plan = if opts.keep_zero_pages {
+        zero_pages::ZeroPagePlan::default()
+    } else {
+        let mut small = HashMap::new();
+        for name in zero_pages::needed(&files) {
+            let bytes = file_bytes(&source, &name, &files[&name]).await?;
+            small.insert(name, bytes);
+        }
+        zero_pages::plan(&files, &small)
+    };
+    files.extend(zero_plan.pages.clone());
+    if zero_plan.bytes_left_out > 0 {
+        tracing::info!(
+            bytes = zero_plan.bytes_left_out,
+            "zero pages left out of the pagemap"
+        );
+        progress.advance(zero_plan.bytes_left_out);
+        progress
+            .counters
+            .bytes_total
+            .fetch_add(zero_plan.bytes_left_out, Relaxed);
+    }
     let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut served = 0usize;
     let server = Serving {
         files: &files,
+        inline: &zero_plan.pagemaps,
         source: &source,
         first_error: &first_error,
         window: opts.window,
@@ -699,6 +761,7 @@ pub async fn pull_restore(
         chunks_by_registry: source.fetched_from(),
         cuda_restore_seconds,
         weights,
+        zero_bytes_left_out: zero_plan.bytes_left_out,
     })
 }
 

@@ -172,6 +172,8 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
     let clock = HlcClock::default();
     clock.observe(index.max_hlc()?);
     let replication = Replication::new(&index, &config.peers, config.replication_backoff_max)?;
+    let shared = SharedStore::for_data_dir(&config.data_dir)?;
+    shared.clear_stale_gc_lock(&store).await?;
     Ok(Arc::new(Registry {
         store,
         index,
@@ -183,7 +185,7 @@ pub async fn open(config: RegistryConfig) -> Result<Arc<Registry>> {
         replication,
         log_appended: tokio::sync::watch::Sender::new(0),
         shutting_down: tokio::sync::watch::Sender::new(false),
-        shared: SharedStore::default(),
+        shared,
         auth,
         tls,
     }))

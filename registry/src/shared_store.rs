@@ -18,8 +18,10 @@
 //! registrations, and which sweep logs were applied.
 //!
 //! Leases of an instance that crashed stay live until they expire (`--lease-ttl`)
-//! and hold off other instances' GC until then; instance names are fresh at every
-//! start, so a restarted instance does not mistake them for its own.
+//! and hold off other instances' GC until then. An instance's name is kept in its data
+//! directory (`instance-id`), which RocksDB's lock gives to one process at a time: a
+//! restarted instance drops the GC lock its previous run left (that GC is dead), so a
+//! crash mid-GC does not hold off the next GC for a whole `--lease-ttl`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -45,6 +47,32 @@ pub struct SharedStore {
     /// Expiry last written to each store lease of this instance: a lease object is
     /// rewritten only when half of its lifetime is spent, not on every call.
     written: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl SharedStore {
+    /// The instance whose data directory is `dir`: its name is read from
+    /// `dir/instance-id`, created on first start.
+    pub fn for_data_dir(dir: &std::path::Path) -> std::io::Result<Self> {
+        let path = dir.join("instance-id");
+        let instance = match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => {
+                let fresh = format!("{:016x}", rand::random::<u64>());
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(&path, &fresh)?;
+                fresh
+            }
+        };
+        Ok(SharedStore {
+            instance,
+            written: Default::default(),
+        })
+    }
+
+    /// Drops the GC lock a previous run of this instance left behind.
+    pub async fn clear_stale_gc_lock(&self, store: &ChunkStore) -> Result<()> {
+        store.delete_raw(&self.lease_path("gc")).await
+    }
 }
 
 impl Default for SharedStore {
