@@ -147,6 +147,9 @@ enum Command {
         /// Ask the registry serving at this URL to scrub itself instead.
         #[arg(long, conflicts_with = "data")]
         registry: Option<String>,
+        /// Admin token for --registry (`snapreg token issue --scope admin --repo '*'`).
+        #[arg(long, env = "SNAPREG_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Report only; quarantine nothing.
         #[arg(long)]
         dry_run: bool,
@@ -273,13 +276,20 @@ async fn real_main() -> anyhow::Result<()> {
             data,
             store,
             registry,
+            token,
             dry_run,
         } => {
             let report = match (registry, data) {
                 (Some(url), _) => {
-                    let mut client = RegistryClient::connect(url.clone())
+                    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                        .with_context(|| format!("{url} is not a registry URL"))?
+                        .connect()
                         .await
                         .with_context(|| format!("connecting to {url}"))?;
+                    let mut client = RegistryClient::with_interceptor(
+                        channel,
+                        snapreg_proto::credentials::BearerToken::new(token.as_deref())?,
+                    );
                     client
                         .scrub(pb::ScrubRequest { dry_run })
                         .await

@@ -4,6 +4,7 @@
 //! agents and replication peers.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{
@@ -150,6 +151,29 @@ fn tokens_grant_what_they_name_and_nothing_else() {
         .ok()
         .json();
     assert_eq!(gc["manifests_live"], 1, "{gc}");
+    // An online scrub is registry-wide too.
+    let scrub = |token: &str| {
+        Command::new(bin("snapreg"))
+            .args([
+                "scrub",
+                "--dry-run",
+                "--registry",
+                &reg.url,
+                "--token",
+                token,
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let denied = scrub(&push);
+    assert_ne!(denied.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("scope"),
+        "{denied:?}"
+    );
+    let ok = scrub(&admin);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
 
     // Revocation reaches the running registry (within --auth-cache-ttl).
     snapctl(&reg.url, &["--token", &doomed, "ls"]).ok();
