@@ -204,6 +204,10 @@ pub async fn checkpoint(
             .unwrap_or_default(),
         gpu: crate::cuda::host_gpu(),
         weights,
+        device_ranges: cuda_guard
+            .as_ref()
+            .map(|g| g.device_ranges.clone())
+            .unwrap_or_default(),
     };
 
     let dumped = match &opts.spool {
@@ -272,6 +276,8 @@ struct TreeFacts {
     gpu: Option<snapreg_proto::compat::GpuRecord>,
     /// Separated mode: the buffers the tree released, uploaded as the weights layer.
     weights: Option<Arc<WeightsPlan>>,
+    /// Address ranges the CUDA checkpoint added, per PID (device memory in host pages).
+    device_ranges: std::collections::HashMap<u32, Vec<(u64, u64)>>,
 }
 
 /// Annotation listing the PIDs whose CUDA state is in the image (restore puts it back).
@@ -449,15 +455,55 @@ fn capture_file(
     uploader: &Arc<Uploader>,
     files: &mut FileTasks,
     order: &mut Vec<String>,
+    pagemaps: &Pagemaps,
     f: CapturedFile,
 ) {
     order.push(f.name.clone());
     let up = uploader.clone();
+    let keep = (f.name.starts_with("pagemap-") && !f.name.starts_with("pagemap-shmem-"))
+        .then(|| pagemaps.clone());
     files.spawn(async move {
         let aligned = up.config().is_page_aligned(&f.name);
-        let extents = up.chunk_stream(f.pipe, aligned).await?;
+        let extents = match keep {
+            // Kept in memory as well (a few KB): device-memory segments need them.
+            Some(pagemaps) => {
+                let reader = Tee {
+                    inner: f.pipe,
+                    copy: Vec::new(),
+                    name: f.name.clone(),
+                    into: pagemaps,
+                };
+                up.chunk_stream(reader, aligned).await?
+            }
+            None => up.chunk_stream(f.pipe, aligned).await?,
+        };
         Ok((f.name, extents))
     });
+}
+
+/// Pagemap images captured during the dump, by name.
+type Pagemaps = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+/// A reader that keeps a copy of what it reads, stored under `name` at the end.
+struct Tee {
+    inner: std::fs::File,
+    copy: Vec<u8>,
+    name: String,
+    into: Pagemaps,
+}
+
+impl std::io::Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.extend_from_slice(&buf[..n]);
+        if n == 0 {
+            self.into
+                .lock()
+                .unwrap()
+                .insert(self.name.clone(), std::mem::take(&mut self.copy));
+        }
+        Ok(n)
+    }
 }
 
 /// Bytes CRIU sent on the socket that the capture thread has not read yet.
@@ -525,6 +571,7 @@ async fn streamed(
     let capture = tokio::task::spawn_blocking(move || capture_loop(sock, tx, idle2));
 
     let criu_pid = child.id().unwrap_or(0);
+    let pagemaps: Pagemaps = Arc::default();
     let work = async {
         let mut files: FileTasks = JoinSet::new();
         let mut order: Vec<String> = Vec::new();
@@ -532,7 +579,7 @@ async fn streamed(
         loop {
             tokio::select! {
                 f = rx.recv(), if !stream_done => match f {
-                    Some(f) => capture_file(&uploader, &mut files, &mut order, f),
+                    Some(f) => capture_file(&uploader, &mut files, &mut order, &pagemaps, f),
                     // CRIU may close the stream just before it runs post-dump: wait for
                     // the script, unless CRIU exits (a failed dump) first.
                     None => stream_done = true,
@@ -551,7 +598,7 @@ async fn streamed(
                     // each pipe drained, then commit.
                     while !(idle.load(Ordering::SeqCst) && pending_bytes(&probe_handle) == 0 && rx.is_empty()) {
                         if let Ok(f) = rx.try_recv() {
-                            capture_file(&uploader, &mut files, &mut order, f);
+                            capture_file(&uploader, &mut files, &mut order, &pagemaps, f);
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
@@ -579,7 +626,11 @@ async fn streamed(
                                 layer.files.push(File { path: name.clone(), size: extents.iter().map(Extent::len).sum(), mode: 0o600, extents });
                             }
                             layers.insert(0, layer.clone());
-                            let manifest = build_manifest(uploader.config(), layers.clone(), opts, facts);
+                            let mut manifest = build_manifest(uploader.config(), layers.clone(), opts, facts);
+                            manifest.device_memory = crate::device_memory::manifest_segments(
+                                &facts.device_ranges,
+                                &pagemaps.lock().unwrap(),
+                            );
                             uploader.commit(&reference.repository, &manifest, vec![tag.to_string()]).await
                         }
                     };

@@ -211,6 +211,8 @@ pub fn host_gpu() -> Option<GpuRecord> {
 pub struct Checkpointed<'a> {
     cuda: &'a Cuda,
     pub pids: Vec<u32>,
+    /// Per PID, the address ranges the checkpoint added: device memory copied to host.
+    pub device_ranges: std::collections::HashMap<u32, Vec<(u64, u64)>>,
 }
 
 /// Locks, then checkpoints, every CUDA process among `pids`, and checks each reports
@@ -241,12 +243,13 @@ pub fn checkpoint_tree<'a>(cuda: &'a Cuda, pids: &[u32]) -> Result<Checkpointed<
         }
         locked.push(p);
     }
-    let guard = Checkpointed {
+    let mut guard = Checkpointed {
         cuda,
         pids: Vec::new(),
+        device_ranges: Default::default(),
     };
-    let mut guard = guard;
     for &p in &users {
+        let before = crate::device_memory::mappings(p);
         if let Err(e) = cuda.checkpoint(p).and_then(|()| match cuda.state(p) {
             Some(STATE_CHECKPOINTED) => Ok(()),
             other => Err(ClientError::Cuda(format!(
@@ -262,6 +265,8 @@ pub fn checkpoint_tree<'a>(cuda: &'a Cuda, pids: &[u32]) -> Result<Checkpointed<
             return Err(e);
         }
         guard.pids.push(p);
+        let added = crate::device_memory::new_ranges(&before, &crate::device_memory::mappings(p));
+        guard.device_ranges.insert(p, added);
     }
     Ok(guard)
 }

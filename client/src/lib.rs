@@ -13,7 +13,8 @@
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
 //!   through the node cache; [`zero_pages`]: zero pages of private anonymous memory
 //!   left out of the served pagemap.
-//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID.
+//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID;
+//!   [`device_memory`]: which parts of the image hold GPU memory.
 //! - [`weights`]: separated mode: the weights layer read from and filled into the node's
 //!   weights service (the service itself is the `snapreg-weights` crate).
 //! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
@@ -35,6 +36,7 @@ pub mod chunker;
 pub mod criu;
 pub mod criu_stream;
 pub mod cuda;
+pub mod device_memory;
 pub mod direct;
 pub mod error;
 pub mod host;

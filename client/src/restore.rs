@@ -86,6 +86,8 @@ pub struct RestoreReport {
     pub weights: Option<crate::weights::FillReport>,
     /// Bytes of zero pages left out of the served pagemap (never crossed the pipe).
     pub zero_bytes_left_out: u64,
+    /// Bytes of the image marked as device memory (their chunks fetched ahead).
+    pub device_memory_bytes: u64,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -630,6 +632,23 @@ pub async fn pull_restore(
             .bytes_total
             .fetch_add(zero_plan.bytes_left_out, Relaxed);
     }
+    // Device memory (the bulk of a GPU image) is fetched ahead of CRIU, wider than
+    // the in-order window; CRIU then finds it in the node cache.
+    let device_chunks = crate::device_memory::chunks(&manifest, layer);
+    let device_memory_bytes: u64 = manifest.device_memory.iter().map(|s| s.len).sum();
+    let ahead = (!device_chunks.is_empty()).then(|| {
+        let source = source.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(device_chunks)
+                .map(|d| {
+                    let source = source.clone();
+                    async move { source.get(d, "device memory").await }
+                })
+                .buffer_unordered(DEVICE_MEMORY_WINDOW)
+                .for_each(|_| async {})
+                .await
+        })
+    });
     let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut served = 0usize;
@@ -677,6 +696,9 @@ pub async fn pull_restore(
     };
     let restore_seconds = t.elapsed().as_secs_f64();
     tracing::info!(restore_seconds, "criu restore exited");
+    if let Some(a) = ahead {
+        a.abort();
+    }
     let _ = shutdown_handle.shutdown(std::net::Shutdown::Both);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -762,9 +784,12 @@ pub async fn pull_restore(
         cuda_restore_seconds,
         weights,
         zero_bytes_left_out: zero_plan.bytes_left_out,
+        device_memory_bytes,
     })
 }
 
 /// Default window: enough fetches in flight to cover a loopback or rack RTT at
 /// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
 pub const DEFAULT_WINDOW: usize = 16;
+/// Chunk fetches in flight for device memory, ahead of CRIU.
+const DEVICE_MEMORY_WINDOW: usize = 64;

@@ -92,6 +92,27 @@ fn entries(image: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     Some((magics, out))
 }
 
+/// A run of present pages: (address, bytes, offset in the pages file).
+pub type PageRun = (u64, u64, u64);
+
+/// A pagemap image's page id and its runs of pages present in this image.
+pub fn page_runs(pagemap: &[u8]) -> Option<(u32, Vec<PageRun>)> {
+    let (_, pm) = entries(pagemap)?;
+    let head = PagemapHead::decode(*pm.first()?).ok()?;
+    let mut cursor = 0;
+    let mut runs = Vec::new();
+    for raw in &pm[1..] {
+        let e = PagemapEntry::decode(*raw).ok()?;
+        if e.in_parent == Some(true) || e.flags.unwrap_or(PE_PRESENT) & PE_PRESENT == 0 {
+            continue;
+        }
+        let len = e.page_count() * PAGE;
+        runs.push((e.vaddr, len, cursor));
+        cursor += len;
+    }
+    Some((head.pages_id, runs))
+}
+
 /// What to serve instead of the manifest's own bytes.
 #[derive(Debug, Default)]
 pub struct ZeroPagePlan {
@@ -271,6 +292,28 @@ fn plan_one(
         pages: HashMap::from([(pages_name, served)]),
         bytes_left_out: left_out,
     })
+}
+
+/// A pagemap image of present runs (address, pages), for tests.
+#[cfg(test)]
+pub(crate) fn test_pagemap(pages_id: u32, runs: &[(u64, u64)]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u32_le(0x5456_4319);
+    b.put_u32_le(0x5608_4025);
+    let head = PagemapHead { pages_id }.encode_to_vec();
+    b.put_u32_le(head.len() as u32);
+    b.put_slice(&head);
+    for &(vaddr, pages) in runs {
+        let e = PagemapEntry {
+            vaddr,
+            nr_pages: 0,
+            in_parent: None,
+            flags: Some(PE_PRESENT | 1 << 1),
+            pages: Some(pages),
+        };
+        put_entry(&mut b, &e, vaddr, pages);
+    }
+    b.freeze()
 }
 
 fn put_entry(out: &mut BytesMut, e: &PagemapEntry, vaddr: u64, pages: u64) {
