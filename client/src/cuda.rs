@@ -23,6 +23,80 @@ const LOCK_TIMEOUT_MS: u32 = 30_000;
 type PidFn = unsafe extern "C" fn(c_int, *mut c_void) -> c_int;
 type StateFn = unsafe extern "C" fn(c_int, *mut c_int) -> c_int;
 
+/// CUcheckpointGpuPair: a GPU of the snapshot and the GPU to restore it on, by UUID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuPair {
+    pub old_uuid: [u8; 16],
+    pub new_uuid: [u8; 16],
+}
+
+/// CUcheckpointRestoreArgs (CUDA 12.8+).
+#[repr(C)]
+struct RestoreArgs {
+    gpu_pairs: *const GpuPair,
+    gpu_pairs_count: c_uint,
+    reserved: [u8; 52],
+    reserved1: u64,
+}
+
+/// "GPU-6d1f3e2a-…" (as /proc/driver/nvidia and nvidia-smi print it) as 16 bytes.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text
+        .trim()
+        .trim_start_matches("GPU-")
+        .chars()
+        .filter(|c| *c != '-')
+        .collect();
+    let bytes = hex::decode(hex).ok()?;
+    bytes.try_into().ok()
+}
+
+/// `--gpu-map OLD=NEW,…`: each side a device index (the snapshot's order, this host's
+/// order) or a GPU UUID. Every GPU of the snapshot must be mapped.
+pub fn gpu_pairs(map: &str, snapshot: &GpuRecord, host: &GpuRecord) -> Result<Vec<GpuPair>> {
+    let pick = |side: &str, devices: &[GpuDevice], which: &str| -> Result<[u8; 16]> {
+        let uuid = match side.parse::<usize>() {
+            Ok(i) => devices
+                .get(i)
+                .ok_or_else(|| {
+                    ClientError::Usage(format!(
+                        "--gpu-map: {which} has no GPU {i} ({} GPUs)",
+                        devices.len()
+                    ))
+                })?
+                .uuid
+                .clone()
+                .ok_or_else(|| {
+                    ClientError::Usage(format!(
+                        "--gpu-map: {which} recorded no GPU UUIDs (a snapshot taken before snapreg recorded them): map by UUID"
+                    ))
+                })?,
+            Err(_) => side.to_string(),
+        };
+        parse_uuid(&uuid)
+            .ok_or_else(|| ClientError::Usage(format!("--gpu-map: {uuid:?} is not a GPU UUID")))
+    };
+    let mut pairs = Vec::new();
+    for item in map.split(',').filter(|s| !s.trim().is_empty()) {
+        let (old, new) = item
+            .split_once('=')
+            .ok_or_else(|| ClientError::Usage(format!("--gpu-map: {item:?} is not OLD=NEW")))?;
+        pairs.push(GpuPair {
+            old_uuid: pick(old.trim(), &snapshot.devices, "the snapshot")?,
+            new_uuid: pick(new.trim(), &host.devices, "this host")?,
+        });
+    }
+    if pairs.len() != snapshot.devices.len() {
+        return Err(ClientError::Usage(format!(
+            "--gpu-map names {} GPU(s); the snapshot used {}: map every one",
+            pairs.len(),
+            snapshot.devices.len()
+        )));
+    }
+    Ok(pairs)
+}
+
 #[repr(C)]
 struct LockArgs {
     timeout_ms: c_uint,
@@ -142,12 +216,28 @@ impl Cuda {
         )
     }
 
-    pub fn restore(&self, pid: u32) -> Result<()> {
+    /// Puts `pid`'s device state back; with `gpu_pairs` (old UUID, new UUID), on the
+    /// GPUs they name instead of the ones it was checkpointed on.
+    pub fn restore(&self, pid: u32, gpu_pairs: &[GpuPair]) -> Result<()> {
+        if gpu_pairs.is_empty() {
+            return self.call(
+                "cuCheckpointProcessRestore",
+                self.restore,
+                pid,
+                std::ptr::null_mut(),
+            );
+        }
+        let mut args = RestoreArgs {
+            gpu_pairs: gpu_pairs.as_ptr(),
+            gpu_pairs_count: gpu_pairs.len() as c_uint,
+            reserved: [0; 52],
+            reserved1: 0,
+        };
         self.call(
-            "cuCheckpointProcessRestore",
+            "cuCheckpointProcessRestore (with --gpu-map)",
             self.restore,
             pid,
-            std::ptr::null_mut(),
+            &mut args as *mut RestoreArgs as *mut c_void,
         )
     }
 
@@ -181,12 +271,15 @@ pub fn host_gpu() -> Option<GpuRecord> {
         .iter()
         .filter_map(|b| {
             let info = std::fs::read_to_string(b.join("information")).ok()?;
-            let model = info
-                .lines()
-                .find_map(|l| l.strip_prefix("Model:"))?
-                .trim()
-                .to_string();
-            Some(GpuDevice { model, uuid: None })
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            Some(GpuDevice {
+                model: field("Model:")?,
+                uuid: field("GPU UUID:"),
+            })
         })
         .collect();
     let mut cuda_driver_api = 0;
@@ -197,13 +290,39 @@ pub fn host_gpu() -> Option<GpuRecord> {
             unsafe { f(&mut cuda_driver_api) };
         }
     }
-    // MIG profiles are not read yet: a MIG-partitioned node records none.
     Some(GpuRecord {
         devices,
         driver_version,
         cuda_driver_api: cuda_driver_api as u32,
-        mig_profile: None,
+        mig_profile: mig_profile(),
     })
+}
+
+/// The MIG instances' profiles ("1g.10gb,1g.10gb"), when MIG instances exist. Their
+/// presence shows in /proc (no process spawned on the usual, MIG-less host); their
+/// profile names only through nvidia-smi.
+fn mig_profile() -> Option<String> {
+    let caps = std::fs::read_dir("/proc/driver/nvidia/capabilities").ok()?;
+    let has_instances = caps.flatten().any(|gpu| {
+        std::fs::read_dir(gpu.path().join("mig")).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("gi")))
+        })
+    });
+    if !has_instances {
+        return None;
+    }
+    let out = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()?;
+    let profiles: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("MIG ")?;
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .collect();
+    (!profiles.is_empty()).then(|| profiles.join(","))
 }
 
 /// The CUDA processes of a tree, checkpointed into host memory. Until `forget`, the
@@ -275,7 +394,7 @@ impl Checkpointed<'_> {
     /// Restores device state and unlocks: the worker serves again.
     pub fn release(&mut self) {
         for p in self.pids.drain(..) {
-            if let Err(e) = self.cuda.restore(p).and_then(|()| self.cuda.unlock(p)) {
+            if let Err(e) = self.cuda.restore(p, &[]).and_then(|()| self.cuda.unlock(p)) {
                 tracing::error!("putting PID {p} back on its GPU failed: {e}");
             }
         }
@@ -294,9 +413,9 @@ impl Drop for Checkpointed<'_> {
 }
 
 /// After CRIU restored the tree: device state back, then unlock, for each PID.
-pub fn restore_pids(cuda: &Cuda, pids: &[u32]) -> Result<()> {
+pub fn restore_pids(cuda: &Cuda, pids: &[u32], gpu_pairs: &[GpuPair]) -> Result<()> {
     for &p in pids {
-        cuda.restore(p)?;
+        cuda.restore(p, gpu_pairs)?;
         cuda.unlock(p)?;
     }
     Ok(())
@@ -305,6 +424,41 @@ pub fn restore_pids(cuda: &Cuda, pids: &[u32]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(uuids: &[&str]) -> GpuRecord {
+        GpuRecord {
+            devices: uuids
+                .iter()
+                .map(|u| GpuDevice {
+                    model: "NVIDIA H100 80GB HBM3".into(),
+                    uuid: Some(u.to_string()),
+                })
+                .collect(),
+            driver_version: "580.159.04".into(),
+            cuda_driver_api: 13000,
+            mig_profile: None,
+        }
+    }
+
+    #[test]
+    fn gpu_map_pairs_snapshot_gpus_with_host_gpus_by_index_or_uuid() {
+        let a = "GPU-00000000-0000-0000-0000-00000000000a";
+        let b = "GPU-00000000-0000-0000-0000-00000000000b";
+        let c = "GPU-00000000-0000-0000-0000-00000000000c";
+        let snap = record(&[a, b]);
+        let host = record(&[c, a]);
+        let pairs = gpu_pairs(&format!("0=1,{b}=0"), &snap, &host).unwrap();
+        assert_eq!(pairs[0].old_uuid, parse_uuid(a).unwrap());
+        assert_eq!(pairs[0].new_uuid, parse_uuid(a).unwrap());
+        assert_eq!(pairs[1].old_uuid, parse_uuid(b).unwrap());
+        assert_eq!(pairs[1].new_uuid, parse_uuid(c).unwrap());
+        assert_eq!(parse_uuid(a).unwrap()[15], 0x0a);
+        for bad in ["0=1", "0=5,1=0", "0=1,1=nope", "0"] {
+            let e = gpu_pairs(bad, &snap, &host).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}: {e}");
+        }
+        assert_eq!(std::mem::size_of::<RestoreArgs>(), 72);
+    }
 
     /// CI machines have no NVIDIA driver: the error must say so, not crash.
     #[test]

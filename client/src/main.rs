@@ -219,6 +219,10 @@ enum Command {
         /// memory are left out of the pagemap: they read as zero anyway).
         #[arg(long)]
         keep_zero_pages: bool,
+        /// Restore the snapshot's GPUs onto others of this host: OLD=NEW,… where each
+        /// side is a device index (snapshot order / this host's order) or a GPU UUID.
+        #[arg(long, value_name = "OLD=NEW,...")]
+        gpu_map: Option<String>,
         /// Extra CRIU arguments, after `--`.
         #[arg(last = true)]
         criu_args: Vec<String>,
@@ -645,6 +649,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             window,
             weights_service,
             keep_zero_pages,
+            gpu_map,
             criu_args,
         } => {
             let reference = parse_ref(reference)?;
@@ -660,6 +665,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 fallbacks: remotes,
                 weights_service: weights_service.clone(),
                 keep_zero_pages: *keep_zero_pages,
+                gpu_map: gpu_map.clone(),
             };
             let r = restore::pull_restore(
                 &remote,

@@ -59,6 +59,9 @@ pub struct RestoreOptions {
     /// Serve zero pages of private anonymous memory too (they are left out of the
     /// served pagemap otherwise; see zero_pages.rs).
     pub keep_zero_pages: bool,
+    /// `OLD=NEW,…`: restore the snapshot's GPUs (index or UUID) onto these of this
+    /// host (index or UUID), through the CUDA restore's GPU pairs.
+    pub gpu_map: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -477,7 +480,25 @@ pub async fn pull_restore(
     let mut warnings = Vec::new();
     let mut facts = host::facts();
     facts.gpu = crate::cuda::host_gpu();
-    let verdict = compat::check(&manifest.compat, &facts, &CheckOptions::default());
+    let check = CheckOptions {
+        gpu_remapped: opts.gpu_map.is_some(),
+        ..CheckOptions::default()
+    };
+    let verdict = compat::check(&manifest.compat, &facts, &check);
+    let gpu_pairs = match (&opts.gpu_map, &manifest.compat.gpu, &facts.gpu) {
+        (None, ..) => Vec::new(),
+        (Some(map), Some(snapshot), Some(host)) => crate::cuda::gpu_pairs(map, snapshot, host)?,
+        (Some(_), None, _) => {
+            return Err(ClientError::Usage(format!(
+                "{reference} holds no GPU state: drop --gpu-map"
+            )))
+        }
+        (Some(_), _, None) => {
+            return Err(ClientError::Usage(
+                "--gpu-map: this host has no NVIDIA GPU".into(),
+            ))
+        }
+    };
     warnings.extend(verdict.warnings.iter().map(|w| format!("warning: {w}")));
     if !verdict.is_compatible() {
         let list = verdict
@@ -752,7 +773,7 @@ pub async fn pull_restore(
             .await
             .map_err(|e| ClientError::Cuda(e.to_string()))
             .and_then(|loaded| loaded)
-            .and_then(|cuda| crate::cuda::restore_pids(&cuda, &pids));
+            .and_then(|cuda| crate::cuda::restore_pids(&cuda, &pids, &gpu_pairs));
         if let Err(e) = done {
             // A process whose GPU state cannot come back must not linger half-alive.
             for p in &cuda_pids {
