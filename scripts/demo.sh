@@ -4,7 +4,8 @@
 # CRIU, pushes the images, pushes a second run of the same program to show dedup,
 # pulls the first snapshot back and restores the process from the pulled images; then
 # checkpoints it straight into the registry and pull-restores it (twice: the second
-# time from the node cache).
+# time from the node cache); last, a worker whose weights live in the node's weights
+# service is checkpointed without them and restored with them filled from the registry.
 # Needs root (CRIU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,4 +111,35 @@ snapctl --json pull-restore --detach demo/worker:streamed | tail -n 1 | tee "$wo
 python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('second restore on this node: %d chunks from the registry, %d from the node cache' % (j['chunks_transferred'], j['chunks_cached']))" "$work/restore2.json" >&2
 echo "memory check after the streamed round trip: $(verify "$work/run1" "$restored_pid")" >&2
 grep -q '^ok' "$work/run1/verify"
+
+say "separated mode: weights in the node's weights service, apart from the process"
+start_weights() {
+  "$SNAPREG_BIN/snapctl" --json weights serve --backend memfd --socket "$work/weights.sock" >"$work/weights.out" 2>>"$work/weights.log" &
+  weights_pid=$!
+  pids+=("$weights_pid")
+  for _ in $(seq 100); do [ -s "$work/weights.out" ] && break; sleep 0.1; done
+}
+start_weights
+mkdir -p "$work/w"
+setsid "$SNAPREG_BIN/snapreg-testproc" weights --out "$work/w" --socket "$work/weights.sock" \
+  --name demo/layers --mib 512 --state-mib 32 --seed 5 </dev/null >/dev/null 2>&1 &
+wpid=$!
+pids+=("$wpid")
+for _ in $(seq 200); do [ -s "$work/w/result" ] && break; sleep 0.1; done
+echo "worker $wpid attached 512 MiB of weights; its result: $(cut -d' ' -f2 "$work/w/result")" >&2
+touch "$work/w/quiesce"
+for _ in $(seq 100); do [ -s "$work/w/quiesced" ] && break; sleep 0.1; done
+snapctl checkpoint --weights-service "$work/weights.sock" --pid "$wpid" demo/separated:v1
+for _ in $(seq 100); do [ -e "/proc/$wpid" ] || break; sleep 0.05; done
+snapctl --json inspect demo/separated:v1 | tail -n 1 | python3 -c \
+  "import json,sys; print('layers: ' + ', '.join('%s %d MB' % (l['kind'], l['bytes'] >> 20) for l in json.load(sys.stdin)['layers']))" >&2
+kill -9 "$weights_pid"; for _ in $(seq 100); do [ -e "/proc/$weights_pid" ] || break; sleep 0.05; done
+start_weights   # a fresh service: the weights come back from the registry
+before="$(cut -d' ' -f1,2 "$work/w/result")"
+snapctl --json pull-restore --detach --weights-service "$work/weights.sock" demo/separated:v1 | tail -n 1 \
+  | python3 -c "import json,sys; j=json.load(sys.stdin); print('restored; weights filled: %d MB in %.2f s while CRIU restored the process' % (j['weights']['bytes_filled'] >> 20, j['weights']['seconds']))" >&2
+for _ in $(seq 300); do [ -s "$work/w/resumed" ] && break; sleep 0.1; done
+after="$(cut -d' ' -f1,2 "$work/w/result")"
+echo "weights address and result before: $before; after: $after" >&2
+[ "$before" = "$after" ] || { echo "the restored worker computes something else" >&2; exit 1; }
 say "demo finished"
