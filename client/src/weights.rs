@@ -37,6 +37,16 @@ fn service_error(e: snapreg_weights::Error) -> ClientError {
     ClientError::Weights(e.to_string())
 }
 
+/// A blocking call to the weights service (or a mapping) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> snapreg_weights::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClientError::Weights(e.to_string()))?
+        .map_err(service_error)
+}
+
 /// What a checkpoint takes from the weights service.
 pub struct WeightsPlan {
     client: WeightsClient,
@@ -162,10 +172,7 @@ pub async fn upload_layer(plan: Arc<WeightsPlan>, uploader: Arc<Uploader>) -> Re
         }
         let client = plan.client.clone();
         let name = b.name.clone();
-        let (info, mapping) = tokio::task::spawn_blocking(move || client.read_buffer(&name))
-            .await
-            .map_err(|e| ClientError::Weights(e.to_string()))?
-            .map_err(service_error)?;
+        let (info, mapping) = blocking(move || client.read_buffer(&name)).await?;
         uploader.progress().add_total(info.size);
         let reader = MappingReader {
             mapping,
@@ -183,7 +190,7 @@ pub async fn upload_layer(plan: Arc<WeightsPlan>, uploader: Arc<Uploader>) -> Re
         let client = plan.client.clone();
         let content = serde_json::to_value(&file).ok();
         let name = info.name.clone();
-        let _ = tokio::task::spawn_blocking(move || client.seal(&name, content)).await;
+        let _ = blocking(move || client.seal(&name, content)).await;
         files.push(file);
     }
     Ok(Layer {
@@ -214,10 +221,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
     let started = Instant::now();
     let client = WeightsClient::new(socket);
     let c = client.clone();
-    let listing = tokio::task::spawn_blocking(move || c.list())
-        .await
-        .map_err(|e| ClientError::Weights(e.to_string()))?
-        .map_err(service_error)?;
+    let listing = blocking(move || c.list()).await?;
     let mut report = FillReport {
         buffers: layer.files.len(),
         ..FillReport::default()
@@ -233,10 +237,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
         }
         let c = client.clone();
         let (name, size) = (file.path.clone(), file.size);
-        let (_, backend, mapping) = tokio::task::spawn_blocking(move || c.fill_buffer(&name, size))
-            .await
-            .map_err(|e| ClientError::Weights(e.to_string()))?
-            .map_err(service_error)?;
+        let (_, backend, mapping) = blocking(move || c.fill_buffer(&name, size)).await?;
         let mapping = Arc::new(mapping);
         let mut offset = 0u64;
         let mut work = Vec::new();
@@ -247,10 +248,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
                 Extent::Zero { zero } if backend == BackendKind::Cuda => {
                     let m = mapping.clone();
                     let at = offset;
-                    tokio::task::spawn_blocking(move || m.zero(at, zero))
-                        .await
-                        .map_err(|e| ClientError::Weights(e.to_string()))?
-                        .map_err(service_error)?;
+                    blocking(move || m.zero(at, zero)).await?;
                 }
                 Extent::Zero { .. } => {}
             }
@@ -270,10 +268,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
                             reason: format!("{} bytes where the manifest says {len}", data.len()),
                         });
                     }
-                    tokio::task::spawn_blocking(move || mapping.write_at(at, &data))
-                        .await
-                        .map_err(|e| ClientError::Weights(e.to_string()))?
-                        .map_err(service_error)?;
+                    blocking(move || mapping.write_at(at, &data)).await?;
                     Ok::<u64, ClientError>(len)
                 }
             })
@@ -285,10 +280,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
         drop(mapping);
         let c = client.clone();
         let (name, content) = (file.path.clone(), serde_json::to_value(file).ok());
-        tokio::task::spawn_blocking(move || c.seal(&name, content))
-            .await
-            .map_err(|e| ClientError::Weights(e.to_string()))?
-            .map_err(service_error)?;
+        blocking(move || c.seal(&name, content)).await?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

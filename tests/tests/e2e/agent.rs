@@ -2,7 +2,6 @@
 //! the registry (`ListNodes`), and a `Prefetch` through it fills the node cache, so
 //! that `CacheStatus` reports the snapshot whole and a later prefetch fetches nothing.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -33,12 +32,7 @@ impl Agent {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("snapctl agent printed {line:?}: {e}"));
+        let v = first_json_line(&mut child, "snapctl agent");
         let url = format!("http://{}", v["listen"].as_str().unwrap());
         Agent { child, url }
     }

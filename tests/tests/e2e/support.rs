@@ -783,3 +783,14 @@ impl Drop for S3Server {
         }
     }
 }
+
+/// The JSON object a server prints on its first stdout line once it is ready
+/// (`stdout` must be piped).
+pub fn first_json_line(child: &mut Child, what: &str) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what} printed {line:?}: {e}"))
+}

@@ -3,7 +3,6 @@
 //! a fresh service is filled from the registry, re-attaches at the same address and
 //! computes the same result; a second snapshot of the same weights uploads none.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -32,12 +31,7 @@ impl WeightsService {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("weights serve printed {line:?}: {e}"));
+        let ready = first_json_line(&mut child, "snapctl weights serve");
         assert_eq!(ready["backend"], "memfd");
         WeightsService {
             child,
@@ -60,6 +54,34 @@ impl Drop for WeightsService {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn checkpoint_separated(registry: &str, pid: u32, sock: &str, reference: &str) -> Out {
+    snapctl(
+        registry,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--weights-service",
+            sock,
+            reference,
+        ],
+    )
+}
+
+fn restore_separated(registry: &str, cache: &Path, sock: &str, reference: &str) -> Out {
+    snapctl_cached(
+        registry,
+        cache,
+        &[
+            "pull-restore",
+            "--detach",
+            "--weights-service",
+            sock,
+            reference,
+        ],
+    )
 }
 
 /// (weights address, result, counter) from the worker's result file.
@@ -123,17 +145,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     assert_eq!(ls["buffers"][0]["leases"], serde_json::json!([pid]));
 
     // Still attached: refused, and the worker keeps running untouched.
-    let refused = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--weights-service",
-            sock,
-            "t/w:v1",
-        ],
-    );
+    let refused = checkpoint_separated(&reg.url, pid, sock, "t/w:v1");
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(
         refused.stderr.contains("has not quiesced") && refused.stderr.contains("llama/layers"),
@@ -144,19 +156,9 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     p.wait_counter_above(c + 2);
 
     let at_quiesce = quiesce(&dir);
-    let ck = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--weights-service",
-            sock,
-            "t/w:v1",
-        ],
-    )
-    .ok()
-    .json();
+    let ck = checkpoint_separated(&reg.url, pid, sock, "t/w:v1")
+        .ok()
+        .json();
     let _ = p.child.wait(); // CRIU killed it after the commit
     assert_eq!(ck["weights_bytes"], 1u64 << 30, "{ck}");
     let process_bytes = ck["process_bytes"].as_u64().unwrap();
@@ -181,19 +183,9 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     // A new node's service: the weights must come from the registry.
     drop(service);
     let service = WeightsService::start(&socket);
-    let r = snapctl_cached(
-        &reg.url,
-        &cache,
-        &[
-            "pull-restore",
-            "--detach",
-            "--weights-service",
-            sock,
-            "t/w:v1",
-        ],
-    )
-    .ok()
-    .json();
+    let r = restore_separated(&reg.url, &cache, sock, "t/w:v1")
+        .ok()
+        .json();
     let restored = Restored(pid);
     assert_eq!(r["weights"]["bytes_filled"], 1u64 << 30, "{r}");
     assert_eq!(r["weights"]["buffers_reused"], 0, "{r}");
@@ -209,19 +201,9 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
 
     // The same weights again: nothing of them is read or uploaded.
     let at_quiesce = quiesce(&dir);
-    let ck2 = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--weights-service",
-            sock,
-            "t/w:v2",
-        ],
-    )
-    .ok()
-    .json();
+    let ck2 = checkpoint_separated(&reg.url, pid, sock, "t/w:v2")
+        .ok()
+        .json();
     std::mem::forget(restored); // CRIU killed it
     kill_and_wait(pid);
     assert_eq!(ck2["weights_bytes"], 1u64 << 30);
@@ -232,19 +214,9 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
 
     // Restored where the service still holds them: no fill at all.
     let _ = std::fs::remove_file(dir.join("resumed"));
-    let r2 = snapctl_cached(
-        &reg.url,
-        &cache,
-        &[
-            "pull-restore",
-            "--detach",
-            "--weights-service",
-            sock,
-            "t/w:v2",
-        ],
-    )
-    .ok()
-    .json();
+    let r2 = restore_separated(&reg.url, &cache, sock, "t/w:v2")
+        .ok()
+        .json();
     let _restored = Restored(pid);
     assert_eq!(r2["weights"]["buffers_reused"], 1, "{r2}");
     assert_eq!(r2["weights"]["bytes_filled"], 0, "{r2}");
@@ -327,33 +299,12 @@ fn the_python_client_quiesces_and_resumes_a_worker_across_checkpoint_and_restore
     let before = std::fs::read_to_string(dir.join("result")).unwrap();
     let at_quiesce = quiesce(&dir);
     let sock = socket.to_str().unwrap();
-    let ck = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--weights-service",
-            sock,
-            "py/w:v1",
-        ],
-    )
-    .ok()
-    .json();
+    let ck = checkpoint_separated(&reg.url, pid, sock, "py/w:v1")
+        .ok()
+        .json();
     let _ = child.wait();
     assert_eq!(ck["weights_bytes"], 64u64 << 20, "{ck}");
-    snapctl_cached(
-        &reg.url,
-        &t.path().join("cache"),
-        &[
-            "pull-restore",
-            "--detach",
-            "--weights-service",
-            sock,
-            "py/w:v1",
-        ],
-    )
-    .ok();
+    restore_separated(&reg.url, &t.path().join("cache"), sock, "py/w:v1").ok();
     wait_resumed(&dir);
     assert_eq!(
         std::fs::read_to_string(dir.join("result")).unwrap(),
