@@ -4,8 +4,9 @@
 # CRIU, pushes the images, pushes a second run of the same program to show dedup,
 # pulls the first snapshot back and restores the process from the pulled images; then
 # checkpoints it straight into the registry and pull-restores it (twice: the second
-# time from the node cache); last, a worker whose weights live in the node's weights
-# service is checkpointed without them and restored with them filled from the registry.
+# time from the node cache), then again encrypted under a tenant key (refused without
+# it); last, a worker whose weights live in the node's weights service is checkpointed
+# without them and restored with them filled from the registry.
 # Needs root (CRIU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +111,23 @@ kill -9 "$restored_pid"; for _ in $(seq 100); do [ -e "/proc/$restored_pid" ] ||
 snapctl --json pull-restore --detach demo/worker:streamed | tail -n 1 | tee "$work/restore2.json"
 python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('second restore on this node: %d chunks from the registry, %d from the node cache' % (j['chunks_transferred'], j['chunks_cached']))" "$work/restore2.json" >&2
 echo "memory check after the streamed round trip: $(verify "$work/run1" "$restored_pid")" >&2
+grep -q '^ok' "$work/run1/verify"
+
+say "encryption at rest: checkpoint under a tenant key; without it nothing restores"
+snapctl key new --tenant demo "$work/demo.key"
+snapctl --key-file "$work/demo.key" checkpoint --pid "$restored_pid" demo/worker:encrypted
+for _ in $(seq 100); do [ -e "/proc/$restored_pid" ] || break; sleep 0.05; done
+frozen_at="$(counter "$work/run1")"
+snapctl inspect demo/worker:encrypted | grep encrypted >&2
+if snapctl pull-restore --detach demo/worker:encrypted 2>"$work/nokey.err"; then
+  echo "restored without its key" >&2; exit 1
+fi
+echo "without the key (exit 6): $(cat "$work/nokey.err")" >&2
+snapctl --key-file "$work/demo.key" pull-restore --detach demo/worker:encrypted
+sleep 1
+echo "with the key: counter $frozen_at at checkpoint, $(counter "$work/run1") now" >&2
+[ "$(counter "$work/run1")" -gt "$frozen_at" ] || { echo "the restored worker is not counting" >&2; exit 1; }
+echo "memory check: $(verify "$work/run1" "$restored_pid")" >&2
 grep -q '^ok' "$work/run1/verify"
 
 say "separated mode: weights in the node's weights service, apart from the process"

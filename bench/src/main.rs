@@ -23,6 +23,10 @@
 //!   the registry on s3s-fs: objects per GiB, request latency, and pull through the
 //!   registry vs straight from the store by presigned URL (s3.rs).
 //!
+//! `snapreg-bench encryption [--mib N] [--reps R]`
+//!   what encryption at rest costs: per core (codec vs encrypt, decode vs decrypt) and
+//!   push / re-push / pull over loopback, plaintext vs encrypted (encryption.rs).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -34,6 +38,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use snapreg_client::chunker::{Chunker, ChunkerConfig};
 
+mod encryption;
 mod s3;
 
 fn main() -> Result<()> {
@@ -58,8 +63,9 @@ fn main() -> Result<()> {
         }
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
         Some("s3") => s3::run(opt("--mib", 1024), opt("--reps", 3), opt("--requests", 200)),
+        Some("encryption") => encryption::run(opt("--mib", 1024), opt("--reps", 3)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R]"
         ),
     }
 }

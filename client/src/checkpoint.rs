@@ -284,12 +284,12 @@ struct TreeFacts {
 pub const CUDA_PIDS_ANNOTATION: &str = "org.snapreg.cuda-pids";
 
 fn build_manifest(
-    cfg: &ChunkerConfig,
+    uploader: &Uploader,
     layers: Vec<Layer>,
     opts: &CheckpointOptions,
     facts: &TreeFacts,
 ) -> Manifest {
-    let mut m = push::new_manifest(cfg, layers, true);
+    let mut m = uploader.new_manifest(layers, true);
     if let Some(c) = m.criu.as_mut() {
         c.restore_options = restore_options(opts);
         c.external_files = facts.external.clone();
@@ -390,7 +390,7 @@ async fn spooled(
         });
     }
     let process_bytes = layer.files.iter().map(|f| f.size).sum();
-    let manifest = build_manifest(uploader.config(), vec![layer.clone()], opts, facts);
+    let manifest = build_manifest(&uploader, vec![layer.clone()], opts, facts);
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![tag.to_string()])
         .await
@@ -626,7 +626,7 @@ async fn streamed(
                                 layer.files.push(File { path: name.clone(), size: extents.iter().map(Extent::len).sum(), mode: 0o600, extents });
                             }
                             layers.insert(0, layer.clone());
-                            let mut manifest = build_manifest(uploader.config(), layers.clone(), opts, facts);
+                            let mut manifest = build_manifest(&uploader, layers.clone(), opts, facts);
                             manifest.device_memory = crate::device_memory::manifest_segments(
                                 &facts.device_ranges,
                                 &pagemaps.lock().unwrap(),

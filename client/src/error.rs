@@ -18,6 +18,15 @@ pub enum ClientError {
         file: String,
         reason: String,
     },
+    #[error("chunk {digest} of {file} cannot be decrypted: {reason}")]
+    Undecryptable {
+        digest: Digest,
+        file: String,
+        reason: String,
+    },
+    /// The snapshot is encrypted and no (or another) tenant key was given.
+    #[error("{0}")]
+    KeyRequired(String),
     #[error(
         "manifest from the registry does not verify: asked for {expected}, bytes hash to {actual}"
     )]
@@ -62,17 +71,24 @@ impl ClientError {
     }
 
     /// The documented exit code: 1 failure, 2 usage, 3 not found, 4 incompatible
-    /// host, 5 integrity failure, 6 access refused (authentication, authorization or
-    /// the TLS handshake).
+    /// host, 5 integrity failure (including a chunk that does not decrypt), 6 access
+    /// refused (authentication, authorization, the TLS handshake, or an encrypted
+    /// snapshot without its tenant key).
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Usage(_) | ClientError::NoRegistry => 2,
             ClientError::NotFound(_) => 3,
             ClientError::Incompatible(_) => 4,
-            ClientError::ChunkCorrupt { .. } | ClientError::ManifestCorrupt { .. } => 5,
+            ClientError::ChunkCorrupt { .. }
+            | ClientError::ManifestCorrupt { .. }
+            | ClientError::Undecryptable { .. } => 5,
             ClientError::Format(snapreg_proto::Error::InvalidReference { .. }) => 2,
-            ClientError::Format(snapreg_proto::Error::ChunkCorrupt { .. }) => 5,
-            ClientError::Auth { .. } | ClientError::Tls { .. } => 6,
+            ClientError::Format(
+                snapreg_proto::Error::ChunkCorrupt { .. }
+                | snapreg_proto::Error::Undecryptable { .. },
+            ) => 5,
+            ClientError::Auth { .. } | ClientError::Tls { .. } | ClientError::KeyRequired(_) => 6,
+            ClientError::Format(snapreg_proto::Error::KeyFile { .. }) => 2,
             _ => 1,
         }
     }

@@ -31,6 +31,8 @@ pub struct Summary {
     pub compat: snapreg_proto::compat::CompatRecord,
     pub criu: Option<snapreg_proto::manifest::CriuInfo>,
     pub device_memory_bytes: u64,
+    /// The tenant key the chunks are encrypted with (none: plaintext).
+    pub encryption: Option<snapreg_proto::manifest::Encryption>,
 }
 
 pub fn summarize(reference: &str, digest: &Digest, m: &Manifest) -> Summary {
@@ -71,5 +73,6 @@ pub fn summarize(reference: &str, digest: &Digest, m: &Manifest) -> Summary {
         compat: m.compat.clone(),
         criu: m.criu.clone(),
         device_memory_bytes: m.device_memory.iter().map(|s| s.len).sum(),
+        encryption: m.encryption.clone(),
     }
 }

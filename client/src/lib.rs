@@ -5,6 +5,7 @@
 //!   is the engine every producer of bytes uses).
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
+//! - [`encryption`]: which tenant key a snapshot needs, and decrypting its chunks.
 //! - [`direct`]: chunk objects fetched from the object store by presigned URL.
 //! - [`verify`]: fetch and check every chunk of a snapshot, naming the files of bad ones.
 //! - [`inspect`]: manifest summaries.
@@ -38,6 +39,7 @@ pub mod criu_stream;
 pub mod cuda;
 pub mod device_memory;
 pub mod direct;
+pub mod encryption;
 pub mod error;
 pub mod host;
 pub mod inspect;

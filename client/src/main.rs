@@ -3,6 +3,7 @@
 //! host, 5 integrity failure, 6 access refused). With `--json`, stdout's last line is one JSON object.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,6 +15,7 @@ use snapreg_client::remote::{Credentials, Remote};
 use snapreg_client::{
     agent, checkpoint, criu, host, inspect, podman, pull, push, restore, verify, ClientError,
 };
+use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::reference::{Reference, Target};
 
 #[derive(Parser)]
@@ -58,6 +60,10 @@ struct Cli {
     /// The private key of --client-cert (PEM).
     #[arg(long, global = true, env = "SNAPCTL_CLIENT_KEY")]
     client_key: Option<PathBuf>,
+    /// Tenant key file (`snapctl key new`): pushes and checkpoints encrypt every chunk
+    /// with it; snapshots encrypted with it can be pulled and restored.
+    #[arg(long, global = true, env = "SNAPCTL_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +118,22 @@ enum RetentionCommand {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a tenant key file (mode 0600; refuses to overwrite). Keep it like a
+    /// password: whoever holds it reads every snapshot encrypted with it, and a lost
+    /// key cannot be recovered.
+    New {
+        /// The tenant's name (recorded in the key file and in manifests).
+        #[arg(long)]
+        tenant: String,
+        /// Where to write the key file.
+        out: PathBuf,
+    },
+    /// Show a key file's tenant and key id (never the secret).
+    Show { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +270,11 @@ enum Command {
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+    },
+    /// Tenant keys for encryption at rest.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Show a snapshot's layers, sizes and compatibility record.
     Inspect { reference: String },
@@ -396,13 +423,32 @@ fn credentials(cli: &Cli) -> anyhow::Result<Credentials> {
     )?)
 }
 
+/// The tenant key of --key-file, if given.
+fn tenant_key(cli: &Cli) -> anyhow::Result<Option<Arc<TenantKey>>> {
+    let Some(path) = &cli.key_file else {
+        return Ok(None);
+    };
+    let key = TenantKey::load(path).map_err(ClientError::from)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "snapctl: warning: tenant key file {} is readable by other users: chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(Arc::new(key)))
+}
+
 /// The first (nearest) registry: pushes, tags and listings go there.
 async fn connect(cli: &Cli) -> anyhow::Result<Remote> {
     let urls = registry_urls(cli)?;
     let url = urls.first().ok_or(ClientError::NoRegistry)?;
     Ok(Remote::connect_with(url, &credentials(cli)?)
         .await?
-        .with_direct(!cli.no_direct))
+        .with_direct(!cli.no_direct)
+        .with_tenant_key(tenant_key(cli)?))
 }
 
 /// Every reachable registry, nearest first; unreachable ones are skipped with a
@@ -411,9 +457,10 @@ async fn connect_all(cli: &Cli) -> anyhow::Result<Vec<Remote>> {
     let mut out = Vec::new();
     let mut last = None;
     let creds = credentials(cli)?;
+    let key = tenant_key(cli)?;
     for url in registry_urls(cli)? {
         match Remote::connect_with(url, &creds).await {
-            Ok(r) => out.push(r.with_direct(!cli.no_direct)),
+            Ok(r) => out.push(r.with_direct(!cli.no_direct).with_tenant_key(key.clone())),
             Err(e) => {
                 eprintln!("snapctl: warning: skipping {url}: {e}");
                 last = Some(e);
@@ -752,6 +799,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             })
         }
         Command::Weights { command } => weights_command(command).await,
+        Command::Key { command } => key_command(command),
         Command::Cache { command } => {
             let cache = open_cache(&cli)?;
             match command {
@@ -822,6 +870,12 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
                 "compat: arch {} kernel {} criu {:?}",
                 s.compat.arch, s.compat.kernel, s.compat.criu_version
             );
+            if let Some(e) = &s.encryption {
+                human += &format!(
+                    "\nencrypted: tenant key {} ({}), {}",
+                    e.key_id, e.tenant, e.scheme
+                );
+            }
             Ok(Output {
                 human,
                 json: serde_json::to_value(&s)?,
@@ -916,12 +970,17 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             }
             Ok(Output {
                 human: format!(
-                    "verified {} ({}): {} files, {} chunks ({} bytes) all intact, {:.2}s",
+                    "verified {} ({}): {} files, {} chunks ({} bytes) all intact{}, {:.2}s",
                     r.reference,
                     r.digest,
                     r.files,
                     r.chunks_ok,
                     r.counters.bytes_transferred,
+                    if r.content_checked {
+                        ""
+                    } else {
+                        " as stored (encrypted; pass its --key-file to check the content too)"
+                    },
                     r.seconds
                 ),
                 json: serde_json::to_value(&r)?,
@@ -1035,6 +1094,31 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             })
         }
     }
+}
+
+fn key_command(command: &KeyCommand) -> anyhow::Result<Output> {
+    let key = match command {
+        KeyCommand::New { tenant, out } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = TenantKey::generate(tenant);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .map_err(|e| ClientError::io(format!("creating key file {}", out.display()), e))?;
+            f.write_all(key.to_file_contents().as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| ClientError::io(format!("writing key file {}", out.display()), e))?;
+            key
+        }
+        KeyCommand::Show { file } => TenantKey::load(file).map_err(ClientError::from)?,
+    };
+    Ok(Output {
+        human: format!("tenant {} key {}", key.tenant(), key.id()),
+        json: json!({ "tenant": key.tenant(), "key_id": key.id().to_string() }),
+    })
 }
 
 async fn weights_command(command: &WeightsCommand) -> anyhow::Result<Output> {

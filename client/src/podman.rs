@@ -198,7 +198,7 @@ pub async fn push_archive(
 
     let files = layers.count();
     let logical = layers.bytes();
-    let mut manifest = push::new_manifest(uploader.config(), layers.into_layers(), true);
+    let mut manifest = uploader.new_manifest(layers.into_layers(), true);
     manifest
         .annotations
         .insert(ANNOTATION.into(), format!("{INDEX_LAYER}/{INDEX_FILE}"));

@@ -10,16 +10,19 @@ use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::manifest::{check_relative_path, Extent, Manifest};
 use snapreg_proto::reference::Reference;
 use snapreg_proto::{codec, Digest};
 
 use crate::direct::{self, DirectFetcher};
+use crate::encryption;
 use crate::error::{shown, ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
@@ -136,6 +139,7 @@ pub async fn pull_dir(
 ) -> Result<PullReport> {
     let started = Instant::now();
     let (digest, manifest) = fetch_manifest(remote, reference).await?;
+    let key = encryption::key_for(&manifest, remote.tenant_key(), &reference.to_string())?;
     std::fs::create_dir_all(dest)
         .map_err(|e| ClientError::io(format!("creating {}", shown(dest)), e))?;
 
@@ -192,7 +196,7 @@ pub async fn pull_dir(
         progress.add_total(total);
         progress.advance(counters.zero_bytes.load(Relaxed));
 
-        chunks_direct = fetch_into(remote, &order, &places, &targets, &progress).await?;
+        chunks_direct = fetch_into(remote, key, &order, &places, &targets, &progress).await?;
 
         for t in &targets {
             t.file
@@ -275,6 +279,7 @@ fn objects<'a>(
 /// Fetches, verifies and writes every chunk of `order`; returns how many came by URL.
 async fn fetch_into(
     remote: &Remote,
+    key: Option<Arc<TenantKey>>,
     order: &[Digest],
     places: &HashMap<Digest, Vec<(usize, u64, u64)>>,
     targets: &[Target],
@@ -286,27 +291,26 @@ async fn fetch_into(
         None => None,
     };
     let decoded = objects(remote, order, direct)
-        .map(|item| async move {
-            let (digest, object, by_url) = item?;
-            let object_len = object.len() as u64;
-            let data: Bytes = tokio::task::spawn_blocking(move || codec::decode(&digest, &object))
+        .map(|item| {
+            let key = key.clone();
+            async move {
+                let (digest, object, by_url) = item?;
+                let object_len = object.len() as u64;
+                let data: Bytes = tokio::task::spawn_blocking(move || {
+                    let content = codec::decode(&digest, &object)?;
+                    encryption::decrypt(key.as_deref(), &digest, content)
+                })
                 .await
                 .map_err(|e| ClientError::io("decoding a chunk", std::io::Error::other(e)))?
-                .map_err(|e| match e {
-                    snapreg_proto::Error::ChunkCorrupt { digest, reason } => {
-                        let file = places
-                            .get(&digest)
-                            .and_then(|p| p.first())
-                            .map(|(i, _, _)| targets[*i].shown.clone());
-                        ClientError::ChunkCorrupt {
-                            digest,
-                            file: file.unwrap_or_else(|| "(no file)".into()),
-                            reason,
-                        }
-                    }
-                    other => other.into(),
+                .map_err(|e| {
+                    let file = places
+                        .get(&digest)
+                        .and_then(|p| p.first())
+                        .map_or("(no file)", |(i, _, _)| targets[*i].shown.as_str());
+                    encryption::chunk_error(e, file)
                 })?;
-            Ok::<_, ClientError>((digest, data, object_len, by_url))
+                Ok::<_, ClientError>((digest, data, object_len, by_url))
+            }
         })
         .buffered(workers);
     let mut decoded = std::pin::pin!(decoded);

@@ -7,8 +7,11 @@
 //! ```
 //!
 //! Compression runs only on chunks the registry lacks, so a second push of the same
-//! image costs hashing alone. Memory is bounded by the channel depths and two batches
-//! in flight (~100 MiB), whatever the image size.
+//! image costs hashing alone. With a tenant key the hashing step compresses and
+//! encrypts every chunk first (the address is the BLAKE3 of the encrypted bytes, see
+//! snapreg_proto::encryption), so an encrypted re-push costs that work too. Memory is
+//! bounded by the channel depths and two batches in flight (~100 MiB), whatever the
+//! image size.
 //!
 //! Crash points: before the commit nothing is visible (uploaded chunks are
 //! unreferenced, kept by the lease and the GC grace period, and reused by a retry);
@@ -18,13 +21,15 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use snapreg_proto::encryption::{self, TenantKey};
 use snapreg_proto::manifest::{
-    Created, CriuInfo, Extent, File, Layer, LayerKind, Manifest, SCHEMA_VERSION,
+    Created, CriuInfo, Encryption, Extent, File, Layer, LayerKind, Manifest,
+    ENCRYPTED_SCHEMA_VERSION, SCHEMA_VERSION,
 };
 use snapreg_proto::reference::Reference;
 use snapreg_proto::{codec, Digest};
@@ -52,6 +57,7 @@ pub struct Uploader {
     remote: Remote,
     lease: String,
     cfg: ChunkerConfig,
+    key: Option<Arc<TenantKey>>,
     progress: Progress,
     tx: std::sync::Mutex<Option<mpsc::Sender<(Digest, Bytes)>>>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
@@ -65,6 +71,16 @@ impl Uploader {
         cfg: ChunkerConfig,
         progress: Progress,
     ) -> Result<Self> {
+        let key = remote.tenant_key().cloned();
+        if key.is_some()
+            && cfg.max_size > snapreg_proto::codec::MAX_CHUNK_LEN - encryption::OVERHEAD
+        {
+            return Err(ClientError::Usage(format!(
+                "chunks of up to {} bytes cannot be encrypted: the limit is {}",
+                cfg.max_size,
+                snapreg_proto::codec::MAX_CHUNK_LEN - encryption::OVERHEAD
+            )));
+        }
         let lease = remote.begin_push(repository).await?;
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(upload_loop(
@@ -72,11 +88,13 @@ impl Uploader {
             lease.clone(),
             rx,
             progress.clone(),
+            key.is_some(),
         ));
         Ok(Uploader {
             remote: remote.clone(),
             lease,
             cfg,
+            key,
             progress,
             tx: std::sync::Mutex::new(Some(tx)),
             task: tokio::sync::Mutex::new(Some(task)),
@@ -90,6 +108,27 @@ impl Uploader {
 
     pub fn progress(&self) -> &Progress {
         &self.progress
+    }
+
+    /// The key this push encrypts with: weights the service remembers under another
+    /// key (or none) cannot be reused by digest.
+    pub fn key_id(&self) -> Option<String> {
+        self.key.as_ref().map(|k| k.id().to_string())
+    }
+
+    /// A manifest for this host and this push: creation info, chunker parameters,
+    /// compatibility record, and the encryption section when the push encrypts.
+    pub fn new_manifest(&self, layers: Vec<Layer>, is_criu_image: bool) -> Manifest {
+        let mut m = new_manifest(&self.cfg, layers, is_criu_image);
+        if let Some(k) = &self.key {
+            m.schema_version = ENCRYPTED_SCHEMA_VERSION;
+            m.encryption = Some(Encryption {
+                scheme: encryption::SCHEME.into(),
+                key_id: k.id().to_string(),
+                tenant: k.tenant().to_string(),
+            });
+        }
+        m
     }
 
     /// Whether the registry holds every one of `digests`; they are then covered by
@@ -116,6 +155,7 @@ impl Uploader {
             .ok_or_else(|| ClientError::Registry("push already finished".into()))?;
         let (piece_tx, piece_rx) = mpsc::channel::<std::io::Result<Piece>>(8);
         let cfg = self.cfg.clone();
+        let key = self.key.clone();
         let reader_task = tokio::task::spawn_blocking(move || {
             for piece in Chunker::new(reader, cfg, aligned) {
                 let failed = piece.is_err();
@@ -125,15 +165,22 @@ impl Uploader {
             }
         });
         let mut hashed = tokio_stream::wrappers::ReceiverStream::new(piece_rx)
-            .map(|piece| async move {
-                match piece? {
-                    Piece::Zero(n) => Ok::<_, std::io::Error>(Hashed::Zero(n)),
-                    Piece::Data(d) => tokio::task::spawn_blocking(move || {
-                        let digest = Digest::of(&d);
-                        Hashed::Data(digest, Bytes::from(d))
-                    })
-                    .await
-                    .map_err(std::io::Error::other),
+            .map(|piece| {
+                let key = key.clone();
+                async move {
+                    match piece? {
+                        Piece::Zero(n) => Ok::<_, std::io::Error>(Hashed::Zero(n)),
+                        Piece::Data(d) => tokio::task::spawn_blocking(move || {
+                            let len = d.len() as u64;
+                            let content = match &key {
+                                Some(k) => k.encrypt_chunk(&d),
+                                None => Bytes::from(d),
+                            };
+                            Hashed::Data(Digest::of(&content), content, len)
+                        })
+                        .await
+                        .map_err(std::io::Error::other),
+                    }
                 }
             })
             .buffered(workers() * 2);
@@ -151,8 +198,7 @@ impl Uploader {
                         _ => extents.push(Extent::Zero { zero: n }),
                     }
                 }
-                Hashed::Data(digest, data) => {
-                    let len = data.len() as u64;
+                Hashed::Data(digest, data, len) => {
                     counters.bytes_total.fetch_add(len, Relaxed);
                     extents.push(Extent::Chunk { chunk: digest, len });
                     self.progress.advance(len);
@@ -216,10 +262,11 @@ impl Drop for Uploader {
     }
 }
 
-/// A piece of a stream once its data is hashed.
+/// A piece of a stream once its data is hashed: the chunk's stored content (encrypted
+/// when the push is) and its length in the file.
 enum Hashed {
     Zero(u64),
-    Data(Digest, Bytes),
+    Data(Digest, Bytes, u64),
 }
 
 async fn upload_loop(
@@ -227,6 +274,7 @@ async fn upload_loop(
     lease: String,
     mut rx: mpsc::Receiver<(Digest, Bytes)>,
     progress: Progress,
+    encrypted: bool,
 ) -> Result<()> {
     let mut inflight: JoinSet<Result<()>> = JoinSet::new();
     let mut batch: Vec<(Digest, Bytes)> = Vec::new();
@@ -247,7 +295,7 @@ async fn upload_loop(
                     .map_err(|e| ClientError::Registry(e.to_string()))??;
             }
             let (r, l, p) = (remote.clone(), lease.clone(), progress.clone());
-            inflight.spawn(upload_batch(r, l, std::mem::take(&mut batch), p));
+            inflight.spawn(upload_batch(r, l, std::mem::take(&mut batch), p, encrypted));
             bytes = 0;
         }
         if done {
@@ -265,6 +313,7 @@ async fn upload_batch(
     lease: String,
     batch: Vec<(Digest, Bytes)>,
     progress: Progress,
+    encrypted: bool,
 ) -> Result<()> {
     let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
     let missing: HashSet<Digest> = remote
@@ -276,9 +325,15 @@ async fn upload_batch(
         return Ok(());
     }
     let counters = progress.counters.clone();
+    // Encrypted chunks were compressed before encryption; ciphertext never compresses.
+    let encode = if encrypted {
+        codec::encode_raw
+    } else {
+        codec::encode
+    };
     let encoded =
         futures::stream::iter(batch.into_iter().filter(move |(d, _)| missing.contains(d)))
-            .map(|(d, raw)| tokio::task::spawn_blocking(move || (d, codec::encode(&raw))))
+            .map(move |(d, raw)| tokio::task::spawn_blocking(move || (d, encode(&raw))))
             .buffered(workers())
             .filter_map(move |r| {
                 let counters = counters.clone();
@@ -378,7 +433,7 @@ pub async fn push_dir(
         });
     }
 
-    let manifest = new_manifest(uploader.config(), vec![layer], kind == LayerKind::Process);
+    let manifest = uploader.new_manifest(vec![layer], kind == LayerKind::Process);
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![tag])
         .await?;
@@ -399,7 +454,8 @@ pub fn required_tag(reference: &Reference, verb: &str) -> Result<String> {
     })
 }
 
-/// A manifest for this host: creation info, chunker parameters, compatibility record.
+/// A plaintext manifest for this host: creation info, chunker parameters,
+/// compatibility record ([`Uploader::new_manifest`] adds the push's encryption).
 pub fn new_manifest(cfg: &ChunkerConfig, layers: Vec<Layer>, is_criu_image: bool) -> Manifest {
     let facts = crate::host::facts();
     let criu = is_criu_image.then(|| CriuInfo {
@@ -422,6 +478,7 @@ pub fn new_manifest(cfg: &ChunkerConfig, layers: Vec<Layer>, is_criu_image: bool
         device_memory: Vec::new(),
         ranks: Vec::new(),
         annotations: Default::default(),
+        encryption: None,
     }
 }
 

@@ -3,10 +3,12 @@
 //! call; for `https://` URLs the CA to trust and, for mutual TLS, a client certificate).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use snapreg_proto::credentials::{self, BearerToken, CredentialsError};
+use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::pb::registry_client::RegistryClient;
 use snapreg_proto::pb::{self};
 use snapreg_proto::Digest;
@@ -73,6 +75,9 @@ pub struct Remote {
     /// closes the connection after the handshake, which the client sees only as a
     /// closed stream on its first call.
     tls_without_identity: bool,
+    /// The tenant key (`--key-file`): pushes through this remote encrypt their chunks
+    /// with it, and snapshots encrypted with it can be read.
+    tenant_key: Option<Arc<TenantKey>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -138,7 +143,17 @@ impl Remote {
             tls_without_identity: url.starts_with("https://") && !creds.client_identity,
             client,
             direct: true,
+            tenant_key: None,
         })
+    }
+
+    pub fn with_tenant_key(mut self, key: Option<Arc<TenantKey>>) -> Self {
+        self.tenant_key = key;
+        self
+    }
+
+    pub fn tenant_key(&self) -> Option<&Arc<TenantKey>> {
+        self.tenant_key.as_ref()
     }
 
     /// Switches the direct data path (presigned chunk URLs) on or off.

@@ -25,6 +25,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use snapreg_proto::compat::{self, CheckOptions};
+use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::manifest::{Extent, LayerKind};
 use snapreg_proto::reference::Reference;
 use snapreg_proto::{codec, Digest};
@@ -36,6 +37,7 @@ use crate::action::ActionServer;
 use crate::cache::ChunkCache;
 use crate::criu::{self, Criu};
 use crate::direct::{self, DirectFetcher};
+use crate::encryption;
 use crate::error::{ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
@@ -108,7 +110,9 @@ fn peak_rss_bytes() -> Option<u64> {
 
 /// Chunks by digest: the node cache first, then the nearest registry's presigned
 /// URLs when it offered them (direct.rs), then each registry in preference order
-/// (nearest region first); whatever arrives is verified, then cached.
+/// (nearest region first); whatever arrives is verified, then cached. The cache holds
+/// chunks as stored (encrypted, for an encrypted snapshot); [`ChunkSource::get`]
+/// decrypts on the way out.
 #[derive(Clone)]
 pub struct ChunkSource {
     remotes: Vec<Remote>,
@@ -116,6 +120,7 @@ pub struct ChunkSource {
     progress: Progress,
     fetched_from: Arc<Mutex<BTreeMap<String, u64>>>,
     direct: Option<Arc<DirectUrls>>,
+    key: Option<Arc<TenantKey>>,
 }
 
 /// Presigned chunk URLs from one registry, and the client that fetches them.
@@ -135,7 +140,15 @@ impl ChunkSource {
             progress,
             fetched_from: Arc::default(),
             direct: None,
+            key: None,
         }
+    }
+
+    /// Decrypts what [`ChunkSource::get`] returns with this tenant key
+    /// ([`encryption::key_for`] the snapshot).
+    pub fn decrypting(mut self, key: Option<Arc<TenantKey>>) -> Self {
+        self.key = key;
+        self
     }
 
     /// Asks the nearest registry for presigned URLs of `chunks`: those it signs are
@@ -159,7 +172,21 @@ impl ChunkSource {
         self.fetched_from.lock().unwrap().clone()
     }
 
+    /// A chunk's bytes as its files hold them (decrypted), `file` naming it in errors.
     pub async fn get(&self, digest: Digest, file: &str) -> Result<Bytes> {
+        let content = self.content(digest, file).await?;
+        let Some(key) = self.key.clone() else {
+            return Ok(content);
+        };
+        tokio::task::spawn_blocking(move || key.decrypt_chunk(&digest, &content))
+            .await
+            .map_err(|e| ClientError::io("decrypting a chunk", std::io::Error::other(e)))?
+            .map_err(|e| encryption::chunk_error(e, file))
+    }
+
+    /// A chunk as stored, verified against its digest (and now in the node cache):
+    /// enough to warm the cache ahead of a restore.
+    pub async fn content(&self, digest: Digest, file: &str) -> Result<Bytes> {
         let cache = self.cache.clone();
         let cached = tokio::task::spawn_blocking(move || cache.get(&digest))
             .await
@@ -236,14 +263,7 @@ impl ChunkSource {
         })
         .await
         .map_err(|e| ClientError::io("decoding a chunk", std::io::Error::other(e)))?
-        .map_err(|e| match e {
-            snapreg_proto::Error::ChunkCorrupt { digest, reason } => ClientError::ChunkCorrupt {
-                digest,
-                file: file.to_string(),
-                reason,
-            },
-            other => other.into(),
-        })?;
+        .map_err(|e| encryption::chunk_error(e, file))?;
         self.progress
             .counters
             .chunks_transferred
@@ -426,7 +446,12 @@ pub async fn prefetch(
     let mut fetches = futures::stream::iter(chunks)
         .map(|d| {
             let source = source.clone();
-            async move { source.get(d, "(prefetch)").await.map(|b| b.len() as u64) }
+            async move {
+                source
+                    .content(d, "(prefetch)")
+                    .await
+                    .map(|b| b.len() as u64)
+            }
         })
         .buffer_unordered(window.max(1));
     while let Some(n) = fetches.next().await {
@@ -476,6 +501,7 @@ pub async fn pull_restore(
         .collect();
     let (digest, manifest) = first_manifest(&remotes, reference).await?;
     tracing::info!(%digest, "manifest fetched");
+    let key = encryption::key_for(&manifest, remote.tenant_key(), &reference.to_string())?;
 
     let mut warnings = Vec::new();
     let mut facts = host::facts();
@@ -617,15 +643,17 @@ pub async fn pull_restore(
     let serving = tokio::task::spawn_blocking(move || serve_loop(sock, names, tx));
 
     let source = ChunkSource::new(remotes, opts.cache.clone(), progress.clone())
+        .decrypting(key)
         .use_direct(&manifest.chunk_digests())
         .await?;
     // Weights and process restore concurrently: the restore takes max(), not the sum.
     let weights_fill = match (weights_layer, &opts.weights_service) {
         (Some(l), Some(socket)) => {
             let (l, socket, source) = (l.clone(), socket.clone(), source.clone());
+            let key_id = manifest.encryption.as_ref().map(|e| e.key_id.clone());
             progress.add_total(l.files.iter().map(|f| f.size).sum());
             Some(tokio::spawn(async move {
-                crate::weights::fill_layer(&socket, &l, source).await
+                crate::weights::fill_layer(&socket, &l, key_id, source).await
             }))
         }
         _ => None,
@@ -663,7 +691,7 @@ pub async fn pull_restore(
             futures::stream::iter(device_chunks)
                 .map(|d| {
                     let source = source.clone();
-                    async move { source.get(d, "device memory").await }
+                    async move { source.content(d, "device memory").await }
                 })
                 .buffer_unordered(DEVICE_MEMORY_WINDOW)
                 .for_each(|_| async {})

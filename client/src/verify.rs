@@ -6,16 +6,23 @@
 //! Every chunk is checked even after a failure, so one run lists all the damage. A
 //! chunk the registry no longer holds (e.g. quarantined by `snapreg scrub`) counts as
 //! damaged too: the snapshot cannot be restored without it.
+//!
+//! An encrypted snapshot is decrypted too when its tenant key is given. Without the
+//! key (a registry operator's check) the stored bytes are verified, and each must be
+//! an encrypted chunk under the manifest's key id; `content_checked` is then false.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use snapreg_proto::encryption::{self, KeyId, TenantKey};
 use snapreg_proto::manifest::Extent;
 use snapreg_proto::reference::Reference;
 use snapreg_proto::{codec, Digest};
 
+use crate::encryption::key_for;
 use crate::error::{ClientError, Result};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::pull;
@@ -29,8 +36,20 @@ pub struct VerifyReport {
     #[serde(flatten)]
     pub counters: CountersSnapshot,
     pub chunks_ok: u64,
+    /// Whether the chunks' content was checked (false: an encrypted snapshot verified
+    /// without its key, as stored bytes only).
+    pub content_checked: bool,
     pub damaged: Vec<DamagedChunk>,
     pub seconds: f64,
+}
+
+/// How a chunk's content is checked beyond its digest.
+#[derive(Clone)]
+enum Opening {
+    Plain,
+    Decrypt(Arc<TenantKey>),
+    /// Encrypted and no key: the stored bytes must at least be a chunk under this key.
+    StoredOnly(KeyId),
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -70,6 +89,15 @@ pub async fn verify(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let (digest, manifest) = pull::fetch_manifest(remote, reference).await?;
+    let opening = match (&manifest.encryption, remote.tenant_key()) {
+        (None, _) => Opening::Plain,
+        (Some(e), None) => Opening::StoredOnly(KeyId::parse(&e.key_id).ok_or_else(|| {
+            ClientError::Format(snapreg_proto::Error::ManifestInvalid("bad key_id".into()))
+        })?),
+        (Some(_), have) => Opening::Decrypt(
+            key_for(&manifest, have, &reference.to_string())?.expect("the snapshot is encrypted"),
+        ),
+    };
     // digest -> (length every extent gives it, files that use it), first use first.
     let mut order: Vec<Digest> = Vec::new();
     let mut uses: HashMap<Digest, (u64, Vec<String>)> = HashMap::new();
@@ -115,7 +143,8 @@ pub async fn verify(
     let checks = futures::stream::iter(order.iter().copied())
         .map(|d| {
             let expected_len = uses[&d].0;
-            async move { (d, check_chunk(remote, d, expected_len).await) }
+            let opening = opening.clone();
+            async move { (d, check_chunk(remote, d, expected_len, opening).await) }
         })
         .buffer_unordered(window.max(1));
     let mut checks = std::pin::pin!(checks);
@@ -151,6 +180,7 @@ pub async fn verify(
         files,
         counters: counters.snapshot(),
         chunks_ok,
+        content_checked: !matches!(opening, Opening::StoredOnly(_)),
         damaged,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -162,6 +192,7 @@ async fn check_chunk(
     remote: &Remote,
     d: Digest,
     expected_len: u64,
+    opening: Opening,
 ) -> Result<std::result::Result<(u64, u64), String>> {
     let mut stream = match remote.get_chunks(&[d]).await {
         Ok(s) => s,
@@ -185,15 +216,33 @@ async fn check_chunk(
         return Ok(Err("the registry sent a different chunk".into()));
     }
     let object_len = msg.data.len() as u64;
-    let decoded = tokio::task::spawn_blocking(move || codec::decode(&d, &msg.data))
-        .await
-        .map_err(|e| ClientError::io("verifying a chunk", std::io::Error::other(e)))?;
-    Ok(match decoded {
-        Err(e) => Err(match e {
+    let decoded = tokio::task::spawn_blocking(move || {
+        let content = codec::decode(&d, &msg.data).map_err(|e| match e {
             snapreg_proto::Error::ChunkCorrupt { reason, .. } => reason,
             other => other.to_string(),
-        }),
-        Ok(data) if data.len() as u64 != expected_len => Err(format!(
+        })?;
+        // The length its extents give it, when the content can be compared to it.
+        match opening {
+            Opening::Plain => Ok((content, true)),
+            Opening::Decrypt(key) => key
+                .decrypt_chunk(&d, &content)
+                .map(|data| (data, true))
+                .map_err(|e| match e {
+                    snapreg_proto::Error::Undecryptable { reason, .. } => reason,
+                    other => other.to_string(),
+                }),
+            Opening::StoredOnly(id) => match encryption::key_id_of(&content) {
+                Some(found) if found == id => Ok((content, false)),
+                Some(found) => Err(format!("encrypted with key {found}, not {id}")),
+                None => Err("not an encrypted chunk, but the manifest says it is".into()),
+            },
+        }
+    })
+    .await
+    .map_err(|e| ClientError::io("verifying a chunk", std::io::Error::other(e)))?;
+    Ok(match decoded {
+        Err(reason) => Err(reason),
+        Ok((data, true)) if data.len() as u64 != expected_len => Err(format!(
             "{} bytes, but the manifest's extents say {}",
             data.len(),
             if expected_len == u64::MAX {
@@ -202,6 +251,6 @@ async fn check_chunk(
                 expected_len.to_string()
             }
         )),
-        Ok(data) => Ok((object_len, data.len() as u64)),
+        Ok((data, _)) => Ok((object_len, data.len() as u64)),
     })
 }

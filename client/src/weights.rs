@@ -149,7 +149,7 @@ impl Read for MappingReader {
 pub async fn upload_layer(plan: Arc<WeightsPlan>, uploader: Arc<Uploader>) -> Result<Layer> {
     let mut files = Vec::new();
     for b in &plan.buffers {
-        if let Some(known) = known_file(b) {
+        if let Some(known) = known_file(b, uploader.key_id().as_deref()) {
             let digests: Vec<_> = known
                 .extents
                 .iter()
@@ -188,7 +188,7 @@ pub async fn upload_layer(plan: Arc<WeightsPlan>, uploader: Arc<Uploader>) -> Re
         };
         // Remember what the buffer holds, so the next checkpoint needs not read it.
         let client = plan.client.clone();
-        let content = serde_json::to_value(&file).ok();
+        let content = content_record(&file, uploader.key_id());
         let name = info.name.clone();
         let _ = blocking(move || client.seal(&name, content)).await;
         files.push(file);
@@ -201,9 +201,24 @@ pub async fn upload_layer(plan: Arc<WeightsPlan>, uploader: Arc<Uploader>) -> Re
     })
 }
 
-/// The layer file a buffer is known to hold, when the service recorded one.
-fn known_file(b: &snapreg_weights::BufferInfo) -> Option<File> {
-    let f: File = serde_json::from_value(b.content.clone()?).ok()?;
+/// What the service records about a buffer's content: the layer file (its chunk
+/// digests) and the tenant key those chunks are encrypted with, if any.
+fn content_record(file: &File, key_id: Option<String>) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(file).ok()?;
+    if let Some(id) = key_id {
+        v["key_id"] = id.into();
+    }
+    Some(v)
+}
+
+/// The layer file a buffer is known to hold, when the service recorded one with
+/// chunks under `key_id` (digests under another key name other bytes).
+fn known_file(b: &snapreg_weights::BufferInfo, key_id: Option<&str>) -> Option<File> {
+    let content = b.content.clone()?;
+    if content.get("key_id").and_then(|v| v.as_str()) != key_id {
+        return None;
+    }
+    let f: File = serde_json::from_value(content).ok()?;
     (f.path == b.name && f.size == b.size).then_some(f)
 }
 
@@ -216,8 +231,14 @@ pub struct FillReport {
     pub seconds: f64,
 }
 
-/// Fills the service's buffers with the weights layer; each is sealed when complete.
-pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Result<FillReport> {
+/// Fills the service's buffers with the weights layer (its chunks encrypted under
+/// `key_id`, if any); each is sealed when complete.
+pub async fn fill_layer(
+    socket: &Path,
+    layer: &Layer,
+    key_id: Option<String>,
+    source: ChunkSource,
+) -> Result<FillReport> {
     let started = Instant::now();
     let client = WeightsClient::new(socket);
     let c = client.clone();
@@ -227,10 +248,11 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
         ..FillReport::default()
     };
     for file in &layer.files {
-        let reusable = listing
-            .buffers
-            .iter()
-            .any(|b| b.name == file.path && b.sealed && known_file(b).as_ref() == Some(file));
+        let reusable = listing.buffers.iter().any(|b| {
+            b.name == file.path
+                && b.sealed
+                && known_file(b, key_id.as_deref()).as_ref() == Some(file)
+        });
         if reusable {
             report.buffers_reused += 1;
             continue;
@@ -279,7 +301,7 @@ pub async fn fill_layer(socket: &Path, layer: &Layer, source: ChunkSource) -> Re
         drop(writes);
         drop(mapping);
         let c = client.clone();
-        let (name, content) = (file.path.clone(), serde_json::to_value(file).ok());
+        let (name, content) = (file.path.clone(), content_record(file, key_id.clone()));
         blocking(move || c.seal(&name, content)).await?;
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -3,6 +3,8 @@
 //! - [`pb`]: the gRPC API (`snapreg.v1`), generated from `proto/snapreg/v1/registry.proto`.
 //! - [`digest`]: BLAKE3 content addresses and their `blake3:<hex>` spelling.
 //! - [`codec`]: the byte layout of a stored chunk object (header + raw or zstd payload).
+//! - [`encryption`]: tenant keys and the layout of an encrypted chunk (convergent
+//!   within a tenant; the registry stores and verifies the encrypted bytes).
 //! - [`manifest`]: the snapshot manifest, schema version 1, with golden files under
 //!   `tests/golden/` that every later version must keep decoding.
 //! - [`reference`]: `repo/name:tag` and `repo/name@blake3:<hex>`.
@@ -13,13 +15,14 @@
 //! - [`credentials`]: bearer tokens and TLS material every gRPC connection uses.
 //!
 //! Invariants that span modules: a digest is always the BLAKE3 of *uncompressed*
-//! chunk bytes, or of a manifest's exact stored bytes; whoever receives bytes verifies
+//! chunk bytes (for an encrypted snapshot: of the encrypted bytes), or of a manifest's exact stored bytes; whoever receives bytes verifies
 //! them against the digest they were asked for.
 
 pub mod codec;
 pub mod compat;
 pub mod credentials;
 pub mod digest;
+pub mod encryption;
 pub mod layout;
 pub mod manifest;
 pub mod reference;

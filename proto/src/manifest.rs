@@ -1,4 +1,4 @@
-//! The snapshot manifest, schema version 1.
+//! The snapshot manifest, schema versions 1 (plaintext chunks) and 2 (encrypted chunks).
 //!
 //! Stored as JSON (UTF-8, written once by the client and never re-encoded): its
 //! digest is the BLAKE3 of the exact stored bytes. JSON because operators read
@@ -18,9 +18,17 @@
 //!   "compat":         { see compat::CompatRecord },
 //!   "device_memory"?: [ { "layer", "file", "offset", "len" } ],
 //!   "ranks"?:         [ { "rank", "layer" } ],
-//!   "annotations"?:   { "k": "v" }
+//!   "annotations"?:   { "k": "v" },
+//!   "encryption"?:    { "scheme", "key_id", "tenant" }     (version 2 only)
 //! }
 //! ```
+//!
+//! Version 2 is version 1 plus a required `encryption` section: every chunk of the
+//! snapshot is encrypted with that tenant key ([`crate::encryption`]) and its digest is
+//! the BLAKE3 of the encrypted bytes. It is a new version, not an optional field,
+//! because a reader that ignored the section would restore ciphertext as if it were
+//! memory; older readers refuse it by its version instead. Plaintext snapshots are
+//! still written as version 1, so older clients keep reading them.
 //!
 //! Compatibility: a reader accepts exactly the schema versions it knows and refuses
 //! the rest with [`Error::ManifestVersion`]; fields added inside version 1 must be
@@ -35,6 +43,8 @@ use crate::compat::CompatRecord;
 use crate::{Digest, Error};
 
 pub const SCHEMA_VERSION: u64 = 1;
+/// The version of a manifest whose chunks are encrypted.
+pub const ENCRYPTED_SCHEMA_VERSION: u64 = 2;
 /// Upper bound on an accepted manifest: ~10^6 extents. Bounds what a hostile or
 /// corrupt manifest can make either side allocate.
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
@@ -59,6 +69,19 @@ pub struct Manifest {
     pub ranks: Vec<Rank>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Which tenant key encrypted the snapshot's chunks. Names the key, never holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// [`crate::encryption::SCHEME`].
+    pub scheme: String,
+    pub key_id: String,
+    /// The tenant the key was issued for, as written in its key file (informational).
+    #[serde(default)]
+    pub tenant: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,10 +217,10 @@ impl Manifest {
         }
         let probe: VersionProbe = serde_json::from_slice(bytes)
             .map_err(|e| Error::ManifestInvalid(format!("no schema_version: {e}")))?;
-        if probe.schema_version != SCHEMA_VERSION {
+        if ![SCHEMA_VERSION, ENCRYPTED_SCHEMA_VERSION].contains(&probe.schema_version) {
             return Err(Error::ManifestVersion {
                 found: probe.schema_version,
-                supported: SCHEMA_VERSION,
+                supported: ENCRYPTED_SCHEMA_VERSION,
             });
         }
         let m: Manifest =
@@ -213,11 +236,36 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), Error> {
         let invalid = |s: String| Err(Error::ManifestInvalid(s));
+        let mut max_len = crate::codec::MAX_CHUNK_LEN;
+        match (self.schema_version, &self.encryption) {
+            (SCHEMA_VERSION, None) => {}
+            (ENCRYPTED_SCHEMA_VERSION, Some(e)) => {
+                if e.scheme != crate::encryption::SCHEME {
+                    return invalid(format!(
+                        "encryption scheme {:?} is unknown (this build knows {:?}); upgrade snapctl",
+                        e.scheme,
+                        crate::encryption::SCHEME
+                    ));
+                }
+                if crate::encryption::KeyId::parse(&e.key_id).is_none() {
+                    return invalid(format!(
+                        "encryption key_id {:?} is not 16 hex digits",
+                        e.key_id
+                    ));
+                }
+                max_len -= crate::encryption::OVERHEAD;
+            }
+            (v, e) => {
+                return invalid(format!(
+                    "schema version {v} {} an encryption section",
+                    if e.is_some() { "with" } else { "without" }
+                ))
+            }
+        }
         let max_chunk = self.chunker.max_size as u64;
-        if max_chunk as usize > crate::codec::MAX_CHUNK_LEN {
+        if max_chunk as usize > max_len {
             return invalid(format!(
-                "chunker max_size {max_chunk} exceeds the codec's {} bytes",
-                crate::codec::MAX_CHUNK_LEN
+                "chunker max_size {max_chunk} exceeds the codec's {max_len} bytes"
             ));
         }
         for layer in &self.layers {
@@ -370,9 +418,37 @@ mod tests {
         match Manifest::decode(text.as_bytes()) {
             Err(Error::ManifestVersion {
                 found: 7,
-                supported: 1,
+                supported: ENCRYPTED_SCHEMA_VERSION,
             }) => {}
             other => panic!("expected ManifestVersion, got {other:?}"),
+        }
+    }
+
+    const GOLDEN_V2: &[u8] = include_bytes!("../tests/golden/manifest-v2.json");
+
+    #[test]
+    fn golden_v2_decodes_and_names_its_key() {
+        let m = Manifest::decode(GOLDEN_V2).unwrap();
+        assert_eq!(m.schema_version, ENCRYPTED_SCHEMA_VERSION);
+        let e = m.encryption.as_ref().unwrap();
+        assert_eq!(
+            (e.scheme.as_str(), e.key_id.as_str(), e.tenant.as_str()),
+            (crate::encryption::SCHEME, "d1e8b9c2f0a34b57", "acme")
+        );
+        assert_eq!(m.chunk_digests().len(), 2);
+    }
+
+    #[test]
+    fn encryption_and_version_must_agree() {
+        let mut v1_with = Manifest::decode(GOLDEN_V2).unwrap();
+        v1_with.schema_version = SCHEMA_VERSION;
+        let mut v2_without = Manifest::decode(GOLDEN_V1).unwrap();
+        v2_without.schema_version = ENCRYPTED_SCHEMA_VERSION;
+        let mut unknown_scheme = Manifest::decode(GOLDEN_V2).unwrap();
+        unknown_scheme.encryption.as_mut().unwrap().scheme = "rot13".into();
+        for bad in [v1_with, v2_without, unknown_scheme] {
+            let e = Manifest::decode(&bad.encode()).unwrap_err().to_string();
+            assert!(e.contains("encryption"), "{e}");
         }
     }
 

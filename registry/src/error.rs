@@ -34,6 +34,12 @@ pub enum RegistryError {
     LayoutVersion { found: String, supported: u64 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("repository {repository} only takes snapshots encrypted with its tenant's key ({rule}); this one is {found}: push it with snapctl --key-file and that tenant's key file")]
+    EncryptionRequired {
+        repository: String,
+        rule: String,
+        found: String,
+    },
     /// Another instance on the same store holds what this call needs (GC vs push).
     #[error("{0}")]
     Busy(String),
@@ -67,6 +73,7 @@ impl From<RegistryError> for Status {
             Manifest(_) | InvalidArgument { .. } => Status::invalid_argument(msg),
             Store(object_store::Error::NotFound { .. }) => Status::not_found(msg),
             Busy(_) => Status::unavailable(msg),
+            EncryptionRequired { .. } => Status::permission_denied(msg),
             Store(_) | Index(_) | Io(_) | LayoutVersion { .. } => {
                 tracing::error!("internal error: {msg}");
                 Status::unavailable(format!("registry storage failed: {msg}"))

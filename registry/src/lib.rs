@@ -21,6 +21,8 @@
 //!   store), applied by `ApplyRetention` and before every GC.
 //! - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
 //!   `quarantine/` and out of the index, so the next push re-uploads them.
+//! - [`tenant_keys`]: repositories that take only snapshots encrypted with their
+//!   tenant's key (the registry holds no keys; clients encrypt).
 //! - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!   and missing chunks) to its peers, with a durable per-peer cursor.
 //!
@@ -45,6 +47,7 @@ pub mod scrub;
 pub mod server;
 pub mod service;
 pub mod shared_store;
+pub mod tenant_keys;
 
 pub use error::RegistryError;
 pub use replication::PeerConfig;

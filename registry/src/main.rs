@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use snapreg_proto::pb::{self, registry_client::RegistryClient};
 use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope};
+use snapreg_registry::tenant_keys::TenantKeyRule;
 use snapreg_registry::{PeerConfig, RegistryConfig, TlsFiles};
 
 #[derive(Parser)]
@@ -114,6 +115,11 @@ enum Command {
         auth_cache_ttl: Duration,
         #[command(flatten)]
         tls: TlsArgs,
+        /// PATTERN=KEYID: repositories matching PATTERN (`acme/*`, exact) take only
+        /// snapshots encrypted with that tenant key (`snapctl key show FILE` prints
+        /// its id). Repeatable; the first matching rule decides.
+        #[arg(long = "tenant-key", value_name = "PATTERN=KEYID")]
+        tenant_keys: Vec<TenantKeyRule>,
     },
     /// Issue, revoke and list access tokens (in the object store, shared by every
     /// registry serving it; works while the registry runs).
@@ -182,6 +188,7 @@ async fn real_main() -> anyhow::Result<()> {
             anonymous,
             auth_cache_ttl,
             tls,
+            tenant_keys,
         } => {
             let mut config = RegistryConfig::new(&store.data);
             config.store_url = store.store;
@@ -191,6 +198,7 @@ async fn real_main() -> anyhow::Result<()> {
             config.replication_backoff_max = replication_backoff_max;
             config.anonymous = parse_anonymous(&anonymous).map_err(anyhow::Error::msg)?;
             config.auth_cache_ttl = auth_cache_ttl;
+            config.tenant_keys = tenant_keys;
             config.tls = match (tls.tls_cert, tls.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,

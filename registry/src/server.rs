@@ -44,6 +44,8 @@ pub struct RegistryConfig {
     pub auth_cache_ttl: Duration,
     /// Serve TLS instead of plain HTTP/2.
     pub tls: Option<TlsFiles>,
+    /// Repositories that take only snapshots encrypted with a given tenant key.
+    pub tenant_keys: Vec<crate::tenant_keys::TenantKeyRule>,
 }
 
 /// PEM files for the listener: certificate chain, key and, for mutual TLS, the CA
@@ -67,6 +69,7 @@ impl RegistryConfig {
             anonymous: None,
             auth_cache_ttl: Duration::from_secs(5),
             tls: None,
+            tenant_keys: Vec::new(),
         }
     }
 }

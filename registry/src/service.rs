@@ -202,6 +202,11 @@ impl Registry {
             tag_arg(t)?;
         }
         self.check_lease(lease).await?;
+        crate::tenant_keys::check(
+            &self.config.tenant_keys,
+            repository,
+            &Manifest::decode(&bytes)?,
+        )?;
         let (digest, chunks) = self.store_manifest(lease, bytes).await?;
         for t in tags {
             self.write_tag(repository, t, TagTarget::Manifest(digest))
@@ -568,6 +573,7 @@ impl registry_server::Registry for RegistryService {
         // Protect the manifest and its chunks from a GC already past its mark phase.
         let manifest = Manifest::decode(&self.reg.store.get_manifest(&digest).await?)
             .map_err(RegistryError::from)?;
+        crate::tenant_keys::check(&self.reg.config.tenant_keys, &req.repository, &manifest)?;
         let lease = format!("tag-{:032x}", rand::random::<u128>());
         let reg = &self.reg;
         let chunks = manifest.chunk_digests();

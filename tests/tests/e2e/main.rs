@@ -5,6 +5,7 @@ mod support;
 
 mod agent;
 mod auth;
+mod encryption;
 mod errors;
 mod faults;
 mod gc;

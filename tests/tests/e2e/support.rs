@@ -234,6 +234,7 @@ pub fn snapctl(registry: &str, args: &[&str]) -> Out {
         .env_remove("SNAPCTL_CA_CERT")
         .env_remove("SNAPCTL_CLIENT_CERT")
         .env_remove("SNAPCTL_CLIENT_KEY")
+        .env_remove("SNAPCTL_KEY_FILE")
         .output()
         .unwrap();
     Out {
@@ -241,6 +242,28 @@ pub fn snapctl(registry: &str, args: &[&str]) -> Out {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// A new tenant key file `dir/<tenant>.key`: (its path, its key id).
+pub fn new_tenant_key(dir: &Path, tenant: &str) -> (String, String) {
+    let path = dir.join(format!("{tenant}.key"));
+    let out = snapctl(
+        "http://unused",
+        &["key", "new", "--tenant", tenant, path.to_str().unwrap()],
+    )
+    .ok()
+    .json();
+    (
+        path.to_str().unwrap().to_string(),
+        out["key_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Whether any file under `dir` contains `needle`.
+pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
+    read_tree(dir)
+        .values()
+        .any(|v| v.windows(needle.len()).any(|w| w == needle))
 }
 
 /// A test process, killed (by PID) and reaped on drop.

@@ -56,32 +56,43 @@ impl Drop for WeightsService {
     }
 }
 
-fn checkpoint_separated(registry: &str, pid: u32, sock: &str, reference: &str) -> Out {
-    snapctl(
-        registry,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--weights-service",
-            sock,
-            reference,
-        ],
-    )
+/// `global`: snapctl flags such as `--key-file K`.
+fn checkpoint_separated(
+    registry: &str,
+    global: &[&str],
+    pid: u32,
+    sock: &str,
+    reference: &str,
+) -> Out {
+    let pid = pid.to_string();
+    let mut args = global.to_vec();
+    args.extend([
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--weights-service",
+        sock,
+        reference,
+    ]);
+    snapctl(registry, &args)
 }
 
-fn restore_separated(registry: &str, cache: &Path, sock: &str, reference: &str) -> Out {
-    snapctl_cached(
-        registry,
-        cache,
-        &[
-            "pull-restore",
-            "--detach",
-            "--weights-service",
-            sock,
-            reference,
-        ],
-    )
+fn restore_separated(
+    registry: &str,
+    global: &[&str],
+    cache: &Path,
+    sock: &str,
+    reference: &str,
+) -> Out {
+    let mut args = global.to_vec();
+    args.extend([
+        "pull-restore",
+        "--detach",
+        "--weights-service",
+        sock,
+        reference,
+    ]);
+    snapctl_cached(registry, cache, &args)
 }
 
 /// (weights address, result, counter) from the worker's result file.
@@ -145,7 +156,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     assert_eq!(ls["buffers"][0]["leases"], serde_json::json!([pid]));
 
     // Still attached: refused, and the worker keeps running untouched.
-    let refused = checkpoint_separated(&reg.url, pid, sock, "t/w:v1");
+    let refused = checkpoint_separated(&reg.url, &[], pid, sock, "t/w:v1");
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(
         refused.stderr.contains("has not quiesced") && refused.stderr.contains("llama/layers"),
@@ -156,7 +167,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     p.wait_counter_above(c + 2);
 
     let at_quiesce = quiesce(&dir);
-    let ck = checkpoint_separated(&reg.url, pid, sock, "t/w:v1")
+    let ck = checkpoint_separated(&reg.url, &[], pid, sock, "t/w:v1")
         .ok()
         .json();
     let _ = p.child.wait(); // CRIU killed it after the commit
@@ -183,7 +194,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     // A new node's service: the weights must come from the registry.
     drop(service);
     let service = WeightsService::start(&socket);
-    let r = restore_separated(&reg.url, &cache, sock, "t/w:v1")
+    let r = restore_separated(&reg.url, &[], &cache, sock, "t/w:v1")
         .ok()
         .json();
     let restored = Restored(pid);
@@ -201,7 +212,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
 
     // The same weights again: nothing of them is read or uploaded.
     let at_quiesce = quiesce(&dir);
-    let ck2 = checkpoint_separated(&reg.url, pid, sock, "t/w:v2")
+    let ck2 = checkpoint_separated(&reg.url, &[], pid, sock, "t/w:v2")
         .ok()
         .json();
     std::mem::forget(restored); // CRIU killed it
@@ -214,7 +225,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
 
     // Restored where the service still holds them: no fill at all.
     let _ = std::fs::remove_file(dir.join("resumed"));
-    let r2 = restore_separated(&reg.url, &cache, sock, "t/w:v2")
+    let r2 = restore_separated(&reg.url, &[], &cache, sock, "t/w:v2")
         .ok()
         .json();
     let _restored = Restored(pid);
@@ -299,12 +310,12 @@ fn the_python_client_quiesces_and_resumes_a_worker_across_checkpoint_and_restore
     let before = std::fs::read_to_string(dir.join("result")).unwrap();
     let at_quiesce = quiesce(&dir);
     let sock = socket.to_str().unwrap();
-    let ck = checkpoint_separated(&reg.url, pid, sock, "py/w:v1")
+    let ck = checkpoint_separated(&reg.url, &[], pid, sock, "py/w:v1")
         .ok()
         .json();
     let _ = child.wait();
     assert_eq!(ck["weights_bytes"], 64u64 << 20, "{ck}");
-    restore_separated(&reg.url, &t.path().join("cache"), sock, "py/w:v1").ok();
+    restore_separated(&reg.url, &[], &t.path().join("cache"), sock, "py/w:v1").ok();
     wait_resumed(&dir);
     assert_eq!(
         std::fs::read_to_string(dir.join("result")).unwrap(),
@@ -315,4 +326,106 @@ fn the_python_client_quiesces_and_resumes_a_worker_across_checkpoint_and_restore
         (counter() > at_quiesce + 3).then_some(())
     })
     .expect("the restored Python worker does not count");
+}
+
+/// Separated mode with tenant keys: the weights layer is encrypted like the process
+/// layer, filled decrypted, reused only under the key that encrypted it.
+#[test]
+fn encrypted_weights_are_reused_only_under_their_own_tenant_key() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let cache = t.path().join("cache");
+    let socket = t.path().join("weights.sock");
+    let service = WeightsService::start(&socket);
+    let sock = socket.to_str().unwrap();
+    let (key_a, _) = new_tenant_key(t.path(), "acme");
+    let (key_b, _) = new_tenant_key(t.path(), "beta");
+    let (a, b) = (
+        ["--key-file", key_a.as_str()],
+        ["--key-file", key_b.as_str()],
+    );
+    let mut p = TestProc::spawn(
+        &t.path().join("worker"),
+        &[
+            "weights",
+            "--socket",
+            sock,
+            "--name",
+            "enc/layers",
+            "--mib",
+            "64",
+            "--state-mib",
+            "8",
+            "--seed",
+            "9",
+        ],
+    );
+    let pid = p.pid();
+    let dir = p.dir.clone();
+    p.wait_counter_above(2);
+    let (addr, before, _) = result_of(&dir);
+
+    let at_quiesce = quiesce(&dir);
+    let ck = checkpoint_separated(&reg.url, &a, pid, sock, "acme/w:v1")
+        .ok()
+        .json();
+    let _ = p.child.wait();
+    assert!(ck["bytes_transferred"].as_u64().unwrap() > 64 << 20, "{ck}");
+    let inspect = snapctl(&reg.url, &["inspect", "acme/w:v1"]).ok().json();
+    assert_eq!(inspect["schema_version"], 2, "{inspect}");
+
+    // A fresh service on the restoring node: filled from encrypted chunks.
+    drop(service);
+    let _service = WeightsService::start(&socket);
+    let r = restore_separated(&reg.url, &a, &cache, sock, "acme/w:v1")
+        .ok()
+        .json();
+    let restored = Restored(pid);
+    assert_eq!(r["weights"]["bytes_filled"], 64u64 << 20, "{r}");
+    wait_resumed(&dir);
+    assert_eq!(result_of(&dir).0, addr, "re-attached at another address");
+    assert_eq!(
+        result_of(&dir).1,
+        before,
+        "a different result after restore"
+    );
+    p.wait_counter_above(at_quiesce + 3);
+
+    // Same tenant: the service's record is reused, no weight bytes sent.
+    quiesce(&dir);
+    let same = checkpoint_separated(&reg.url, &a, pid, sock, "acme/w:v2")
+        .ok()
+        .json();
+    std::mem::forget(restored);
+    kill_and_wait(pid);
+    assert!(
+        same["bytes_transferred"].as_u64().unwrap() < 32 << 20,
+        "weights re-sent under the same key: {same}"
+    );
+
+    // Another tenant's key: the digests recorded under acme's key are not reused;
+    // the weights are read and encrypted under beta's, and restore with beta's key.
+    let _ = std::fs::remove_file(dir.join("resumed"));
+    restore_separated(&reg.url, &a, &cache, sock, "acme/w:v2").ok();
+    let restored = Restored(pid);
+    wait_resumed(&dir);
+    quiesce(&dir);
+    let other = checkpoint_separated(&reg.url, &b, pid, sock, "beta/w:v1")
+        .ok()
+        .json();
+    std::mem::forget(restored);
+    kill_and_wait(pid);
+    assert!(
+        other["bytes_transferred"].as_u64().unwrap() > 64 << 20,
+        "beta's snapshot must carry its own encrypted weights: {other}"
+    );
+    let _ = std::fs::remove_file(dir.join("resumed"));
+    let r = restore_separated(&reg.url, &b, &cache, sock, "beta/w:v1")
+        .ok()
+        .json();
+    let _restored = Restored(pid);
+    assert_eq!(r["weights"]["buffers_reused"], 1, "{r}");
+    wait_resumed(&dir);
+    assert_eq!(result_of(&dir).1, before);
 }
