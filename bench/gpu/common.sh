@@ -1,0 +1,54 @@
+# Shared by the GPU benchmarks (separated.sh, encrypted.sh): set-up on the device
+# machine, a registry, the model, and the worker helpers. Source it after setting OUT
+# and W if the defaults do not suit; it starts logging to $OUT/run.log.
+S0=$(date +%s)
+OUT="${OUT:-/tmp/snapreg-gpu}"
+PRESET="${PRESET:-small}"
+DEADLINE="${DEADLINE:-540}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 SNAPCTL_LOG=info
+left() { echo $((DEADLINE - ($(date +%s) - S0))); }
+now() { date +%s.%N; }
+el() { python3 -c "print(round($2-$1, 3))"; }
+say() { echo "### $* ($(left) s left)"; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+gone() { for _ in $(seq 400); do [ -e "/proc/$1" ] || return 0; sleep 0.05; done; }
+waitfile() { # FILE SECONDS
+  local n=$(( $2 * 20 )); for _ in $(seq $n); do [ -s "$1" ] && return 0; sleep 0.05; done; return 1; }
+result() { echo "$1=$2" >>"$OUT/summary.env"; echo "RESULT $1=$2"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+CRIU="$(deploy/install-criu.sh --from .carry/criu-debs | tail -n 1)"
+export SNAPCTL_CRIU="$CRIU"
+B=$PWD/.carry/bin
+W="${W:-/var/tmp/snapreg-gpu}"
+rm -rf "$W" /dev/shm/local; mkdir -p "$W"
+: >"$OUT/summary.env"
+
+"$B/snapreg" serve --anonymous admin --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
+REG=$!
+waitfile "$W/reg.out" 10
+export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"
+python3 bench/gpu/hf/mkmodel.py "$W/model" --preset "$PRESET" 2>&1 | grep -v "Writing model shards" | tail -2
+export TORCHINDUCTOR_CACHE_DIR="$W/ind" TRITON_CACHE_DIR="$W/ind/triton"
+
+start_worker() { # CTL [env...]
+  local ctl=$1; shift
+  rm -rf "$ctl"; mkdir -p "$ctl"
+  drop
+  local t0; t0=$(now)
+  env "$@" setsid python3 bench/gpu/hf/worker.py "$W/model" "$ctl" </dev/null >"$ctl.log" 2>&1 &
+  PID=$!
+  waitfile "$ctl/ready.json" "$(( $(left) - 30 ))" || { echo "worker not ready"; tail -30 "$ctl.log"; exit 1; }
+  WALL=$(el "$t0" "$(now)")
+}
+answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are equal
+  touch "$1/go0"
+  waitfile "$1/done0.json" 120 || { echo "no answer"; tail -20 "$1.log"; return 1; }
+  cat "$1/done0.json"; echo
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
+}
+kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
+trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
+
