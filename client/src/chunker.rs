@@ -47,6 +47,17 @@ impl Default for ChunkerConfig {
 }
 
 impl ChunkerConfig {
+    /// The configuration a manifest was chunked with (so a re-chunk cuts the same).
+    pub fn from_params(p: &ChunkerParams) -> Self {
+        ChunkerConfig {
+            min_size: p.min_size as usize,
+            avg_size: p.avg_size as usize,
+            max_size: p.max_size as usize,
+            zero_run_min: p.zero_run_min as usize,
+            page_aligned: p.page_aligned.clone(),
+        }
+    }
+
     pub fn params(&self) -> ChunkerParams {
         ChunkerParams {
             algorithm: "fastcdc-v2020".into(),

@@ -5,7 +5,8 @@
 //!   is the engine every producer of bytes uses).
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
 //! - [`remote`]: one registry connection, errors naming its address.
-//! - [`encryption`]: which tenant key a snapshot needs, and decrypting its chunks.
+//! - [`encryption`]: which tenant key a snapshot needs, and decrypting its chunks;
+//!   [`copy`]: a snapshot re-encrypted under another key (or none) and reference.
 //! - [`direct`]: chunk objects fetched from the object store by presigned URL.
 //! - [`verify`]: fetch and check every chunk of a snapshot, naming the files of bad ones.
 //! - [`inspect`]: manifest summaries.
@@ -34,6 +35,7 @@ pub mod agent;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunker;
+pub mod copy;
 pub mod criu;
 pub mod criu_stream;
 pub mod cuda;

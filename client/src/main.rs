@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use snapreg_client::cache::{self, ChunkCache};
+use snapreg_client::copy::{self, CopyEncryption};
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::{Credentials, Remote};
 use snapreg_client::{
@@ -282,6 +283,20 @@ enum Command {
     Ls { repository: Option<String> },
     /// Point DST (repo:tag) at the snapshot SRC names.
     Tag { source: String, destination: String },
+    /// Write the snapshot SRC again as DST (repo:tag), re-encrypting its chunks:
+    /// `--to-key-file NEW` rotates a tenant key or encrypts a plaintext snapshot,
+    /// `--to-plaintext` decrypts one; neither keeps SRC's encryption. SRC's own key
+    /// is the global --key-file.
+    Copy {
+        source: String,
+        destination: String,
+        /// Encrypt the copy with this tenant key file.
+        #[arg(long, value_name = "FILE", conflicts_with = "to_plaintext")]
+        to_key_file: Option<PathBuf>,
+        /// Store the copy unencrypted.
+        #[arg(long)]
+        to_plaintext: bool,
+    },
     /// Delete a tag (its data goes at the next gc), or with repo@blake3:<hex> an
     /// untagged manifest.
     Rm { reference: String },
@@ -796,6 +811,50 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
             Ok(Output {
                 human: human.join("\n"),
                 json: json!({ "log_head": s.log_head, "peers": peers }),
+            })
+        }
+        Command::Copy {
+            source,
+            destination,
+            to_key_file,
+            to_plaintext,
+        } => {
+            let (src, dst) = (parse_ref(source)?, parse_ref(destination)?);
+            let to = match (to_key_file, to_plaintext) {
+                (Some(path), _) => {
+                    CopyEncryption::Key(Arc::new(TenantKey::load(path).map_err(ClientError::from)?))
+                }
+                (None, true) => CopyEncryption::Plaintext,
+                (None, false) => CopyEncryption::Same,
+            };
+            let remote = connect(&cli).await?;
+            let r = copy::copy(
+                &remote,
+                &src,
+                &dst,
+                to,
+                open_cache(&cli)?,
+                Progress::new("copy", show_progress),
+            )
+            .await
+            .with_context(|| format!("copying {src} to {dst} on {}", remote.url()))?;
+            Ok(Output {
+                human: format!(
+                    "copied {} ({}) to {} ({}){}: {} files, {} of {} chunks sent, {:.2}s",
+                    r.source,
+                    r.source_digest,
+                    r.reference,
+                    r.digest,
+                    r.key_id
+                        .as_deref()
+                        .map(|k| format!(", encrypted with key {k}"))
+                        .unwrap_or_default(),
+                    r.files,
+                    r.counters.chunks_transferred,
+                    r.counters.chunks_total,
+                    r.seconds
+                ),
+                json: serde_json::to_value(&r)?,
             })
         }
         Command::Weights { command } => weights_command(command).await,

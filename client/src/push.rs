@@ -120,15 +120,21 @@ impl Uploader {
     /// compatibility record, and the encryption section when the push encrypts.
     pub fn new_manifest(&self, layers: Vec<Layer>, is_criu_image: bool) -> Manifest {
         let mut m = new_manifest(&self.cfg, layers, is_criu_image);
-        if let Some(k) = &self.key {
-            m.schema_version = ENCRYPTED_SCHEMA_VERSION;
-            m.encryption = Some(Encryption {
-                scheme: encryption::SCHEME.into(),
-                key_id: k.id().to_string(),
-                tenant: k.tenant().to_string(),
-            });
-        }
+        self.mark_encryption(&mut m);
         m
+    }
+
+    /// Sets `m`'s schema version and encryption section to what this push writes.
+    pub fn mark_encryption(&self, m: &mut Manifest) {
+        m.encryption = self.key.as_ref().map(|k| Encryption {
+            scheme: encryption::SCHEME.into(),
+            key_id: k.id().to_string(),
+            tenant: k.tenant().to_string(),
+        });
+        m.schema_version = match m.encryption {
+            Some(_) => ENCRYPTED_SCHEMA_VERSION,
+            None => SCHEMA_VERSION,
+        };
     }
 
     /// Whether the registry holds every one of `digests`; they are then covered by

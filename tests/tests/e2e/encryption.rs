@@ -113,6 +113,101 @@ fn encrypted_snapshots_dedup_within_a_tenant_and_share_nothing_across_tenants() 
     .ok();
     assert_trees_equal(&src, &dst);
 
+    // copy: rotate to a new key (nothing shared, old key refused), keep the key
+    // (everything dedups), decrypt for export; and encrypt a plaintext snapshot.
+    let (key_c, id_c) = new_tenant_key(t.path(), "acme-2027");
+    let rotated = snapctl(
+        &reg.url,
+        &[
+            "--key-file",
+            &key_a,
+            "copy",
+            "acme/app:v1",
+            "acme/rotated:v1",
+            "--to-key-file",
+            &key_c,
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(rotated["key_id"], id_c.as_str());
+    assert_eq!(
+        rotated["chunks_transferred"], rotated["chunks_total"],
+        "{rotated}"
+    );
+    let old = snapctl(
+        &reg.url,
+        &["--key-file", &key_a, "pull", "acme/rotated:v1", dst_s],
+    );
+    assert_eq!(old.code, 6, "{}", old.stderr);
+    let dst_c = t.path().join("dst-c");
+    snapctl(
+        &reg.url,
+        &[
+            "--key-file",
+            &key_c,
+            "pull",
+            "acme/rotated:v1",
+            dst_c.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_trees_equal(&src, &dst_c);
+    let same = snapctl(
+        &reg.url,
+        &["--key-file", &key_a, "copy", "acme/app:v1", "acme/same:v1"],
+    )
+    .ok()
+    .json();
+    assert_eq!(same["chunks_transferred"], 0, "{same}");
+    snapctl(
+        &reg.url,
+        &[
+            "--key-file",
+            &key_a,
+            "copy",
+            "acme/app:v1",
+            "export/app:v1",
+            "--to-plaintext",
+        ],
+    )
+    .ok();
+    let dst_p = t.path().join("dst-p");
+    snapctl(
+        &reg.url,
+        &["pull", "export/app:v1", dst_p.to_str().unwrap()],
+    )
+    .ok();
+    assert_trees_equal(&src, &dst_p);
+    assert_eq!(
+        snapctl(&reg.url, &["inspect", "export/app:v1"]).ok().json()["schema_version"],
+        1
+    );
+    snapctl(
+        &plain.url,
+        &[
+            "copy",
+            "acme/app:v1",
+            "acme/enc:v1",
+            "--to-key-file",
+            &key_a,
+        ],
+    )
+    .ok();
+    let dst_e = t.path().join("dst-e");
+    snapctl(
+        &plain.url,
+        &[
+            "--key-file",
+            &key_a,
+            "pull",
+            "acme/enc:v1",
+            dst_e.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_trees_equal(&src, &dst_e);
+
     // verify checks the stored bytes without the key, and the content with it.
     let stored = snapctl(&reg.url, &["verify", "acme/app:v1"]).ok().json();
     assert_eq!(stored["content_checked"], false, "{stored}");
@@ -179,7 +274,7 @@ fn a_registry_rule_keeps_a_tenants_repositories_encrypted_with_its_key() {
 }
 
 #[test]
-fn an_encrypted_checkpoint_restores_only_with_its_key_and_keeps_counting() {
+fn an_encrypted_checkpoint_restores_only_with_its_key_also_after_rotation_and_keeps_counting() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::start(&t.path().join("reg"));
@@ -218,10 +313,32 @@ fn an_encrypted_checkpoint_restores_only_with_its_key_and_keeps_counting() {
     assert!(refused.stderr.contains(&id), "{}", refused.stderr);
     assert!(!pid_alive(pid));
 
+    // Rotated to a new key by `copy` (CRIU options, compatibility record and all), and
+    // restored from the copy.
+    let (key2, _) = new_tenant_key(t.path(), "acme-next");
+    snapctl(
+        &reg.url,
+        &[
+            "--key-file",
+            &key,
+            "copy",
+            "acme/ck:v1",
+            "acme/ck:rotated",
+            "--to-key-file",
+            &key2,
+        ],
+    )
+    .ok();
     let r = snapctl_cached(
         &reg.url,
         &cache,
-        &["--key-file", &key, "pull-restore", "--detach", "acme/ck:v1"],
+        &[
+            "--key-file",
+            &key2,
+            "pull-restore",
+            "--detach",
+            "acme/ck:rotated",
+        ],
     )
     .ok()
     .json();
@@ -244,9 +361,9 @@ fn an_encrypted_checkpoint_restores_only_with_its_key_and_keeps_counting() {
         &reg.url,
         &[
             "--key-file",
-            &key,
+            &key2,
             "pull",
-            "acme/ck:v1",
+            "acme/ck:rotated",
             images.to_str().unwrap(),
         ],
     )
