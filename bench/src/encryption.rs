@@ -15,12 +15,12 @@ use anyhow::Result;
 use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::{codec, Digest};
 
-use super::{dirs_equal, drop_caches, make_input, median, snapctl, time, Registry};
+use super::{
+    dirs_equal, drop_caches, make_input, median, save_run, scratch, snapctl, time, Registry,
+};
 
 pub fn run(mib: usize, reps: usize) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("snapreg-bench-enc-")
-        .tempdir_in("/var/tmp")?;
+    let work = scratch("snapreg-bench-enc-")?;
     let input = work.path().join("input");
     let bytes = make_input(&input, mib)?;
     let gib = bytes as f64 / (1u64 << 30) as f64;
@@ -152,18 +152,13 @@ pub fn run(mib: usize, reps: usize) -> Result<()> {
         );
     }
     println!("{report}");
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
-    std::fs::create_dir_all(&runs)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    std::fs::write(
-        runs.join(format!("encryption-{stamp}.json")),
-        serde_json::to_string_pretty(&serde_json::json!({
+    save_run(
+        "encryption",
+        &serde_json::json!({
             "bytes": bytes, "reps": reps, "names": names,
             "plaintext_seconds": times[0], "encrypted_seconds": times[1],
             "per_core_seconds": { "encode": t_encode, "encrypt": t_encrypt, "decode": t_decode, "decrypt": t_decrypt },
-        }))?,
+        }),
     )?;
     Ok(())
 }

@@ -133,6 +133,27 @@ fn time(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// A scratch directory under /var/tmp (local disk, not tmpfs), removed on drop.
+fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")?)
+}
+
+/// Writes a run's raw timings to bench/runs/<name>-<unix seconds>.json.
+fn save_run(name: &str, raw: &serde_json::Value) -> Result<()> {
+    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
+    std::fs::create_dir_all(&runs)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    std::fs::write(
+        runs.join(format!("{name}-{stamp}.json")),
+        serde_json::to_string_pretty(raw)?,
+    )?;
+    Ok(())
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -205,9 +226,7 @@ fn snapctl(url: &str, args: &[&str]) -> Result<serde_json::Value> {
 }
 
 fn core(mib: usize, reps: usize) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("snapreg-bench-")
-        .tempdir_in("/var/tmp")?;
+    let work = scratch("snapreg-bench-")?;
     let input = work.path().join("input");
     let bytes = make_input(&input, mib)?;
     let gib = bytes as f64 / (1u64 << 30) as f64;
@@ -333,16 +352,9 @@ fn core(mib: usize, reps: usize) -> Result<()> {
         );
     }
     println!("{report}");
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
-    std::fs::create_dir_all(&runs)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    std::fs::write(
-        runs.join(format!("core-{stamp}.json")),
-        serde_json::to_string_pretty(
-            &serde_json::json!({ "bytes": bytes, "reps": reps, "names": names, "seconds": times }),
-        )?,
+    save_run(
+        "core",
+        &serde_json::json!({ "bytes": bytes, "reps": reps, "names": names, "seconds": times }),
     )?;
     Ok(())
 }
@@ -411,9 +423,7 @@ fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
 }
 
 fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("snapreg-bench-")
-        .tempdir_in("/var/tmp")?;
+    let work = scratch("snapreg-bench-")?;
     let w = work.path();
     let reg = Registry::start(&w.join("registry"))?;
     let images = w.join("images");
@@ -565,25 +575,16 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
         let _ = std::fs::remove_dir_all(&imgs);
     }
     println!("{report}");
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
-    std::fs::create_dir_all(&runs)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    std::fs::write(
-        runs.join(format!("restore-{stamp}.json")),
-        serde_json::to_string_pretty(
-            &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "seconds": times }),
-        )?,
+    save_run(
+        "restore",
+        &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "seconds": times }),
     )?;
     drop(reg);
     Ok(())
 }
 
 fn replication(pushes: usize, mib: usize, interval_ms: usize) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("snapreg-bench-")
-        .tempdir_in("/var/tmp")?;
+    let work = scratch("snapreg-bench-")?;
     let w = work.path();
     let b = Registry::start(&w.join("b"))?;
     let a = Registry::start_with(&w.join("a"), &["--peer", &format!("b={}", b.url)])?;
@@ -640,16 +641,9 @@ fn replication(pushes: usize, mib: usize, interval_ms: usize) -> Result<()> {
         bytes / (1u64 << 20) as f64
     );
     println!("{report}");
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
-    std::fs::create_dir_all(&runs)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    std::fs::write(
-        runs.join(format!("replication-{stamp}.json")),
-        serde_json::to_string_pretty(
-            &serde_json::json!({ "pushes": pushes, "mib": mib, "interval_ms": interval_ms, "push_seconds": push_s, "lag_seconds": lag_s }),
-        )?,
+    save_run(
+        "replication",
+        &serde_json::json!({ "pushes": pushes, "mib": mib, "interval_ms": interval_ms, "push_seconds": push_s, "lag_seconds": lag_s }),
     )?;
     drop(a);
     drop(b);

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 
-use super::{dirs_equal, drop_caches, median, noise, snapctl, Registry};
+use super::{dirs_equal, drop_caches, median, noise, save_run, scratch, snapctl, Registry};
 
 const ACCESS_KEY: &str = "snapreg-bench";
 const SECRET_KEY: &str = "snapreg-bench-secret";
@@ -145,9 +145,7 @@ fn request_latency(requests: usize) -> Result<Vec<(&'static str, Vec<f64>)>> {
 }
 
 pub fn run(mib: usize, reps: usize, requests: usize) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("snapreg-bench-s3-")
-        .tempdir_in("/var/tmp")?;
+    let work = scratch("snapreg-bench-s3-")?;
     let w = work.path();
     let (_server, endpoint) = start_s3s_fs(&w.join("s3"))?;
     // The registry (a child) and the latency client (here) read the same variables.
@@ -248,21 +246,16 @@ pub fn run(mib: usize, reps: usize, requests: usize) -> Result<()> {
     if !correct {
         bail!("a pulled tree differs from the pushed one");
     }
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
-    std::fs::create_dir_all(&runs)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
     let lat: serde_json::Map<String, serde_json::Value> = latency
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
         .collect();
-    std::fs::write(
-        runs.join(format!("s3-{stamp}.json")),
-        serde_json::to_string_pretty(&serde_json::json!({
+    save_run(
+        "s3",
+        &serde_json::json!({
             "mib": mib, "objects": objects, "stored_bytes": stored, "push_seconds": push_s,
             "latency_seconds": lat, "pull_registry_seconds": via, "pull_direct_seconds": direct,
-        }))?,
+        }),
     )?;
     Ok(())
 }

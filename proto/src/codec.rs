@@ -127,18 +127,6 @@ pub(crate) fn unframe(object: &[u8]) -> Result<Bytes, String> {
 mod tests {
     use super::*;
 
-    fn pseudo_random(n: usize) -> Vec<u8> {
-        let mut x = 0x9E3779B97F4A7C15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn compressible_data_round_trips_as_zstd() {
         let data = b"abcdefgh".repeat(10_000);
@@ -150,7 +138,7 @@ mod tests {
 
     #[test]
     fn incompressible_data_stays_raw() {
-        let data = pseudo_random(100_000);
+        let data = crate::test_noise(100_000);
         let obj = encode(&data);
         assert_eq!(obj[4], Codec::Raw as u8);
         assert_eq!(obj.len(), data.len() + HEADER_LEN);
@@ -165,7 +153,7 @@ mod tests {
 
     #[test]
     fn flipped_bit_is_detected_in_either_codec() {
-        for data in [b"xy".repeat(50_000), pseudo_random(50_000)] {
+        for data in [b"xy".repeat(50_000), crate::test_noise(50_000)] {
             let digest = Digest::of(&data);
             let mut obj = encode(&data).to_vec();
             let mid = HEADER_LEN + (obj.len() - HEADER_LEN) / 2;
@@ -180,7 +168,7 @@ mod tests {
 
     #[test]
     fn wrong_digest_truncation_and_garbage_are_rejected() {
-        let data = pseudo_random(4096);
+        let data = crate::test_noise(4096);
         let obj = encode(&data);
         assert!(decode(&Digest::of(b"other"), &obj).is_err());
         assert!(decode(&Digest::of(&data), &obj[..obj.len() - 1]).is_err());

@@ -274,22 +274,14 @@ mod tests {
         TenantKey::from_secret(tenant, [byte; 32])
     }
 
-    fn noise(n: usize) -> Vec<u8> {
-        let mut x = 0x2545F4914F6CDD1Du64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn round_trips_compressible_and_random_chunks() {
         let k = key("acme", 1);
-        for data in [b"weights ".repeat(50_000), noise(300_000), Vec::new()] {
+        for data in [
+            b"weights ".repeat(50_000),
+            crate::test_noise(300_000),
+            Vec::new(),
+        ] {
             let enc = k.encrypt_chunk(&data);
             assert!(enc.len() <= data.len() + OVERHEAD);
             let d = Digest::of(&enc);
@@ -300,7 +292,7 @@ mod tests {
 
     #[test]
     fn convergent_within_a_tenant_disjoint_across_tenants() {
-        let data = noise(100_000);
+        let data = crate::test_noise(100_000);
         let (a, a_again, b) = (key("a", 1), key("a", 1), key("b", 2));
         assert_eq!(a.encrypt_chunk(&data), a_again.encrypt_chunk(&data));
         assert_ne!(a.encrypt_chunk(&data), b.encrypt_chunk(&data));
@@ -313,7 +305,7 @@ mod tests {
     #[test]
     fn wrong_key_and_tampering_are_refused_naming_the_key() {
         let (a, b) = (key("a", 1), key("b", 2));
-        let enc = a.encrypt_chunk(&noise(10_000));
+        let enc = a.encrypt_chunk(&crate::test_noise(10_000));
         let d = Digest::of(&enc);
         let e = b.decrypt_chunk(&d, &enc).unwrap_err().to_string();
         assert!(

@@ -33,6 +33,20 @@ mod error;
 pub use digest::Digest;
 pub use error::Error;
 
+/// Deterministic incompressible bytes for the unit tests.
+#[cfg(test)]
+pub(crate) fn test_noise(n: usize) -> Vec<u8> {
+    let mut x = 0x9E3779B97F4A7C15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Generated gRPC types and stubs for `snapreg.v1`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]

@@ -95,6 +95,35 @@ fn restore_separated(
     snapctl_cached(registry, cache, &args)
 }
 
+/// The test worker attached to `mib` MiB of weights named `name` in the service at
+/// `sock`, with `state_mib` of its own state.
+fn weights_worker(
+    dir: &Path,
+    sock: &str,
+    name: &str,
+    mib: u32,
+    state_mib: u32,
+    seed: u64,
+) -> TestProc {
+    let (mib, state_mib, seed) = (mib.to_string(), state_mib.to_string(), seed.to_string());
+    TestProc::spawn(
+        dir,
+        &[
+            "weights",
+            "--socket",
+            sock,
+            "--name",
+            name,
+            "--mib",
+            &mib,
+            "--state-mib",
+            &state_mib,
+            "--seed",
+            &seed,
+        ],
+    )
+}
+
 /// (weights address, result, counter) from the worker's result file.
 fn result_of(dir: &Path) -> (String, String, u64) {
     let text = std::fs::read_to_string(dir.join("result")).unwrap();
@@ -131,22 +160,7 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     let socket = t.path().join("weights.sock");
     let service = WeightsService::start(&socket);
     let sock = socket.to_str().unwrap();
-    let mut p = TestProc::spawn(
-        &t.path().join("worker"),
-        &[
-            "weights",
-            "--socket",
-            sock,
-            "--name",
-            "llama/layers",
-            "--mib",
-            "1024",
-            "--state-mib",
-            "32",
-            "--seed",
-            "7",
-        ],
-    );
+    let mut p = weights_worker(&t.path().join("worker"), sock, "llama/layers", 1024, 32, 7);
     let pid = p.pid();
     let dir = p.dir.clone();
     p.wait_counter_above(2);
@@ -345,22 +359,7 @@ fn encrypted_weights_are_reused_only_under_their_own_tenant_key() {
         ["--key-file", key_a.as_str()],
         ["--key-file", key_b.as_str()],
     );
-    let mut p = TestProc::spawn(
-        &t.path().join("worker"),
-        &[
-            "weights",
-            "--socket",
-            sock,
-            "--name",
-            "enc/layers",
-            "--mib",
-            "64",
-            "--state-mib",
-            "8",
-            "--seed",
-            "9",
-        ],
-    );
+    let mut p = weights_worker(&t.path().join("worker"), sock, "enc/layers", 64, 8, 9);
     let pid = p.pid();
     let dir = p.dir.clone();
     p.wait_counter_above(2);
