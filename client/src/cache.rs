@@ -131,6 +131,33 @@ impl ChunkCache {
         Some(Bytes::from(data))
     }
 
+    /// The chunk's file if cached and intact, for handing to the kernel (splice)
+    /// instead of reading it: verified through a read-only mapping, so its bytes are
+    /// hashed where they lie in the page cache. Cache files are never written in
+    /// place (inserts rename a finished file over nothing, eviction unlinks), so what
+    /// was verified is what a splice reads. Marks it used.
+    pub fn open_verified(&self, d: &Digest) -> Option<(File, u64)> {
+        let path = self.path(d);
+        let file = File::open(&path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let actual = if len == 0 {
+            Digest::of(b"")
+        } else {
+            let map = Mapping::of(&file, len as usize).ok()?;
+            Digest::of(map.bytes())
+        };
+        if actual != *d {
+            tracing::warn!(digest = %d, "cached chunk does not verify; removing it");
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        let _ = File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        Some((file, len))
+    }
+
     /// Inserts verified bytes (the caller has checked them against `d`).
     pub fn put(&self, d: &Digest, data: &[u8]) -> io::Result<()> {
         let path = self.path(d);
@@ -227,6 +254,46 @@ impl ChunkCache {
     }
 }
 
+/// A read-only private mapping of a whole file, unmapped on drop.
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn of(file: &File, len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh read-only private mapping of `len` bytes of an open file;
+        // nothing else is placed at the address the kernel picks.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { addr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: mapped readable for `len` bytes until drop. Cache files are never
+        // truncated in place, so no access can fault past the end.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mmap returned.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,9 +325,16 @@ mod tests {
         );
         assert!(c.contains(&Digest::of(&chunks[0])));
 
-        // A rotten chunk is dropped, not served.
+        // A rotten chunk is dropped, not served (nor handed out as a file).
         std::fs::write(c.path(&Digest::of(&chunks[2])), b"rot").unwrap();
         assert!(c.get(&Digest::of(&chunks[2])).is_none());
         assert!(!c.contains(&Digest::of(&chunks[2])));
+        let (mut f, len) = c.open_verified(&Digest::of(&chunks[3])).unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut back).unwrap();
+        assert_eq!((len, back), (300_000, chunks[3].clone()));
+        std::fs::write(c.path(&Digest::of(&chunks[3])), vec![9u8; 300_000]).unwrap();
+        assert!(c.open_verified(&Digest::of(&chunks[3])).is_none());
+        assert!(!c.contains(&Digest::of(&chunks[3])));
     }
 }
