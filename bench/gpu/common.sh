@@ -50,5 +50,19 @@ answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are eq
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
 }
 kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
+timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
+  # pull-restore REF (page cache dropped), then the first answer; RESULT NAME_restore_s,
+  # NAME_first_answer_s, NAME_equal. LOGCOPY: the worker log as it was at the checkpoint.
+  local name=$1 ctl=$2 log=$3 cache=$4 ref=$5; shift 5
+  rm -f "$ctl/done0.json"; cp -p "$log" "$ctl.log"; drop
+  local t0 t1 t2; t0=$(now)
+  timeout 180 "$B/snapctl" --json "$@" --cache "$cache" pull-restore --detach "$ref" | tail -n 1 | tee -a "$OUT/restores.jsonl"
+  t1=$(now)
+  answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
+  t2=$(now)
+  result "${name}_restore_s" "$(el "$t0" "$t1")"
+  result "${name}_first_answer_s" "$(el "$t0" "$t2")"
+  kill_worker
+}
 trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
 

@@ -32,16 +32,7 @@ for rep in $(seq "$REPS"); do
   for mode in plain encrypted; do
     say "pull-restore $mode, rep $rep"
     key=(); [ "$mode" = encrypted ] && key=(--key-file "$KEY")
-    rm -f "$A/done0.json"; cp -p "$A.log.$mode" "$A.log"; drop
-    t0=$(now)
-    timeout 180 "$B/snapctl" --json "${key[@]}" --cache "$W/cache-$mode-$rep" pull-restore --detach "hf/$PRESET:$mode" \
-      | tail -n 1 | tee -a "$OUT/restores.jsonl"
-    t1=$(now)
-    answer "$A" >/dev/null && result "${mode}_equal_$rep" true || result "${mode}_equal_$rep" false
-    t2=$(now)
-    result "${mode}_restore_s_$rep" "$(el "$t0" "$t1")"
-    result "${mode}_first_answer_s_$rep" "$(el "$t0" "$t2")"
-    kill_worker
+    timed_restore "${mode}_$rep" "$A" "$A.log.$mode" "$W/cache-$mode-$rep" "hf/$PRESET:$mode" "${key[@]}"
   done
 done
 say "done"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Transparent mode on the device machine (needs what separated.sh needs): the hf worker
+# checkpointed with --cuda, then restored by the local baseline (criu restore from
+# /dev/shm + CUDA restore) and by pull-restore with a cold node cache, then twice more
+# from the now warm node cache (what a node pays when a model it served scales from
+# zero again), interleaved with the baseline; page cache dropped before each. Every
+# restore must answer with exactly the pre-checkpoint tokens and logits.
+#   PRESET=medium DEADLINE=570 OUT=/tmp/warm bash bench/gpu/warm.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/snapreg-warm}" W=/var/tmp/snapreg-warm
+. bench/gpu/common.sh
+
+say "cold start ($PRESET)"
+A=/tmp/ctl-a
+start_worker "$A"
+result cold_start_wall_s "$WALL"
+say "checkpoint --cuda"
+timeout 180 "$B/snapctl" --json checkpoint --cuda --pid "$PID" "hf/$PRESET:t" | tail -n 1 | tee "$OUT/ck.json"
+gone "$PID"
+cp -p "$A.log" "$A.log.ck"
+"$B/snapctl" --json pull "hf/$PRESET:t" /dev/shm/local | tail -n 1 >/dev/null
+
+local_restore() { # NAME
+  rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
+  local t0 t1 t2 t3; t0=$(now)
+  "$CRIU" restore -D /dev/shm/local -d -o restore.log || tail -20 /dev/shm/local/restore.log
+  t1=$(now)
+  python3 bench/gpu/cuda_ckpt.py restore "$PID"
+  t2=$(now)
+  answer "$A" >/dev/null && result "$1_equal" true || result "$1_equal" false
+  t3=$(now)
+  result "$1_restore_s" "$(el "$t0" "$t2")"
+  result "$1_first_answer_s" "$(el "$t0" "$t3")"
+  kill_worker
+}
+
+say "pull-restore, cold node cache"
+timed_restore cold "$A" "$A.log.ck" "$W/cache" "hf/$PRESET:t"
+for rep in 1 2; do
+  say "local baseline, rep $rep"
+  local_restore "local_$rep"
+  say "pull-restore, warm node cache, rep $rep"
+  timed_restore "warm_$rep" "$A" "$A.log.ck" "$W/cache" "hf/$PRESET:t"
+done
+rm -rf /dev/shm/local
+say "done"
+cat "$OUT/summary.env"
