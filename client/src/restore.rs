@@ -775,9 +775,19 @@ pub async fn pull_restore(
     let device_chunks = crate::device_memory::chunks(&manifest, layer);
     let device_memory_bytes: u64 = manifest.device_memory.iter().map(|s| s.len).sum();
     let ahead = (!device_chunks.is_empty()).then(|| {
-        let source = source.clone();
+        let (source, cache) = (source.clone(), opts.cache.clone());
         tokio::spawn(async move {
-            futures::stream::iter(device_chunks)
+            // Only what the node lacks: re-reading cached chunks here would verify
+            // them twice (serving verifies what it splices).
+            let missing = tokio::task::spawn_blocking(move || {
+                device_chunks
+                    .into_iter()
+                    .filter(|d| !cache.contains(d))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            futures::stream::iter(missing)
                 .map(|d| {
                     let source = source.clone();
                     async move { source.content(d, "device memory").await }
