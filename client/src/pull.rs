@@ -261,15 +261,7 @@ fn objects<'a>(
                         Err(e) => return Err(e),
                     }
                 }
-                let mut stream = remote.get_chunks(&[d]).await?;
-                let msg = stream
-                    .message()
-                    .await
-                    .map_err(|s| remote.map_stream_error(s))?
-                    .ok_or_else(|| {
-                        ClientError::NotFound(format!("registry sent no data for chunk {d}"))
-                    })?;
-                Ok((Digest::from_slice(&msg.digest)?, msg.data, false))
+                Ok((d, remote.get_chunk(d).await?, false))
             }
         })
         .buffered(DIRECT_IN_FLIGHT)

@@ -255,17 +255,11 @@ impl ChunkSource {
     }
 
     async fn fetch_from(&self, remote: &Remote, digest: Digest, file: &str) -> Result<Bytes> {
-        let mut stream = remote.get_chunks(&[digest]).await?;
-        let msg = stream
-            .message()
-            .await
-            .map_err(|s| remote.map_stream_error(s))?
-            .ok_or_else(|| {
-                ClientError::NotFound(format!(
-                    "registry sent no data for chunk {digest} of {file}"
-                ))
-            })?;
-        self.accept(digest, msg.data, file, remote.url()).await
+        let object = remote.get_chunk(digest).await.map_err(|e| match e {
+            ClientError::NotFound(m) => ClientError::NotFound(format!("{m} (in {file})")),
+            e => e,
+        })?;
+        self.accept(digest, object, file, remote.url()).await
     }
 
     /// Verifies a chunk object, caches and counts it.

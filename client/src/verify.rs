@@ -194,30 +194,17 @@ async fn check_chunk(
     expected_len: u64,
     opening: Opening,
 ) -> Result<std::result::Result<(u64, u64), String>> {
-    let mut stream = match remote.get_chunks(&[d]).await {
-        Ok(s) => s,
+    let object = match remote.get_chunk(d).await {
+        Ok(o) => o,
         Err(ClientError::NotFound(m)) => {
             return Ok(Err(format!("missing from the registry ({m})")))
         }
+        Err(ClientError::Registry(m)) => return Ok(Err(m)),
         Err(e) => return Err(e),
     };
-    let msg = match stream.next().await {
-        Some(Ok(m)) => m,
-        Some(Err(s)) => {
-            return match remote.map_stream_error(s) {
-                ClientError::NotFound(m) => Ok(Err(format!("missing from the registry ({m})"))),
-                ClientError::Registry(m) => Ok(Err(m)),
-                e => Err(e),
-            }
-        }
-        None => return Ok(Err("the registry sent nothing for it".into())),
-    };
-    if msg.digest.as_ref() != d.0.as_slice() {
-        return Ok(Err("the registry sent a different chunk".into()));
-    }
-    let object_len = msg.data.len() as u64;
+    let object_len = object.len() as u64;
     let decoded = tokio::task::spawn_blocking(move || {
-        let content = codec::decode(&d, &msg.data).map_err(|e| match e {
+        let content = codec::decode(&d, &object).map_err(|e| match e {
             snapreg_proto::Error::ChunkCorrupt { reason, .. } => reason,
             other => other.to_string(),
         })?;
