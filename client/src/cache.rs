@@ -119,16 +119,8 @@ impl ChunkCache {
     pub fn get(&self, d: &Digest) -> Option<Bytes> {
         let path = self.path(d);
         let data = fs::read(&path).ok()?;
-        if Digest::of(&data) != *d {
-            tracing::warn!(digest = %d, "cached chunk does not verify; removing it");
-            let _ = fs::remove_file(&path);
-            return None;
-        }
-        let _ = File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
-        Some(Bytes::from(data))
+        self.accept_read(d, &path, Digest::of(&data))
+            .then(|| Bytes::from(data))
     }
 
     /// The chunk's file if cached and intact, for handing to the kernel (splice)
@@ -146,16 +138,22 @@ impl ChunkCache {
             let map = Mapping::of(&file, len as usize).ok()?;
             Digest::of(map.bytes())
         };
+        self.accept_read(d, &path, actual).then_some((file, len))
+    }
+
+    /// After a read of `d`'s file hashed to `actual`: a rotten file is removed (and
+    /// reported absent), an intact one marked used.
+    fn accept_read(&self, d: &Digest, path: &Path, actual: Digest) -> bool {
         if actual != *d {
             tracing::warn!(digest = %d, "cached chunk does not verify; removing it");
-            let _ = fs::remove_file(&path);
-            return None;
+            let _ = fs::remove_file(path);
+            return false;
         }
         let _ = File::options()
             .write(true)
-            .open(&path)
+            .open(path)
             .and_then(|f| f.set_modified(SystemTime::now()));
-        Some((file, len))
+        true
     }
 
     /// Inserts verified bytes (the caller has checked them against `d`).
