@@ -50,6 +50,22 @@ answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are eq
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
 }
 kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
+local_restore() { # NAME CTL LOGCOPY: the baseline, criu restore from /dev/shm/local + CUDA restore
+  local name=$1 ctl=$2 log=$3
+  rm -f "$ctl/done0.json"; cp -p "$log" "$ctl.log"; drop
+  local t0 t1 t2 t3; t0=$(now)
+  "$CRIU" restore -D /dev/shm/local -d -o restore.log || tail -20 /dev/shm/local/restore.log
+  t1=$(now)
+  python3 bench/gpu/cuda_ckpt.py restore "$PID"
+  t2=$(now)
+  answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
+  t3=$(now)
+  result "${name}_criu_restore_s" "$(el "$t0" "$t1")"
+  result "${name}_cuda_restore_s" "$(el "$t1" "$t2")"
+  result "${name}_restore_s" "$(el "$t0" "$t2")"
+  result "${name}_first_answer_s" "$(el "$t0" "$t3")"
+  kill_worker
+}
 timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
   # pull-restore REF (page cache dropped), then the first answer; RESULT NAME_restore_s,
   # NAME_first_answer_s, NAME_equal. LOGCOPY: the worker log as it was at the checkpoint.

@@ -45,31 +45,11 @@ cp -p "$A.log" "$A.log.ck"
 "$B/snapctl" --json inspect "hf/$PRESET:transparent" | tail -n 1 >"$OUT/inspect-transparent.json"
 
 say "pull-restore, transparent"
-rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
-t0=$(now)
-timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 | tee "$OUT/rs-transparent.json"
-t1=$(now)
-answer "$A" && result transparent_equal true || result transparent_equal false
-t2=$(now)
-result transparent_restore_s "$(el "$t0" "$t1")"
-result transparent_first_answer_s "$(el "$t0" "$t2")"
-kill_worker
+timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
 
 say "local criu restore + CUDA restore (baseline)"
 "$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
-rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
-t0=$(now)
-"$CRIU" restore -D /dev/shm/local -d -o restore.log || tail -20 /dev/shm/local/restore.log
-t1=$(now)
-python3 bench/gpu/cuda_ckpt.py restore "$PID"
-t2=$(now)
-answer "$A" && result local_equal true || result local_equal false
-t3=$(now)
-result local_criu_restore_s "$(el "$t0" "$t1")"
-result local_cuda_restore_s "$(el "$t1" "$t2")"
-result local_restore_s "$(el "$t0" "$t2")"
-result local_first_answer_s "$(el "$t0" "$t3")"
-kill_worker
+local_restore local "$A" "$A.log.ck"
 rm -rf /dev/shm/local
 
 # ---- separated

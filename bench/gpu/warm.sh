@@ -21,25 +21,11 @@ gone "$PID"
 cp -p "$A.log" "$A.log.ck"
 "$B/snapctl" --json pull "hf/$PRESET:t" /dev/shm/local | tail -n 1 >/dev/null
 
-local_restore() { # NAME
-  rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
-  local t0 t1 t2 t3; t0=$(now)
-  "$CRIU" restore -D /dev/shm/local -d -o restore.log || tail -20 /dev/shm/local/restore.log
-  t1=$(now)
-  python3 bench/gpu/cuda_ckpt.py restore "$PID"
-  t2=$(now)
-  answer "$A" >/dev/null && result "$1_equal" true || result "$1_equal" false
-  t3=$(now)
-  result "$1_restore_s" "$(el "$t0" "$t2")"
-  result "$1_first_answer_s" "$(el "$t0" "$t3")"
-  kill_worker
-}
-
 say "pull-restore, cold node cache"
 timed_restore cold "$A" "$A.log.ck" "$W/cache" "hf/$PRESET:t"
 for rep in 1 2; do
   say "local baseline, rep $rep"
-  local_restore "local_$rep"
+  local_restore "local_$rep" "$A" "$A.log.ck"
   say "pull-restore, warm node cache, rep $rep"
   timed_restore "warm_$rep" "$A" "$A.log.ck" "$W/cache" "hf/$PRESET:t"
 done

@@ -32,11 +32,7 @@ fn snapctl_bg(url: &str, args: &[&str]) -> Child {
 
 fn finish(child: Child) -> Out {
     let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Out::from(out)
 }
 
 /// Chunk objects under a store's chunks/ prefix (staging files excluded).
@@ -89,11 +85,7 @@ fn snapreg_scrub(args: &[&str]) -> Out {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Out::from(out)
 }
 
 #[test]

@@ -19,11 +19,8 @@ fn snapreg(s3: &S3Server, args: &[&str]) -> (i32, String, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Out::from(out);
+    (out.code, out.stdout, out.stderr)
 }
 
 fn tree(dir: &Path, seed: u64, files: usize, mib: usize) {

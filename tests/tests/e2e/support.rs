@@ -181,11 +181,7 @@ impl Registry {
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Out::from(out)
     }
 }
 
@@ -199,6 +195,16 @@ pub struct Out {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<std::process::Output> for Out {
+    fn from(out: std::process::Output) -> Out {
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 impl Out {
@@ -237,11 +243,7 @@ pub fn snapctl(registry: &str, args: &[&str]) -> Out {
         .env_remove("SNAPCTL_KEY_FILE")
         .output()
         .unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Out::from(out)
 }
 
 /// A new tenant key file `dir/<tenant>.key`: (its path, its key id).
@@ -264,6 +266,22 @@ pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
     read_tree(dir)
         .values()
         .any(|v| v.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Spawns `cmd` in its own session (so CRIU dumps it without --shell-job), with no
+/// standard streams.
+pub fn spawn_detached(cmd: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
 }
 
 /// A test process, killed (by PID) and reaped on drop.
@@ -305,23 +323,9 @@ impl TestProc {
     pub fn spawn(dir: &Path, args: &[&str]) -> TestProc {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = Command::new(testproc_bin());
-        cmd.arg(args[0])
-            .arg("--out")
-            .arg(dir)
-            .args(&args[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        use std::os::unix::process::CommandExt;
-        // Its own session: CRIU dumps it without --shell-job.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        cmd.arg(args[0]).arg("--out").arg(dir).args(&args[1..]);
         TestProc {
-            child: cmd.spawn().unwrap(),
+            child: spawn_detached(&mut cmd),
             dir: dir.to_path_buf(),
         }
     }

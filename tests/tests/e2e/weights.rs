@@ -295,22 +295,13 @@ fn the_python_client_quiesces_and_resumes_a_worker_across_checkpoint_and_restore
     let dir = t.path().join("py");
     std::fs::create_dir_all(&dir).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/weights_worker.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .arg(&socket)
-        .arg(&dir)
-        .args(["py/model", "64"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    use std::os::unix::process::CommandExt;
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_detached(
+        Command::new("python3")
+            .arg(&script)
+            .arg(&socket)
+            .arg(&dir)
+            .args(["py/model", "64"]),
+    );
     let pid = child.id();
     let _guard = Restored(pid);
     let counter = || -> u64 {
