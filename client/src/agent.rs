@@ -164,8 +164,8 @@ impl NodeAgent for Agent {
         let remotes = connect_all(&self.config.registries, &self.config.credentials)
             .await
             .map_err(status)?;
-        // restore::prefetch enforces the cache limit when done.
-        let r = crate::restore::prefetch(
+        // prefetch enforces the cache limit when done.
+        let r = crate::prefetch::prefetch(
             remotes,
             &reference,
             self.config.cache.clone(),

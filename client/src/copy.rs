@@ -20,26 +20,24 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use snapreg_proto::encryption::TenantKey;
-use snapreg_proto::manifest::{Extent, File, Layer};
+use snapreg_proto::manifest::{annotations, Extent, File, Layer};
 use snapreg_proto::reference::Reference;
 
 use crate::cache::ChunkCache;
 use crate::chunker::ChunkerConfig;
 use crate::encryption;
 use crate::error::{ClientError, Result};
+use crate::fetch::Chunks;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::pull;
 use crate::push::{self, Uploader};
 use crate::remote::Remote;
-use crate::restore::ChunkSource;
 
 /// Chunk fetches in flight ahead of the chunker, per file.
 const WINDOW: usize = 16;
 /// Zeros handed to the chunker at a time.
 const ZERO_PIECE: u64 = 1 << 20;
 static ZEROS: [u8; ZERO_PIECE as usize] = [0; ZERO_PIECE as usize];
-
-pub const COPIED_FROM_ANNOTATION: &str = "org.snapreg.copied-from";
 
 /// How the copy's chunks are encrypted.
 #[derive(Clone, Debug)]
@@ -82,14 +80,12 @@ pub async fn copy(
         CopyEncryption::Plaintext => None,
     };
     // Reads count as fetches of their own; the report's counters are the upload's.
-    let chunks = ChunkSource::new(
-        vec![remote.clone()],
-        cache,
-        Progress::new("copy-read", false),
-    )
-    .decrypting(source_key)
-    .use_direct(&manifest.chunk_digests())
-    .await?;
+    let chunks = Chunks::builder(vec![remote.clone()])
+        .node_cache(cache)
+        .decrypting(source_key)
+        .direct_urls(manifest.chunk_digests())
+        .build(Progress::new("copy-read", false))
+        .await?;
     progress.add_total(manifest.total_size());
     let uploader = Uploader::begin(
         &remote.clone().with_tenant_key(dest_key.clone()),
@@ -120,7 +116,7 @@ pub async fn copy(
     m.layers = layers;
     uploader.mark_encryption(&mut m);
     m.annotations.insert(
-        COPIED_FROM_ANNOTATION.into(),
+        annotations::COPIED_FROM.into(),
         format!("{}@{source_digest}", source.repository),
     );
     let digest = uploader.commit(&dest.repository, &m, vec![tag]).await?;
@@ -138,7 +134,7 @@ pub async fn copy(
 }
 
 /// One file: its plaintext streamed from `chunks` into the uploader's chunker.
-async fn copy_file(uploader: &Uploader, chunks: &ChunkSource, f: &File) -> Result<Vec<Extent>> {
+async fn copy_file(uploader: &Uploader, chunks: &Chunks, f: &File) -> Result<Vec<Extent>> {
     // Bounded: the chunker thread reads at its pace, fetches stay WINDOW ahead.
     let (tx, rx) = sync_mpsc::sync_channel::<Bytes>(WINDOW);
     let pieces: Vec<Extent> = f.extents.clone();

@@ -754,7 +754,7 @@ async fn run(cli: Cli) -> anyhow::Result<Output> {
         Command::Prefetch { reference, window } => {
             let reference = parse_ref(reference)?;
             let remotes = connect_all(&cli).await?;
-            let r = restore::prefetch(
+            let r = snapreg_client::prefetch::prefetch(
                 remotes,
                 &reference,
                 open_cache(&cli)?,

@@ -1,6 +1,6 @@
-//! Pulling: fetch a manifest, fetch its chunks with a window of parallel requests
-//! (GetChunks streams, or the store's presigned URLs when the registry offers them:
-//! direct.rs), verify each, write files under temporary names, and rename only
+//! Pulling: fetch a manifest, fetch its chunks through the fetch stack with a window
+//! of parallel requests (GetChunks streams, or the store's presigned URLs when the
+//! registry offers them), verified, write files under temporary names, and rename only
 //! complete, verified files into place.
 //!
 //! Crash or error at any point leaves only `.<name>.snapreg-partial` files (removed
@@ -13,27 +13,21 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use snapreg_proto::encryption::TenantKey;
 use snapreg_proto::manifest::{check_relative_path, Extent, Manifest};
 use snapreg_proto::reference::Reference;
-use snapreg_proto::{codec, Digest};
+use snapreg_proto::Digest;
 
-use crate::direct::{self, DirectFetcher};
 use crate::encryption;
 use crate::error::{shown, ClientError, Result};
+use crate::fetch::{Chunks, Want};
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 
-/// Digests per GetChunks call, and calls in flight: ~2 x 32 x 0.5 MiB of chunks
-/// ahead of the writer.
-const FETCH_BATCH: usize = 32;
-const FETCHES_IN_FLIGHT: usize = 2;
-
-/// HTTP GETs in flight on the direct path: ~32 x 0.5 MiB ahead, like GetChunks.
-const DIRECT_IN_FLIGHT: usize = 32;
+/// Chunks in flight (fetched, being verified) ahead of the writer: ~32 × 0.5 MiB,
+/// over GetChunks batches or HTTP GETs alike.
+const FETCH_WINDOW: usize = 32;
 
 #[derive(Debug, serde::Serialize)]
 pub struct PullReport {
@@ -129,6 +123,26 @@ pub async fn fetch_manifest(remote: &Remote, reference: &Reference) -> Result<(D
         .get_manifest(&reference.repository, &reference.target_string())
         .await?;
     Ok((digest, Manifest::decode(&bytes)?))
+}
+
+/// The manifest from the first of `remotes` (nearest first) that has the reference.
+pub async fn first_manifest(
+    remotes: &[Remote],
+    reference: &Reference,
+) -> Result<(Digest, Manifest)> {
+    let mut last = None;
+    for r in remotes {
+        match fetch_manifest(r, reference).await {
+            Ok(m) => return Ok(m),
+            Err(e @ (ClientError::NotFound(_) | ClientError::Unreachable { .. }))
+                if remotes.len() > 1 =>
+            {
+                last = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::NotFound(format!("{reference}: no registry to ask"))))
 }
 
 pub async fn pull_dir(
@@ -229,46 +243,8 @@ pub async fn pull_dir(
     })
 }
 
-/// Chunk objects (unverified) in `order`, each with whether it came by URL.
-fn objects<'a>(
-    remote: &'a Remote,
-    order: &'a [Digest],
-    direct: Option<(DirectFetcher, HashMap<Digest, String>)>,
-) -> BoxStream<'a, Result<(Digest, Bytes, bool)>> {
-    let Some((fetcher, urls)) = direct else {
-        return futures::stream::iter(order.chunks(FETCH_BATCH))
-            .map(move |batch| async move {
-                let stream = remote.get_chunks(batch).await?;
-                Ok::<_, ClientError>(stream.map_err(|s| remote.map_stream_error(s)))
-            })
-            .buffered(FETCHES_IN_FLIGHT)
-            .try_flatten()
-            .map(|msg| {
-                let msg = msg?;
-                Ok((Digest::from_slice(&msg.digest)?, msg.data, false))
-            })
-            .boxed();
-    };
-    futures::stream::iter(order)
-        .map(move |&d| {
-            let (fetcher, url) = (fetcher.clone(), urls.get(&d).cloned());
-            async move {
-                if let Some(url) = url {
-                    match fetcher.fetch(&url).await {
-                        Ok(object) => return Ok((d, object, true)),
-                        // Expired or unreachable from here: the registry serves it.
-                        Err(ClientError::NotFound(_) | ClientError::Unreachable { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok((d, remote.get_chunk(d).await?, false))
-            }
-        })
-        .buffered(DIRECT_IN_FLIGHT)
-        .boxed()
-}
-
-/// Fetches, verifies and writes every chunk of `order`; returns how many came by URL.
+/// Fetches, verifies and writes every chunk of `order` (through the registry's
+/// presigned URLs where it offers them); returns how many came by URL.
 async fn fetch_into(
     remote: &Remote,
     key: Option<Arc<TenantKey>>,
@@ -277,45 +253,22 @@ async fn fetch_into(
     targets: &[Target],
     progress: &Progress,
 ) -> Result<u64> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let direct = match direct::chunk_urls(remote, order).await? {
-        Some(urls) => Some((DirectFetcher::new()?, urls)),
-        None => None,
-    };
-    let decoded = objects(remote, order, direct)
-        .map(|item| {
-            let key = key.clone();
-            async move {
-                let (digest, object, by_url) = item?;
-                let object_len = object.len() as u64;
-                let data: Bytes = tokio::task::spawn_blocking(move || {
-                    let content = codec::decode(&digest, &object)?;
-                    encryption::decrypt(key.as_deref(), &digest, content)
-                })
-                .await
-                .map_err(|e| ClientError::io("decoding a chunk", std::io::Error::other(e)))?
-                .map_err(|e| {
-                    let file = places
-                        .get(&digest)
-                        .and_then(|p| p.first())
-                        .map_or("(no file)", |(i, _, _)| targets[*i].shown.as_str());
-                    encryption::chunk_error(e, file)
-                })?;
-                Ok::<_, ClientError>((digest, data, object_len, by_url))
-            }
+    let chunks = Chunks::builder(vec![remote.clone()])
+        .decrypting(key)
+        .direct_urls(order.to_vec())
+        .build(progress.clone())
+        .await?;
+    let wants: Vec<Want> = order
+        .iter()
+        .map(|d| {
+            let first = places.get(d).and_then(|p| p.first());
+            let file = first.map_or("(no file)", |(i, _, _)| targets[*i].shown.as_str());
+            (*d, Arc::from(file))
         })
-        .buffered(workers);
-    let mut decoded = std::pin::pin!(decoded);
-    let mut expected = order.iter();
-    let mut by_urls = 0;
-    while let Some(item) = decoded.next().await {
-        let (digest, data, object_len, by_url) = item?;
-        by_urls += by_url as u64;
-        if expected.next() != Some(&digest) {
-            return Err(ClientError::Registry(format!(
-                "registry sent chunk {digest} out of order"
-            )));
-        }
+        .collect();
+    let mut fetched = chunks.get_many(wants, FETCH_WINDOW);
+    while let Some(item) = fetched.next().await {
+        let (digest, data) = item?;
         for &(idx, off, len) in places.get(&digest).map(Vec::as_slice).unwrap_or_default() {
             let t = &targets[idx];
             // A verified chunk of another length than its extent would spill into the
@@ -335,16 +288,6 @@ async fn fetch_into(
                 .map_err(|e| ClientError::io(format!("writing {}", shown(&t.partial)), e))?;
             progress.advance(data.len() as u64);
         }
-        progress.counters.chunks_transferred.fetch_add(1, Relaxed);
-        progress
-            .counters
-            .bytes_transferred
-            .fetch_add(object_len, Relaxed);
     }
-    if let Some(d) = expected.next() {
-        return Err(ClientError::NotFound(format!(
-            "registry ended the stream before chunk {d}"
-        )));
-    }
-    Ok(by_urls)
+    Ok(chunks.fetched_direct())
 }

@@ -24,6 +24,7 @@ use snapreg_proto::{codec, Digest};
 
 use crate::encryption::key_for;
 use crate::error::{ClientError, Result};
+use crate::fetch::Chunks;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::pull;
 use crate::remote::Remote;
@@ -140,11 +141,21 @@ pub async fn verify(
     counters.chunks_total.store(order.len() as u64, Relaxed);
     progress.add_total(stored);
 
+    // The registry's copy only: no node cache, no presigned URLs.
+    let chunks = Chunks::builder(vec![remote.clone()])
+        .build(progress.clone())
+        .await?;
     let checks = futures::stream::iter(order.iter().copied())
         .map(|d| {
-            let expected_len = uses[&d].0;
-            let opening = opening.clone();
-            async move { (d, check_chunk(remote, d, expected_len, opening).await) }
+            let (expected_len, files) = &uses[&d];
+            let file = files.first().map_or("", String::as_str);
+            let (opening, chunks) = (opening.clone(), &chunks);
+            async move {
+                (
+                    d,
+                    check_chunk(chunks, d, file, *expected_len, opening).await,
+                )
+            }
         })
         .buffer_unordered(window.max(1));
     let mut checks = std::pin::pin!(checks);
@@ -152,10 +163,8 @@ pub async fn verify(
     let mut chunks_ok = 0;
     while let Some((d, outcome)) = checks.next().await {
         match outcome? {
-            Ok((object_len, data_len)) => {
+            Ok(data_len) => {
                 chunks_ok += 1;
-                counters.chunks_transferred.fetch_add(1, Relaxed);
-                counters.bytes_transferred.fetch_add(object_len, Relaxed);
                 progress.advance(data_len);
             }
             Err(reason) => damaged.push(DamagedChunk {
@@ -186,48 +195,43 @@ pub async fn verify(
     })
 }
 
-/// Ok(Ok((object bytes, chunk bytes))) when the chunk verifies, Ok(Err(reason)) when
-/// it is damaged or missing, Err when the registry cannot be asked at all.
+/// Ok(Ok(chunk bytes)) when the chunk verifies, Ok(Err(reason)) when it is damaged
+/// or missing, Err when the registry cannot be asked at all.
 async fn check_chunk(
-    remote: &Remote,
+    chunks: &Chunks,
     d: Digest,
+    file: &str,
     expected_len: u64,
     opening: Opening,
-) -> Result<std::result::Result<(u64, u64), String>> {
-    let object = match remote.get_chunk(d).await {
-        Ok(o) => o,
+) -> Result<std::result::Result<u64, String>> {
+    let content = match chunks.stored(d, file).await {
+        Ok(c) => c,
         Err(ClientError::NotFound(m)) => {
             return Ok(Err(format!("missing from the registry ({m})")))
         }
         Err(ClientError::Registry(m)) => return Ok(Err(m)),
+        Err(ClientError::ChunkCorrupt { reason, .. }) => return Ok(Err(reason)),
         Err(e) => return Err(e),
     };
-    let object_len = object.len() as u64;
-    let decoded = tokio::task::spawn_blocking(move || {
-        let content = codec::decode(&d, &object).map_err(|e| match e {
-            snapreg_proto::Error::ChunkCorrupt { reason, .. } => reason,
-            other => other.to_string(),
-        })?;
-        // The length its extents give it, when the content can be compared to it.
-        match opening {
-            Opening::Plain => Ok((content, true)),
-            Opening::Decrypt(key) => key
-                .decrypt_chunk(&d, &content)
-                .map(|data| (data, true))
-                .map_err(|e| match e {
-                    snapreg_proto::Error::Undecryptable { reason, .. } => reason,
-                    other => other.to_string(),
-                }),
-            Opening::StoredOnly(id) => match encryption::key_id_of(&content) {
-                Some(found) if found == id => Ok((content, false)),
-                Some(found) => Err(format!("encrypted with key {found}, not {id}")),
-                None => Err("not an encrypted chunk, but the manifest says it is".into()),
-            },
-        }
+    let opened = tokio::task::spawn_blocking(move || match opening {
+        Opening::Plain => Ok((content, true)),
+        Opening::Decrypt(key) => key
+            .decrypt_chunk(&d, &content)
+            .map(|data| (data, true))
+            .map_err(|e| match e {
+                snapreg_proto::Error::Undecryptable { reason, .. } => reason,
+                other => other.to_string(),
+            }),
+        Opening::StoredOnly(id) => match encryption::key_id_of(&content) {
+            Some(found) if found == id => Ok((content, false)),
+            Some(found) => Err(format!("encrypted with key {found}, not {id}")),
+            None => Err("not an encrypted chunk, but the manifest says it is".into()),
+        },
     })
     .await
     .map_err(|e| ClientError::io("verifying a chunk", std::io::Error::other(e)))?;
-    Ok(match decoded {
+    // The length its extents give it, when the content can be compared to it.
+    Ok(match opened {
         Err(reason) => Err(reason),
         Ok((data, true)) if data.len() as u64 != expected_len => Err(format!(
             "{} bytes, but the manifest's extents say {}",
@@ -238,6 +242,6 @@ async fn check_chunk(
                 expected_len.to_string()
             }
         )),
-        Ok((data, _)) => Ok((object_len, data.len() as u64)),
+        Ok((data, _)) => Ok(data.len() as u64),
     })
 }

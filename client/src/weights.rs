@@ -23,11 +23,9 @@ use snapreg_proto::manifest::{Extent, File, Layer, LayerKind};
 use snapreg_weights::{BackendKind, Mapping, WeightsClient};
 
 use crate::error::{ClientError, Result};
+use crate::fetch::Chunks;
 use crate::push::Uploader;
-use crate::restore::ChunkSource;
 
-/// Annotation: `pid:signal,…` of the processes to signal once the weights are back.
-pub const RESUME_ANNOTATION: &str = "org.snapreg.weights-resume";
 /// Layer name, so `snapctl pull` puts the buffers under `weights/`.
 pub const LAYER_NAME: &str = "weights";
 /// Chunk fetches in flight while filling one buffer.
@@ -237,7 +235,7 @@ pub async fn fill_layer(
     socket: &Path,
     layer: &Layer,
     key_id: Option<String>,
-    source: ChunkSource,
+    source: Chunks,
 ) -> Result<FillReport> {
     let started = Instant::now();
     let client = WeightsClient::new(socket);
@@ -324,13 +322,12 @@ pub fn resume_list(annotation: Option<&String>) -> Vec<(u32, i32)> {
 
 /// Tells each restored worker its weights are back.
 pub fn resume(list: &[(u32, i32)]) -> Result<()> {
-    for (pid, sig) in list {
-        if unsafe { libc::kill(*pid as i32, *sig) } != 0 {
-            return Err(ClientError::Weights(format!(
-                "signalling restored PID {pid} to resume: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
+    for &(pid, sig) in list {
+        let signal = nix::sys::signal::Signal::try_from(sig)
+            .map_err(|e| ClientError::Weights(format!("restored PID {pid}: signal {sig}: {e}")))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(|e| {
+            ClientError::Weights(format!("signalling restored PID {pid} to resume: {e}"))
+        })?;
     }
     Ok(())
 }

@@ -42,6 +42,24 @@ use serde::{Deserialize, Serialize};
 use crate::compat::CompatRecord;
 use crate::{Digest, Error};
 
+/// The annotation keys snapctl writes and reads, in one place: what each records and
+/// who acts on it.
+pub mod annotations {
+    /// The checkpointed tree's root PID (CRIU restores the original PIDs): reported
+    /// by `pull-restore`.
+    pub const ROOT_PID: &str = "org.snapreg.root-pid";
+    /// `pid,…` of the tree's CUDA processes: `pull-restore` puts their GPU state back
+    /// after CRIU.
+    pub const CUDA_PIDS: &str = "org.snapreg.cuda-pids";
+    /// `pid:signal,…` of the processes to signal once their weights are back
+    /// (separated mode).
+    pub const WEIGHTS_RESUME: &str = "org.snapreg.weights-resume";
+    /// `repository@digest` a `snapctl copy` was made from.
+    pub const COPIED_FROM: &str = "org.snapreg.copied-from";
+    /// Where the Podman archive's index lives in an imported Podman checkpoint.
+    pub const PODMAN_ARCHIVE: &str = "org.snapreg.podman-archive";
+}
+
 pub const SCHEMA_VERSION: u64 = 1;
 /// The version of a manifest whose chunks are encrypted.
 pub const ENCRYPTED_SCHEMA_VERSION: u64 = 2;

@@ -10,16 +10,79 @@
 //! The bytes from a URL are trusted no more than the registry's: every chunk is
 //! verified before use, and one that does not verify is an integrity failure (exit 5),
 //! never silently re-fetched elsewhere. A URL that does not answer (expired, store
-//! unreachable from this node, 404) makes that chunk come through GetChunks instead.
+//! unreachable from this node, 404) makes that chunk come through the layer below
+//! (the registries) instead.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use snapreg_proto::Digest;
 
+use super::{verify_object, ChunkFetch, Fetched, Origin};
 use crate::error::{ClientError, Result};
 use crate::remote::Remote;
+
+/// The layer: chunks the registry presigned a URL for come from the object store;
+/// the rest, and those whose URL fails, from `inner`.
+pub struct DirectUrls {
+    fetcher: DirectFetcher,
+    urls: HashMap<Digest, String>,
+    /// The registry that signed the URLs (counted as "URL (direct)").
+    signer: Arc<str>,
+    inner: Arc<dyn ChunkFetch>,
+}
+
+impl DirectUrls {
+    /// Asks `remote` for URLs of `chunks`; `inner` alone when it offers none.
+    pub async fn over(
+        remote: &Remote,
+        chunks: &[Digest],
+        inner: Arc<dyn ChunkFetch>,
+    ) -> Result<Arc<dyn ChunkFetch>> {
+        let Some(urls) = chunk_urls(remote, chunks).await? else {
+            return Ok(inner);
+        };
+        Ok(Arc::new(DirectUrls {
+            fetcher: DirectFetcher::new()?,
+            urls,
+            signer: format!("{} (direct)", remote.url()).into(),
+            inner,
+        }))
+    }
+
+    async fn fetch_direct(&self, digest: Digest, file: &str) -> Result<Fetched> {
+        if let Some(url) = self.urls.get(&digest) {
+            match self.fetcher.fetch(url).await {
+                Ok(object) => {
+                    let object_bytes = object.len() as u64;
+                    return Ok(Fetched {
+                        content: verify_object(digest, object, file).await?,
+                        origin: Origin::DirectUrl {
+                            url: self.signer.clone(),
+                            object_bytes,
+                        },
+                    });
+                }
+                // Expired, unreachable from this node, absent: the registry serves it.
+                Err(e @ (ClientError::NotFound(_) | ClientError::Unreachable { .. })) => {
+                    tracing::info!("chunk {digest}: direct URL failed ({e}); asking the registry");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.inner.fetch(digest, file).await
+    }
+}
+
+impl ChunkFetch for DirectUrls {
+    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
+        self.fetch_direct(digest, file).boxed()
+    }
+}
 
 /// Digests per GetChunkUrls call (the registry's limit).
 const URLS_PER_CALL: usize = 1024;
@@ -74,7 +137,7 @@ impl DirectFetcher {
 
 /// Presigned URLs for `digests` from the registry, `None` when it offers none (a
 /// file:// store, an older registry, or direct fetching switched off).
-pub async fn chunk_urls(
+async fn chunk_urls(
     remote: &Remote,
     digests: &[Digest],
 ) -> Result<Option<HashMap<Digest, String>>> {

@@ -1,0 +1,107 @@
+//! `--spool DIR`: CRIU dumps to a local directory first (the tasks are released at
+//! CRIU's speed), then the images are pushed; they stay in DIR if the push fails.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+
+use snapreg_proto::manifest::{Extent, File, Layer, LayerKind};
+
+use super::plan::{build_manifest, dump_args};
+use super::{DumpJob, Dumped};
+use crate::chunker::ChunkerConfig;
+use crate::criu;
+use crate::error::{ClientError, Result};
+use crate::push::Uploader;
+
+pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Dumped> {
+    let DumpJob {
+        remote,
+        criu,
+        reference,
+        opts,
+        ..
+    } = *job;
+    let dir = crate::work_dir::create_in(spool, &format!("ck-{}", opts.pid))?;
+    let t = Instant::now();
+    let status = tokio::process::Command::new(&criu.path)
+        .args(dump_args(opts, &dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
+    let dump_seconds = t.elapsed().as_secs_f64();
+    if !status.status.success() {
+        return Err(criu::failure(
+            "dump",
+            &dir.join("dump.log"),
+            &String::from_utf8_lossy(&status.stderr),
+        ));
+    }
+    // The tasks are released; the push can take its time.
+    let uploader = Uploader::begin(
+        remote,
+        &reference.repository,
+        ChunkerConfig::default(),
+        job.progress.clone(),
+    )
+    .await?;
+    let mut layer = Layer {
+        kind: LayerKind::Process,
+        name: None,
+        rank: None,
+        files: Vec::new(),
+    };
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| ClientError::io(format!("listing {}", dir.display()), e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".img"))
+        .collect();
+    names.sort();
+    for name in &names {
+        let path = dir.join(name);
+        let f = std::fs::File::open(&path)
+            .map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
+        let aligned = uploader.config().is_page_aligned(name);
+        let extents = match uploader.chunk_stream(f, aligned).await {
+            Ok(x) => x,
+            Err(e) => return Err(kept_note(uploader.abort().await.unwrap_or(e), &dir)),
+        };
+        layer.files.push(File {
+            path: name.clone(),
+            size: extents.iter().map(Extent::len).sum(),
+            mode: 0o600,
+            extents,
+        });
+    }
+    let process_bytes = layer.files.iter().map(|f| f.size).sum();
+    let manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts);
+    let digest = uploader
+        .commit(&reference.repository, &manifest, vec![job.tag.clone()])
+        .await
+        .map_err(|e| kept_note(e, &dir))?;
+    // Uploaded: the images go, the log and stats stay for the report.
+    for name in &names {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    Ok(Dumped {
+        files: layer.files.len(),
+        dir,
+        dump_seconds,
+        digest,
+        process_bytes,
+        weights_bytes: 0,
+    })
+}
+
+fn kept_note(e: ClientError, dir: &Path) -> ClientError {
+    ClientError::Registry(format!(
+        "{e}; the images are kept in {} — push them with `snapctl push {} REF`",
+        dir.display(),
+        dir.display()
+    ))
+}

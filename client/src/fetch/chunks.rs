@@ -1,0 +1,207 @@
+//! [`Chunks`], the top of the stack readers hold: it builds the layers, counts every
+//! chunk by where it came from (the transfer counters of DESIGN's JSON contract), and
+//! decrypts for readers that want file bytes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use snapreg_proto::encryption::TenantKey;
+use snapreg_proto::Digest;
+
+use super::direct_url::DirectUrls;
+use super::node_cache::NodeCache;
+use super::registries::Registries;
+use super::{ChunkFetch, Fetched, Origin, Want};
+use crate::cache::ChunkCache;
+use crate::encryption;
+use crate::error::{ClientError, Result};
+use crate::progress::Progress;
+use crate::remote::Remote;
+
+/// How a reader's stack is made: registries always; the rest as asked.
+pub struct Builder {
+    remotes: Vec<Remote>,
+    cache: Option<ChunkCache>,
+    direct_for: Option<Vec<Digest>>,
+    key: Option<Arc<TenantKey>>,
+}
+
+impl Builder {
+    /// Reads through the node cache, and fills it.
+    pub fn node_cache(mut self, cache: ChunkCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Fetches `chunks` by presigned URL where the nearest registry signs them.
+    pub fn direct_urls(mut self, chunks: Vec<Digest>) -> Self {
+        self.direct_for = Some(chunks);
+        self
+    }
+
+    /// [`Chunks::get`] decrypts with this tenant key ([`encryption::key_for`] the
+    /// snapshot).
+    pub fn decrypting(mut self, key: Option<Arc<TenantKey>>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// The stack, bottom up; asks the registry for URLs now when `direct_urls` was set.
+    pub async fn build(self, progress: Progress) -> Result<Chunks> {
+        let nearest = self.remotes.first().cloned();
+        let mut stack: Arc<dyn ChunkFetch> = Arc::new(Registries::new(self.remotes));
+        if let (Some(chunks), Some(remote)) = (&self.direct_for, &nearest) {
+            stack = DirectUrls::over(remote, chunks, stack).await?;
+        }
+        if let Some(cache) = &self.cache {
+            stack = NodeCache::over(cache.clone(), stack);
+        }
+        Ok(Chunks {
+            stack,
+            cache: self.cache,
+            key: self.key,
+            progress,
+            by_source: Arc::default(),
+            direct: Arc::default(),
+        })
+    }
+}
+
+/// A reader's chunk source: the layers, the counters, the tenant key.
+#[derive(Clone)]
+pub struct Chunks {
+    stack: Arc<dyn ChunkFetch>,
+    cache: Option<ChunkCache>,
+    key: Option<Arc<TenantKey>>,
+    progress: Progress,
+    by_source: Arc<Mutex<BTreeMap<String, u64>>>,
+    direct: Arc<AtomicU64>,
+}
+
+impl Chunks {
+    /// `remotes`: the registries to ask, nearest first (at least one).
+    pub fn builder(remotes: Vec<Remote>) -> Builder {
+        Builder {
+            remotes,
+            cache: None,
+            direct_for: None,
+            key: None,
+        }
+    }
+
+    /// Chunks fetched per source (a registry URL, or one with " (direct)" for its
+    /// presigned URLs).
+    pub fn fetched_from(&self) -> BTreeMap<String, u64> {
+        self.by_source.lock().unwrap().clone()
+    }
+
+    /// Chunks that came by presigned URL.
+    pub fn fetched_direct(&self) -> u64 {
+        self.direct.load(Relaxed)
+    }
+
+    /// A chunk as stored, verified (and now in the node cache, if there is one):
+    /// enough to warm the cache ahead of a restore.
+    pub async fn stored(&self, digest: Digest, file: &str) -> Result<Bytes> {
+        let fetched = self.stack.fetch(digest, file).await?;
+        Ok(self.count(fetched))
+    }
+
+    /// A chunk's bytes as its files hold them (decrypted), `file` naming it in errors.
+    pub async fn get(&self, digest: Digest, file: &str) -> Result<Bytes> {
+        let content = self.stored(digest, file).await?;
+        self.decrypt(digest, content, file).await
+    }
+
+    /// Many chunks as their files hold them, in any order, `window` in flight.
+    pub fn get_many(
+        &self,
+        wants: Vec<Want>,
+        window: usize,
+    ) -> BoxStream<'_, Result<(Digest, Bytes)>> {
+        let names: std::collections::HashMap<Digest, Arc<str>> =
+            wants.iter().map(|(d, f)| (*d, f.clone())).collect();
+        self.stack
+            .fetch_many(wants, window)
+            .map(move |item| {
+                let file = item.as_ref().ok().and_then(|(d, _)| names.get(d).cloned());
+                (item, file)
+            })
+            .map(move |(item, file)| async move {
+                let (digest, fetched) = item?;
+                let content = self.count(fetched);
+                let file = file.unwrap_or_else(|| "(no file)".into());
+                Ok((digest, self.decrypt(digest, content, &file).await?))
+            })
+            .buffered(window.max(1))
+            .boxed()
+    }
+
+    /// The node cache's verified file of a chunk whose stored bytes are its file bytes
+    /// (a plaintext snapshot), for splicing into CRIU's pipe without copying it through
+    /// this process; `None` if not cached (or encrypted: then the bytes must be
+    /// decrypted here).
+    pub async fn cached_file(&self, digest: Digest) -> Option<(std::fs::File, u64)> {
+        let cache = self.cache.clone()?;
+        // A stat on this thread: a restore from a cold cache asks this of every chunk.
+        if self.key.is_some() || !cache.contains(&digest) {
+            return None;
+        }
+        let file = tokio::task::spawn_blocking(move || cache.open_verified(&digest))
+            .await
+            .ok()
+            .flatten()?;
+        self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
+        Some(file)
+    }
+
+    /// Chunks of `digests` the node cache lacks (all of them without a cache).
+    pub async fn missing_from_cache(&self, digests: Vec<Digest>) -> Vec<Digest> {
+        let Some(cache) = self.cache.clone() else {
+            return digests;
+        };
+        tokio::task::spawn_blocking(move || {
+            digests.into_iter().filter(|d| !cache.contains(d)).collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    fn count(&self, fetched: Fetched) -> Bytes {
+        let counters = &self.progress.counters;
+        let (source, object_bytes) = match fetched.origin {
+            Origin::NodeCache => {
+                counters.chunks_cached.fetch_add(1, Relaxed);
+                return fetched.content;
+            }
+            Origin::Registry { url, object_bytes } => (url, object_bytes),
+            Origin::DirectUrl { url, object_bytes } => {
+                self.direct.fetch_add(1, Relaxed);
+                (url, object_bytes)
+            }
+        };
+        counters.chunks_transferred.fetch_add(1, Relaxed);
+        counters.bytes_transferred.fetch_add(object_bytes, Relaxed);
+        *self
+            .by_source
+            .lock()
+            .unwrap()
+            .entry(source.to_string())
+            .or_default() += 1;
+        fetched.content
+    }
+
+    async fn decrypt(&self, digest: Digest, content: Bytes, file: &str) -> Result<Bytes> {
+        let Some(key) = self.key.clone() else {
+            return Ok(content);
+        };
+        tokio::task::spawn_blocking(move || key.decrypt_chunk(&digest, &content))
+            .await
+            .map_err(|e| ClientError::io("decrypting a chunk", std::io::Error::other(e)))?
+            .map_err(|e| encryption::chunk_error(e, file))
+    }
+}

@@ -1,0 +1,232 @@
+//! `snapctl pull-restore`: the registry streamed straight into `criu restore --stream`,
+//! in three stages: [`plan`] (refuse before touching the host), [`serve`] (CRIU
+//! running, its files served by [`files`]) and [`finish`] (weights, GPU state, resume).
+//!
+//! ```text
+//! GetManifest ─▶ compatibility rules, files the image reopens ─▶ criu restore --stream
+//! CRIU asks for a file ─▶ exists? ─▶ pipe ─▶ one task per file: extents in order,
+//!   a window of chunk fetches ahead (node cache first, then the registry, verified,
+//!   written to the cache) ─▶ pipe
+//! CRIU ─post-restore─▶ snapctl (action script): "ok" only if every byte served verified
+//! ```
+//!
+//! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
+//! Small files come first because CRIU asks for them first; pages last, per task.
+//! A chunk that fails verification is never written to a pipe: its file is cut short,
+//! CRIU fails, and the post-restore answer is "fail" if it got that far, so no
+//! restored process resumes on bad bytes.
+
+mod files;
+mod finish;
+mod plan;
+mod serve;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use futures::StreamExt;
+use snapreg_proto::manifest::annotations;
+use snapreg_proto::reference::Reference;
+use tokio::task::JoinHandle;
+
+use crate::cache::ChunkCache;
+use crate::criu::Criu;
+use crate::error::Result;
+use crate::fetch::Chunks;
+use crate::progress::{CountersSnapshot, Progress};
+use crate::remote::Remote;
+use crate::weights::FillReport;
+use crate::{encryption, pull, work_dir};
+use plan::Plan;
+use serve::{CriuRestore, Image};
+
+/// Default window: enough fetches in flight to cover a loopback or rack RTT at
+/// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
+pub const DEFAULT_WINDOW: usize = 16;
+/// Chunk fetches in flight for device memory, ahead of CRIU.
+const DEVICE_MEMORY_WINDOW: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub detach: bool,
+    pub extra_args: Vec<String>,
+    /// Restore despite compatibility refusals (each is printed).
+    pub force: bool,
+    pub cache: ChunkCache,
+    /// Chunk fetches in flight ahead of CRIU, per file.
+    pub window: usize,
+    /// Registries to fall back to, in preference order, for the manifest and for
+    /// each chunk the first registry lacks.
+    pub fallbacks: Vec<Remote>,
+    /// Separated mode: fill the snapshot's weights layer into this weights service
+    /// while CRIU restores the process.
+    pub weights_service: Option<PathBuf>,
+    /// Serve zero pages of private anonymous memory too (they are left out of the
+    /// served pagemap otherwise; see zero_pages.rs).
+    pub keep_zero_pages: bool,
+    /// `OLD=NEW,…`: restore the snapshot's GPUs (index or UUID) onto these of this
+    /// host (index or UUID), through the CUDA restore's GPU pairs.
+    pub gpu_map: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RestoreReport {
+    pub reference: String,
+    pub digest: String,
+    /// The restored tree's root PID (CRIU restores the original PIDs).
+    pub pid: Option<u32>,
+    #[serde(flatten)]
+    pub counters: CountersSnapshot,
+    pub files_served: usize,
+    /// From CRIU's start to its exit (or, detached, to the tree running).
+    pub restore_seconds: f64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+    pub criu_log: PathBuf,
+    /// snapctl's own peak resident memory (VmHWM): bounded by the fetch window, not
+    /// by the image size.
+    pub peak_rss_bytes: Option<u64>,
+    /// Chunks fetched from each registry (nearest first in the request).
+    pub chunks_by_registry: BTreeMap<String, u64>,
+    /// Putting CUDA state back (restore + unlock) after CRIU, for CUDA snapshots.
+    pub cuda_restore_seconds: Option<f64>,
+    /// Separated mode: filling the weights service (concurrent with CRIU).
+    pub weights: Option<FillReport>,
+    /// Bytes of zero pages left out of the served pagemap (never crossed the pipe).
+    pub zero_bytes_left_out: u64,
+    /// Bytes of the image marked as device memory (their chunks fetched ahead).
+    pub device_memory_bytes: u64,
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Restores `reference` from `remote` (then `opts.fallbacks`, in order) with
+/// `criu restore --stream`, every chunk verified before CRIU reads it.
+///
+/// The restored tree is detached when `opts.detach`: the caller should be a child
+/// subreaper ([`become_subreaper`]) so that it reaps the tree's orphans meanwhile.
+pub async fn pull_restore(
+    remote: &Remote,
+    criu: &Criu,
+    reference: &Reference,
+    opts: &RestoreOptions,
+    progress: Progress,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let remotes: Vec<Remote> = std::iter::once(remote.clone())
+        .chain(opts.fallbacks.iter().cloned())
+        .collect();
+    let (digest, manifest) = pull::first_manifest(&remotes, reference).await?;
+    tracing::info!(%digest, "manifest fetched");
+    let key = encryption::key_for(&manifest, remote.tenant_key(), &reference.to_string())?;
+    let mut plan = Plan::make(manifest, reference, opts)?;
+    for w in &plan.warnings {
+        eprintln!("snapctl: {w}");
+    }
+    plan.count_totals(&progress);
+
+    let dir = work_dir::create("rs")?;
+    become_subreaper();
+    let cuda_init = finish::start_cuda_init(&plan);
+    let args = plan.criu_args(&dir, opts);
+    let criu_restore =
+        CriuRestore::start(criu, &args, &dir, plan.files.keys().cloned().collect()).await?;
+    // Built while CRIU starts: asking for presigned URLs is a round trip.
+    let chunks = Chunks::builder(remotes)
+        .node_cache(opts.cache.clone())
+        .decrypting(key)
+        .direct_urls(plan.manifest.chunk_digests())
+        .build(progress.clone())
+        .await?;
+    let weights_fill =
+        finish::start_weights_fill(&plan, opts.weights_service.as_deref(), &chunks, &progress);
+    let zero_plan = plan
+        .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+        .await?;
+    let ahead = fetch_device_memory_ahead(&plan, &chunks);
+    let log = criu_restore.log.clone();
+    let image = Image {
+        files: &plan.files,
+        inline: &zero_plan.pagemaps,
+        chunks: &chunks,
+        window: opts.window,
+    };
+    let served = criu_restore.serve(image, &progress).await?;
+    if let Some(a) = ahead {
+        a.abort();
+    }
+    let cache = opts.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
+
+    let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
+    let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
+    served.outcome(&log)?;
+    let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
+    if weights.is_some() {
+        crate::weights::resume(&plan.resume)?;
+    }
+    progress.finish();
+    Ok(RestoreReport {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        pid: plan
+            .manifest
+            .annotations
+            .get(annotations::ROOT_PID)
+            .and_then(|p| p.parse().ok()),
+        counters: progress.counters.snapshot(),
+        files_served,
+        restore_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+        warnings: plan.warnings,
+        criu_log: log,
+        peak_rss_bytes: peak_rss_bytes(),
+        chunks_by_registry: chunks.fetched_from(),
+        cuda_restore_seconds,
+        weights,
+        zero_bytes_left_out: zero_plan.bytes_left_out,
+        device_memory_bytes: plan.manifest.device_memory.iter().map(|s| s.len).sum(),
+    })
+}
+
+/// Makes this process the reaper of orphaned descendants: a detached restored tree is
+/// orphaned when CRIU exits, and its exits must be reaped here meanwhile.
+pub fn become_subreaper() {
+    // Fails only on kernels before 3.4; the tree is then reaped by init instead.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+}
+
+/// Device memory (the bulk of a GPU image) fetched ahead of CRIU, wider than the
+/// in-order window; CRIU then finds it in the node cache. Only what the node lacks:
+/// re-reading cached chunks here would verify them twice (serving verifies what it
+/// splices).
+fn fetch_device_memory_ahead(plan: &Plan, chunks: &Chunks) -> Option<JoinHandle<()>> {
+    let device_chunks = crate::device_memory::chunks(&plan.manifest, plan.process_layer());
+    if device_chunks.is_empty() {
+        return None;
+    }
+    let chunks = chunks.clone();
+    Some(tokio::spawn(async move {
+        let missing = chunks.missing_from_cache(device_chunks).await;
+        futures::stream::iter(missing)
+            .map(|d| {
+                let chunks = chunks.clone();
+                async move { chunks.stored(d, "device memory").await }
+            })
+            .buffer_unordered(DEVICE_MEMORY_WINDOW)
+            .for_each(|_| async {})
+            .await
+    }))
+}

@@ -1,0 +1,208 @@
+//! Stage 2 of a restore: `criu restore --stream` running, its requests answered.
+//!
+//! CRIU asks for each image file by name; a blocking task answers "exists" and hands
+//! the pipe CRIU sent to the async side, which serves the file on a task of its own
+//! ([`super::files`]). CRIU's post-restore action script waits until every file served
+//! so far has been served whole and verified: only then does it answer "ok", so no
+//! restored process resumes on bad bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use snapreg_proto::manifest::Extent;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::files::FileServer;
+use crate::action::ActionServer;
+use crate::criu::{self, Criu};
+use crate::criu_stream;
+use crate::error::{ClientError, Result};
+use crate::fetch::Chunks;
+use crate::progress::Progress;
+
+/// A started `criu restore --stream` and the loop answering its requests.
+pub(super) struct CriuRestore {
+    child: tokio::process::Child,
+    requests: mpsc::UnboundedReceiver<(String, OwnedFd)>,
+    request_loop: JoinHandle<std::io::Result<()>>,
+    /// The streamer connection, shut down once CRIU exits to end the request loop.
+    connection: UnixStream,
+    actions: ActionServer,
+    pub log: PathBuf,
+    started: Instant,
+}
+
+/// How the restore went, once CRIU exited and every serving task stopped.
+pub(super) struct Served {
+    pub status: ExitStatus,
+    /// From CRIU's start to its exit (or, detached, to the tree running).
+    pub restore_seconds: f64,
+    pub files_served: usize,
+    /// The first file that could not be served whole and verified.
+    pub first_error: Option<ClientError>,
+    pub stderr: String,
+}
+
+/// What the serving tasks read from.
+pub(super) struct Image<'a> {
+    pub files: &'a HashMap<String, Vec<Extent>>,
+    pub inline: &'a HashMap<String, Bytes>,
+    pub chunks: &'a Chunks,
+    pub window: usize,
+}
+
+impl CriuRestore {
+    /// Binds the streamer and action sockets in `dir`, starts CRIU with `args`, and
+    /// answers its requests for `names` from now on.
+    pub async fn start(
+        criu: &Criu,
+        args: &[String],
+        dir: &Path,
+        names: HashSet<String>,
+    ) -> Result<Self> {
+        let listener = criu_stream::bind(dir, criu_stream::SERVE_SOCKET)
+            .map_err(|e| ClientError::io("binding the streamer socket", e))?;
+        let action_socket = dir.join("action.sock");
+        let actions = ActionServer::bind(&action_socket)
+            .map_err(|e| ClientError::io("binding the action socket", e))?;
+        let started = Instant::now();
+        let log = dir.join("restore.log");
+        let (child, sock) =
+            criu::start_streaming(criu, args, &listener, &action_socket, &log).await?;
+        tracing::info!("criu restore started");
+        let connection = sock
+            .try_clone()
+            .map_err(|e| ClientError::io("streamer socket", e))?;
+        let (tx, requests) = mpsc::unbounded_channel();
+        let request_loop = tokio::task::spawn_blocking(move || request_loop(sock, names, tx));
+        Ok(CriuRestore {
+            child,
+            requests,
+            request_loop,
+            connection,
+            actions,
+            log,
+            started,
+        })
+    }
+
+    /// Serves every file CRIU asks for until it exits; answers its post-restore.
+    pub async fn serve(mut self, image: Image<'_>, progress: &Progress) -> Result<Served> {
+        let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
+        let server = FileServer {
+            files: image.files,
+            inline: image.inline,
+            chunks: image.chunks,
+            progress,
+            first_error: &first_error,
+            window: image.window,
+        };
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut served = 0usize;
+        let stderr_task = self.collect_stderr();
+        let status = loop {
+            tokio::select! {
+                Some((name, fd)) = self.requests.recv() => {
+                    served += 1;
+                    server.spawn(&mut tasks, name, fd);
+                }
+                Some(req) = self.actions.next() => {
+                    if req.action != "post-restore" {
+                        req.answer(Ok(())).await;
+                        continue;
+                    }
+                    tracing::info!("post-restore: verifying every served file");
+                    // Every file CRIU asked for must have been served whole and verified.
+                    while let Ok((name, fd)) = self.requests.try_recv() {
+                        served += 1;
+                        server.spawn(&mut tasks, name, fd);
+                    }
+                    while tasks.join_next().await.is_some() {}
+                    let verdict = match first_error.lock().unwrap().as_ref() {
+                        None => Ok(()),
+                        Some(e) => Err(e.to_string()),
+                    };
+                    req.answer(verdict).await;
+                }
+                status = self.child.wait() => {
+                    break status.map_err(|e| ClientError::io("waiting for CRIU", e))?
+                }
+            }
+        };
+        let restore_seconds = self.started.elapsed().as_secs_f64();
+        tracing::info!(restore_seconds, "criu restore exited");
+        let _ = self.connection.shutdown(std::net::Shutdown::Both);
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let _ = self.request_loop.await;
+        let stderr = stderr_task.await.unwrap_or_default();
+        let first_error = first_error.lock().unwrap().take();
+        Ok(Served {
+            status,
+            restore_seconds,
+            files_served: served,
+            first_error,
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+
+    /// CRIU's stderr, read to its end on a task of its own (a full pipe would stall it).
+    fn collect_stderr(&mut self) -> JoinHandle<Vec<u8>> {
+        let mut stderr = self.child.stderr.take();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(s, &mut buf).await;
+            }
+            buf
+        })
+    }
+}
+
+impl Served {
+    /// The restore's outcome: a file that could not be served (exit 5 for a corrupt
+    /// chunk, naming it) before CRIU's own failure, which carries its log.
+    pub fn outcome(self, log: &Path) -> Result<()> {
+        if let Some(e) = self.first_error {
+            let criu_side = criu::failure("restore", log, &self.stderr);
+            tracing::warn!("restore aborted before the process resumed: {e}\n{criu_side}");
+            return Err(match e {
+                // Keeps exit code 5 and names the chunk and file.
+                e @ ClientError::ChunkCorrupt { .. } => e,
+                other => ClientError::Criu(format!(
+                    "restore aborted before the process resumed: {other}\n{criu_side}"
+                )),
+            });
+        }
+        if !self.status.success() {
+            return Err(criu::failure("restore", log, &self.stderr));
+        }
+        Ok(())
+    }
+}
+
+/// Answers CRIU's requests; hands each file's pipe (write end) to `tx`.
+fn request_loop(
+    mut sock: UnixStream,
+    names: HashSet<String>,
+    tx: mpsc::UnboundedSender<(String, OwnedFd)>,
+) -> std::io::Result<()> {
+    while let Some(name) = criu_stream::read_request(&mut sock)? {
+        let exists = names.contains(&name);
+        criu_stream::send_reply(&mut sock, exists)?;
+        if exists {
+            let fd = criu_stream::recv_fd(&sock)?;
+            if tx.send((name, fd)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
