@@ -15,7 +15,8 @@
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
 //!   through the node cache; [`zero_pages`]: zero pages of private anonymous memory
 //!   left out of the served pagemap.
-//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID;
+//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time (through
+//!   `snapreg_weights::libcuda`, the one libcuda loader), one process for every PID;
 //!   [`device_memory`]: which parts of the image hold GPU memory.
 //! - [`weights`]: separated mode: the weights layer read from and filled into the node's
 //!   weights service (the service itself is the `snapreg-weights` crate).

@@ -325,6 +325,7 @@ pub fn resume_list(annotation: Option<&String>) -> Vec<(u32, i32)> {
 /// Tells each restored worker its weights are back.
 pub fn resume(list: &[(u32, i32)]) -> Result<()> {
     for (pid, sig) in list {
+        // SAFETY: kill takes plain integers and touches no memory of ours.
         if unsafe { libc::kill(*pid as i32, *sig) } != 0 {
             return Err(ClientError::Weights(format!(
                 "signalling restored PID {pid} to resume: {}",
