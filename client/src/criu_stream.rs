@@ -18,14 +18,19 @@
 //! files open at once and does not drain one before asking for the next (pagemap is
 //! read in two goes around its pages file), so every pipe is served by its own task
 //! while requests keep being answered. Reads on the socket are exact-length: a
-//! buffered read would swallow the fd's data byte and the kernel drops the fd.
+//! buffered read would swallow the fd's data byte and the kernel drops the fd; the
+//! fd's byte is read by one `recvmsg` with room for one descriptor ([`recv_fd`]).
 //! Pipes are grown to 1 MiB (the host's pipe-max-size): a 1 GiB restore went from
 //! 1.28 s to 0.79 s (shared/CRIU-STREAM.md §10).
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
@@ -129,48 +134,48 @@ pub fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
     sock.write_all(&[2, 0, 0, 0, 0x08, exists as u8])
 }
 
-/// Receives the pipe end CRIU sends after a request (or a "true" reply).
+/// Receives the pipe end CRIU sends after a request (or a "true" reply): one data
+/// byte with one SCM_RIGHTS descriptor, read with exactly one `recvmsg` so the byte
+/// and its descriptor cannot be split or merged with the next request.
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut data = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break n;
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut data)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => {}
+            other => break other.map_err(io::Error::from)?,
         }
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
+    if msg.bytes == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "CRIU closed the socket before sending the pipe",
         ));
     }
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    if cmsg.is_null()
-        || unsafe {
-            (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel installed these descriptors in our table during this
+            // recvmsg; nothing else knows their numbers, so each gets exactly one owner.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
-    {
-        return Err(io::Error::new(
+    }
+    // More than one descriptor is not CRIU's protocol: the extra ones close on drop.
+    let fd = fds.into_iter().next().ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             "expected a pipe fd (SCM_RIGHTS) from CRIU",
-        ));
-    }
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int) };
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        )
+    })?;
     grow_pipe(&fd);
     Ok(fd)
 }
@@ -178,7 +183,7 @@ pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
 /// Best effort: 1 MiB, else whatever the kernel allows.
 fn grow_pipe(fd: &OwnedFd) {
     for size in [PIPE_SIZE, 256 << 10] {
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
+        if fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).is_ok() {
             return;
         }
     }
@@ -260,31 +265,20 @@ mod tests {
     }
 
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        nix::unistd::pipe().unwrap()
     }
 
+    /// What CRIU does: one data byte carrying one descriptor.
     fn send_fd(sock: &UnixStream, fd: &OwnedFd) {
-        let mut data = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        let space = unsafe { libc::CMSG_SPACE(4) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd.as_raw_fd());
-            assert_eq!(libc::sendmsg(sock.as_raw_fd(), &msg, 0), 1);
-        }
+        let fds = [fd.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sent, 1);
     }
 }
