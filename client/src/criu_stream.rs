@@ -20,6 +20,8 @@
 //! while requests keep being answered. Reads on the socket are exact-length: a
 //! buffered read would swallow the fd's data byte and the kernel drops the fd; the
 //! fd's byte is read by one `recvmsg` with room for one descriptor ([`recv_fd`]).
+//! The messages are CRIU's images/img-streamer.proto, vendored in client/proto/criu
+//! and built with prost ([`crate::criu_image`]).
 //! Pipes are grown to 1 MiB (the host's pipe-max-size): a 1 GiB restore went from
 //! 1.28 s to 0.79 s (shared/CRIU-STREAM.md §10).
 
@@ -31,6 +33,9 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use prost::Message;
+
+use crate::criu_image::{ImgStreamerReplyEntry, ImgStreamerRequestEntry};
 
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
@@ -89,49 +94,31 @@ fn read_exact_or_eof(sock: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> 
     Ok(true)
 }
 
-/// Decodes `img_streamer_request_entry` (field 1, length-delimited string).
+/// Decodes `img_streamer_request_entry` and checks the name is a plain file name, so
+/// a served file can never be looked up outside the snapshot.
 pub fn parse_filename(msg: &[u8]) -> io::Result<String> {
-    let bad = |what: &str| {
+    let bad = |what: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("streamer request: {what}"),
         )
     };
-    if msg.first() != Some(&0x0a) {
-        return Err(bad("no filename field"));
-    }
-    let (len, used) = varint(&msg[1..]).ok_or_else(|| bad("bad length"))?;
-    let start = 1 + used;
-    // A length near 2^64 must read as "truncated", not overflow (found by fuzz/
-    // stream_request).
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| start.checked_add(l))
-        .ok_or_else(|| bad("bad length"))?;
-    let name = msg
-        .get(start..end)
-        .ok_or_else(|| bad("truncated filename"))?;
-    let name = std::str::from_utf8(name).map_err(|_| bad("filename is not UTF-8"))?;
+    let name = ImgStreamerRequestEntry::decode(msg)
+        .map_err(|e| bad(e.to_string()))?
+        .filename;
     if name.is_empty() || name.contains('/') || name.contains('\0') {
-        return Err(bad("filename must be a plain file name"));
+        return Err(bad(format!("{name:?} is not a plain file name")));
     }
-    Ok(name.to_string())
+    Ok(name)
 }
 
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
-/// Answers a restore request.
+/// Answers a restore request: the u32 LE length, then `img_streamer_reply_entry`.
+/// `exists` is proto2 `required`, so prost encodes it even when false (`08 00`).
 pub fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
-    sock.write_all(&[2, 0, 0, 0, 0x08, exists as u8])
+    let reply = ImgStreamerReplyEntry { exists };
+    let mut frame = (reply.encoded_len() as u32).to_le_bytes().to_vec();
+    reply.encode(&mut frame).map_err(io::Error::other)?;
+    sock.write_all(&frame)
 }
 
 /// Receives the pipe end CRIU sends after a request (or a "true" reply): one data

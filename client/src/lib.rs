@@ -23,7 +23,8 @@
 //! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
-//! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
+//! - [`criu`]: finding a CRIU ≥ 4.2; [`criu_image`]: CRIU's image records, generated
+//!   from its .proto files (client/proto/criu); [`host`]: this host's compatibility facts.
 //! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
 //! - [`agent`]: `snapctl agent`, the node agent (NodeAgent gRPC service, cache
 //!   management, node registration).
@@ -38,6 +39,7 @@ pub mod checkpoint;
 pub mod chunker;
 pub mod copy;
 pub mod criu;
+pub mod criu_image;
 pub mod criu_stream;
 pub mod cuda;
 pub mod device_memory;
