@@ -55,6 +55,7 @@ pub struct PruneStats {
 }
 
 pub fn default_dir() -> PathBuf {
+    // SAFETY: geteuid takes nothing and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/cache/snapctl");
     }
@@ -79,6 +80,7 @@ impl Flock {
         } else {
             libc::LOCK_SH
         };
+        // SAFETY: flock on a descriptor `f` keeps open for the call; no memory involved.
         if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -88,6 +90,7 @@ impl Flock {
 
 impl Drop for Flock {
     fn drop(&mut self) {
+        // SAFETY: the descriptor is ours and open until after this call.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }

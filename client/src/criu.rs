@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use prost::Message;
+
+use crate::criu_image::StatsEntry;
 use crate::error::{ClientError, Result};
 
 pub const MIN_VERSION: (u64, u64) = (4, 2);
@@ -187,8 +190,8 @@ pub fn failure(what: &str, log: &Path, stderr: &str) -> ClientError {
     ClientError::Criu(msg)
 }
 
-/// Time the tasks were frozen, from CRIU's `stats-dump`: two magics, a u32 length,
-/// then `stats_entry { dump_stats_entry dump = 1 { freezing_time = 1; frozen_time = 2 (µs) … } }`.
+/// Time the tasks were frozen, from CRIU's `stats-dump`: two magics, a u32 LE length,
+/// then a `stats_entry` (images/stats.proto) whose `dump.frozen_time` is in µs.
 pub fn read_freeze_ms(path: &Path) -> Option<f64> {
     parse_freeze_ms(&std::fs::read(path).ok()?)
 }
@@ -196,68 +199,9 @@ pub fn read_freeze_ms(path: &Path) -> Option<f64> {
 /// [`read_freeze_ms`] on the file's bytes.
 pub fn parse_freeze_ms(b: &[u8]) -> Option<f64> {
     let len = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
-    let entry = b.get(12..12 + len)?;
-    let dump = proto_field(entry, 1)?.bytes?;
-    Some(proto_field(dump, 2)?.varint? as f64 / 1000.0)
-}
-
-struct Field<'a> {
-    varint: Option<u64>,
-    bytes: Option<&'a [u8]>,
-}
-
-/// The first occurrence of `want` in a protobuf message (varint or length-delimited).
-fn proto_field(mut b: &[u8], want: u64) -> Option<Field<'_>> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for i in 0..10 {
-            let byte = *b.get(i)?;
-            v |= u64::from(byte & 0x7f) << (7 * i);
-            if byte & 0x80 == 0 {
-                *b = &b[i + 1..];
-                return Some(v);
-            }
-        }
-        None
-    }
-    while !b.is_empty() {
-        let key = varint(&mut b)?;
-        let (field, wire) = (key >> 3, key & 7);
-        let f = match wire {
-            0 => Field {
-                varint: Some(varint(&mut b)?),
-                bytes: None,
-            },
-            2 => {
-                let n = varint(&mut b)? as usize;
-                let v = b.get(..n)?;
-                b = &b[n..];
-                Field {
-                    varint: None,
-                    bytes: Some(v),
-                }
-            }
-            5 => {
-                b = b.get(4..)?;
-                Field {
-                    varint: None,
-                    bytes: None,
-                }
-            }
-            1 => {
-                b = b.get(8..)?;
-                Field {
-                    varint: None,
-                    bytes: None,
-                }
-            }
-            _ => return None,
-        };
-        if field == want {
-            return Some(f);
-        }
-    }
-    None
+    let entry = b.get(12..12usize.checked_add(len)?)?;
+    let stats = StatsEntry::decode(entry).ok()?;
+    Some(f64::from(stats.dump?.frozen_time) / 1000.0)
 }
 
 #[cfg(test)]

@@ -18,14 +18,27 @@
 //! files open at once and does not drain one before asking for the next (pagemap is
 //! read in two goes around its pages file), so every pipe is served by its own task
 //! while requests keep being answered. Reads on the socket are exact-length: a
-//! buffered read would swallow the fd's data byte and the kernel drops the fd.
+//! buffered read would swallow the fd's data byte and the kernel drops the fd; the
+//! fd's byte is read by one `recvmsg` with room for one descriptor ([`recv_fd`]).
+//! The messages are CRIU's images/img-streamer.proto, vendored in client/proto/criu
+//! and built with prost ([`crate::criu_image`]).
 //! Pipes are grown to 1 MiB (the host's pipe-max-size): a 1 GiB restore went from
 //! 1.28 s to 0.79 s (shared/CRIU-STREAM.md §10).
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::collections::HashSet;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use prost::Message;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::criu_image::{ImgStreamerReplyEntry, ImgStreamerRequestEntry};
 
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
@@ -84,93 +97,75 @@ fn read_exact_or_eof(sock: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> 
     Ok(true)
 }
 
-/// Decodes `img_streamer_request_entry` (field 1, length-delimited string).
+/// Decodes `img_streamer_request_entry` and checks the name is a plain file name, so
+/// a served file can never be looked up outside the snapshot.
 pub fn parse_filename(msg: &[u8]) -> io::Result<String> {
-    let bad = |what: &str| {
+    let bad = |what: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("streamer request: {what}"),
         )
     };
-    if msg.first() != Some(&0x0a) {
-        return Err(bad("no filename field"));
-    }
-    let (len, used) = varint(&msg[1..]).ok_or_else(|| bad("bad length"))?;
-    let start = 1 + used;
-    // A length near 2^64 must read as "truncated", not overflow (found by fuzz/
-    // stream_request).
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| start.checked_add(l))
-        .ok_or_else(|| bad("bad length"))?;
-    let name = msg
-        .get(start..end)
-        .ok_or_else(|| bad("truncated filename"))?;
-    let name = std::str::from_utf8(name).map_err(|_| bad("filename is not UTF-8"))?;
+    let name = ImgStreamerRequestEntry::decode(msg)
+        .map_err(|e| bad(e.to_string()))?
+        .filename;
     if name.is_empty() || name.contains('/') || name.contains('\0') {
-        return Err(bad("filename must be a plain file name"));
+        return Err(bad(format!("{name:?} is not a plain file name")));
     }
-    Ok(name.to_string())
+    Ok(name)
 }
 
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
-/// Answers a restore request.
+/// Answers a restore request: the u32 LE length, then `img_streamer_reply_entry`.
+/// `exists` is proto2 `required`, so prost encodes it even when false (`08 00`).
 pub fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
-    sock.write_all(&[2, 0, 0, 0, 0x08, exists as u8])
+    let reply = ImgStreamerReplyEntry { exists };
+    let mut frame = (reply.encoded_len() as u32).to_le_bytes().to_vec();
+    reply.encode(&mut frame).map_err(io::Error::other)?;
+    sock.write_all(&frame)
 }
 
-/// Receives the pipe end CRIU sends after a request (or a "true" reply).
+/// Receives the pipe end CRIU sends after a request (or a "true" reply): one data
+/// byte with one SCM_RIGHTS descriptor, read with exactly one `recvmsg` so the byte
+/// and its descriptor cannot be split or merged with the next request.
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut data = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break n;
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut data)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => {}
+            other => break other.map_err(io::Error::from)?,
         }
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
+    if msg.bytes == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "CRIU closed the socket before sending the pipe",
         ));
     }
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    if cmsg.is_null()
-        || unsafe {
-            (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel installed these descriptors in our table during this
+            // recvmsg; nothing else knows their numbers, so each gets exactly one owner.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
-    {
-        return Err(io::Error::new(
+    }
+    // More than one descriptor is not CRIU's protocol: the extra ones close on drop.
+    let fd = fds.into_iter().next().ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             "expected a pipe fd (SCM_RIGHTS) from CRIU",
-        ));
-    }
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int) };
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        )
+    })?;
     grow_pipe(&fd);
     Ok(fd)
 }
@@ -178,8 +173,50 @@ pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
 /// Best effort: 1 MiB, else whatever the kernel allows.
 fn grow_pipe(fd: &OwnedFd) {
     for size in [PIPE_SIZE, 256 << 10] {
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
+        if fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).is_ok() {
             return;
+        }
+    }
+}
+
+/// The restore side's request loop: answers each request ("exists" when the file is
+/// in `names`) and hands the pipe of each existing file to `files` (write end).
+/// Returns at EOF on the socket, or when the receiver is gone.
+pub fn serve_requests(
+    mut sock: UnixStream,
+    names: HashSet<String>,
+    files: UnboundedSender<(String, OwnedFd)>,
+) -> io::Result<()> {
+    while let Some(name) = read_request(&mut sock)? {
+        let exists = names.contains(&name);
+        send_reply(&mut sock, exists)?;
+        if exists {
+            let fd = recv_fd(&sock)?;
+            if files.send((name, fd)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The dump side's request loop: hands each file's pipe (read end) to `files`;
+/// `idle` is true while it waits for the next request (every image written and
+/// taken once it is, and the socket holds no unread bytes).
+pub fn capture_requests(
+    mut sock: UnixStream,
+    files: UnboundedSender<(String, OwnedFd)>,
+    idle: &AtomicBool,
+) -> io::Result<()> {
+    loop {
+        idle.store(true, Ordering::SeqCst);
+        let Some(name) = read_request(&mut sock)? else {
+            return Ok(());
+        };
+        idle.store(false, Ordering::SeqCst);
+        let fd = recv_fd(&sock)?;
+        if files.send((name, fd)).is_err() {
+            return Ok(());
         }
     }
 }
@@ -260,31 +297,20 @@ mod tests {
     }
 
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        nix::unistd::pipe().unwrap()
     }
 
+    /// What CRIU does: one data byte carrying one descriptor.
     fn send_fd(sock: &UnixStream, fd: &OwnedFd) {
-        let mut data = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        let space = unsafe { libc::CMSG_SPACE(4) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd.as_raw_fd());
-            assert_eq!(libc::sendmsg(sock.as_raw_fd(), &msg, 0), 1);
-        }
+        let fds = [fd.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sent, 1);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! `cuCheckpointProcessLock / Checkpoint / Restore / Unlock / GetState` move another
 //! process's device state into its host memory and back, so CRIU can dump it as
-//! ordinary pages. libcuda is loaded at run time (no CUDA toolkit to build), and one
+//! ordinary pages. libcuda is loaded at run time by [`snapreg_weights::libcuda`] (no
+//! CUDA toolkit to build), and one
 //! process drives every PID of a tree: each separate checkpoint tool pays `cuInit`
 //! (≈2.7 s measured by NVIDIA's NVCF team) again.
 //!
@@ -11,6 +12,7 @@
 use std::ffi::{c_int, c_uint, c_void, CStr};
 
 use snapreg_proto::compat::{GpuDevice, GpuRecord};
+use snapreg_weights::libcuda;
 
 use crate::error::{ClientError, Result};
 
@@ -104,7 +106,8 @@ struct LockArgs {
     reserved1: [u64; 7],
 }
 
-/// The loaded driver. Every call goes through these pointers; the library stays
+/// The checkpoint API of the loaded driver (libcuda through
+/// [`snapreg_weights::libcuda`], the one loader both crates share). The library stays
 /// loaded for the life of the process.
 pub struct Cuda {
     lock: PidFn,
@@ -115,60 +118,42 @@ pub struct Cuda {
     pub driver_api: i32,
 }
 
-// SAFETY: the function pointers are thread-safe driver entry points.
-unsafe impl Send for Cuda {}
-unsafe impl Sync for Cuda {}
-
-fn sym(lib: *mut c_void, name: &CStr) -> Option<*mut c_void> {
-    let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
-    (!p.is_null()).then_some(p)
-}
-
 impl Cuda {
     /// Loads libcuda and initialises it. Errors say which of "no driver", "driver too
     /// old for the checkpoint API" it is.
     pub fn load() -> Result<Cuda> {
-        let lib =
-            unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if lib.is_null() {
-            return Err(ClientError::Cuda(
+        let lib = libcuda::open().ok_or_else(|| {
+            ClientError::Cuda(
                 "no NVIDIA driver: libcuda.so.1 cannot be loaded on this host (install the driver, or drop --cuda)".into(),
-            ));
-        }
-        let init: unsafe extern "C" fn(c_uint) -> c_int = unsafe {
-            std::mem::transmute(
-                sym(lib, c"cuInit")
-                    .ok_or_else(|| ClientError::Cuda("libcuda has no cuInit".into()))?,
             )
+        })?;
+        type InitFn = unsafe extern "C" fn(c_uint) -> c_int;
+        // SAFETY: cuInit is `CUresult cuInit(unsigned int)`.
+        let init: InitFn = unsafe { lib.function(c"cuInit") }
+            .ok_or_else(|| ClientError::Cuda("libcuda has no cuInit".into()))?;
+        let driver_api = lib.driver_version().unwrap_or(0);
+        let missing = |name: &CStr| {
+            ClientError::Cuda(format!(
+                "the NVIDIA driver (CUDA driver API {driver_api}) is too old for the checkpoint API ({} missing): use driver 570 or newer",
+                name.to_string_lossy()
+            ))
         };
-        let version: unsafe extern "C" fn(*mut c_int) -> c_int = unsafe {
-            std::mem::transmute(
-                sym(lib, c"cuDriverGetVersion")
-                    .ok_or_else(|| ClientError::Cuda("libcuda has no cuDriverGetVersion".into()))?,
-            )
-        };
-        let mut driver_api = 0;
-        unsafe { version(&mut driver_api) };
-        let pid_fn = |name: &CStr| -> Result<PidFn> {
-            sym(lib, name).map(|p| unsafe { std::mem::transmute::<*mut c_void, PidFn>(p) }).ok_or_else(|| {
-                ClientError::Cuda(format!(
-                    "the NVIDIA driver (CUDA driver API {driver_api}) is too old for the checkpoint API ({} missing): use driver 570 or newer",
-                    name.to_string_lossy()
-                ))
-            })
-        };
+        // SAFETY: the four cuCheckpointProcess{Lock,Checkpoint,Restore,Unlock} entry
+        // points are `CUresult f(int pid, <args> *)`, which is PidFn.
+        let pid_fn =
+            |name: &CStr| unsafe { lib.function::<PidFn>(name) }.ok_or_else(|| missing(name));
         let cuda = Cuda {
             lock: pid_fn(c"cuCheckpointProcessLock")?,
             checkpoint: pid_fn(c"cuCheckpointProcessCheckpoint")?,
             restore: pid_fn(c"cuCheckpointProcessRestore")?,
             unlock: pid_fn(c"cuCheckpointProcessUnlock")?,
-            get_state: unsafe {
-                std::mem::transmute::<*mut c_void, StateFn>(
-                    pid_fn(c"cuCheckpointProcessGetState")? as *mut c_void
-                )
-            },
+            // SAFETY: `CUresult cuCheckpointProcessGetState(int pid, CUprocessState *)`,
+            // an enum of C int size.
+            get_state: unsafe { lib.function(c"cuCheckpointProcessGetState") }
+                .ok_or_else(|| missing(c"cuCheckpointProcessGetState"))?,
             driver_api,
         };
+        // SAFETY: cuInit takes flags by value; 0 is the only defined value.
         let rc = unsafe { init(0) };
         if rc != 0 {
             return Err(ClientError::Cuda(format!(
@@ -179,6 +164,8 @@ impl Cuda {
     }
 
     fn call(&self, what: &str, f: PidFn, pid: u32, args: *mut c_void) -> Result<()> {
+        // SAFETY: `f` is one of the PidFn entry points, and `args` is null or points
+        // to the repr(C) argument struct that entry point documents, alive for the call.
         match unsafe { f(pid as c_int, args) } {
             0 => Ok(()),
             rc => Err(ClientError::Cuda(format!(
@@ -190,6 +177,7 @@ impl Cuda {
     /// `None` when the process does not use CUDA (the driver knows nothing of it).
     pub fn state(&self, pid: u32) -> Option<c_int> {
         let mut st = -1;
+        // SAFETY: the driver writes one CUprocessState (a C int) through the pointer.
         (unsafe { (self.get_state)(pid as c_int, &mut st) } == 0).then_some(st)
     }
 
@@ -282,14 +270,9 @@ pub fn host_gpu() -> Option<GpuRecord> {
             })
         })
         .collect();
-    let mut cuda_driver_api = 0;
-    let lib = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if !lib.is_null() {
-        if let Some(f) = sym(lib, c"cuDriverGetVersion") {
-            let f: unsafe extern "C" fn(*mut c_int) -> c_int = unsafe { std::mem::transmute(f) };
-            unsafe { f(&mut cuda_driver_api) };
-        }
-    }
+    let cuda_driver_api = libcuda::open()
+        .and_then(|lib| lib.driver_version())
+        .unwrap_or(0);
     Some(GpuRecord {
         devices,
         driver_version,

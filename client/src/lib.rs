@@ -15,14 +15,16 @@
 //! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
 //!   through the node cache; [`zero_pages`]: zero pages of private anonymous memory
 //!   left out of the served pagemap.
-//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time, one process for every PID;
+//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time (through
+//!   `snapreg_weights::libcuda`, the one libcuda loader), one process for every PID;
 //!   [`device_memory`]: which parts of the image hold GPU memory.
 //! - [`weights`]: separated mode: the weights layer read from and filled into the node's
 //!   weights service (the service itself is the `snapreg-weights` crate).
 //! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
-//! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
+//! - [`criu`]: finding a CRIU ≥ 4.2; [`criu_image`]: CRIU's image records, generated
+//!   from its .proto files (client/proto/criu); [`host`]: this host's compatibility facts.
 //! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
 //! - [`agent`]: `snapctl agent`, the node agent (NodeAgent gRPC service, cache
 //!   management, node registration).
@@ -37,6 +39,7 @@ pub mod checkpoint;
 pub mod chunker;
 pub mod copy;
 pub mod criu;
+pub mod criu_image;
 pub mod criu_stream;
 pub mod cuda;
 pub mod device_memory;

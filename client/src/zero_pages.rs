@@ -17,13 +17,17 @@
 //! a requirement.
 //!
 //! CRIU image files: two magics (u32 LE), then entries, each a u32 LE length and a
-//! protobuf message (images/mm.proto, images/pagemap.proto in CRIU's tree).
+//! protobuf message: [`entries`] keeps that framing, prost decodes and encodes the
+//! messages (`mm_entry`, `pagemap_head`, `pagemap_entry` from CRIU's images/mm.proto
+//! and images/pagemap.proto, vendored in client/proto/criu, see [`crate::criu_image`]).
 
 use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use snapreg_proto::manifest::Extent;
+
+use crate::criu_image::{MmEntry, PagemapEntry, PagemapHead};
 
 const PAGE: u64 = 4096;
 /// VMA status bits (criu/include/image.h).
@@ -36,47 +40,10 @@ const VMA_ANON_SHARED: u32 = 1 << 8;
 const PE_PARENT: u32 = 1 << 0;
 const PE_PRESENT: u32 = 1 << 2;
 
-#[derive(Clone, PartialEq, Message)]
-struct VmaEntry {
-    #[prost(uint64, required, tag = "1")]
-    start: u64,
-    #[prost(uint64, required, tag = "2")]
-    end: u64,
-    #[prost(uint32, required, tag = "7")]
-    status: u32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct MmEntry {
-    #[prost(message, repeated, tag = "14")]
-    vmas: Vec<VmaEntry>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct PagemapHead {
-    #[prost(uint32, required, tag = "1")]
-    pages_id: u32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct PagemapEntry {
-    #[prost(uint64, required, tag = "1")]
-    vaddr: u64,
-    #[prost(uint32, required, tag = "2")]
-    nr_pages: u32,
-    #[prost(bool, optional, tag = "3")]
-    in_parent: Option<bool>,
-    #[prost(uint32, optional, tag = "4")]
-    flags: Option<u32>,
-    /// CRIU ≥ 3.x writes the page count here (64-bit) and 0 in `nr_pages`.
-    #[prost(uint64, optional, tag = "5")]
-    pages: Option<u64>,
-}
-
-impl PagemapEntry {
-    fn page_count(&self) -> u64 {
-        self.pages.unwrap_or(self.nr_pages as u64)
-    }
+/// The page count of an entry: CRIU ≥ 3.x writes it in `nr_pages` (64-bit) and 0 in
+/// `compat_nr_pages`; older images have only the latter.
+fn page_count(e: &PagemapEntry) -> u64 {
+    e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages))
 }
 
 /// The magics, then each entry's message bytes.
@@ -99,16 +66,17 @@ pub type PageRun = (u64, u64, u64);
 pub fn page_runs(pagemap: &[u8]) -> Option<(u32, Vec<PageRun>)> {
     let (_, pm) = entries(pagemap)?;
     let head = PagemapHead::decode(*pm.first()?).ok()?;
-    let mut cursor = 0;
+    let mut cursor = 0u64;
     let mut runs = Vec::new();
     for raw in &pm[1..] {
         let e = PagemapEntry::decode(*raw).ok()?;
         if e.in_parent == Some(true) || e.flags.unwrap_or(PE_PRESENT) & PE_PRESENT == 0 {
             continue;
         }
-        let len = e.page_count() * PAGE;
+        // Counts come from the image: a hostile one must not overflow (fuzz/criu_image).
+        let len = page_count(&e).checked_mul(PAGE)?;
         runs.push((e.vaddr, len, cursor));
-        cursor += len;
+        cursor = cursor.checked_add(len)?;
     }
     Some((head.pages_id, runs))
 }
@@ -204,7 +172,7 @@ fn plan_one(
     let mut cursor = 0u64;
     for e in &pm_entries {
         file_start.push(cursor);
-        cursor += e.page_count() * PAGE;
+        cursor += page_count(e) * PAGE;
     }
     let total: u64 = extents.iter().map(Extent::len).sum();
     if cursor != total {
@@ -222,7 +190,7 @@ fn plan_one(
                 let (zs, ze) = (off, off + zero);
                 let first = file_start.partition_point(|&s| s <= zs).saturating_sub(1);
                 for (i, e) in pm_entries.iter().enumerate().skip(first) {
-                    let (fs, fe) = (file_start[i], file_start[i] + e.page_count() * PAGE);
+                    let (fs, fe) = (file_start[i], file_start[i] + page_count(e) * PAGE);
                     if fs >= ze {
                         break;
                     }
@@ -246,7 +214,7 @@ fn plan_one(
     out.put_slice(head_bytes);
     let mut c = 0;
     for (i, e) in pm_entries.iter().enumerate() {
-        let (fs, fe) = (file_start[i], file_start[i] + e.page_count() * PAGE);
+        let (fs, fe) = (file_start[i], file_start[i] + page_count(e) * PAGE);
         let mut at = fs;
         while c < cut.len() && cut[c].0 < fe {
             let (s, t) = cut[c];
@@ -306,10 +274,10 @@ pub(crate) fn test_pagemap(pages_id: u32, runs: &[(u64, u64)]) -> Bytes {
     for &(vaddr, pages) in runs {
         let e = PagemapEntry {
             vaddr,
-            nr_pages: 0,
+            compat_nr_pages: 0,
             in_parent: None,
             flags: Some(PE_PRESENT | 1 << 1),
-            pages: Some(pages),
+            nr_pages: Some(pages),
         };
         put_entry(&mut b, &e, vaddr, pages);
     }
@@ -317,17 +285,17 @@ pub(crate) fn test_pagemap(pages_id: u32, runs: &[(u64, u64)]) -> Bytes {
 }
 
 fn put_entry(out: &mut BytesMut, e: &PagemapEntry, vaddr: u64, pages: u64) {
-    // Written the way the original was: the count in `pages` when it used that.
+    // Written the way the original was: the count in `nr_pages` when it used that.
     let piece = PagemapEntry {
         vaddr,
-        nr_pages: if e.pages.is_some() {
-            e.nr_pages
+        compat_nr_pages: if e.nr_pages.is_some() {
+            e.compat_nr_pages
         } else {
             pages as u32
         },
         in_parent: e.in_parent,
         flags: e.flags,
-        pages: e.pages.map(|_| pages),
+        nr_pages: e.nr_pages.map(|_| pages),
     };
     out.put_u32_le(piece.encoded_len() as u32);
     piece.encode(out).expect("BytesMut grows");
@@ -336,6 +304,7 @@ fn put_entry(out: &mut BytesMut, e: &PagemapEntry, vaddr: u64, pages: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::criu_image::VmaEntry;
 
     fn image(msgs: &[Vec<u8>]) -> Bytes {
         let mut b = BytesMut::new();
@@ -360,16 +329,18 @@ mod tests {
                 start: 0x10000,
                 end: 0x10000 + 8 * PAGE,
                 status,
+                ..VmaEntry::default()
             }],
+            ..MmEntry::default()
         };
         let pm = image(&[
             PagemapHead { pages_id: 3 }.encode_to_vec(),
             PagemapEntry {
                 vaddr: 0x10000,
-                nr_pages: 8,
+                compat_nr_pages: 8,
                 in_parent: None,
                 flags: Some(PE_PRESENT | 1 << 1),
-                pages: None,
+                nr_pages: None,
             }
             .encode_to_vec(),
         ]);
@@ -422,7 +393,7 @@ mod tests {
             .iter()
             .map(|m| {
                 let e = PagemapEntry::decode(*m).unwrap();
-                (e.vaddr, e.page_count())
+                (e.vaddr, page_count(&e))
             })
             .collect();
         assert_eq!(got, vec![(0x10000, 1), (0x10000 + 5 * PAGE, 1)]);

@@ -264,4 +264,5 @@ impl Drop for Mapping {
 // SAFETY: the mapping is plain memory (or device memory driven through a thread-safe
 // driver); writes to disjoint ranges from several threads are the intended use.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send: shared access only reads or writes through checked ranges.
 unsafe impl Sync for Mapping {}

@@ -2,12 +2,12 @@
 //! exported as POSIX file descriptors, mapped by each client into an address range it
 //! reserved itself (the pattern of NVIDIA Dynamo's GPU Memory Service).
 //!
-//! libcuda is loaded at run time: nothing CUDA is needed to build, and a host without
-//! a driver gets a clear error. Host↔device copies go through pinned staging buffers
+//! libcuda is loaded at run time through [`crate::libcuda`]: nothing CUDA is needed to
+//! build, and a host without a driver gets a clear error. Host↔device copies go through pinned staging buffers
 //! (55 GB/s against 7.6 GB/s from pageable memory, measured on an H100).
 
 use std::ffi::{c_int, c_uint, c_void, CStr};
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 
 use crate::{Error, Result};
@@ -83,15 +83,6 @@ fn check(what: &str, rc: CuResult) -> Result<()> {
     }
 }
 
-/// A symbol as the function pointer type the caller names.
-///
-/// # Safety
-/// `p` must be a function of exactly the type `F`.
-unsafe fn fn_ptr<F: Copy>(p: *mut c_void) -> F {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    unsafe { std::mem::transmute_copy(&p) }
-}
-
 static LOADED: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
 
 /// The driver for device `device` (the first call decides the device).
@@ -109,28 +100,22 @@ pub fn get(device: i32) -> Result<&'static Cuda> {
 
 impl Cuda {
     fn load(device: i32) -> Result<Cuda> {
-        let lib =
-            unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if lib.is_null() {
-            return Err(Error::Cuda(
+        let lib = crate::libcuda::open().ok_or_else(|| {
+            Error::Cuda(
                 "no NVIDIA driver: libcuda.so.1 cannot be loaded on this host (use --backend memfd on CPU-only nodes)".into(),
-            ));
-        }
-        let sym = |name: &CStr| -> Result<*mut c_void> {
-            let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
-            if p.is_null() {
-                Err(Error::Cuda(format!(
-                    "the NVIDIA driver lacks {} (virtual memory management needs CUDA 10.2 or newer)",
-                    name.to_string_lossy()
-                )))
-            } else {
-                Ok(p)
-            }
+            )
+        })?;
+        let missing = |name: &CStr| {
+            Error::Cuda(format!(
+                "the NVIDIA driver lacks {} (virtual memory management needs CUDA 10.2 or newer)",
+                name.to_string_lossy()
+            ))
         };
         macro_rules! f {
             ($name:literal) => {
-                // SAFETY: the symbol is the driver entry point of that signature.
-                unsafe { fn_ptr(sym($name)?) }
+                // SAFETY: each field's type is the cuda.h signature of the entry point
+                // named beside it.
+                unsafe { lib.function($name) }.ok_or_else(|| missing($name))?
             };
         }
         let init: unsafe extern "C" fn(c_uint) -> CuResult = f!(c"cuInit");
@@ -153,12 +138,17 @@ impl Cuda {
             host_alloc: f!(c"cuMemHostAlloc"),
             device_get: f!(c"cuDeviceGet"),
         };
+        // SAFETY (every driver call below): the pointer fields hold the cuda.h entry
+        // points of their signatures (see `f!`), and each pointer argument points to a
+        // live local or field of the right type for the duration of the call.
         check("cuInit (no usable GPU on this host?)", unsafe { init(0) })?;
         let mut dev = 0;
+        // SAFETY: as above; `dev` outlives the call.
         check(&format!("cuDeviceGet({device})"), unsafe {
             (d.device_get)(&mut dev, device)
         })?;
         let mut ctx = std::ptr::null_mut();
+        // SAFETY: `ctx` is a live out-pointer; `dev` came from cuDeviceGet.
         check("cuDevicePrimaryCtxRetain", unsafe {
             (d.device_primary_ctx_retain)(&mut ctx, dev)
         })?;
@@ -171,6 +161,7 @@ impl Cuda {
         };
         cuda.current()?;
         let mut g = 0usize;
+        // SAFETY: `g` and the property struct (repr(C), cuda.h layout) outlive the call.
         check("cuMemGetAllocationGranularity", unsafe {
             (cuda.d.granularity)(&mut g, &cuda.prop(), 0)
         })?;
@@ -193,6 +184,7 @@ impl Cuda {
     /// Makes the context current on the calling thread (a cheap call; every entry
     /// point does it, since blocking-pool threads come and go).
     fn current(&self) -> Result<()> {
+        // SAFETY: `ctx` is the primary context retained in `load`, never released.
         check("cuCtxSetCurrent", unsafe {
             (self.d.ctx_set_current)(self.ctx as *mut c_void)
         })
@@ -209,6 +201,7 @@ impl Cuda {
         let mut h = 0u64;
         check(
             &format!("cuMemCreate of {alloc} bytes (GPU memory full?)"),
+            // SAFETY: `h` and the property struct outlive the call.
             unsafe { (self.d.create)(&mut h, alloc as usize, &self.prop(), 0) },
         )?;
         Ok((h, alloc))
@@ -217,14 +210,18 @@ impl Cuda {
     pub fn export(&self, handle: u64) -> Result<OwnedFd> {
         self.current()?;
         let mut fd: c_int = -1;
+        // SAFETY: for POSIX_FD handles the driver writes one int through the pointer.
         check("cuMemExportToShareableHandle", unsafe {
             (self.d.export)(&mut fd as *mut c_int as *mut c_void, handle, POSIX_FD, 0)
         })?;
+        // SAFETY: on success the driver created this descriptor for the caller, who
+        // owns it from now on.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     pub fn release(&self, handle: u64) {
         if self.current().is_ok() {
+            // SAFETY: plain values; a stale handle is reported by the driver, not UB.
             unsafe { (self.d.release)(handle) };
         }
     }
@@ -232,6 +229,7 @@ impl Cuda {
     pub fn reserve(&self, len: u64) -> Result<u64> {
         self.current()?;
         let mut va = 0u64;
+        // SAFETY: `va` is a live out-pointer; the rest are plain values.
         check("cuMemAddressReserve", unsafe {
             (self.d.address_reserve)(&mut va, len as usize, self.granularity as usize, 0, 0)
         })?;
@@ -240,6 +238,7 @@ impl Cuda {
 
     pub fn free_reservation(&self, va: u64, len: u64) {
         if self.current().is_ok() {
+            // SAFETY: plain values; the driver checks the range is a reservation.
             unsafe { (self.d.address_free)(va, len as usize) };
         }
     }
@@ -249,10 +248,14 @@ impl Cuda {
     pub fn map(&self, fd: OwnedFd, va: u64, len: u64, writable: bool) -> Result<u64> {
         self.current()?;
         let mut h = 0u64;
-        let raw = fd.into_raw_fd();
-        let rc = unsafe { (self.d.import)(&mut h, raw as usize as *mut c_void, POSIX_FD) };
-        unsafe { libc::close(raw) };
+        // SAFETY: for POSIX_FD the handle argument is the descriptor itself, open for
+        // the whole call; the driver does not take it over (it is closed below).
+        let rc =
+            unsafe { (self.d.import)(&mut h, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD) };
+        drop(fd);
         check("cuMemImportFromShareableHandle", rc)?;
+        // SAFETY: plain values; `va..va+len` is a reservation of ours (the caller's
+        // contract), so the mapping cannot land on memory Rust owns.
         if let Err(e) = check("cuMemMap", unsafe {
             (self.d.map)(va, len as usize, 0, h, 0)
         }) {
@@ -270,6 +273,7 @@ impl Cuda {
                 ACCESS_READ
             },
         };
+        // SAFETY: `access` (repr(C), cuda.h layout) outlives the call; count 1.
         if let Err(e) = check("cuMemSetAccess", unsafe {
             (self.d.set_access)(va, len as usize, &access, 1)
         }) {
@@ -282,6 +286,7 @@ impl Cuda {
     /// Unmaps and releases the imported handle; the reservation stays.
     pub fn unmap(&self, va: u64, len: u64, handle: u64) {
         if self.current().is_ok() {
+            // SAFETY: plain values; the range is one this process mapped.
             unsafe {
                 (self.d.unmap)(va, len as usize);
                 (self.d.release)(handle);
@@ -294,6 +299,7 @@ impl Cuda {
             Some(b) => b,
             None => {
                 let mut p = std::ptr::null_mut();
+                // SAFETY: `p` is a live out-pointer.
                 check("cuMemHostAlloc (pinned staging)", unsafe {
                     (self.d.host_alloc)(&mut p, STAGING_BYTES, 0)
                 })?;
@@ -310,7 +316,10 @@ impl Cuda {
         for (i, piece) in data.chunks(STAGING_BYTES).enumerate() {
             let dst = va + (i * STAGING_BYTES) as u64;
             self.with_staging(|buf| {
+                // SAFETY: `buf` is a pinned allocation of STAGING_BYTES, not aliased
+                // (taken off the pool), and a piece is at most STAGING_BYTES long.
                 unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), buf, piece.len()) };
+                // SAFETY: the driver reads `piece.len()` bytes of that buffer.
                 check("cuMemcpyHtoD", unsafe {
                     (self.d.htod)(dst, buf as *const c_void, piece.len())
                 })
@@ -324,9 +333,12 @@ impl Cuda {
         for (i, piece) in out.chunks_mut(STAGING_BYTES).enumerate() {
             let src = va + (i * STAGING_BYTES) as u64;
             self.with_staging(|buf| {
+                // SAFETY: the driver writes `piece.len()` (≤ STAGING_BYTES) bytes into
+                // the pinned buffer, which nothing else uses meanwhile.
                 check("cuMemcpyDtoH", unsafe {
                     (self.d.dtoh)(buf as *mut c_void, src, piece.len())
                 })?;
+                // SAFETY: as in `write`, in the other direction.
                 unsafe { std::ptr::copy_nonoverlapping(buf, piece.as_mut_ptr(), piece.len()) };
                 Ok(())
             })?;
@@ -336,6 +348,7 @@ impl Cuda {
 
     pub fn zero(&self, va: u64, len: u64) -> Result<()> {
         self.current()?;
+        // SAFETY: plain values; the driver checks the device range.
         check("cuMemsetD8", unsafe {
             (self.d.memset)(va, 0, len as usize)
         })

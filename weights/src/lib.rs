@@ -34,6 +34,7 @@
 mod backend;
 pub mod client;
 mod cuda;
+pub mod libcuda;
 mod memfd;
 pub mod protocol;
 pub mod service;

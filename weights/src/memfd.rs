@@ -26,7 +26,9 @@ impl MemfdAllocation {
         if raw < 0 {
             return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
         }
+        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our open descriptor; no memory involved.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
             return Err(Error::io(
                 format!("sizing a {size}-byte memfd (is /dev/shm or memory full?)"),

@@ -28,32 +28,6 @@ struct CapturedFile {
     pipe: std::fs::File,
 }
 
-/// Reads CRIU's requests on the capture socket; hands each file's pipe to `tx`.
-/// `idle` is true while the thread waits for the next request.
-fn capture_loop(
-    mut sock: UnixStream,
-    tx: mpsc::UnboundedSender<CapturedFile>,
-    idle: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    loop {
-        idle.store(true, Ordering::SeqCst);
-        let Some(name) = criu_stream::read_request(&mut sock)? else {
-            return Ok(());
-        };
-        idle.store(false, Ordering::SeqCst);
-        let fd = criu_stream::recv_fd(&sock)?;
-        if tx
-            .send(CapturedFile {
-                name,
-                pipe: std::fs::File::from(fd),
-            })
-            .is_err()
-        {
-            return Ok(());
-        }
-    }
-}
-
 type FileTasks = JoinSet<Result<(String, Vec<Extent>)>>;
 
 /// Starts chunking and uploading one captured file, remembering CRIU's order.
@@ -131,7 +105,11 @@ struct Captured {
 }
 
 impl Captured {
-    fn take(&mut self, f: CapturedFile) {
+    fn take(&mut self, (name, fd): (String, std::os::fd::OwnedFd)) {
+        let f = CapturedFile {
+            name,
+            pipe: std::fs::File::from(fd),
+        };
         capture_file(
             &self.uploader,
             &mut self.tasks,
@@ -192,7 +170,8 @@ pub(super) async fn dump_streaming(job: &DumpJob<'_>) -> Result<Dumped> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let idle = Arc::new(AtomicBool::new(false));
     let idle2 = idle.clone();
-    let capture = tokio::task::spawn_blocking(move || capture_loop(sock, tx, idle2));
+    let capture =
+        tokio::task::spawn_blocking(move || criu_stream::capture_requests(sock, tx, &idle2));
 
     let criu_pid = child.id().unwrap_or(0);
     let mut captured = Captured {

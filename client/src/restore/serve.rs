@@ -81,7 +81,8 @@ impl CriuRestore {
             .try_clone()
             .map_err(|e| ClientError::io("streamer socket", e))?;
         let (tx, requests) = mpsc::unbounded_channel();
-        let request_loop = tokio::task::spawn_blocking(move || request_loop(sock, names, tx));
+        let request_loop =
+            tokio::task::spawn_blocking(move || criu_stream::serve_requests(sock, names, tx));
         Ok(CriuRestore {
             child,
             requests,
@@ -186,23 +187,4 @@ impl Served {
         }
         Ok(())
     }
-}
-
-/// Answers CRIU's requests; hands each file's pipe (write end) to `tx`.
-fn request_loop(
-    mut sock: UnixStream,
-    names: HashSet<String>,
-    tx: mpsc::UnboundedSender<(String, OwnedFd)>,
-) -> std::io::Result<()> {
-    while let Some(name) = criu_stream::read_request(&mut sock)? {
-        let exists = names.contains(&name);
-        criu_stream::send_reply(&mut sock, exists)?;
-        if exists {
-            let fd = criu_stream::recv_fd(&sock)?;
-            if tx.send((name, fd)).is_err() {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
 }
