@@ -2,12 +2,13 @@
 # Installs the system packages building snapreg needs on a Debian-family machine:
 # libclang (bindgen, for librocksdb-sys) and a C++ compiler (RocksDB itself). protoc
 # is not among them: proto/build.rs uses the vendored protoc-bin-vendored crate.
-# python3 runs the end-to-end test of the weights service's Python client.
+# python3 runs the end-to-end test of the weights service's Python client; ccache lets
+# cargo's check and build modes share one compile of RocksDB (scripts/env.sh).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
-for pkg in libclang-dev clang g++ make python3; do
+for pkg in libclang-dev clang g++ make python3 ccache; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if ((${#need[@]})); then

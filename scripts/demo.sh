@@ -10,9 +10,9 @@
 # Needs root (CRIU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-
 deploy/install-build-deps.sh
+# After the build dependencies: env.sh puts ccache in front of the C/C++ compilers.
+. scripts/env.sh
 CRIU="$(deploy/install-criu.sh | tail -n 1)"
 export SNAPCTL_CRIU="$CRIU"
 cargo build --workspace --all-targets --locked >&2

@@ -5,9 +5,9 @@
 # Needs root (CRIU, and a tmpfs for the full-disk test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
-
 deploy/install-build-deps.sh
+# After the build dependencies: env.sh puts ccache in front of the C/C++ compilers.
+. scripts/env.sh
 SNAPCTL_CRIU="$(deploy/install-criu.sh | tail -n 1)"
 export SNAPCTL_CRIU
 echo "using CRIU at $SNAPCTL_CRIU" >&2
