@@ -185,7 +185,7 @@ mod tests {
         let reg = &t.reg;
         let (shared, only_a) = (chunk(1, 5000), chunk(2, 5000));
         testutil::push(reg, "r", "a", &[shared.clone(), only_a.clone()]).await;
-        let b = testutil::push(reg, "r", "b", &[shared.clone()]).await;
+        let b = testutil::push(reg, "r", "b", std::slice::from_ref(&shared)).await;
         reg.delete_tag("r", "a").await.unwrap();
 
         // Within the grace period nothing goes.
