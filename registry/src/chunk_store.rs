@@ -77,23 +77,25 @@ impl ChunkStore {
         match parsed.scheme() {
             "file" => local(PathBuf::from(parsed.path())),
             "s3" => {
-                // AmazonS3Builder takes the bucket from the URL and ignores its path:
-                // the prefix is applied here, to objects and presigned URLs alike.
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()?;
-                let prefix = parsed.path().trim_matches('/');
-                let store: Arc<PrefixStore<_>> = Arc::new(PrefixStore::new(s3, prefix));
-                Ok(ChunkStore {
-                    store: store.clone(),
-                    signer: Some(store),
-                })
+                // AmazonS3Builder takes the bucket from the URL and ignores its path.
+                let s3 = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+                Self::s3(s3, parsed.path().trim_matches('/'))
             }
             other => Err(RegistryError::invalid(
                 "--store",
                 format!("scheme {other:?} is not supported; use file:///path or s3://bucket/prefix (credentials and endpoint from AWS_* variables)"),
             )),
         }
+    }
+
+    /// An S3 store (its bucket, endpoint and credentials set on `s3`) under `prefix`,
+    /// applied to objects and presigned URLs alike.
+    pub fn s3(s3: object_store::aws::AmazonS3Builder, prefix: &str) -> Result<Self> {
+        let store: Arc<PrefixStore<_>> = Arc::new(PrefixStore::new(s3.build()?, prefix));
+        Ok(ChunkStore {
+            store: store.clone(),
+            signer: Some(store),
+        })
     }
 
     /// Presigned GET URLs for chunk objects, valid for `expires_in`, in the order asked;

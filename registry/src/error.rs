@@ -1,7 +1,10 @@
-//! Registry errors, and the one place they become `tonic::Status`.
+//! The crate's one error enum. Each variant is a case a caller branches on and names
+//! its digest, repository or field; service.rs alone turns them into `tonic::Status`.
 
 use snapreg_proto::Digest;
-use tonic::Status;
+
+/// Any error a source of a [`RegistryError`] may carry (TLS and credential setup).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -20,6 +23,8 @@ pub enum RegistryError {
     Manifest(#[from] snapreg_proto::Error),
     #[error("repository {repository:?} has no tag {tag:?}")]
     TagNotFound { repository: String, tag: String },
+    #[error("repository {repository:?} has no tags; `snapctl ls` lists repositories")]
+    RepositoryNotFound { repository: String },
     #[error("manifest {digest} not found")]
     ManifestNotFound { digest: Digest },
     #[error("manifest {digest} is still tagged ({tags}); `snapctl rm` those tags first")]
@@ -43,6 +48,27 @@ pub enum RegistryError {
     /// Another instance on the same store holds what this call needs (GC vs push).
     #[error("{0}")]
     Busy(String),
+    /// The caller presented no usable credentials (auth.rs says what each message holds).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's token does not grant what the call needs.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A replication peer's settings cannot be used (token file, URL, TLS files).
+    #[error("{what}")]
+    PeerSetup {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A call to a replication peer failed: its refusal, or the transport's error
+    /// (both arrive as a status; its source chain holds the transport's cause).
+    #[error("{call}")]
+    PeerCall {
+        call: &'static str,
+        #[source]
+        source: Box<tonic::Status>,
+    },
 }
 
 impl RegistryError {
@@ -52,33 +78,17 @@ impl RegistryError {
             reason: reason.into(),
         }
     }
-}
 
-impl From<RegistryError> for Status {
-    fn from(e: RegistryError) -> Status {
-        use RegistryError::*;
-        let msg = e.to_string();
-        match e {
-            ChunkCorrupt { .. } => Status::data_loss(msg),
-            ChunkMissing { .. } | TagNotFound { .. } | ManifestNotFound { .. } => {
-                Status::not_found(msg)
-            }
-            ManifestIncomplete { .. }
-            | LeaseUnknown { .. }
-            | ManifestTagged { .. }
-            | ManifestBusy { .. } => Status::failed_precondition(msg),
-            Manifest(snapreg_proto::Error::ManifestVersion { .. }) => {
-                Status::failed_precondition(msg)
-            }
-            Manifest(_) | InvalidArgument { .. } => Status::invalid_argument(msg),
-            Store(object_store::Error::NotFound { .. }) => Status::not_found(msg),
-            Busy(_) => Status::unavailable(msg),
-            EncryptionRequired { .. } => Status::permission_denied(msg),
-            Store(_) | Index(_) | Io(_) | LayoutVersion { .. } => {
-                tracing::error!("internal error: {msg}");
-                Status::unavailable(format!("registry storage failed: {msg}"))
-            }
+    /// The message and every source below it, joined by ": " (what logs and the
+    /// replication status show).
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(c) = cur {
+            out = format!("{out}: {c}");
+            cur = c.source();
         }
+        out
     }
 }
 

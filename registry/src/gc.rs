@@ -25,51 +25,63 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::TryStreamExt;
 use snapreg_proto::layout;
 use snapreg_proto::manifest::Manifest;
-use snapreg_proto::pb::CollectGarbageResponse;
 use snapreg_proto::Digest;
 
+use crate::clock::now_ms;
 use crate::error::Result;
-use crate::server::{now_ms, Registry};
+use crate::registry::Registry;
 
-pub async fn collect(
-    reg: &Registry,
-    grace: Duration,
-    dry_run: bool,
-) -> Result<CollectGarbageResponse> {
-    let _only_one = reg.gc_running.lock().await;
-    reg.shared.lock_gc(&reg.store, reg.config.lease_ttl).await?;
+/// What one collection found and (unless a dry run) removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub manifests_live: u64,
+    pub chunks_live: u64,
+    pub chunks_swept: u64,
+    pub bytes_swept: u64,
+    pub manifests_swept: u64,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub chunks_kept_young: u64,
+    /// Unreferenced objects kept because a push or commit holds them.
+    pub chunks_kept_leased: u64,
+}
+
+/// Collects garbage: retention first (unless `dry_run`), then mark and sweep what is
+/// unreferenced and older than `grace`.
+pub async fn collect(reg: &Registry, grace: Duration, dry_run: bool) -> Result<GcReport> {
+    let _only_one = reg.gc_exclusive().await;
+    let (store, shared) = (reg.store(), reg.shared());
+    shared.lock_gc(store, reg.lease_ttl()).await?;
     // Expired tags first, so this very GC reclaims what they held.
-    if !dry_run {
-        crate::retention::apply(reg, None, false).await?;
+    let result = async {
+        if !dry_run {
+            crate::retention::apply(reg, None, false).await?;
+        }
+        let _tracking = reg.track_commits();
+        mark_and_sweep(reg, grace, dry_run).await
     }
-    *reg.gc_committed.lock().unwrap() = Some(HashSet::new());
-    let result = mark_and_sweep(reg, grace, dry_run).await;
-    *reg.gc_committed.lock().unwrap() = None;
-    reg.shared.unlock_gc(&reg.store).await?;
+    .await;
+    shared.unlock_gc(store).await?;
     result
 }
 
 /// Candidates written to one sweep log before any of them is deleted.
 const SWEEP_BATCH: usize = 1024;
 
-async fn mark_and_sweep(
-    reg: &Registry,
-    grace: Duration,
-    dry_run: bool,
-) -> Result<CollectGarbageResponse> {
+async fn mark_and_sweep(reg: &Registry, grace: Duration, dry_run: bool) -> Result<GcReport> {
     let started = Instant::now();
     let cutoff = SystemTime::now() - grace;
-    let mut stats = CollectGarbageResponse::default();
-    reg.index.drop_expired_leases(now_ms())?;
+    let mut stats = GcReport::default();
+    let (store, index) = (reg.store(), reg.index());
+    index.drop_expired_leases(now_ms())?;
 
     // Mark, from every instance's tag records.
     reg.refresh_tags("").await?;
     let mut live_manifests = HashSet::new();
     let mut live_chunks: HashSet<Digest> = HashSet::new();
-    for (_, _, record) in reg.index.all_tags()? {
+    for (_, _, record) in index.all_tags()? {
         let Some(d) = record.digest() else { continue };
         if live_manifests.insert(d) {
-            let manifest = Manifest::decode(&reg.store.get_manifest(&d).await?)?;
+            let manifest = Manifest::decode(&store.get_manifest(&d).await?)?;
             live_chunks.extend(manifest.chunk_digests());
         }
     }
@@ -78,7 +90,7 @@ async fn mark_and_sweep(
 
     // Sweep chunks, then manifests.
     for (prefix, is_chunk) in [(layout::CHUNKS, true), (layout::MANIFESTS, false)] {
-        let mut listing = std::pin::pin!(reg.store.list_stream(prefix));
+        let mut listing = std::pin::pin!(store.list_stream(prefix));
         let mut batch = Vec::new();
         loop {
             let next = listing.try_next().await?;
@@ -104,9 +116,7 @@ async fn mark_and_sweep(
                     continue;
                 }
             }
-            reg.shared
-                .refresh_gc(&reg.store, reg.config.lease_ttl)
-                .await?;
+            reg.shared().refresh_gc(store, reg.lease_ttl()).await?;
             if !dry_run {
                 let ds: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
                 let (chunks, manifests) = if is_chunk {
@@ -114,8 +124,8 @@ async fn mark_and_sweep(
                 } else {
                     (&[][..], &ds[..])
                 };
-                reg.shared
-                    .log_sweep(&reg.store, &reg.index, chunks, manifests)
+                reg.shared()
+                    .log_sweep(store, index, chunks, manifests)
                     .await?;
             }
             for (d, size) in batch.drain(..) {
@@ -137,16 +147,10 @@ async fn sweep_one(
     size: u64,
     is_chunk: bool,
     dry_run: bool,
-    stats: &mut CollectGarbageResponse,
+    stats: &mut GcReport,
 ) -> Result<()> {
     let _g = reg.lock_digest(&d).await;
-    let committed = reg
-        .gc_committed
-        .lock()
-        .unwrap()
-        .as_ref()
-        .is_some_and(|s| s.contains(&d));
-    if committed || reg.index.is_leased(&d, now_ms())? {
+    if reg.committed_since_mark(&d) || reg.index().is_leased(&d, now_ms())? {
         stats.chunks_kept_leased += is_chunk as u64;
         return Ok(());
     }
@@ -154,11 +158,11 @@ async fn sweep_one(
         // Index first: a crash between the two leaves an unindexed object,
         // which a later push re-uploads harmlessly and a later GC removes.
         if is_chunk {
-            reg.index.remove_chunk(&d)?;
-            reg.store.delete_chunk(&d).await?;
+            reg.index().remove_chunk(&d)?;
+            reg.store().delete_chunk(&d).await?;
         } else {
-            reg.index.remove_manifest(&d)?;
-            reg.store.delete_manifest(&d).await?;
+            reg.index().remove_manifest(&d)?;
+            reg.store().delete_manifest(&d).await?;
         }
     }
     if is_chunk {
@@ -168,4 +172,85 @@ async fn sweep_one(
         stats.manifests_swept += 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{self, chunk};
+
+    #[tokio::test]
+    async fn sweeps_only_what_no_tag_holds_and_only_past_the_grace_period() {
+        let t = testutil::registry().await;
+        let reg = &t.reg;
+        let (shared, only_a) = (chunk(1, 5000), chunk(2, 5000));
+        testutil::push(reg, "r", "a", &[shared.clone(), only_a.clone()]).await;
+        let b = testutil::push(reg, "r", "b", std::slice::from_ref(&shared)).await;
+        reg.delete_tag("r", "a").await.unwrap();
+
+        // Within the grace period nothing goes.
+        let young = collect(reg, Duration::from_secs(3600), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (young.chunks_swept, young.manifests_swept),
+            (0, 0),
+            "{young:?}"
+        );
+        assert_eq!(young.chunks_kept_young, 1, "{young:?}");
+
+        // A dry run reports what a real one removes, and removes nothing.
+        let dry = collect(reg, Duration::ZERO, true).await.unwrap();
+        assert_eq!((dry.chunks_swept, dry.manifests_swept), (1, 1), "{dry:?}");
+        assert!(reg.store().get_chunk(&only_a.0).await.is_ok());
+
+        let swept = collect(reg, Duration::ZERO, false).await.unwrap();
+        assert_eq!(
+            swept,
+            GcReport {
+                manifests_live: 1,
+                chunks_live: 1,
+                chunks_swept: 1,
+                bytes_swept: only_a.1.len() as u64,
+                manifests_swept: 1,
+                ..GcReport::default()
+            }
+        );
+        assert!(matches!(
+            reg.store().get_chunk(&only_a.0).await,
+            Err(crate::RegistryError::ChunkMissing { .. })
+        ));
+        assert!(!reg.index().has_chunk(&only_a.0).unwrap());
+        // What the remaining tag needs is intact.
+        assert!(reg.store().get_chunk(&shared.0).await.is_ok());
+        assert_eq!(reg.get_manifest("r", "b").await.unwrap().0, b);
+    }
+
+    #[tokio::test]
+    async fn a_push_in_progress_keeps_its_chunks() {
+        let t = testutil::registry().await;
+        let reg = &t.reg;
+        let pending = chunk(3, 1000);
+        let lease = reg.begin_push("r").await.unwrap();
+        assert_eq!(
+            reg.find_missing(&lease.id, vec![pending.0]).await.unwrap(),
+            vec![pending.0]
+        );
+        reg.put_chunk(&lease.id, pending.0, pending.1.clone())
+            .await
+            .unwrap();
+        // Unreferenced and past a zero grace period, but leased: kept.
+        let report = collect(reg, Duration::ZERO, false).await.unwrap();
+        assert_eq!(report.chunks_swept, 0, "{report:?}");
+        assert_eq!(report.chunks_kept_leased, 1, "{report:?}");
+        // The push commits over the chunk GC left alone.
+        reg.put_manifest(
+            "r",
+            &lease.id,
+            testutil::manifest(&[pending]),
+            &["v1".into()],
+        )
+        .await
+        .unwrap();
+    }
 }

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Everything but `l/`, `L/`, `r/`, `p/`, `n/` and `g/` is derived from the store and
-//! rebuilt by [`Index::rebuild`]; `snapreg dump-index` prints the derived part for
+//! rebuilt by [`Index::rebuild`] (run through shared_store.rs `rebuild_index`);
+//! `snapreg dump-index` prints the derived part for
 //! comparison. With several instances on one store the derived part is a cache that
 //! may lag the store: shared_store.rs says how each gap is closed. Leases are node-local: after a crash a push whose lease is gone
 //! fails its commit with "chunks missing" if GC swept something, and retries — the
@@ -35,7 +36,6 @@ use snapreg_proto::Digest;
 
 use crate::chunk_store::ChunkStore;
 use crate::error::Result;
-use crate::shared_store::SharedStore;
 
 pub struct Index {
     db: DB,
@@ -338,25 +338,9 @@ impl Index {
     }
 
     /// Rebuilds everything derivable from the store (chunks, manifests, tags); leases
-    /// are kept. Run on a fresh index, or by `snapreg reindex`. Holds a push lease in
-    /// the store meanwhile, so no other instance's GC deletes what it is listing.
+    /// are kept. The caller holds a push lease in the store meanwhile, so no other
+    /// instance's GC deletes what this lists (shared_store.rs `rebuild_index`).
     pub async fn rebuild(&self, store: &ChunkStore) -> Result<RebuildStats> {
-        let shared = SharedStore::default();
-        let lease = "reindex";
-        shared
-            .begin_push(store, self, lease, std::time::Duration::from_secs(3600))
-            .await?;
-        let result = self.rebuild_listing(store, &shared).await;
-        shared.end(store, lease).await?;
-        result
-    }
-
-    async fn rebuild_listing(
-        &self,
-        store: &ChunkStore,
-        shared: &SharedStore,
-    ) -> Result<RebuildStats> {
-        shared.mark_all_applied(store, self).await?;
         let mut stats = RebuildStats::default();
         let mut batch = WriteBatch::default();
         for prefix in [&b"c/"[..], b"m/", b"t/", BUILT] {
@@ -442,4 +426,150 @@ pub struct RebuildStats {
     pub chunks: u64,
     pub manifests: u64,
     pub tag_records: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapreg_proto::tags::TagTarget;
+
+    fn index() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index")).unwrap();
+        (dir, index)
+    }
+
+    fn record(hlc: u64, target: TagTarget) -> TagRecord {
+        TagRecord {
+            hlc: Hlc(hlc),
+            target,
+        }
+    }
+
+    #[test]
+    fn chunks_and_manifests_come_and_go() {
+        let (_dir, ix) = index();
+        let d = Digest::of(b"x");
+        assert!(!ix.has_chunk(&d).unwrap());
+        ix.add_chunk(&d, 10).unwrap();
+        assert!(ix.has_chunk(&d).unwrap());
+        assert!(
+            !ix.has_manifest(&d).unwrap(),
+            "chunks and manifests are apart"
+        );
+        ix.remove_chunk(&d).unwrap();
+        assert!(!ix.has_chunk(&d).unwrap());
+        ix.add_manifest(&d, 5).unwrap();
+        assert!(ix.has_manifest(&d).unwrap());
+        ix.remove_manifest(&d).unwrap();
+        assert!(!ix.has_manifest(&d).unwrap());
+    }
+
+    #[test]
+    fn the_highest_tag_record_wins_whatever_the_arrival_order() {
+        let (_dir, ix) = index();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert!(ix
+            .apply_tag_record("r", "t", &record(2, TagTarget::Manifest(b)))
+            .unwrap());
+        // An older record arriving late changes nothing.
+        assert!(!ix
+            .apply_tag_record("r", "t", &record(1, TagTarget::Manifest(a)))
+            .unwrap());
+        assert_eq!(
+            ix.tag_record("r", "t").unwrap(),
+            Some(record(2, TagTarget::Manifest(b)))
+        );
+        // A newer tombstone wins and is listed as such.
+        assert!(ix
+            .apply_tag_record("r", "t", &record(3, TagTarget::Deleted))
+            .unwrap());
+        assert_eq!(
+            ix.all_tags().unwrap(),
+            vec![("r".into(), "t".into(), record(3, TagTarget::Deleted))]
+        );
+        assert_eq!(ix.max_hlc().unwrap(), Hlc(3));
+    }
+
+    #[test]
+    fn leases_protect_digests_until_they_expire_or_end() {
+        let (_dir, ix) = index();
+        let (d, e) = (Digest::of(b"d"), Digest::of(b"e"));
+        ix.put_lease("live", 1000).unwrap();
+        ix.put_lease("ending", 1000).unwrap();
+        ix.lease_digests("live", &[d]).unwrap();
+        ix.lease_digests("ending", &[e]).unwrap();
+        assert!(ix.is_leased(&d, 999).unwrap());
+        assert!(!ix.is_leased(&d, 1000).unwrap(), "expired at its expiry");
+        ix.drop_lease("ending").unwrap();
+        assert!(
+            !ix.is_leased(&e, 0).unwrap(),
+            "an ended lease protects nothing"
+        );
+        assert_eq!(ix.lease_expiry("live").unwrap(), Some(1000));
+        assert_eq!(ix.drop_expired_leases(999).unwrap(), 0);
+        assert!(ix.is_leased(&d, 999).unwrap());
+        assert_eq!(ix.drop_expired_leases(1000).unwrap(), 1);
+        assert_eq!(ix.lease_expiry("live").unwrap(), None);
+    }
+
+    #[test]
+    fn the_log_reads_back_in_sequence_and_cursors_persist() {
+        let (_dir, ix) = index();
+        assert_eq!(ix.log_head().unwrap(), 0);
+        let entry = |tag: &str| LogEntry {
+            repository: "r".into(),
+            tag: tag.into(),
+            record_name: format!("{tag}-name"),
+        };
+        for (seq, tag) in [(1, "a"), (2, "b"), (3, "c")] {
+            ix.put_log_entry(seq, &entry(tag)).unwrap();
+        }
+        assert_eq!(ix.log_head().unwrap(), 3);
+        assert_eq!(
+            ix.log_entries_after(1, 10).unwrap(),
+            vec![(2, entry("b")), (3, entry("c"))]
+        );
+        assert_eq!(ix.log_entries_after(0, 1).unwrap(), vec![(1, entry("a"))]);
+        assert_eq!(ix.peer_cursor("eu").unwrap(), 0);
+        ix.set_peer_cursor("eu", 2).unwrap();
+        assert_eq!(ix.peer_cursor("eu").unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_matches_the_index_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(None, dir.path().join("store")).unwrap();
+        let ix = Index::open(&dir.path().join("a")).unwrap();
+        let (chunk, manifest) = (Digest::of(b"chunk"), Digest::of(b"manifest"));
+        store
+            .put_chunk(&chunk, bytes::Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        ix.add_chunk(&chunk, 1).unwrap();
+        store
+            .put_manifest(&manifest, bytes::Bytes::from_static(b"mm"))
+            .await
+            .unwrap();
+        ix.add_manifest(&manifest, 2).unwrap();
+        let rec = record(7 << 16, TagTarget::Manifest(manifest));
+        store.put_tag_record("r", "t", &rec).await.unwrap();
+        ix.apply_tag_record("r", "t", &rec).unwrap();
+
+        let rebuilt = Index::open(&dir.path().join("b")).unwrap();
+        assert!(!rebuilt.is_built().unwrap());
+        let stats = rebuilt.rebuild(&store).await.unwrap();
+        assert_eq!(
+            (stats.chunks, stats.manifests, stats.tag_records),
+            (1, 1, 1)
+        );
+        assert!(rebuilt.is_built().unwrap());
+        assert_eq!(rebuilt.dump_derived().unwrap(), ix.dump_derived().unwrap());
+        // An empty log is seeded with the current records, so peers converge.
+        assert_eq!(rebuilt.log_head().unwrap(), 1);
+        assert_eq!(
+            rebuilt.log_entries_after(0, 10).unwrap()[0].1.record_name,
+            rec.object_name()
+        );
+    }
 }

@@ -1,30 +1,42 @@
 //! The snapreg registry: a gRPC server over an object store.
 //!
-//! - [`chunk_store`]: chunk, manifest and tag-record objects in `object_store` (the
-//!   source of truth), written once, fsync'd on the local backend.
-//! - [`index`]: RocksDB under the data dir: chunk and manifest presence, current tag
-//!   values, push leases. Rebuildable from the store ([`index::Index::rebuild`]),
-//!   except leases, which are node-local and short-lived by design.
-//! - [`service`]: the `snapreg.v1.Registry` RPC handlers.
-//! - [`auth`]: bearer tokens (stored hashed in the object store under `auth/`) and
-//!   what each RPC needs; every RPC passes through it before its handler.
-//! - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
-//! - [`server`]: opening a data dir and serving on a listener until shutdown.
-//! - [`scheduler`]: the scheduler API: `Resolve` (compatible snapshots for a node,
-//!   newest first, with sizes and cached bytes) and `Watch` (the commit log as a
-//!   resumable event stream), plus node registration (`RegisterNode`, `ListNodes`)
-//!   for `snapctl agent`.
-//! - [`shared_store`]: several instances on one store: store leases that keep GC on
-//!   one instance from racing a push on another, sweep logs, and the rule that the
-//!   index is a cache that looks in the store before calling anything missing.
-//! - [`retention`]: per-repository keep-N / keep-for-D policies (stored in the object
-//!   store), applied by `ApplyRetention` and before every GC.
-//! - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
-//!   `quarantine/` and out of the index, so the next push re-uploads them.
-//! - [`tenant_keys`]: repositories that take only snapshots encrypted with their
-//!   tenant's key (the registry holds no keys; clients encrypt).
-//! - [`replication`]: pushing this registry's commits (tag records, their manifests
-//!   and missing chunks) to its peers, with a durable per-peer cursor.
+//! Modules, in layers; each uses only modules in the layers above it (so no import
+//! cycle; `scripts/check-imports.py registry/src` checks it in CI):
+//!
+//! 1. Foundations
+//!    - [`error`]: [`RegistryError`], the crate's one error enum.
+//!    - [`clock`]: wall-clock milliseconds for lease expiries and stamps.
+//!    - [`chunk_store`]: chunk, manifest and tag-record objects in `object_store` (the
+//!      source of truth), written once, fsync'd on the local backend.
+//!    - [`index`]: RocksDB under the data dir: chunk and manifest presence, current
+//!      tag values, push leases, the commit log. Rebuildable from the store, except
+//!      what it documents as node-local.
+//!    - [`shared_store`]: several instances on one store: store leases that keep GC on
+//!      one instance from racing a push on another, sweep logs, and the index rebuild.
+//!    - [`auth`]: bearer tokens (stored hashed in the object store under `auth/`),
+//!      scopes and repository patterns, and who a request's metadata names.
+//!    - [`tenant_keys`]: repositories that take only snapshots encrypted with their
+//!      tenant's key (the registry holds no keys; clients encrypt).
+//! 2. The domain
+//!    - [`registry`]: [`Registry`], which owns the store, the index, the tag clock and
+//!      the commit log, and every push, pull, tag and delete operation, in domain types.
+//! 3. Domain operations over a [`Registry`]
+//!    - [`retention`]: per-repository keep-N / keep-for-D policies (in the object
+//!      store), applied by `ApplyRetention` and before every GC.
+//!    - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
+//!    - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
+//!      `quarantine/` and out of the index, so the next push re-uploads them.
+//!    - [`scheduler`]: `Resolve` (compatible snapshots for a node, newest first, with
+//!      sizes and cached bytes), `Watch` (the commit log as a resumable event stream)
+//!      and node registrations for `snapctl agent`.
+//!    - [`replication`]: pushing this registry's commits (tag records, their manifests
+//!      and missing chunks) to its peers, with a durable per-peer cursor.
+//! 4. gRPC
+//!    - [`service`]: the `snapreg.v1.Registry` handlers: protobuf to domain and back,
+//!      and the one mapping of [`RegistryError`] to `tonic::Status`.
+//!    - [`access`]: what each RPC needs, checked before its handler runs.
+//!    - [`server`]: [`Server::open`] and [`Server::run`]: serving on a listener until
+//!      a shutdown future completes.
 //!
 //! Invariants:
 //! - A chunk is in the index only after its object is durable; a manifest is stored
@@ -34,12 +46,42 @@
 //! - Every change to a chunk's presence (upload, sweep) and every lease taken on it by
 //!   a "which are missing" answer happen under that chunk's stripe lock, so GC never
 //!   sweeps a chunk a push was just told exists.
+//! - Only this registry's own tag commits enter the commit log, after their record is
+//!   durable; replication and Watch read nothing else.
+//! - Background tasks (replication, Watch streams) live no longer than
+//!   [`Server::run`].
+//!
+//! Embedding: open a server on a data directory, bind a listener (port 0 picks a free
+//! one) and run until a shutdown future completes:
+//!
+//! ```no_run
+//! use snapreg_registry::{auth::Scope, Server, ServerConfig};
+//!
+//! # async fn embed() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = ServerConfig::new("/var/lib/snapreg");
+//! config.anonymous = Some(Scope::Push);
+//! let server = Server::open(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! println!("serving on {}", listener.local_addr()?);
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let serving = tokio::spawn(server.run(listener, async move {
+//!     let _ = stopped.await;
+//! }));
+//! // ... talk to it with a `RegistryClient` ...
+//! let _ = stop.send(());
+//! serving.await??;
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod access;
 pub mod auth;
 pub mod chunk_store;
+pub mod clock;
 pub mod error;
 pub mod gc;
 pub mod index;
+pub mod registry;
 pub mod replication;
 pub mod retention;
 pub mod scheduler;
@@ -48,7 +90,10 @@ pub mod server;
 pub mod service;
 pub mod shared_store;
 pub mod tenant_keys;
+#[cfg(test)]
+mod testutil;
 
 pub use error::RegistryError;
+pub use registry::{Registry, RegistryConfig};
 pub use replication::PeerConfig;
-pub use server::{open, open_tokens, run, Registry, RegistryConfig, TlsFiles};
+pub use server::{open_tokens, Server, ServerConfig, TlsFiles};

@@ -1,14 +1,15 @@
 //! `snapreg`: parse arguments, open the registry, serve. Nothing else lives here.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use snapreg_proto::pb::{self, registry_client::RegistryClient};
-use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope};
+use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope, TokenStore};
 use snapreg_registry::tenant_keys::TenantKeyRule;
-use snapreg_registry::{PeerConfig, RegistryConfig, TlsFiles};
+use snapreg_registry::{PeerConfig, RegistryConfig, Server, ServerConfig, TlsFiles};
 
 #[derive(Parser)]
 #[command(name = "snapreg", version, about = "Registry for process snapshots")]
@@ -82,45 +83,67 @@ impl TokenCommand {
     }
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one (printed on stdout as JSON).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    listen: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Unreferenced chunks younger than this survive GC.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    gc_grace: Duration,
+    /// How long a push lease lives without activity, and after its commit.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// Replicate this registry's commits to a peer: NAME=URL[,repos=PREFIX1|PREFIX2]
+    /// [,token-file=PATH][,ca-cert=PATH][,client-cert=PATH,client-key=PATH]
+    /// (repeatable; every registry of a region set lists all the others).
+    #[arg(long = "peer", value_name = "NAME=URL[,OPTIONS]")]
+    peers: Vec<PeerConfig>,
+    /// Longest wait between two attempts at an unreachable or failing peer.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    replication_backoff_max: Duration,
+    /// What callers without a token may do: none, pull, push or admin (on every
+    /// repository). Default none: every call needs a token (`snapreg token issue`).
+    #[arg(long, default_value = "none", value_parser = ["none", "pull", "push", "admin"])]
+    anonymous: String,
+    /// How long a checked token is trusted before the store is read again; a
+    /// revocation reaches this registry within this time.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    auth_cache_ttl: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// PATTERN=KEYID: repositories matching PATTERN (`acme/*`, exact) take only
+    /// snapshots encrypted with that tenant key (`snapctl key show FILE` prints
+    /// its id). Repeatable; the first matching rule decides.
+    #[arg(long = "tenant-key", value_name = "PATTERN=KEYID")]
+    tenant_keys: Vec<TenantKeyRule>,
+}
+
+#[derive(clap::Args)]
+struct ScrubArgs {
+    /// Data directory of a stopped registry.
+    #[arg(long, env = "SNAPREG_DATA", required_unless_present = "registry")]
+    data: Option<PathBuf>,
+    /// Object store URL of that registry (as for serve).
+    #[arg(long, env = "SNAPREG_STORE")]
+    store: Option<String>,
+    /// Ask the registry serving at this URL to scrub itself instead.
+    #[arg(long, conflicts_with = "data")]
+    registry: Option<String>,
+    /// Admin token for --registry (`snapreg token issue --scope admin --repo '*'`).
+    #[arg(long, env = "SNAPREG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Report only; quarantine nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API.
-    Serve {
-        /// Address to listen on; port 0 picks a free one (printed on stdout as JSON).
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        listen: String,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Unreferenced chunks younger than this survive GC.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        gc_grace: Duration,
-        /// How long a push lease lives without activity, and after its commit.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        lease_ttl: Duration,
-        /// Replicate this registry's commits to a peer: NAME=URL[,repos=PREFIX1|PREFIX2]
-        /// [,token-file=PATH][,ca-cert=PATH][,client-cert=PATH,client-key=PATH]
-        /// (repeatable; every registry of a region set lists all the others).
-        #[arg(long = "peer", value_name = "NAME=URL[,OPTIONS]")]
-        peers: Vec<PeerConfig>,
-        /// Longest wait between two attempts at an unreachable or failing peer.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        replication_backoff_max: Duration,
-        /// What callers without a token may do: none, pull, push or admin (on every
-        /// repository). Default none: every call needs a token (`snapreg token issue`).
-        #[arg(long, default_value = "none", value_parser = ["none", "pull", "push", "admin"])]
-        anonymous: String,
-        /// How long a checked token is trusted before the store is read again; a
-        /// revocation reaches this registry within this time.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        auth_cache_ttl: Duration,
-        #[command(flatten)]
-        tls: TlsArgs,
-        /// PATTERN=KEYID: repositories matching PATTERN (`acme/*`, exact) take only
-        /// snapshots encrypted with that tenant key (`snapctl key show FILE` prints
-        /// its id). Repeatable; the first matching rule decides.
-        #[arg(long = "tenant-key", value_name = "PATTERN=KEYID")]
-        tenant_keys: Vec<TenantKeyRule>,
-    },
+    Serve(ServeArgs),
     /// Issue, revoke and list access tokens (in the object store, shared by every
     /// registry serving it; works while the registry runs).
     Token {
@@ -143,196 +166,217 @@ enum Command {
     /// so the next push re-uploads them. Offline with --data (the registry stopped),
     /// or online with --registry URL. Prints a JSON report; exits 5 when anything was
     /// damaged.
-    Scrub {
-        /// Data directory of a stopped registry.
-        #[arg(long, env = "SNAPREG_DATA", required_unless_present = "registry")]
-        data: Option<PathBuf>,
-        /// Object store URL of that registry (as for serve).
-        #[arg(long, env = "SNAPREG_STORE")]
-        store: Option<String>,
-        /// Ask the registry serving at this URL to scrub itself instead.
-        #[arg(long, conflicts_with = "data")]
-        registry: Option<String>,
-        /// Admin token for --registry (`snapreg token issue --scope admin --repo '*'`).
-        #[arg(long, env = "SNAPREG_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Report only; quarantine nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Scrub(ScrubArgs),
 }
 
+/// Exit code of a scrub that found damage (DESIGN.md: 5, integrity failure).
+const EXIT_DAMAGED: u8 = 5;
+
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = real_main().await {
-        eprintln!("snapreg: error: {e:#}");
-        std::process::exit(1);
+    match run(Cli::parse().command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("snapreg: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-async fn real_main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Serve {
-            listen,
-            store,
-            gc_grace,
-            lease_ttl,
-            peers,
-            replication_backoff_max,
-            anonymous,
-            auth_cache_ttl,
-            tls,
-            tenant_keys,
-        } => {
-            let mut config = RegistryConfig::new(&store.data);
-            config.store_url = store.store;
-            config.gc_grace = gc_grace;
-            config.lease_ttl = lease_ttl;
-            config.peers = peers;
-            config.replication_backoff_max = replication_backoff_max;
-            config.anonymous = parse_anonymous(&anonymous).map_err(anyhow::Error::msg)?;
-            config.auth_cache_ttl = auth_cache_ttl;
-            config.tenant_keys = tenant_keys;
-            config.tls = match (tls.tls_cert, tls.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert,
-                    key,
-                    client_ca: tls.tls_client_ca,
-                }),
-                _ => None,
-            };
-            let registry = snapreg_registry::open(config)
-                .await
-                .with_context(|| format!("opening the registry in {}", store.data.display()))?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
-            let addr = listener.local_addr()?;
-            println!("{}", serde_json::json!({ "listen": addr.to_string() }));
-            tracing::info!(%addr, "snapreg serving");
-            snapreg_registry::run(listener, registry, shutdown_signal()).await?;
-            Ok(())
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await?,
+        Command::Token { command } => token(command).await?,
+        Command::Reindex { store } => reindex(store).await?,
+        Command::DumpIndex { data } => dump_index(&data)?,
+        Command::Scrub(args) => return scrub(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl StoreArgs {
+    fn registry_config(&self) -> RegistryConfig {
+        let mut config = RegistryConfig::new(&self.data);
+        config.store_url = self.store.clone();
+        config
+    }
+}
+
+impl ServeArgs {
+    fn server_config(self) -> anyhow::Result<ServerConfig> {
+        let mut config = ServerConfig::new(&self.store.data);
+        config.registry.store_url = self.store.store;
+        config.registry.gc_grace = self.gc_grace;
+        config.registry.lease_ttl = self.lease_ttl;
+        config.registry.tenant_keys = self.tenant_keys;
+        config.peers = self.peers;
+        config.replication_backoff_max = self.replication_backoff_max;
+        config.anonymous = parse_anonymous(&self.anonymous).map_err(anyhow::Error::msg)?;
+        config.auth_cache_ttl = self.auth_cache_ttl;
+        config.tls = match (self.tls.tls_cert, self.tls.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls.tls_client_ca,
+            }),
+            _ => None,
+        };
+        Ok(config)
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listen = args.listen.clone();
+    let data = args.store.data.clone();
+    let server = Server::open(args.server_config()?)
+        .await
+        .with_context(|| format!("opening the registry in {}", data.display()))?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
+    let addr = listener.local_addr()?;
+    println!("{}", serde_json::json!({ "listen": addr.to_string() }));
+    tracing::info!(%addr, "snapreg serving");
+    server.run(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    let tokens = snapreg_registry::open_tokens(&command.store().registry_config())
+        .await
+        .context("opening the registry's object store")?;
+    match command {
+        TokenCommand::Issue {
+            repository,
+            scope,
+            ttl,
+            name,
+            store: _,
+        } => issue_token(&tokens, repository, scope, ttl, name).await?,
+        TokenCommand::Revoke { id, store: _ } => {
+            let record = tokens.revoke(&id).await?;
+            println!(
+                "{}",
+                serde_json::json!({ "revoked": record.id, "name": record.name })
+            );
         }
-        Command::Token { command } => {
-            let store = command.store();
-            let mut config = RegistryConfig::new(&store.data);
-            config.store_url = store.store.clone();
-            let tokens = snapreg_registry::open_tokens(&config)
-                .await
-                .context("opening the registry's object store")?;
-            match command {
-                TokenCommand::Issue {
-                    repository,
-                    scope,
-                    ttl,
-                    name,
-                    store: _,
-                } => {
-                    let (record, token) = tokens.issue(repository, scope, ttl, name).await?;
-                    eprintln!(
-                        "issued token {} ({}): {} on {}; it is shown only now",
-                        record.id, record.name, record.scope, record.repository
-                    );
-                    let mut out = serde_json::to_value(&record)?;
-                    out["token"] = token.into();
-                    println!("{out}");
-                }
-                TokenCommand::Revoke { id, store: _ } => {
-                    let record = tokens.revoke(&id).await?;
-                    println!(
-                        "{}",
-                        serde_json::json!({ "revoked": record.id, "name": record.name })
-                    );
-                }
-                TokenCommand::Ls { store: _ } => {
-                    for t in tokens.list().await? {
-                        println!("{}", serde_json::to_string(&t)?);
-                    }
-                }
+        TokenCommand::Ls { store: _ } => {
+            for t in tokens.list().await? {
+                println!("{}", serde_json::to_string(&t)?);
             }
-            Ok(())
-        }
-        Command::Reindex { store } => {
-            let mut config = RegistryConfig::new(&store.data);
-            config.store_url = store.store;
-            let registry = snapreg_registry::open(config)
-                .await
-                .context("opening the registry")?;
-            let stats = registry
-                .index()
-                .rebuild(registry.store())
-                .await
-                .context("rebuilding the index")?;
-            println!("{}", serde_json::to_string(&stats)?);
-            Ok(())
-        }
-        Command::DumpIndex { data } => {
-            let index = snapreg_registry::index::Index::open(&data.join("index"))
-                .with_context(|| format!("opening the index in {}", data.display()))?;
-            for line in index.dump_derived()? {
-                println!("{line}");
-            }
-            Ok(())
-        }
-        Command::Scrub {
-            data,
-            store,
-            registry,
-            token,
-            dry_run,
-        } => {
-            let report = match (registry, data) {
-                (Some(url), _) => {
-                    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                        .with_context(|| format!("{url} is not a registry URL"))?
-                        .connect()
-                        .await
-                        .with_context(|| format!("connecting to {url}"))?;
-                    let mut client = RegistryClient::with_interceptor(
-                        channel,
-                        snapreg_proto::credentials::BearerToken::new(token.as_deref())?,
-                    );
-                    client
-                        .scrub(pb::ScrubRequest { dry_run })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}", s.message()))
-                        .with_context(|| format!("scrubbing the registry at {url}"))?
-                        .into_inner()
-                }
-                (None, Some(data)) => {
-                    let mut config = RegistryConfig::new(&data);
-                    config.store_url = store;
-                    let registry = snapreg_registry::open(config).await.with_context(|| {
-                        format!(
-                            "opening the registry in {} (still serving? stop it, or pass --registry URL)",
-                            data.display()
-                        )
-                    })?;
-                    snapreg_registry::scrub::scrub(&registry, dry_run)
-                        .await
-                        .context("scrubbing the store")?
-                        .into()
-                }
-                (None, None) => unreachable!("clap requires --data or --registry"),
-            };
-            println!("{}", scrub_json(&report));
-            if !report.damaged.is_empty() {
-                eprintln!(
-                    "snapreg: {} damaged object(s){}; push the affected snapshots again from their source",
-                    report.damaged.len(),
-                    if dry_run { "" } else { " moved to quarantine/" }
-                );
-                std::process::exit(5);
-            }
-            Ok(())
         }
     }
+    Ok(())
+}
+
+async fn issue_token(
+    tokens: &TokenStore,
+    repository: RepoPattern,
+    scope: Scope,
+    ttl: Option<Duration>,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    let (record, token) = tokens.issue(repository, scope, ttl, name).await?;
+    eprintln!(
+        "issued token {} ({}): {} on {}; it is shown only now",
+        record.id, record.name, record.scope, record.repository
+    );
+    let mut out = serde_json::to_value(&record)?;
+    out["token"] = token.into();
+    println!("{out}");
+    Ok(())
+}
+
+async fn reindex(store: StoreArgs) -> anyhow::Result<()> {
+    let registry = snapreg_registry::Registry::open(store.registry_config())
+        .await
+        .context("opening the registry")?;
+    let stats = registry
+        .rebuild_index()
+        .await
+        .context("rebuilding the index")?;
+    println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}
+
+fn dump_index(data: &std::path::Path) -> anyhow::Result<()> {
+    let index = snapreg_registry::index::Index::open(&data.join("index"))
+        .with_context(|| format!("opening the index in {}", data.display()))?;
+    for line in index.dump_derived()? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Prints the report; exits [`EXIT_DAMAGED`] when anything was damaged.
+async fn scrub(args: ScrubArgs) -> anyhow::Result<ExitCode> {
+    let dry_run = args.dry_run;
+    let report = match (args.registry, args.data) {
+        (Some(url), _) => scrub_online(&url, args.token.as_deref(), dry_run).await?,
+        (None, Some(data)) => scrub_offline(data, args.store, dry_run).await?,
+        (None, None) => unreachable!("clap requires --data or --registry"),
+    };
+    println!("{}", scrub_json(&report));
+    if !report.damaged.is_empty() {
+        eprintln!(
+            "snapreg: {} damaged object(s){}; push the affected snapshots again from their source",
+            report.damaged.len(),
+            if dry_run { "" } else { " moved to quarantine/" }
+        );
+        return Ok(ExitCode::from(EXIT_DAMAGED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the registry serving at `url` to scrub itself.
+async fn scrub_online(
+    url: &str,
+    token: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<pb::ScrubResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("{url} is not a registry URL"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let mut client = RegistryClient::with_interceptor(
+        channel,
+        snapreg_proto::credentials::BearerToken::new(token)?,
+    );
+    Ok(client
+        .scrub(pb::ScrubRequest { dry_run })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .with_context(|| format!("scrubbing the registry at {url}"))?
+        .into_inner())
+}
+
+/// Scrubs the data directory of a stopped registry.
+async fn scrub_offline(
+    data: PathBuf,
+    store: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<pb::ScrubResponse> {
+    let mut config = RegistryConfig::new(&data);
+    config.store_url = store;
+    let registry = snapreg_registry::Registry::open(config)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the registry in {} (still serving? stop it, or pass --registry URL)",
+                data.display()
+            )
+        })?;
+    Ok(snapreg_registry::scrub::scrub(&registry, dry_run)
+        .await
+        .context("scrubbing the store")?
+        .into())
 }
 
 fn scrub_json(r: &pb::ScrubResponse) -> serde_json::Value {

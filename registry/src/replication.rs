@@ -29,14 +29,13 @@
 //!   `https://` peer, the CA to trust (`ca-cert=PATH`) and a client certificate for
 //!   mutual TLS (`client-cert=PATH,client-key=PATH`). Files are read when the peer's
 //!   task starts; a refusal by the peer shows up in `ReplicationStatus`'s last error.
-//! - **Lifetime.** One task per peer, started by [`crate::server::run`] and stopped
-//!   when the server shuts down (an entry in flight is abandoned; it is re-sent later).
+//! - **Lifetime.** One task per peer, started by [`Replicator::spawn`] when the server
+//!   runs and stopped when it shuts down (an entry in flight is abandoned; it is re-sent later).
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use snapreg_proto::credentials::{self, BearerToken};
 use snapreg_proto::manifest::Manifest;
@@ -48,9 +47,10 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::{RegistryError, Result};
-use crate::index::{Index, LogEntry};
-use crate::server::{now_ms, Registry, MAX_MESSAGE_BYTES};
+use crate::clock::now_ms;
+use crate::error::{BoxError, RegistryError, Result};
+use crate::index::LogEntry;
+use crate::registry::Registry;
 
 /// First retry delay after a failure; doubles up to the configured maximum.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -63,6 +63,9 @@ const PUT_BATCH_CHUNKS: usize = 64;
 const PUT_BATCH_BYTES: usize = 16 << 20;
 /// While caught up, the loop re-reads the log at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Largest gRPC message either side accepts: a 16 MiB chunk object, or a manifest.
+pub const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
 
 type PeerClient = RegistryClient<InterceptedService<Channel, BearerToken>>;
 
@@ -171,18 +174,41 @@ struct Peer {
     stats: Mutex<PeerStats>,
 }
 
-/// The log's head and the peers' in-memory counters (the cursors are in the index).
-pub(crate) struct Replication {
-    /// The last sequence appended; appends happen under this lock, so entries become
-    /// visible in sequence order and a peer loop never skips one.
-    last_seq: Mutex<u64>,
-    head: watch::Sender<u64>,
+/// One peer's replication state, as ReplicationStatus shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub url: String,
+    pub repository_prefixes: Vec<String>,
+    /// The last log sequence the peer acknowledged.
+    pub acked_seq: u64,
+    pub entries_behind: u64,
+    pub last_success_unix_ms: u64,
+    /// Empty while the last attempt succeeded.
+    pub last_error: String,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    pub manifests_sent: u64,
+    pub records_sent: u64,
+    /// Failed attempts since the last success.
+    pub failures: u64,
+}
+
+/// The commit log's head and every peer's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    pub log_head: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// The peers and their in-memory counters (the cursors are in the index).
+pub struct Replicator {
     peers: Vec<Arc<Peer>>,
     backoff_max: Duration,
 }
 
-impl Replication {
-    pub(crate) fn new(index: &Index, peers: &[PeerConfig], backoff_max: Duration) -> Result<Self> {
+impl Replicator {
+    pub fn new(peers: &[PeerConfig], backoff_max: Duration) -> Result<Self> {
         let mut names = std::collections::HashSet::new();
         for p in peers {
             if !names.insert(&p.name) {
@@ -192,10 +218,7 @@ impl Replication {
                 ));
             }
         }
-        let head = index.log_head()?;
-        Ok(Replication {
-            last_seq: Mutex::new(head),
-            head: watch::Sender::new(head),
+        Ok(Replicator {
             peers: peers
                 .iter()
                 .map(|c| {
@@ -209,36 +232,13 @@ impl Replication {
         })
     }
 
-    /// Appends a tag record this registry wrote (durably, after the record itself).
-    pub(crate) fn log_commit(
-        &self,
-        index: &Index,
-        repository: &str,
-        tag: &str,
-        record: &TagRecord,
-    ) -> Result<()> {
-        let mut last = self.last_seq.lock().unwrap();
-        let seq = *last + 1;
-        index.put_log_entry(
-            seq,
-            &LogEntry {
-                repository: repository.into(),
-                tag: tag.into(),
-                record_name: record.object_name(),
-            },
-        )?;
-        *last = seq;
-        self.head.send_replace(seq);
-        Ok(())
-    }
-
-    pub(crate) fn status(&self, index: &Index) -> Result<pb::ReplicationStatusResponse> {
-        let log_head = *self.last_seq.lock().unwrap();
+    pub fn status(&self, reg: &Registry) -> Result<ReplicationStatus> {
+        let log_head = reg.log_head();
         let mut peers = Vec::new();
         for p in &self.peers {
-            let acked = index.peer_cursor(&p.config.name)?;
+            let acked = reg.index().peer_cursor(&p.config.name)?;
             let s = p.stats.lock().unwrap();
-            peers.push(pb::PeerReplicationStatus {
+            peers.push(PeerStatus {
                 name: p.config.name.clone(),
                 url: p.config.url.clone(),
                 repository_prefixes: p.config.repository_prefixes.clone(),
@@ -253,18 +253,24 @@ impl Replication {
                 failures: s.failures,
             });
         }
-        Ok(pb::ReplicationStatusResponse { log_head, peers })
+        Ok(ReplicationStatus { log_head, peers })
     }
-}
 
-/// Starts one replication task per peer; each stops when `stop` turns true (or its
-/// sender is dropped).
-pub(crate) fn spawn(reg: &Arc<Registry>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-    reg.replication
-        .peers
-        .iter()
-        .map(|peer| tokio::spawn(peer_loop(reg.clone(), peer.clone(), stop.clone())))
-        .collect()
+    /// Starts one replication task per peer; each stops when `stop` turns true (or
+    /// its sender is dropped).
+    pub fn spawn(&self, reg: &Arc<Registry>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        self.peers
+            .iter()
+            .map(|peer| {
+                tokio::spawn(peer_loop(
+                    reg.clone(),
+                    peer.clone(),
+                    self.backoff_max,
+                    stop.clone(),
+                ))
+            })
+            .collect()
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -272,24 +278,36 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn connect_lazy(peer: &PeerConfig) -> anyhow::Result<PeerClient> {
+/// A [`RegistryError::PeerSetup`] saying which setting `source` is about.
+fn setup(what: impl Into<String>, source: impl Into<BoxError>) -> RegistryError {
+    RegistryError::PeerSetup {
+        what: what.into(),
+        source: source.into(),
+    }
+}
+
+fn connect_lazy(peer: &PeerConfig) -> Result<PeerClient> {
     let url = &peer.url;
     let token = match &peer.token_file {
-        Some(f) => Some(credentials::read_token_file(f).context("the peer's token-file")?),
+        Some(f) => {
+            Some(credentials::read_token_file(f).map_err(|e| setup("the peer's token-file", e))?)
+        }
         None => None,
     };
-    let token = BearerToken::new(token.as_deref())?;
-    let mut endpoint =
-        Endpoint::from_shared(url.to_string()).with_context(|| format!("peer URL {url:?}"))?;
+    let token = BearerToken::new(token.as_deref()).map_err(|e| setup("the peer's token", e))?;
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| setup(format!("peer URL {url:?}"), e))?;
     if url.starts_with("https://") {
-        let identity = credentials::identity_pair(
+        let tls = credentials::identity_pair(
             peer.client_cert.as_deref(),
             peer.client_key.as_deref(),
             ("client-cert", "client-key"),
-        )?;
+        )
+        .and_then(|identity| credentials::client_tls(peer.ca_cert.as_deref(), identity))
+        .map_err(|e| setup("the peer's TLS files", e))?;
         endpoint = endpoint
-            .tls_config(credentials::client_tls(peer.ca_cert.as_deref(), identity)?)
-            .context("the peer's TLS settings")?;
+            .tls_config(tls)
+            .map_err(|e| setup("the peer's TLS settings", e))?;
     }
     let channel = endpoint
         .connect_timeout(Duration::from_secs(3))
@@ -306,17 +324,23 @@ fn connect_lazy(peer: &PeerConfig) -> anyhow::Result<PeerClient> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receiver<bool>) {
+async fn peer_loop(
+    reg: Arc<Registry>,
+    peer: Arc<Peer>,
+    backoff_max: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let name = peer.config.name.clone();
     let client = match connect_lazy(&peer.config) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(peer = %name, "replication disabled: {e:#}");
-            peer.stats.lock().unwrap().last_error = format!("{e:#}");
+            let e = e.chain();
+            tracing::error!(peer = %name, "replication disabled: {e}");
+            peer.stats.lock().unwrap().last_error = e;
             return;
         }
     };
-    let mut head = reg.replication.head.subscribe();
+    let mut head = reg.subscribe_log();
     let mut backoff = INITIAL_BACKOFF;
     tracing::info!(peer = %name, url = %peer.config.url, "replication started");
     loop {
@@ -327,9 +351,9 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
         head.borrow_and_update();
         // Re-read the durable cursor each round: it is the only truth.
         let entries = reg
-            .index
+            .index()
             .peer_cursor(&name)
-            .and_then(|cursor| reg.index.log_entries_after(cursor, LOG_BATCH));
+            .and_then(|cursor| reg.log_entries_after(cursor, LOG_BATCH));
         let entries = match entries {
             Ok(e) => e,
             Err(e) => {
@@ -338,7 +362,7 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
                     _ = stopped(&mut stop) => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(reg.replication.backoff_max);
+                backoff = (backoff * 2).min(backoff_max);
                 continue;
             }
         };
@@ -357,11 +381,7 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
                     r = send_entry(&reg, &peer, client.clone(), &entry) => r,
                 };
                 // The cursor moves only after the peer acknowledged the whole entry.
-                let result = result.and_then(|()| {
-                    reg.index
-                        .set_peer_cursor(&name, seq)
-                        .context("writing the peer cursor")
-                });
+                let result = result.and_then(|()| reg.index().set_peer_cursor(&name, seq));
                 match result {
                     Ok(()) => {
                         let mut s = peer.stats.lock().unwrap();
@@ -372,8 +392,12 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
                         break;
                     }
                     Err(e) => {
-                        let msg =
-                            format!("entry {seq} ({}:{}): {e:#}", entry.repository, entry.tag);
+                        let msg = format!(
+                            "entry {seq} ({}:{}): {}",
+                            entry.repository,
+                            entry.tag,
+                            e.chain()
+                        );
                         tracing::warn!(peer = %name, retry_in = ?backoff, "replication failed: {msg}");
                         {
                             let mut s = peer.stats.lock().unwrap();
@@ -384,7 +408,7 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
                             _ = stopped(&mut stop) => return,
                             _ = tokio::time::sleep(backoff) => {}
                         }
-                        backoff = (backoff * 2).min(reg.replication.backoff_max);
+                        backoff = (backoff * 2).min(backoff_max);
                     }
                 }
             }
@@ -393,21 +417,29 @@ async fn peer_loop(reg: Arc<Registry>, peer: Arc<Peer>, mut stop: watch::Receive
     tracing::info!(peer = %name, "replication stopped");
 }
 
+/// A [`RegistryError::PeerCall`] for a failed call to the peer.
+fn peer_call(call: &'static str) -> impl FnOnce(tonic::Status) -> RegistryError {
+    move |status| RegistryError::PeerCall {
+        call,
+        source: Box::new(status),
+    }
+}
+
 /// Sends one log entry to the peer; returns once the peer acknowledged all of it.
 async fn send_entry(
     reg: &Registry,
     peer: &Peer,
     mut client: PeerClient,
     entry: &LogEntry,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     if !peer.config.wants(&entry.repository) {
         return Ok(());
     }
-    let record = TagRecord::parse(&entry.record_name).context("log entry's record name")?;
+    let record = TagRecord::parse(&entry.record_name)?;
     let (lease_id, manifest) = match record.digest() {
         None => (String::new(), Bytes::new()),
         Some(digest) => {
-            let bytes = match reg.store.get_manifest(&digest).await {
+            let bytes = match reg.store().get_manifest(&digest).await {
                 Ok(b) => b,
                 Err(RegistryError::ManifestNotFound { .. }) => {
                     // Swept by GC: the tag moved on since, and a later entry carries it.
@@ -415,17 +447,15 @@ async fn send_entry(
                         tag = %entry.tag, %digest, "manifest gone (collected); record skipped");
                     return Ok(());
                 }
-                Err(e) => return Err(e).context("reading the manifest"),
+                Err(e) => return Err(e),
             };
-            let chunks = Manifest::decode(&bytes)
-                .context("decoding the manifest")?
-                .chunk_digests();
+            let chunks = Manifest::decode(&bytes)?.chunk_digests();
             let lease_id = client
                 .begin_push(pb::BeginPushRequest {
                     repository: entry.repository.clone(),
                 })
                 .await
-                .context("BeginPush")?
+                .map_err(peer_call("BeginPush"))?
                 .into_inner()
                 .lease_id;
             let mut missing = Vec::new();
@@ -436,10 +466,10 @@ async fn send_entry(
                         digests: batch.iter().map(|d| Bytes::copy_from_slice(&d.0)).collect(),
                     })
                     .await
-                    .context("FindMissingChunks")?
+                    .map_err(peer_call("FindMissingChunks"))?
                     .into_inner();
                 for m in resp.missing {
-                    missing.push(Digest::from_slice(&m).context("peer's missing digest")?);
+                    missing.push(Digest::from_slice(&m)?);
                 }
             }
             upload(reg, peer, &mut client, &lease_id, &missing).await?;
@@ -456,7 +486,7 @@ async fn send_entry(
             manifest,
         })
         .await
-        .context("ReplicateTagRecord")?;
+        .map_err(peer_call("ReplicateTagRecord"))?;
     let mut s = peer.stats.lock().unwrap();
     s.records_sent += 1;
     s.manifests_sent += sent_manifest as u64;
@@ -471,15 +501,11 @@ async fn upload(
     client: &mut PeerClient,
     lease_id: &str,
     missing: &[Digest],
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let mut batch: Vec<pb::PutChunkRequest> = Vec::new();
     let mut batch_bytes = 0usize;
     for (i, d) in missing.iter().enumerate() {
-        let data = reg
-            .store
-            .get_chunk(d)
-            .await
-            .with_context(|| format!("reading chunk {d}"))?;
+        let data = reg.store().get_chunk(d).await?;
         batch_bytes += data.len();
         batch.push(pb::PutChunkRequest {
             lease_id: lease_id.to_string(),
@@ -493,7 +519,7 @@ async fn upload(
             client
                 .put_chunks(futures::stream::iter(std::mem::take(&mut batch)))
                 .await
-                .context("PutChunks")?;
+                .map_err(peer_call("PutChunks"))?;
             batch_bytes = 0;
             let mut s = peer.stats.lock().unwrap();
             s.chunks_sent += n;

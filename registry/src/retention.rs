@@ -21,12 +21,11 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use snapreg_proto::layout;
-use snapreg_proto::pb;
-use snapreg_proto::reference::validate_repository;
 use snapreg_proto::tags::{TagRecord, TagTarget};
 
+use crate::clock::now_ms;
 use crate::error::{RegistryError, Result};
-use crate::server::{now_ms, Registry};
+use crate::registry::{repo_arg, Registry};
 
 /// A repository's policy; zero means "no such rule".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,13 +37,6 @@ pub struct Policy {
 impl Policy {
     fn is_empty(&self) -> bool {
         self.keep_last == 0 && self.keep_for_seconds == 0
-    }
-
-    fn to_pb(self) -> pb::RetentionPolicy {
-        pb::RetentionPolicy {
-            keep_last: self.keep_last,
-            keep_for_seconds: self.keep_for_seconds,
-        }
     }
 
     /// Splits a repository's tags into (kept, deleted), newest first.
@@ -70,8 +62,13 @@ impl Policy {
     }
 }
 
-fn repo_arg(repo: &str) -> Result<()> {
-    validate_repository(repo).map_err(|r| RegistryError::invalid("repository", r))
+/// What applying a repository's policy did (or, on a dry run, would do).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub repository: String,
+    pub policy: Policy,
+    pub deleted: Vec<String>,
+    pub kept: Vec<String>,
 }
 
 /// Stores (or, when empty, removes) a repository's policy.
@@ -79,13 +76,13 @@ pub async fn set(reg: &Registry, repository: &str, policy: Policy) -> Result<()>
     repo_arg(repository)?;
     let path = Path::from(layout::retention_path(repository));
     if policy.is_empty() {
-        match reg.store.objects().delete(&path).await {
+        match reg.store().objects().delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     } else {
         let body = serde_json::to_vec(&policy).expect("policy serializes");
-        reg.store
+        reg.store()
             .objects()
             .put(&path, PutPayload::from(Bytes::from(body)))
             .await?;
@@ -97,7 +94,7 @@ pub async fn set(reg: &Registry, repository: &str, policy: Policy) -> Result<()>
 pub async fn get(reg: &Registry, repository: &str) -> Result<Option<Policy>> {
     repo_arg(repository)?;
     let path = Path::from(layout::retention_path(repository));
-    match reg.store.objects().get(&path).await {
+    match reg.store().objects().get(&path).await {
         Ok(got) => {
             let body = got.bytes().await?;
             serde_json::from_slice(&body).map(Some).map_err(|e| {
@@ -116,7 +113,7 @@ pub async fn get(reg: &Registry, repository: &str) -> Result<Option<Policy>> {
 async fn repositories_with_policies(reg: &Registry) -> Result<Vec<String>> {
     let prefix = Path::from(layout::RETENTION);
     let metas: Vec<_> = reg
-        .store
+        .store()
         .objects()
         .list(Some(&prefix))
         .try_collect()
@@ -132,12 +129,15 @@ pub async fn apply(
     reg: &Registry,
     repository: Option<&str>,
     dry_run: bool,
-) -> Result<Vec<pb::RetentionOutcome>> {
+) -> Result<Vec<Outcome>> {
     let repos = match repository {
-        Some(r) => vec![r.to_string()],
+        Some(r) => {
+            repo_arg(r)?;
+            vec![r.to_string()]
+        }
         None => repositories_with_policies(reg).await?,
     };
-    let all = reg.index.all_tags()?;
+    let all = reg.index().all_tags()?;
     let mut outcomes = Vec::new();
     for repo in repos {
         let Some(policy) = get(reg, &repo).await? else {
@@ -154,7 +154,7 @@ pub async fn apply(
         for tag in selected {
             if !dry_run {
                 // A push may have moved the tag since the listing: then it is new.
-                if reg.index.tag_record(&repo, &tag)? != before.get(&tag).cloned() {
+                if reg.index().tag_record(&repo, &tag)? != before.get(&tag).cloned() {
                     kept.push(tag);
                     continue;
                 }
@@ -165,9 +165,9 @@ pub async fn apply(
         if !deleted.is_empty() {
             tracing::info!(repository = %repo, ?deleted, dry_run, "retention deleted tags");
         }
-        outcomes.push(pb::RetentionOutcome {
+        outcomes.push(Outcome {
             repository: repo,
-            policy: Some(policy.to_pb()),
+            policy,
             deleted,
             kept,
         });

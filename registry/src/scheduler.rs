@@ -10,7 +10,7 @@
 //! - **Watch.** The replication log (index.rs `r/<seq>`) is the event source: durable,
 //!   ordered, numbered per registry, holding exactly this registry's own tag commits
 //!   (replicated-in records are never logged). A stream first sends every entry above
-//!   the caller's sequence, then waits on [`Registry::log_appended`] (bumped after each
+//!   the caller's sequence, then waits on [`Registry::subscribe_log`] (changed after each
 //!   append) and sends what is new; it ends when the caller goes away or the server
 //!   shuts down. A manifest record is `TAG_MOVED`, a tombstone `TAG_DELETED`.
 //! - **Nodes.** `RegisterNode` stores a node agent's facts, URL and cache summary
@@ -18,48 +18,114 @@
 //!   not replicated); `ListNodes` returns them all, by name.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
 use snapreg_proto::compat::{self, CheckOptions, CompatRecord, GpuDevice, GpuRecord};
 use snapreg_proto::manifest::{Extent, Manifest};
-use snapreg_proto::pb;
-use snapreg_proto::tags::{TagRecord, TagTarget};
+use snapreg_proto::tags::{Hlc, TagRecord, TagTarget};
 use snapreg_proto::Digest;
-use tonic::Status;
+use tokio::sync::watch;
 
-use crate::error::RegistryError;
-use crate::server::Registry;
+use crate::clock::now_ms;
+use crate::error::{RegistryError, Result};
+use crate::index::LogEntry;
+use crate::registry::{repo_arg, Registry};
 
 /// Log entries read per batch by a Watch stream.
 const WATCH_BATCH: usize = 256;
 /// Events buffered per Watch stream before it waits for the caller.
 const WATCH_BUFFER: usize = 64;
 
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+/// A node's facts, as agents report them and as index.rs stores them (JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeFacts {
+    pub arch: String,
+    pub cpu_features: Vec<String>,
+    pub kernel: String,
+    pub criu_version: Option<String>,
+    pub container_image: Option<String>,
+    pub gpu: Option<GpuFacts>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GpuFacts {
+    pub models: Vec<String>,
+    pub driver_version: String,
+    pub cuda_driver_api: u32,
+    pub mig_profile: Option<String>,
+}
 
 /// The node's facts as the compatibility rules take them.
-pub fn node_record(n: pb::NodeFacts) -> CompatRecord {
-    CompatRecord {
-        arch: n.arch,
-        cpu_features: n.cpu_features,
-        kernel: n.kernel,
-        criu_version: n.criu_version,
-        container_image: n.container_image,
-        gpu: n.gpu.map(|g| GpuRecord {
-            devices: g
-                .models
-                .into_iter()
-                .map(|model| GpuDevice { model, uuid: None })
-                .collect(),
-            driver_version: g.driver_version,
-            cuda_driver_api: g.cuda_driver_api,
-            mig_profile: g.mig_profile,
-        }),
-        labels: n.labels.into_iter().collect(),
+impl From<NodeFacts> for CompatRecord {
+    fn from(n: NodeFacts) -> Self {
+        CompatRecord {
+            arch: n.arch,
+            cpu_features: n.cpu_features,
+            kernel: n.kernel,
+            criu_version: n.criu_version,
+            container_image: n.container_image,
+            gpu: n.gpu.map(|g| GpuRecord {
+                devices: g
+                    .models
+                    .into_iter()
+                    .map(|model| GpuDevice { model, uuid: None })
+                    .collect(),
+                driver_version: g.driver_version,
+                cuda_driver_api: g.cuda_driver_api,
+                mig_profile: g.mig_profile,
+            }),
+            labels: n.labels,
+        }
     }
+}
+
+/// What a scheduler asks Resolve.
+#[derive(Clone, Debug)]
+pub struct ResolveQuery {
+    pub repository: String,
+    pub node: NodeFacts,
+    /// Chunks the node caches.
+    pub cached: HashSet<Digest>,
+    pub options: CheckOptions,
+}
+
+/// A snapshot the node can restore, with what it would cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompatibleSnapshot {
+    pub tag: String,
+    pub digest: Digest,
+    /// Logical bytes of every file.
+    pub bytes_total: u64,
+    /// Uncompressed bytes of its distinct chunks.
+    pub bytes_stored: u64,
+    /// Of `bytes_stored`, what the node caches.
+    pub cached_bytes: u64,
+    pub created_unix: u64,
+    pub hlc: Hlc,
+    pub chunks: u64,
+    pub chunks_cached: u64,
+    pub warnings: Vec<String>,
+}
+
+/// A snapshot the node cannot restore, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncompatibleSnapshot {
+    pub tag: String,
+    pub digest: Digest,
+    pub mismatches: Vec<String>,
+    /// The compatibility fields that mismatch, one per mismatch.
+    pub fields: Vec<String>,
+}
+
+/// Resolve's answer: compatible snapshots newest first, then the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub compatible: Vec<CompatibleSnapshot>,
+    pub incompatible: Vec<IncompatibleSnapshot>,
 }
 
 /// Sizes of one manifest: (bytes_total, bytes_stored, chunks, cached_bytes, chunks_cached).
@@ -86,57 +152,23 @@ fn sizes(m: &Manifest, cached: &HashSet<Digest>) -> (u64, u64, u64, u64, u64) {
     (m.total_size(), stored, chunks, cached_bytes, chunks_cached)
 }
 
-pub async fn resolve(
-    reg: &Arc<Registry>,
-    req: pb::ResolveRequest,
-) -> Result<pb::ResolveResponse, Status> {
-    snapreg_proto::reference::validate_repository(&req.repository)
-        .map_err(|r| RegistryError::invalid("repository", r))?;
-    let node = node_record(
-        req.node
-            .ok_or_else(|| RegistryError::invalid("node", "the node's facts are required"))?,
-    );
-    let cached = req
-        .cached_digests
-        .iter()
-        .map(|b| {
-            Digest::from_slice(b).map_err(|_| {
-                RegistryError::invalid("cached_digests", "each must be a 32-byte BLAKE3 digest")
-            })
-        })
-        .collect::<Result<HashSet<Digest>, _>>()?;
-    let opts = CheckOptions {
-        required_labels: req.required_labels.into_iter().collect(),
-        gpu_remapped: req.gpu_remapped,
-    };
-    reg.refresh_tags(&req.repository).await?;
-    let tags: Vec<(String, TagRecord, Digest)> = reg
-        .index
-        .all_tags()?
-        .into_iter()
-        .filter(|(r, _, _)| *r == req.repository)
-        .filter_map(|(_, tag, rec)| rec.digest().map(|d| (tag, rec, d)))
-        .collect();
-    if tags.is_empty() {
-        return Err(Status::not_found(format!(
-            "repository {:?} has no tags; `snapctl ls` lists repositories",
-            req.repository
-        )));
-    }
+pub async fn resolve(reg: &Registry, query: ResolveQuery) -> Result<Resolved> {
+    repo_arg(&query.repository)?;
+    let node = CompatRecord::from(query.node);
+    let tags = reg.current_tags(&query.repository).await?;
     let mut manifests: HashMap<Digest, Manifest> = HashMap::new();
-    let mut compatible = Vec::new();
-    let mut incompatible = Vec::new();
+    let mut resolved = Resolved::default();
     for (tag, rec, digest) in tags {
         if let Entry::Vacant(slot) = manifests.entry(digest) {
-            let bytes = reg.store.get_manifest(&digest).await?;
-            slot.insert(Manifest::decode(&bytes).map_err(RegistryError::from)?);
+            let bytes = reg.store().get_manifest(&digest).await?;
+            slot.insert(Manifest::decode(&bytes)?);
         }
         let m = &manifests[&digest];
-        let verdict = compat::check(&m.compat, &node, &opts);
+        let verdict = compat::check(&m.compat, &node, &query.options);
         if !verdict.is_compatible() {
-            incompatible.push(pb::IncompatibleSnapshot {
+            resolved.incompatible.push(IncompatibleSnapshot {
                 tag,
-                digest: digest.to_string(),
+                digest,
                 mismatches: verdict.mismatches.iter().map(|x| x.to_string()).collect(),
                 fields: verdict
                     .mismatches
@@ -146,61 +178,73 @@ pub async fn resolve(
             });
             continue;
         }
-        let (bytes_total, bytes_stored, chunks, cached_bytes, chunks_cached) = sizes(m, &cached);
-        compatible.push(pb::ResolvedSnapshot {
+        let (bytes_total, bytes_stored, chunks, cached_bytes, chunks_cached) =
+            sizes(m, &query.cached);
+        resolved.compatible.push(CompatibleSnapshot {
             tag,
-            digest: digest.to_string(),
+            digest,
             bytes_total,
             bytes_stored,
             cached_bytes,
             created_unix: m.created.unix_seconds,
-            hlc: rec.hlc.0,
+            hlc: rec.hlc,
             chunks,
             chunks_cached,
             warnings: verdict.warnings.iter().map(|x| x.to_string()).collect(),
         });
     }
-    compatible
+    resolved
+        .compatible
         .sort_by(|a, b| (b.created_unix, b.hlc, &b.tag).cmp(&(a.created_unix, a.hlc, &a.tag)));
-    Ok(pb::ResolveResponse {
-        compatible,
-        incompatible,
-    })
+    Ok(resolved)
 }
+
+/// One commit of this registry, as Watch streams it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitEvent {
+    pub sequence: u64,
+    pub repository: String,
+    pub tag: String,
+    pub hlc: Hlc,
+    /// The manifest the tag moved to, or a deletion.
+    pub target: TagTarget,
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<CommitEvent>> + Send>>;
 
 /// The event a log entry stands for; `None` for an entry that does not parse.
-fn event(seq: u64, e: crate::index::LogEntry) -> Option<pb::WatchEvent> {
+fn event(seq: u64, e: LogEntry) -> Option<CommitEvent> {
     let rec = TagRecord::parse(&e.record_name).ok()?;
-    let (kind, digest) = match rec.target {
-        TagTarget::Manifest(d) => (pb::watch_event::Kind::TagMoved, d.to_string()),
-        TagTarget::Deleted => (pb::watch_event::Kind::TagDeleted, String::new()),
-    };
-    Some(pb::WatchEvent {
+    Some(CommitEvent {
         sequence: seq,
-        kind: kind as i32,
         repository: e.repository,
         tag: e.tag,
-        digest,
-        hlc: rec.hlc.0,
+        hlc: rec.hlc,
+        target: rec.target,
     })
 }
 
-pub fn watch(reg: &Arc<Registry>, from_sequence: u64) -> WatchStream {
+/// Every commit after `from_sequence`, then each new one as it is appended, until
+/// the caller goes away or `stop` turns true (or its sender is dropped).
+pub fn watch(
+    reg: &Arc<Registry>,
+    from_sequence: u64,
+    mut stop: watch::Receiver<bool>,
+) -> EventStream {
     let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
     let reg = reg.clone();
     tokio::spawn(async move {
-        let mut appended = reg.log_appended.subscribe();
-        let mut stop = reg.shutting_down.subscribe();
+        let mut appended = reg.subscribe_log();
         let mut after = from_sequence;
         loop {
             // Mark the current version seen *before* reading: an append after the read
             // below then always wakes the wait that follows it.
             appended.borrow_and_update();
             loop {
-                let batch = match reg.index.log_entries_after(after, WATCH_BATCH) {
+                let batch = match reg.log_entries_after(after, WATCH_BATCH) {
                     Ok(b) => b,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
@@ -227,122 +271,66 @@ pub fn watch(reg: &Arc<Registry>, from_sequence: u64) -> WatchStream {
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// A node agent's registration as index.rs stores it under `n/<node name>` (JSON).
+/// What a node agent reports when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRegistration {
+    pub agent_url: String,
+    pub facts: NodeFacts,
+    pub cache_bytes: u64,
+    pub cache_chunks: u64,
+    pub cache_limit_bytes: u64,
+}
+
+/// A registration as index.rs stores it under `n/<node name>` (JSON).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NodeEntry {
-    agent_url: String,
-    facts: NodeFactsJson,
-    cache_bytes: u64,
-    cache_chunks: u64,
-    cache_limit_bytes: u64,
+    #[serde(flatten)]
+    node: NodeRegistration,
     registered_unix_ms: u64,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct NodeFactsJson {
-    arch: String,
-    cpu_features: Vec<String>,
-    kernel: String,
-    criu_version: Option<String>,
-    container_image: Option<String>,
-    gpu: Option<GpuFactsJson>,
-    labels: std::collections::BTreeMap<String, String>,
+/// A registered node, as ListNodes shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisteredNode {
+    pub name: String,
+    pub node: NodeRegistration,
+    /// The registry's time when the node last registered.
+    pub registered_unix_ms: u64,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct GpuFactsJson {
-    models: Vec<String>,
-    driver_version: String,
-    cuda_driver_api: u32,
-    mig_profile: Option<String>,
-}
-
-impl From<pb::NodeFacts> for NodeFactsJson {
-    fn from(n: pb::NodeFacts) -> Self {
-        NodeFactsJson {
-            arch: n.arch,
-            cpu_features: n.cpu_features,
-            kernel: n.kernel,
-            criu_version: n.criu_version,
-            container_image: n.container_image,
-            gpu: n.gpu.map(|g| GpuFactsJson {
-                models: g.models,
-                driver_version: g.driver_version,
-                cuda_driver_api: g.cuda_driver_api,
-                mig_profile: g.mig_profile,
-            }),
-            labels: n.labels.into_iter().collect(),
-        }
-    }
-}
-
-impl From<NodeFactsJson> for pb::NodeFacts {
-    fn from(n: NodeFactsJson) -> Self {
-        pb::NodeFacts {
-            arch: n.arch,
-            cpu_features: n.cpu_features,
-            kernel: n.kernel,
-            criu_version: n.criu_version,
-            container_image: n.container_image,
-            gpu: n.gpu.map(|g| pb::GpuFacts {
-                models: g.models,
-                driver_version: g.driver_version,
-                cuda_driver_api: g.cuda_driver_api,
-                mig_profile: g.mig_profile,
-            }),
-            labels: n.labels.into_iter().collect(),
-        }
-    }
-}
-
-/// `RegisterNode`: stores (replaces) the node's entry, stamped with the registry's time.
-pub fn register_node(
-    reg: &Registry,
-    req: pb::RegisterNodeRequest,
-) -> Result<pb::RegisterNodeResponse, Status> {
-    let name = req.node_name.trim();
+/// `RegisterNode`: stores (replaces) the node's entry, stamped with the registry's
+/// time, which it returns.
+pub fn register_node(reg: &Registry, name: &str, node: NodeRegistration) -> Result<u64> {
+    let name = name.trim();
     if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
         return Err(RegistryError::invalid(
             "node_name",
             "must be 1-253 printable characters (e.g. the node's hostname)",
-        )
-        .into());
+        ));
     }
-    let facts = req
-        .facts
-        .ok_or_else(|| RegistryError::invalid("facts", "the node's facts are required"))?;
-    let registered_unix_ms = crate::server::now_ms();
+    let registered_unix_ms = now_ms();
     let entry = NodeEntry {
-        agent_url: req.agent_url,
-        facts: facts.into(),
-        cache_bytes: req.cache_bytes,
-        cache_chunks: req.cache_chunks,
-        cache_limit_bytes: req.cache_limit_bytes,
+        node,
         registered_unix_ms,
     };
-    let value = serde_json::to_vec(&entry).map_err(|e| Status::internal(e.to_string()))?;
-    reg.index.put_node(name, &value)?;
-    Ok(pb::RegisterNodeResponse { registered_unix_ms })
+    let value = serde_json::to_vec(&entry).expect("a node entry serializes");
+    reg.index().put_node(name, &value)?;
+    Ok(registered_unix_ms)
 }
 
 /// `ListNodes`: every registered node, by name (unreadable entries are skipped).
-pub fn list_nodes(reg: &Registry) -> Result<pb::ListNodesResponse, Status> {
-    let nodes = reg
-        .index
+pub fn list_nodes(reg: &Registry) -> Result<Vec<RegisteredNode>> {
+    Ok(reg
+        .index()
         .nodes()?
         .into_iter()
-        .filter_map(|(node_name, v)| {
+        .filter_map(|(name, v)| {
             let e: NodeEntry = serde_json::from_slice(&v).ok()?;
-            Some(pb::NodeInfo {
-                node_name,
-                agent_url: e.agent_url,
-                facts: Some(e.facts.into()),
-                cache_bytes: e.cache_bytes,
-                cache_chunks: e.cache_chunks,
-                cache_limit_bytes: e.cache_limit_bytes,
+            Some(RegisteredNode {
+                name,
+                node: e.node,
                 registered_unix_ms: e.registered_unix_ms,
             })
         })
-        .collect();
-    Ok(pb::ListNodesResponse { nodes })
+        .collect())
 }

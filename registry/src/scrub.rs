@@ -26,7 +26,7 @@ use snapreg_proto::manifest::Manifest;
 use snapreg_proto::{codec, layout, Digest};
 
 use crate::error::Result;
-use crate::server::Registry;
+use crate::registry::Registry;
 
 /// Objects read and verified at once: each is at most a 16 MiB chunk.
 const IN_FLIGHT: usize = 4;
@@ -54,29 +54,6 @@ pub struct Damaged {
     pub quarantined_to: Option<String>,
 }
 
-impl From<ScrubReport> for snapreg_proto::pb::ScrubResponse {
-    fn from(r: ScrubReport) -> Self {
-        snapreg_proto::pb::ScrubResponse {
-            chunks_checked: r.chunks_checked,
-            manifests_checked: r.manifests_checked,
-            bytes_read: r.bytes_read,
-            damaged: r
-                .damaged
-                .into_iter()
-                .map(|d| snapreg_proto::pb::DamagedObject {
-                    kind: d.kind.into(),
-                    digest: d.digest,
-                    path: d.path,
-                    reason: d.reason,
-                    quarantined_to: d.quarantined_to.unwrap_or_default(),
-                })
-                .collect(),
-            quarantined: r.quarantined,
-            seconds: r.seconds,
-        }
-    }
-}
-
 /// One scrub at a time per process: two would race to quarantine the same object.
 static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -89,7 +66,7 @@ pub async fn scrub(reg: &Arc<Registry>, dry_run: bool) -> Result<ScrubReport> {
     };
     for (prefix, is_chunk) in [(layout::CHUNKS, true), (layout::MANIFESTS, false)] {
         let checks = reg
-            .store
+            .store()
             .list_stream(prefix)
             .map_ok(|meta| {
                 let reg = reg.clone();
@@ -146,7 +123,7 @@ async fn check(
     let Ok(digest) = parsed else {
         return Ok((path.to_string(), None, 0, None));
     };
-    let bytes = match reg.store.objects().get(&Path::from(path)).await {
+    let bytes = match reg.store().objects().get(&Path::from(path)).await {
         Ok(got) => got.bytes().await?,
         // Swept by a GC between the listing and the read.
         Err(object_store::Error::NotFound { .. }) => return Ok((path.to_string(), None, 0, None)),
@@ -174,16 +151,16 @@ async fn check(
 async fn quarantine(reg: &Registry, path: &str, digest: &Digest, is_chunk: bool) -> Result<String> {
     let to = layout::quarantine_path(path);
     let _g = reg.lock_digest(digest).await;
-    reg.store
+    reg.store()
         .objects()
         .copy(&Path::from(path), &Path::from(to.as_str()))
         .await?;
     if is_chunk {
-        reg.index.remove_chunk(digest)?;
-        reg.store.delete_chunk(digest).await?;
+        reg.index().remove_chunk(digest)?;
+        reg.store().delete_chunk(digest).await?;
     } else {
-        reg.index.remove_manifest(digest)?;
-        reg.store.delete_manifest(digest).await?;
+        reg.index().remove_manifest(digest)?;
+        reg.store().delete_manifest(digest).await?;
     }
     Ok(to)
 }

@@ -30,9 +30,9 @@ use bytes::Bytes;
 use snapreg_proto::Digest;
 
 use crate::chunk_store::ChunkStore;
+use crate::clock::now_ms;
 use crate::error::{RegistryError, Result};
-use crate::index::Index;
-use crate::server::now_ms;
+use crate::index::{Index, RebuildStats};
 
 pub const LEASES: &str = "leases";
 pub const SWEEPS: &str = "sweeps";
@@ -287,10 +287,128 @@ impl SharedStore {
 
     /// Marks every sweep log in the store as applied (a rebuilt index lists the store
     /// after them). Called by a rebuild that holds a push lease, so no GC runs meanwhile.
-    pub async fn mark_all_applied(&self, store: &ChunkStore, index: &Index) -> Result<()> {
+    async fn mark_all_applied(&self, store: &ChunkStore, index: &Index) -> Result<()> {
         for meta in store.list(SWEEPS).await? {
             index.mark_sweep_applied(meta.location.as_ref())?;
         }
         Ok(())
+    }
+}
+
+/// Rebuilds `index` from `store` ([`Index::rebuild`]) under a push lease of a one-off
+/// instance name, so no other instance's GC deletes what the rebuild is listing; the
+/// sweep logs already in the store count as applied, since the listing comes after them.
+pub async fn rebuild_index(store: &ChunkStore, index: &Index) -> Result<RebuildStats> {
+    let shared = SharedStore::default();
+    let lease = "reindex";
+    shared
+        .begin_push(store, index, lease, Duration::from_secs(3600))
+        .await?;
+    let result = async {
+        shared.mark_all_applied(store, index).await?;
+        index.rebuild(store).await
+    }
+    .await;
+    shared.end(store, lease).await?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, ChunkStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(None, dir.path().join("store")).unwrap();
+        (dir, store)
+    }
+
+    fn index(dir: &tempfile::TempDir, name: &str) -> Index {
+        Index::open(&dir.path().join(name)).unwrap()
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn gc_waits_for_another_instances_push() {
+        let (dir, store) = store();
+        let (a, b) = (SharedStore::default(), SharedStore::default());
+        a.begin_push(&store, &index(&dir, "a"), "p1", TTL)
+            .await
+            .unwrap();
+        match b.lock_gc(&store, TTL).await {
+            Err(RegistryError::Busy(why)) => assert!(why.contains("push-p1"), "{why}"),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        // Refused GC leaves no lock behind; once the push ends, GC may run.
+        a.end(&store, "p1").await.unwrap();
+        b.lock_gc(&store, TTL).await.unwrap();
+        // ...and a GC of this very instance never blocks its own pushes.
+        b.begin_push(&store, &index(&dir, "b"), "p2", TTL)
+            .await
+            .unwrap();
+        b.unlock_gc(&store).await.unwrap();
+        a.lock_gc(&store, TTL).await.unwrap_err();
+    }
+
+    #[tokio::test]
+    async fn sweep_logs_reach_other_instances_once() {
+        let (dir, store) = store();
+        let (a, b) = (SharedStore::default(), SharedStore::default());
+        let (ia, ib) = (index(&dir, "a"), index(&dir, "b"));
+        let (c, m) = (Digest::of(b"c"), Digest::of(b"m"));
+        for ix in [&ia, &ib] {
+            ix.add_chunk(&c, 1).unwrap();
+            ix.add_manifest(&m, 1).unwrap();
+        }
+        a.log_sweep(&store, &ia, &[c], &[m]).await.unwrap();
+        // The writer has applied its own log; the other instance applies it once.
+        assert_eq!(a.catch_up(&store, &ia).await.unwrap(), 0);
+        assert_eq!(b.catch_up(&store, &ib).await.unwrap(), 1);
+        assert!(!ib.has_chunk(&c).unwrap() && !ib.has_manifest(&m).unwrap());
+        assert_eq!(b.catch_up(&store, &ib).await.unwrap(), 0);
+        // Nothing to log, nothing written.
+        a.log_sweep(&store, &ia, &[], &[]).await.unwrap();
+        assert_eq!(store.list(SWEEPS).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_index_counts_old_sweep_logs_as_applied() {
+        let (dir, store) = store();
+        let writer = SharedStore::default();
+        writer
+            .log_sweep(&store, &index(&dir, "w"), &[Digest::of(b"gone")], &[])
+            .await
+            .unwrap();
+        let kept = Digest::of(b"kept");
+        store
+            .put_chunk(&kept, Bytes::from_static(b"k"))
+            .await
+            .unwrap();
+        let fresh = index(&dir, "fresh");
+        let stats = rebuild_index(&store, &fresh).await.unwrap();
+        assert_eq!(stats.chunks, 1);
+        assert!(fresh.has_chunk(&kept).unwrap());
+        assert_eq!(
+            SharedStore::default()
+                .catch_up(&store, &fresh)
+                .await
+                .unwrap(),
+            0
+        );
+        // The rebuild's own lease is gone: GC may run.
+        writer.lock_gc(&store, TTL).await.unwrap();
+    }
+
+    #[test]
+    fn an_instance_keeps_its_name_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SharedStore::for_data_dir(dir.path()).unwrap();
+        let again = SharedStore::for_data_dir(dir.path()).unwrap();
+        assert_eq!(first.instance, again.instance);
+        assert_eq!(
+            first.lease_path("gc"),
+            format!("{LEASES}/{}/gc", first.instance)
+        );
     }
 }
