@@ -82,14 +82,10 @@ pub async fn copy(
         CopyEncryption::Plaintext => None,
     };
     // Reads count as fetches of their own; the report's counters are the upload's.
-    let chunks = ChunkSource::new(
-        vec![remote.clone()],
-        cache,
-        Progress::new("copy-read", false),
-    )
-    .decrypting(source_key)
-    .use_direct(&manifest.chunk_digests())
-    .await?;
+    let chunks = ChunkSource::new(vec![remote.clone()], cache, Progress::hidden())
+        .decrypting(source_key)
+        .use_direct(&manifest.chunk_digests())
+        .await?;
     progress.add_total(manifest.total_size());
     let uploader = Uploader::begin(
         &remote.clone().with_tenant_key(dest_key.clone()),

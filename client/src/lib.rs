@@ -1,10 +1,12 @@
-//! snapctl, the node client of snapreg.
+//! The node client of snapreg as a library; the `snapctl` crate (cli/) is its command
+//! line and the one place that prints, exits or draws.
 //!
 //! - [`chunker`]: FastCDC with page-aligned cuts and zero runs, streaming.
 //! - [`push`]: chunk, hash and upload in parallel; commit a manifest ([`push::Uploader`]
 //!   is the engine every producer of bytes uses).
 //! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
-//! - [`remote`]: one registry connection, errors naming its address.
+//! - [`remote`]: one registry connection, errors naming its address (gRPC statuses
+//!   become [`ClientError`]s there).
 //! - [`encryption`]: which tenant key a snapshot needs, and decrypting its chunks;
 //!   [`copy`]: a snapshot re-encrypted under another key (or none) and reference.
 //! - [`direct`]: chunk objects fetched from the object store by presigned URL.
@@ -23,12 +25,16 @@
 //! - [`cache`]: the node chunk cache shared by every snapctl on the node.
 //! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
 //! - [`criu`]: finding a CRIU ≥ 4.2; [`host`]: this host's compatibility facts.
-//! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
+//! - [`progress`]: the transfer counters of DESIGN's JSON contract, and progress events
+//!   for the caller's [`progress::ProgressObserver`] (warnings the user must see too).
 //! - [`agent`]: `snapctl agent`, the node agent (NodeAgent gRPC service, cache
 //!   management, node registration).
-//! - [`error`]: [`ClientError`] and the documented exit codes.
+//! - [`error`]: [`ClientError`], and [`error::ErrorKind`], the cases callers treat alike
+//!   (snapctl's exit codes, the agent's gRPC codes).
 //!
-//! The binary `snapctl` (src/main.rs) parses arguments and calls these.
+//! Nothing here exits the process or draws: errors are returned (also [`action`]'s
+//! verdict), and what the user must see goes to the caller's observer
+//! ([`progress::Progress::warn`]).
 
 pub mod action;
 pub mod agent;
