@@ -15,22 +15,22 @@ use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::error::{ClientError, Result};
+
 pub const ENV_SOCKET: &str = "SNAPCTL_ACTION_SOCKET";
 const ENV_ACTION: &str = "CRTOOLS_SCRIPT_ACTION";
 /// The actions snapctl answers; every other one is a no-op.
 pub const DECIDING_ACTIONS: &[&str] = &["post-dump", "post-restore"];
 
-/// Called first thing in `main`: when CRIU started this process as an action script,
-/// answer and exit; otherwise return.
-pub fn run_if_action_script() {
-    let Ok(action) = std::env::var(ENV_ACTION) else {
-        return;
-    };
+/// Called first thing in `main`: `None` unless CRIU started this process as an action
+/// script; then whether CRIU may go on (the caller exits 0 on `Ok`, non-zero on `Err`).
+pub fn run_if_action_script() -> Option<Result<()>> {
+    let action = std::env::var(ENV_ACTION).ok()?;
     let Some(socket) = std::env::var_os(ENV_SOCKET) else {
-        std::process::exit(0)
+        return Some(Ok(()));
     };
     if !DECIDING_ACTIONS.contains(&action.as_str()) {
-        std::process::exit(0);
+        return Some(Ok(()));
     }
     let verdict = (|| -> std::io::Result<String> {
         let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
@@ -39,17 +39,14 @@ pub fn run_if_action_script() {
         BufReader::new(s).read_line(&mut line)?;
         Ok(line.trim().to_string())
     })();
-    match verdict {
-        Ok(v) if v == "ok" => std::process::exit(0),
-        Ok(v) => {
-            eprintln!("snapctl action script ({action}): {v}");
-            std::process::exit(1)
-        }
-        Err(e) => {
-            eprintln!("snapctl action script ({action}): snapctl is gone: {e}");
-            std::process::exit(1)
-        }
-    }
+    Some(match verdict {
+        Ok(v) if v == "ok" => Ok(()),
+        Ok(v) => Err(ClientError::ActionScript { action, reason: v }),
+        Err(e) => Err(ClientError::ActionScript {
+            action,
+            reason: format!("snapctl is gone: {e}"),
+        }),
+    })
 }
 
 /// The snapctl side: accepts the script's connections on a task of its own and hands

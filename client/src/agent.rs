@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::cache::ChunkCache;
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::remote::{Credentials, Remote};
 
@@ -74,10 +74,10 @@ async fn connect_all(urls: &[String], creds: &Credentials) -> Result<Vec<Remote>
 
 fn status(e: ClientError) -> Status {
     let msg = e.to_string();
-    match e.exit_code() {
-        2 => Status::invalid_argument(msg),
-        3 => Status::not_found(msg),
-        5 => Status::data_loss(msg),
+    match e.kind() {
+        ErrorKind::Usage => Status::invalid_argument(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::Integrity => Status::data_loss(msg),
         _ => match e {
             ClientError::Unreachable { .. } => Status::unavailable(msg),
             ClientError::Auth { .. } | ClientError::Tls { .. } => Status::permission_denied(msg),
@@ -170,7 +170,7 @@ impl NodeAgent for Agent {
             &reference,
             self.config.cache.clone(),
             self.config.window,
-            Progress::new("prefetch", false),
+            Progress::hidden(),
         )
         .await
         .map_err(status)?;

@@ -84,7 +84,7 @@ pub async fn copy(
         .node_cache(cache)
         .decrypting(source_key)
         .direct_urls(manifest.chunk_digests())
-        .build(Progress::new("copy-read", false))
+        .build(Progress::hidden())
         .await?;
     progress.add_total(manifest.total_size());
     let uploader = Uploader::begin(

@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(parse_uuid(a).unwrap()[15], 0x0a);
         for bad in ["0=1", "0=5,1=0", "0=1,1=nope", "0"] {
             let e = gpu_pairs(bad, &snap, &host).unwrap_err();
-            assert_eq!(e.exit_code(), 2, "{bad}: {e}");
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{bad}: {e}");
         }
         assert_eq!(std::mem::size_of::<RestoreArgs>(), 72);
     }

@@ -1,36 +1,72 @@
-//! snapctl, the node client of snapreg.
+//! The node client of snapreg as a library; the `snapctl` crate (`cli/`) is its command
+//! line and the one place that prints, exits or draws.
 //!
-//! - [`chunker`]: FastCDC with page-aligned cuts and zero runs, streaming.
-//! - [`push`]: chunk, hash and upload in parallel; commit a manifest ([`push::Uploader`]
-//!   is the engine every producer of bytes uses).
-//! - [`pull`]: fetch, verify and write files under temporary names; rename when whole.
-//! - [`remote`]: one registry connection, errors naming its address.
-//! - [`encryption`]: which tenant key a snapshot needs, and decrypting its chunks;
-//!   [`copy`]: a snapshot re-encrypted under another key (or none) and reference.
-//! - [`direct`]: chunk objects fetched from the object store by presigned URL.
-//! - [`verify`]: fetch and check every chunk of a snapshot, naming the files of bad ones.
-//! - [`inspect`]: manifest summaries.
-//! - [`checkpoint`]: `criu dump --stream` straight into the registry; [`action`]: snapctl
-//!   as CRIU's action script (commit at post-dump, verify at post-restore).
-//! - [`restore`]: `pull-restore`, the registry streamed into `criu restore --stream`
-//!   through the node cache; [`zero_pages`]: zero pages of private anonymous memory
-//!   left out of the served pagemap.
-//! - [`cuda`]: NVIDIA's CUDA checkpoint API, loaded at run time (through
-//!   `snapreg_weights::libcuda`, the one libcuda loader), one process for every PID;
-//!   [`device_memory`]: which parts of the image hold GPU memory.
-//! - [`weights`]: separated mode: the weights layer read from and filled into the node's
-//!   weights service (the service itself is the `snapreg-weights` crate).
-//! - [`process`]: facts about a live process tree (PIDs, huge pages, files it reopens).
-//! - [`cache`]: the node chunk cache shared by every snapctl on the node.
-//! - [`criu_stream`]: CRIU's image-streamer protocol (sockets, fd passing, replies).
-//! - [`criu`]: finding a CRIU ≥ 4.2; [`criu_image`]: CRIU's image records, generated
-//!   from its .proto files (client/proto/criu); [`host`]: this host's compatibility facts.
-//! - [`progress`]: the transfer counters of DESIGN's JSON contract and the progress bar.
-//! - [`agent`]: `snapctl agent`, the node agent (NodeAgent gRPC service, cache
-//!   management, node registration).
-//! - [`error`]: [`ClientError`] and the documented exit codes.
+//! Modules, by what a reader looks for:
 //!
-//! The binary `snapctl` (src/main.rs) parses arguments and calls these.
+//! - Moving snapshots: [`push`] (chunk, hash, upload; [`push::Uploader`] is the engine
+//!   every producer of bytes uses), [`pull`] (files written under temporary names,
+//!   renamed when whole), [`prefetch`] (a snapshot into the node cache), [`verify`]
+//!   (every chunk checked, bad ones named), [`copy`] (re-encrypted copies),
+//!   [`inspect`] (manifest summaries), [`podman`] (Podman checkpoint archives).
+//! - Reading chunks: [`fetch`], the one stack every reader goes through — [`fetch::Chunks`]
+//!   over the node cache, presigned object-store URLs and the registries in order,
+//!   each chunk verified by its address on arrival; [`cache`] is the node chunk cache.
+//! - Restoring: [`restore`] (`pull-restore`: `plan` → `serve` + `files` → `finish`),
+//!   [`zero_pages`] (zero pages left out of the served pagemap), [`device_memory`]
+//!   (which parts of the image hold GPU memory).
+//! - Checkpointing: [`checkpoint`] (`plan` → `capture`, or `spool`), [`action`] (snapctl
+//!   as CRIU's action script: commit at post-dump, verify at post-restore).
+//! - CRIU: [`criu`] (finding a CRIU ≥ 4.2, running it), [`criu_stream`] (the
+//!   image-streamer protocol and its request loops), [`criu_image`] (CRIU's image
+//!   records, generated from its .proto files in client/proto/criu), [`process`]
+//!   (facts about a live process tree), [`work_dir`] (short private directories).
+//! - GPUs: [`cuda`] (NVIDIA's checkpoint API, one process for every PID), [`weights`]
+//!   (separated mode: the weights layer read from and filled into the node's weights
+//!   service, the `snapreg-weights` crate).
+//! - The node: [`agent`] (the NodeAgent gRPC service, cache management, node
+//!   registration), [`host`] (this host's compatibility facts).
+//! - Plumbing: [`remote`] (one registry connection; gRPC statuses become
+//!   [`ClientError`]s there), [`encryption`] (which tenant key opens a snapshot),
+//!   [`chunker`] (FastCDC, page-aligned, zero runs), [`progress`] (the transfer
+//!   counters of DESIGN's JSON contract, and events for the caller's
+//!   [`progress::ProgressObserver`]), [`error`] ([`ClientError`] and its
+//!   [`error::ErrorKind`]).
+//!
+//! Nothing here exits the process or draws: errors are returned (also [`action`]'s
+//! verdict), and what the user must see goes to the caller's observer
+//! ([`progress::Progress::warn`]).
+//!
+//! Embedding: a platform's own node agent restoring a snapshot from the registry,
+//! through the node cache, without `snapctl`:
+//!
+//! ```no_run
+//! use snapreg_client::cache::ChunkCache;
+//! use snapreg_client::progress::Progress;
+//! use snapreg_client::remote::Remote;
+//! use snapreg_client::{criu, restore};
+//!
+//! # async fn embed() -> Result<(), Box<dyn std::error::Error>> {
+//! let remote = Remote::connect("http://registry.internal:5000").await?;
+//! let criu = criu::locate(None)?; // a CRIU >= 4.2 on PATH
+//! let opts = restore::RestoreOptions {
+//!     detach: true,
+//!     extra_args: Vec::new(),
+//!     force: false,
+//!     cache: ChunkCache::open("/var/cache/snapctl".as_ref(), 50 << 30)?,
+//!     window: restore::DEFAULT_WINDOW,
+//!     fallbacks: Vec::new(),
+//!     weights_service: None,
+//!     keep_zero_pages: false,
+//!     gpu_map: None,
+//! };
+//! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
+//! restore::become_subreaper();
+//! let reference = "team/llama:warm".parse()?;
+//! let report = restore::pull_restore(&remote, &criu, &reference, &opts, Progress::hidden()).await?;
+//! println!("PID {:?} back in {:.1} s", report.pid, report.seconds);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod action;
 pub mod agent;

@@ -1,10 +1,11 @@
-//! Transfer counters and the progress bar on stderr (only when it is a terminal).
+//! Transfer counters, and progress events for whoever shows them.
+//!
+//! The library draws nothing: a [`Progress`] forwards its events to the
+//! [`ProgressObserver`] its caller set (snapctl's draws a bar on a terminal), so an
+//! embedding program decides what the user sees. A hidden one only counts.
 
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Counters every transfer reports (DESIGN's JSON contract).
 #[derive(Debug, Default)]
@@ -46,52 +47,128 @@ impl Counters {
     }
 }
 
-/// A progress bar over logical bytes, hidden unless stderr is a terminal.
-#[derive(Clone)]
+/// Receives the events of one operation's [`Progress`], from any of its tasks.
+pub trait ProgressObserver: Send + Sync {
+    /// The operation began; `verb` names it (`push`, `restore`, …).
+    fn started(&self, verb: &str);
+    /// `bytes` more logical bytes are known to be coming.
+    fn total_grew(&self, bytes: u64);
+    /// `bytes` more logical bytes are done.
+    fn advanced(&self, bytes: u64);
+    /// What is being worked on now (a file name).
+    fn working_on(&self, item: &str);
+    /// The operation ended (successfully or not).
+    fn finished(&self);
+    /// Something the user must see although the operation goes on (e.g. a
+    /// compatibility check that `--force` overrode).
+    fn warning(&self, message: &str);
+}
+
+/// One operation's counters and progress events. Clones share both.
+#[derive(Clone, Default)]
 pub struct Progress {
-    bar: ProgressBar,
+    observer: Option<Arc<dyn ProgressObserver>>,
     pub counters: Arc<Counters>,
 }
 
 impl Progress {
-    pub fn new(verb: &str, show: bool) -> Self {
-        let bar = if show && std::io::stderr().is_terminal() {
-            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            b.set_prefix(verb.to_string());
-            b
-        } else {
-            ProgressBar::hidden()
-        };
+    /// Reports the operation `verb` to `observer`.
+    pub fn new(verb: &str, observer: Arc<dyn ProgressObserver>) -> Self {
+        observer.started(verb);
         Progress {
-            bar,
+            observer: Some(observer),
             counters: Arc::default(),
         }
     }
 
+    /// Counts without reporting; warnings go to the log.
     pub fn hidden() -> Self {
-        Progress::new("", false)
+        Progress::default()
     }
 
     pub fn add_total(&self, n: u64) {
-        self.bar.inc_length(n);
+        if let Some(o) = &self.observer {
+            o.total_grew(n);
+        }
     }
 
     pub fn advance(&self, n: u64) {
-        self.bar.inc(n);
+        if let Some(o) = &self.observer {
+            o.advanced(n);
+        }
     }
 
     pub fn message(&self, m: impl Into<String>) {
-        self.bar.set_message(m.into());
+        if let Some(o) = &self.observer {
+            o.working_on(&m.into());
+        }
     }
 
     pub fn finish(&self) {
-        self.bar.finish_and_clear();
+        if let Some(o) = &self.observer {
+            o.finished();
+        }
+    }
+
+    /// A message the user must see; without an observer it is logged, not lost.
+    pub fn warn(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        match &self.observer {
+            Some(o) => o.warning(&msg),
+            None => tracing::warn!("{msg}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl ProgressObserver for Recorder {
+        fn started(&self, verb: &str) {
+            self.0.lock().unwrap().push(format!("started {verb}"));
+        }
+        fn total_grew(&self, bytes: u64) {
+            self.0.lock().unwrap().push(format!("total +{bytes}"));
+        }
+        fn advanced(&self, bytes: u64) {
+            self.0.lock().unwrap().push(format!("advanced {bytes}"));
+        }
+        fn working_on(&self, item: &str) {
+            self.0.lock().unwrap().push(format!("on {item}"));
+        }
+        fn finished(&self) {
+            self.0.lock().unwrap().push("finished".into());
+        }
+        fn warning(&self, message: &str) {
+            self.0.lock().unwrap().push(format!("warning {message}"));
+        }
+    }
+
+    #[test]
+    fn clones_report_to_the_one_observer_in_order() {
+        let rec = Arc::new(Recorder::default());
+        let p = Progress::new("push", rec.clone());
+        let q = p.clone();
+        p.add_total(10);
+        q.message("a.img");
+        q.advance(4);
+        p.warn("careful");
+        p.finish();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [
+                "started push",
+                "total +10",
+                "on a.img",
+                "advanced 4",
+                "warning careful",
+                "finished"
+            ]
+        );
     }
 }

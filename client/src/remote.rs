@@ -134,7 +134,7 @@ impl Remote {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| ClientError::connect_failed(url, error_chain(&e)))?;
+            .map_err(|e| connect_failed(url, error_chain(&e)))?;
         let client = RegistryClient::with_interceptor(channel, creds.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -190,7 +190,7 @@ impl Remote {
     }
 
     fn status(&self, s: tonic::Status) -> ClientError {
-        match ClientError::from_status(&self.url, s) {
+        match from_status(&self.url, s) {
             ClientError::Unreachable { url, reason }
                 if self.tls_without_identity
                     && [
@@ -539,7 +539,7 @@ fn is_loopback(url: &str) -> bool {
     host == "localhost" || host.starts_with("127.") || url.contains("://[::1]")
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -548,4 +548,93 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A connection that failed: a TLS refusal (certificate not trusted, or one the
+/// server requires and we lack) is told apart from an unreachable address.
+fn connect_failed(url: &str, reason: String) -> ClientError {
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        ClientError::Tls {
+            url: url.to_string(),
+            reason,
+        }
+    } else {
+        ClientError::Unreachable {
+            url: url.to_string(),
+            reason,
+        }
+    }
+}
+
+/// Maps a registry answer, keeping the registry's own message.
+fn from_status(url: &str, s: tonic::Status) -> ClientError {
+    use tonic::Code;
+    let msg = s.message().to_string();
+    match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => ClientError::Auth {
+            url: url.to_string(),
+            message: msg,
+        },
+        Code::NotFound => ClientError::NotFound(msg),
+        Code::DataLoss => ClientError::Registry(format!("integrity failure: {msg}")),
+        Code::InvalidArgument => ClientError::Usage(msg),
+        Code::Unavailable | Code::Unknown
+            if msg.contains("transport")
+                || msg.contains("connect")
+                || msg.contains("error trying to connect") =>
+        {
+            // The transport's own cause (e.g. the server's TLS alert) is in the source.
+            connect_failed(url, error_chain(&s))
+        }
+        // hyper's whole message when the connection dies under a call, e.g. after
+        // keep-alive pings went unanswered (a SIGSTOPped or partitioned registry).
+        Code::Unavailable | Code::Unknown if msg.contains("http2 error") => {
+            ClientError::Unreachable {
+                url: url.to_string(),
+                reason: format!(
+                    "{msg}: the connection broke mid-call (the registry stopped answering \
+                     keep-alive pings for 20 s, or closed the connection)"
+                ),
+            }
+        }
+        Code::Cancelled | Code::DeadlineExceeded => ClientError::Unreachable {
+            url: url.to_string(),
+            reason: msg,
+        },
+        _ => ClientError::Registry(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn access_refusals_keep_the_registry_message_and_address() {
+        for s in [
+            tonic::Status::unauthenticated("this registry requires a token: issue one"),
+            tonic::Status::permission_denied("token x grants pull"),
+        ] {
+            let msg = s.message().to_string();
+            let e = from_status("http://r:5000", s);
+            assert_eq!(e.kind(), ErrorKind::AccessRefused, "{e}");
+            assert!(e.to_string().contains(&msg), "{e}");
+            assert!(e.to_string().contains("http://r:5000"), "{e}");
+        }
+    }
+
+    #[test]
+    fn certificate_failures_are_tls_refusals_not_unreachable() {
+        let e = connect_failed(
+            "https://r:5000",
+            "transport error: invalid peer certificate: UnknownIssuer".into(),
+        );
+        assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::AccessRefused);
+        let e = connect_failed("http://r:5000", "connection refused".into());
+        assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Failure);
+    }
 }

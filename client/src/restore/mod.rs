@@ -133,12 +133,11 @@ pub async fn pull_restore(
     let key = encryption::key_for(&manifest, remote.tenant_key(), &reference.to_string())?;
     let mut plan = Plan::make(manifest, reference, opts)?;
     for w in &plan.warnings {
-        eprintln!("snapctl: {w}");
+        progress.warn(w.clone());
     }
     plan.count_totals(&progress);
 
     let dir = work_dir::create("rs")?;
-    become_subreaper();
     let cuda_init = finish::start_cuda_init(&plan);
     let args = plan.criu_args(&dir, opts);
     let criu_restore =

@@ -1,0 +1,67 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use snapreg_client::{agent, host, restore, ClientError};
+
+use super::{announce, shutdown_signal};
+use crate::global::Global;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long)]
+    listen: String,
+    /// This node's name in the registry (default: the hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// URL registered for this agent (default: http://<bound address>).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// How often to re-register the node (and trim the cache).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    register_every: Duration,
+    /// Chunk fetches in flight per prefetch.
+    #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+    window: usize,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: refuse callers without a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// Serves until SIGTERM/SIGINT. Prints nothing on stdout after the {"listen"} line:
+/// whoever read it may have closed stdout by then.
+pub async fn run(g: &Global, a: &Args) -> anyhow::Result<()> {
+    let config = agent::AgentConfig {
+        node_name: a.name.clone().unwrap_or_else(host::hostname),
+        advertise_url: a.advertise.clone(),
+        registries: g.registry_urls()?.into_iter().map(str::to_string).collect(),
+        cache: g.open_cache()?,
+        register_every: a.register_every,
+        window: a.window,
+        credentials: g.credentials()?,
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                snapreg_proto::credentials::server_tls(cert, key, a.tls_client_ca.as_deref())
+                    .map_err(|e| ClientError::Usage(e.to_string()))?,
+            ),
+            _ => None,
+        },
+    };
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| ClientError::io(format!("binding {}", a.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ClientError::io("agent listener", e))?;
+    announce(&json!({ "listen": addr.to_string() }))?;
+    agent::run(listener, config, shutdown_signal()).await?;
+    eprintln!("snapctl: agent stopped");
+    Ok(())
+}

@@ -1,0 +1,82 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use snapreg_client::{checkpoint, criu};
+
+use super::{parse_ref, Output};
+use crate::global::Global;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Root of the process tree.
+    #[arg(long)]
+    pid: u32,
+    reference: String,
+    /// Keep the process running after the dump.
+    #[arg(long)]
+    leave_running: bool,
+    /// Dump established TCP connections (uses nftables for the network lock).
+    #[arg(long)]
+    tcp_established: bool,
+    /// The process is attached to a terminal / session it does not lead.
+    #[arg(long)]
+    shell_job: bool,
+    /// Dump into DIR (e.g. a tmpfs) first and upload after the process is released.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Abort the dump (and release the process) after this long without progress.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+    /// Checkpoint every CUDA process of the tree into host memory first (NVIDIA's
+    /// checkpoint API; put back if anything fails or with --leave-running).
+    #[arg(long)]
+    cuda: bool,
+    /// Separated mode: store the buffers the worker released to this weights
+    /// service as the snapshot's weights layer (refused while it holds any).
+    #[arg(long, value_name = "SOCKET")]
+    weights_service: Option<PathBuf>,
+    /// Extra CRIU arguments, after `--`.
+    #[arg(last = true)]
+    criu_args: Vec<String>,
+}
+
+pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
+    let reference = parse_ref(&a.reference)?;
+    let criu = criu::locate(g.criu.as_deref())?;
+    let remote = g.connect().await?;
+    let opts = checkpoint::CheckpointOptions {
+        pid: a.pid,
+        leave_running: a.leave_running,
+        tcp_established: a.tcp_established,
+        shell_job: a.shell_job,
+        extra_args: a.criu_args.clone(),
+        spool: a.spool.clone(),
+        stall_timeout: a.stall_timeout,
+        cuda: a.cuda,
+        weights_service: a.weights_service.clone(),
+    };
+    let r = checkpoint::checkpoint(&remote, &criu, &reference, &opts, g.progress("dump"))
+        .await
+        .with_context(|| {
+            format!(
+                "checkpointing PID {} into {} as {reference}",
+                a.pid,
+                remote.url()
+            )
+        })?;
+    Ok(Output {
+        human: format!(
+            "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s",
+            r.pid,
+            r.reference,
+            r.digest,
+            r.files,
+            r.counters.bytes_total,
+            r.counters.chunks_transferred,
+            r.freeze_ms.map_or("?".into(), |f| format!("{f:.0}")),
+            r.seconds
+        ),
+        json: serde_json::to_value(&r)?,
+    })
+}

@@ -1,0 +1,71 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use snapreg_client::{criu, restore};
+
+use super::{parse_ref, Output};
+use crate::global::Global;
+
+#[derive(clap::Args)]
+pub struct Args {
+    reference: String,
+    /// Return once the process runs (CRIU's -d); otherwise wait for it to exit.
+    #[arg(long)]
+    detach: bool,
+    /// Restore despite compatibility refusals (each is printed).
+    #[arg(long)]
+    force: bool,
+    /// Chunk fetches in flight ahead of CRIU, per file.
+    #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
+    window: usize,
+    /// Separated mode: fill the weights layer into this weights service while
+    /// CRIU restores the process, then signal the worker to re-attach.
+    #[arg(long, value_name = "SOCKET")]
+    weights_service: Option<PathBuf>,
+    /// Serve every zero page to CRIU (by default zero pages of private anonymous
+    /// memory are left out of the pagemap: they read as zero anyway).
+    #[arg(long)]
+    keep_zero_pages: bool,
+    /// Restore the snapshot's GPUs onto others of this host: OLD=NEW,… where each
+    /// side is a device index (snapshot order / this host's order) or a GPU UUID.
+    #[arg(long, value_name = "OLD=NEW,...")]
+    gpu_map: Option<String>,
+    /// Extra CRIU arguments, after `--`.
+    #[arg(last = true)]
+    criu_args: Vec<String>,
+}
+
+pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
+    let reference = parse_ref(&a.reference)?;
+    let criu = criu::locate(g.criu.as_deref())?;
+    let mut remotes = g.connect_all().await?;
+    let remote = remotes.remove(0);
+    let opts = restore::RestoreOptions {
+        detach: a.detach,
+        extra_args: a.criu_args.clone(),
+        force: a.force,
+        cache: g.open_cache()?,
+        window: a.window,
+        fallbacks: remotes,
+        weights_service: a.weights_service.clone(),
+        keep_zero_pages: a.keep_zero_pages,
+        gpu_map: a.gpu_map.clone(),
+    };
+    // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
+    restore::become_subreaper();
+    let r = restore::pull_restore(&remote, &criu, &reference, &opts, g.progress("restore"))
+        .await
+        .with_context(|| format!("restoring {reference} from {}", remote.url()))?;
+    Ok(Output {
+        human: format!(
+            "restored {} ({}){}: {} chunks fetched, {} from the node cache, {:.2}s",
+            r.reference,
+            r.digest,
+            r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
+            r.counters.chunks_transferred,
+            r.counters.chunks_cached,
+            r.seconds
+        ),
+        json: serde_json::to_value(&r)?,
+    })
+}
