@@ -44,6 +44,7 @@ impl Agent {
         if let Ok(Some(s)) = self.child.try_wait() {
             return Some(s);
         }
+        // SAFETY: kill takes plain integers; the PID is a process this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let stopped = wait_for(Duration::from_secs(5), || {
             self.child.try_wait().ok().flatten()

@@ -243,9 +243,11 @@ fn stopped_peer_is_retried_and_catches_up_when_continued() {
     struct Continue(u32);
     impl Drop for Continue {
         fn drop(&mut self) {
+            // SAFETY: kill takes plain integers; the PID is a process this test started.
             unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
         }
     }
+    // SAFETY: kill takes plain integers; the PID is a process this test started.
     unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
     let stopped = Continue(b.pid());
     let src = t.path().join("src");
@@ -448,9 +450,11 @@ fn stopped_registry_fails_a_call_in_bounded_time_naming_it() {
     struct Continue(u32);
     impl Drop for Continue {
         fn drop(&mut self) {
+            // SAFETY: kill takes plain integers; the PID is a process this test started.
             unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
         }
     }
+    // SAFETY: kill takes plain integers; the PID is a process this test started.
     unsafe { libc::kill(reg.pid() as i32, libc::SIGSTOP) };
     let _resume = Continue(reg.pid());
     let started = std::time::Instant::now();

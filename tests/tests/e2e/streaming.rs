@@ -232,9 +232,11 @@ fn stalled_registry_fails_the_dump_in_bounded_time_and_releases_the_process() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill takes plain integers; the PID is a process this test started.
     unsafe { libc::kill(reg_pid as i32, libc::SIGSTOP) };
     let out = ck.wait_with_output().unwrap();
     let elapsed = started.elapsed();
+    // SAFETY: kill takes plain integers; the PID is a process this test started.
     unsafe { libc::kill(reg_pid as i32, libc::SIGCONT) };
     assert!(
         !out.status.success(),

@@ -54,6 +54,7 @@ pub fn criu_lock() -> CriuLock {
         .open("/tmp/snapreg-tests-criu.lock")
         .unwrap();
     use std::os::fd::AsRawFd;
+    // SAFETY: the lock file is open for the call.
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
     CriuLock { _held: f }
 }
@@ -275,6 +276,7 @@ pub fn spawn_detached(cmd: &mut Command) -> Child {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe, as a pre_exec closure requires.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
@@ -342,6 +344,7 @@ impl TestProc {
     pub fn verify(&self, pid: u32) -> String {
         let _ = std::fs::remove_file(self.dir.join("verify"));
         assert_eq!(
+            // SAFETY: kill takes plain integers; the PID is a process this test started.
             unsafe { libc::kill(pid as i32, libc::SIGUSR1) },
             0,
             "pid {pid} is gone"
@@ -499,8 +502,10 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 pub fn kill_and_wait(pid: u32) {
+    // SAFETY: kill takes plain integers; the PID is a process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     // Reap it if it is ours; otherwise wait for init to.
+    // SAFETY: waitpid accepts a null status pointer.
     unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
     wait_for(Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
