@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use snapreg_client::cache::{self, ChunkCache};
+use snapreg_client::host;
+use snapreg_client::peer::PeerConfig;
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::{Credentials, Remote};
 use snapreg_client::ClientError;
@@ -50,6 +52,15 @@ pub struct Global {
     /// The private key of --client-cert (PEM).
     #[arg(long, global = true, env = "SNAPCTL_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
+    /// This node's name as its agent registers it (`snapctl agent --name`): pull,
+    /// prefetch and pull-restore announce it to the registry's tracker so that
+    /// sibling nodes fetch from this node's cache (default: the hostname).
+    #[arg(long, global = true, env = "SNAPCTL_NODE")]
+    pub node: Option<String>,
+    /// Fetch chunks from the registries only, never from sibling nodes.
+    #[arg(long, global = true, env = "SNAPCTL_NO_PEERS",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_peers: bool,
     /// Tenant key file (`snapctl key new`): pushes and checkpoints encrypt every chunk
     /// with it; snapshots encrypted with it can be pulled and restored.
     #[arg(long, global = true, env = "SNAPCTL_KEY_FILE")]
@@ -109,6 +120,17 @@ impl Global {
             self.client_cert.as_deref(),
             self.client_key.as_deref(),
         )?)
+    }
+
+    /// How pull, prefetch and pull-restore take part in their snapshot's swarm
+    /// (`None` with --no-peers).
+    pub fn peers(&self) -> anyhow::Result<Option<PeerConfig>> {
+        if self.no_peers {
+            return Ok(None);
+        }
+        let node = self.node.clone().unwrap_or_else(host::hostname);
+        let node = (!node.is_empty()).then_some(node);
+        Ok(Some(PeerConfig::new(node, self.credentials()?)))
     }
 
     /// The tenant key of --key-file, if given.

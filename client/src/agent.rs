@@ -3,6 +3,8 @@
 //! - serves `snapreg.v1.NodeAgent` (`Prefetch`, `CacheStatus`) over gRPC, so a
 //!   scheduler can warm this node's chunk cache before placing a pod and ask how much
 //!   of a snapshot the node already holds;
+//! - serves the node cache to sibling nodes (`WatchChunks`, `GetChunks`:
+//!   [`crate::peer::serve`]), and prefetches through the snapshot's swarm;
 //! - manages the node chunk cache every snapctl on the node shares (the size limit is
 //!   enforced after each prefetch and on each registration tick);
 //! - registers the node's facts ([`crate::host::facts`]), its URL and its cache usage
@@ -11,10 +13,15 @@
 //! Registries are connected per call (nearest first, unreachable ones skipped), so an
 //! agent outlives registry restarts. The agent presents [`AgentConfig::credentials`]
 //! (the node's token; a client certificate where registries require mutual TLS) to
-//! every registry. Its own listener serves TLS when given a certificate, and with a
-//! client CA admits only callers (schedulers) holding a certificate that CA signed.
+//! every registry. Its own listener serves TLS when given a certificate; with a
+//! client CA, Prefetch and CacheStatus admit only callers (schedulers) holding a
+//! certificate that CA signed, and the peer calls admit those or callers with a
+//! token the registry accepts for pull.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use snapreg_proto::pb::node_agent_server::{NodeAgent, NodeAgentServer};
@@ -25,6 +32,8 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::ChunkCache;
 use crate::error::{ClientError, ErrorKind, Result};
+use crate::peer::serve::{ChunkStream, HeldStream, PeerService};
+use crate::peer::PeerConfig;
 use crate::progress::Progress;
 use crate::remote::{Credentials, Remote};
 
@@ -44,12 +53,18 @@ pub struct AgentConfig {
     pub credentials: Credentials,
     /// TLS for the agent's own listener.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// `tls` names a client CA: Prefetch and CacheStatus need a certificate it signed.
+    pub client_ca: bool,
+    /// Labels registered with the node's facts, e.g. `topology.kubernetes.io/zone`
+    /// (the tracker prefers peers in the same zone, then region).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone)]
 struct Agent {
     config: AgentConfig,
     agent_url: String,
+    peers: Arc<PeerService>,
 }
 
 /// Every reachable registry, nearest first; an error only if none answers.
@@ -121,7 +136,11 @@ impl Agent {
                     cuda_driver_api: g.cuda_driver_api,
                     mig_profile: g.mig_profile,
                 }),
-                labels: f.labels.into_iter().collect(),
+                labels: f
+                    .labels
+                    .into_iter()
+                    .chain(self.config.labels.clone())
+                    .collect(),
             }),
             cache_bytes: usage.bytes,
             cache_chunks: usage.chunks,
@@ -160,16 +179,22 @@ impl NodeAgent for Agent {
         &self,
         req: Request<pb::PrefetchRequest>,
     ) -> std::result::Result<Response<pb::PrefetchResponse>, Status> {
+        self.require_certificate(&req)?;
         let reference = parse_reference(&req.into_inner().reference)?;
         let remotes = connect_all(&self.config.registries, &self.config.credentials)
             .await
             .map_err(status)?;
+        let peers = PeerConfig::new(
+            Some(self.config.node_name.clone()),
+            self.config.credentials.clone(),
+        );
         // prefetch enforces the cache limit when done.
         let r = crate::prefetch::prefetch(
             remotes,
             &reference,
             self.config.cache.clone(),
             self.config.window,
+            Some(peers),
             Progress::hidden(),
         )
         .await
@@ -190,6 +215,7 @@ impl NodeAgent for Agent {
         &self,
         req: Request<pb::CacheStatusRequest>,
     ) -> std::result::Result<Response<pb::CacheStatusResponse>, Status> {
+        self.require_certificate(&req)?;
         let req = req.into_inner();
         let cache = self.config.cache.clone();
         let usage = blocking(move || cache.usage()).await.map_err(status)?;
@@ -200,12 +226,60 @@ impl NodeAgent for Agent {
                 Some(self.snapshot_status(&reference).await.map_err(status)?)
             }
         };
+        let served = &self.peers.served;
         Ok(Response::new(pb::CacheStatusResponse {
             chunks: usage.chunks,
             bytes: usage.bytes,
             limit_bytes: usage.limit_bytes,
             snapshot,
+            peer_chunks_served: served.chunks.load(Relaxed),
+            peer_bytes_served: served.bytes.load(Relaxed),
+            peer_calls_refused: served.refused.load(Relaxed),
         }))
+    }
+
+    type GetChunksStream = ChunkStream;
+
+    async fn get_chunks(
+        &self,
+        req: Request<pb::GetChunksRequest>,
+    ) -> std::result::Result<Response<ChunkStream>, Status> {
+        self.admit_peer(&req).await?;
+        Ok(Response::new(
+            self.peers.get_chunks(&req.get_ref().digests)?,
+        ))
+    }
+
+    type WatchChunksStream = HeldStream;
+
+    async fn watch_chunks(
+        &self,
+        req: Request<pb::WatchChunksRequest>,
+    ) -> std::result::Result<Response<HeldStream>, Status> {
+        self.admit_peer(&req).await?;
+        Ok(Response::new(self.peers.watch(&req.get_ref().digests)?))
+    }
+}
+
+fn has_certificate<T>(req: &Request<T>) -> bool {
+    req.peer_certs().is_some_and(|c| !c.is_empty())
+}
+
+impl Agent {
+    /// With a client CA, the scheduler calls need a certificate it signed (the TLS
+    /// layer admits callers without one, for peers that present a token instead).
+    fn require_certificate<T>(&self, req: &Request<T>) -> std::result::Result<(), Status> {
+        if self.config.client_ca && !has_certificate(req) {
+            return Err(Status::unauthenticated(
+                "this agent admits schedulers only with a client certificate its client CA \
+                 signed (--tls-client-ca): present one (--client-cert/--client-key)",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn admit_peer<T>(&self, req: &Request<T>) -> std::result::Result<(), Status> {
+        self.peers.admit(req.metadata(), has_certificate(req)).await
     }
 }
 
@@ -285,11 +359,23 @@ pub async fn run(
         .unwrap_or_else(|| default_url(addr, config.tls.is_some()));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = config.tls.clone() {
+        // Certificates are checked per call (require_certificate, admit_peer): peers
+        // may come with a token instead.
+        let tls = tls.client_auth_optional(config.client_ca);
         builder = builder
             .tls_config(tls)
             .map_err(|e| ClientError::Usage(format!("agent TLS (--tls-cert/--tls-key): {e}")))?;
     }
-    let agent = Agent { config, agent_url };
+    let peers = Arc::new(PeerService::new(
+        config.cache.clone(),
+        config.registries.clone(),
+        config.credentials.clone(),
+    ));
+    let agent = Agent {
+        config,
+        agent_url,
+        peers,
+    };
     let ticker = {
         let agent = agent.clone();
         tokio::spawn(async move {

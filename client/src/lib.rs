@@ -9,8 +9,10 @@
 //!   (every chunk checked, bad ones named), [`copy`] (re-encrypted copies),
 //!   [`inspect`] (manifest summaries), [`podman`] (Podman checkpoint archives).
 //! - Reading chunks: [`fetch`], the one stack every reader goes through — [`fetch::Chunks`]
-//!   over the node cache, presigned object-store URLs and the registries in order,
-//!   each chunk verified by its address on arrival; [`cache`] is the node chunk cache.
+//!   over the node cache, sibling nodes, presigned object-store URLs and the
+//!   registries in order, each chunk verified by its address on arrival; [`cache`] is
+//!   the node chunk cache; [`peer`] is fleet fan-out (the tracker, the peer calls of
+//!   the agents, the swarm a reader joins).
 //! - Restoring: [`restore`] (`pull-restore`: `plan` → `serve` + `files` → `finish`),
 //!   [`zero_pages`] (zero pages left out of the served pagemap), [`device_memory`]
 //!   (which parts of the image hold GPU memory).
@@ -42,7 +44,8 @@
 //! ```no_run
 //! use snapreg_client::cache::ChunkCache;
 //! use snapreg_client::progress::Progress;
-//! use snapreg_client::remote::Remote;
+//! use snapreg_client::peer::PeerConfig;
+//! use snapreg_client::remote::{Credentials, Remote};
 //! use snapreg_client::{criu, restore};
 //!
 //! # async fn embed() -> Result<(), Box<dyn std::error::Error>> {
@@ -58,6 +61,8 @@
 //!     weights_service: None,
 //!     keep_zero_pages: false,
 //!     gpu_map: None,
+//!     // Fetch what sibling nodes hold from them (this node's agent is "gpu-node-7").
+//!     peers: Some(PeerConfig::new(Some("gpu-node-7".into()), Credentials::default())),
 //! };
 //! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
 //! restore::become_subreaper();
@@ -84,6 +89,7 @@ pub mod error;
 pub mod fetch;
 pub mod host;
 pub mod inspect;
+pub mod peer;
 pub mod podman;
 pub mod prefetch;
 pub mod process;

@@ -11,7 +11,8 @@ use snapreg_proto::reference::Reference;
 
 use crate::cache::ChunkCache;
 use crate::error::Result;
-use crate::fetch::Chunks;
+use crate::fetch::{Chunks, PeerSummary};
+use crate::peer::PeerConfig;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::pull;
 use crate::remote::Remote;
@@ -23,16 +24,20 @@ pub struct PrefetchReport {
     #[serde(flatten)]
     pub counters: CountersSnapshot,
     pub chunks_by_registry: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub peers: PeerSummary,
     pub seconds: f64,
 }
 
-/// Warms `cache` from `remotes` (nearest first), `window` chunks in flight, then
-/// enforces the cache's size limit.
+/// Warms `cache` from `remotes` (nearest first) and, with `peers`, from sibling
+/// nodes fetching the same snapshot; `window` chunks in flight; then enforces the
+/// cache's size limit.
 pub async fn prefetch(
     remotes: Vec<Remote>,
     reference: &Reference,
     cache: ChunkCache,
     window: usize,
+    peers: Option<PeerConfig>,
     progress: Progress,
 ) -> Result<PrefetchReport> {
     let started = Instant::now();
@@ -49,17 +54,16 @@ pub async fn prefetch(
     let chunks = Chunks::builder(remotes)
         .node_cache(cache.clone())
         .direct_urls(digests.clone())
+        .peers(peers, &reference.repository, digest, digests.clone())
         .build(progress.clone())
         .await?;
-    let mut fetches = futures::stream::iter(digests)
-        .map(|d| {
-            let chunks = chunks.clone();
-            async move { chunks.stored(d, "(prefetch)").await.map(|b| b.len() as u64) }
-        })
-        .buffer_unordered(window.max(1));
-    while let Some(n) = fetches.next().await {
-        progress.advance(n?);
+    let file: std::sync::Arc<str> = "(prefetch)".into();
+    let wants = digests.into_iter().map(|d| (d, file.clone())).collect();
+    let mut fetches = chunks.stored_many(wants, window.max(1));
+    while let Some(item) = fetches.next().await {
+        progress.advance(item?.1.len() as u64);
     }
+    drop(fetches);
     let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
     progress.finish();
     Ok(PrefetchReport {
@@ -67,6 +71,7 @@ pub async fn prefetch(
         digest: digest.to_string(),
         counters: progress.counters.snapshot(),
         chunks_by_registry: chunks.fetched_from(),
+        peers: chunks.peer_summary(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

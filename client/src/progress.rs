@@ -22,6 +22,9 @@ pub struct Counters {
     pub chunks_cached: AtomicU64,
     /// Logical bytes in zero runs (never stored, never sent).
     pub zero_bytes: AtomicU64,
+    /// Of the chunks and bytes transferred, those that came from sibling nodes.
+    pub chunks_from_peers: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -32,6 +35,8 @@ pub struct CountersSnapshot {
     pub chunks_transferred: u64,
     pub chunks_cached: u64,
     pub zero_bytes: u64,
+    pub chunks_from_peers: u64,
+    pub bytes_from_peers: u64,
 }
 
 impl Counters {
@@ -43,6 +48,8 @@ impl Counters {
             chunks_transferred: self.chunks_transferred.load(Relaxed),
             chunks_cached: self.chunks_cached.load(Relaxed),
             zero_bytes: self.zero_bytes.load(Relaxed),
+            chunks_from_peers: self.chunks_from_peers.load(Relaxed),
+            bytes_from_peers: self.bytes_from_peers.load(Relaxed),
         }
     }
 }

@@ -21,7 +21,8 @@ use snapreg_proto::Digest;
 
 use crate::encryption;
 use crate::error::{shown, ClientError, Result};
-use crate::fetch::{Chunks, Want};
+use crate::fetch::{Chunks, PeerSummary, Want};
+use crate::peer::PeerConfig;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 
@@ -39,6 +40,8 @@ pub struct PullReport {
     /// Chunks fetched from the object store by presigned URL (the rest of
     /// `chunks_transferred` came through the registry).
     pub chunks_direct: u64,
+    #[serde(flatten)]
+    pub peers: PeerSummary,
     pub seconds: f64,
 }
 
@@ -149,6 +152,7 @@ pub async fn pull_dir(
     remote: &Remote,
     reference: &Reference,
     dest: &Path,
+    peers: Option<PeerConfig>,
     progress: Progress,
 ) -> Result<PullReport> {
     let started = Instant::now();
@@ -163,6 +167,7 @@ pub async fn pull_dir(
     let mut places: HashMap<Digest, Vec<(usize, u64, u64)>> = HashMap::new();
     let counters = progress.counters.clone();
     let mut chunks_direct = 0;
+    let mut peer_summary = PeerSummary::default();
     let result = async {
         for layer in &manifest.layers {
             for f in &layer.files {
@@ -210,7 +215,15 @@ pub async fn pull_dir(
         progress.add_total(total);
         progress.advance(counters.zero_bytes.load(Relaxed));
 
-        chunks_direct = fetch_into(remote, key, &order, &places, &targets, &progress).await?;
+        let source = Source {
+            remote,
+            key,
+            peers,
+            repository: &reference.repository,
+            snapshot: digest,
+        };
+        (chunks_direct, peer_summary) =
+            fetch_into(source, &order, &places, &targets, &progress).await?;
 
         for t in &targets {
             t.file
@@ -239,23 +252,39 @@ pub async fn pull_dir(
         files: targets.len(),
         counters: progress.counters.snapshot(),
         chunks_direct,
+        peers: peer_summary,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// Fetches, verifies and writes every chunk of `order` (through the registry's
-/// presigned URLs where it offers them); returns how many came by URL.
-async fn fetch_into(
-    remote: &Remote,
+/// Where a pull's chunks come from.
+struct Source<'a> {
+    remote: &'a Remote,
     key: Option<Arc<TenantKey>>,
+    peers: Option<PeerConfig>,
+    repository: &'a str,
+    snapshot: Digest,
+}
+
+/// Fetches, verifies and writes every chunk of `order` (from peers, and through the
+/// registry's presigned URLs where it offers them); returns how many came by URL and
+/// what the peers did.
+async fn fetch_into(
+    source: Source<'_>,
     order: &[Digest],
     places: &HashMap<Digest, Vec<(usize, u64, u64)>>,
     targets: &[Target],
     progress: &Progress,
-) -> Result<u64> {
-    let chunks = Chunks::builder(vec![remote.clone()])
-        .decrypting(key)
+) -> Result<(u64, PeerSummary)> {
+    let chunks = Chunks::builder(vec![source.remote.clone()])
+        .decrypting(source.key)
         .direct_urls(order.to_vec())
+        .peers(
+            source.peers,
+            source.repository,
+            source.snapshot,
+            order.to_vec(),
+        )
         .build(progress.clone())
         .await?;
     let wants: Vec<Want> = order
@@ -289,5 +318,6 @@ async fn fetch_into(
             progress.advance(data.len() as u64);
         }
     }
-    Ok(chunks.fetched_direct())
+    drop(fetched);
+    Ok((chunks.fetched_direct(), chunks.peer_summary()))
 }

@@ -37,6 +37,19 @@ impl From<CredentialsError> for ClientError {
 
 impl Credentials {
     /// `token` wins over `token_file`; `client_cert` and `client_key` come together.
+    /// The same TLS settings presenting another bearer token: a node agent asking
+    /// its registry about a peer's token ([`crate::peer`]).
+    pub fn with_token(&self, token: BearerToken) -> Credentials {
+        Credentials {
+            token,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn token(&self) -> &BearerToken {
+        &self.token
+    }
+
     pub fn new(
         token: Option<&str>,
         token_file: Option<&Path>,
@@ -95,46 +108,7 @@ impl Remote {
     /// Connects now, so an unreachable registry (or a failed TLS handshake) fails
     /// here with its address.
     pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Self> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ClientError::Usage(format!(
-                "registry {url:?} needs a scheme: --registry http://{url}"
-            )));
-        }
-        let mut endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| ClientError::Usage(format!("registry URL {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            // A registry that stops answering (stalled, SIGSTOPped, partitioned) fails
-            // the calls in ~30 s instead of hanging them forever.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            // Large windows: chunks are 0.5-2 MiB and restores are throughput-bound.
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20));
-        match (&creds.tls, url.starts_with("https://")) {
-            (tls, true) => {
-                let tls = tls
-                    .clone()
-                    .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
-                endpoint = endpoint
-                    .tls_config(tls)
-                    .map_err(|e| ClientError::Usage(format!("TLS settings: {e}")))?;
-            }
-            (Some(_), false) => {
-                return Err(ClientError::Usage(format!(
-                    "--ca-cert / --client-cert are for TLS: use an https:// URL instead of {url}"
-                )))
-            }
-            (None, false) => {}
-        }
-        if creds.token.is_set() && url.starts_with("http://") && !is_loopback(url) {
-            tracing::warn!("sending a token to {url} over plain HTTP: anyone on the path can read it; serve TLS (snapreg serve --tls-cert) and use https://");
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| connect_failed(url, error_chain(&e)))?;
+        let channel = connect_channel(url, creds, "registry", Duration::from_secs(5)).await?;
         let client = RegistryClient::with_interceptor(channel, creds.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -456,6 +430,40 @@ impl Remote {
     }
 
     /// Every node registered with this registry.
+    /// The fan-out tracker ([`crate::peer`]): announces this node for a snapshot and
+    /// returns its siblings.
+    pub async fn swarm(&self, req: pb::SwarmRequest) -> Result<pb::SwarmResponse> {
+        Ok(self
+            .client
+            .clone()
+            .swarm(req)
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner())
+    }
+
+    /// Who this side's credentials make it to the registry.
+    pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse> {
+        Ok(self
+            .client
+            .clone()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner())
+    }
+
+    /// The registry instance's transfer counters since it started.
+    pub async fn stats(&self) -> Result<pb::StatsResponse> {
+        Ok(self
+            .client
+            .clone()
+            .stats(pb::StatsRequest {})
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner())
+    }
+
     pub async fn list_nodes(&self) -> Result<Vec<pb::NodeInfo>> {
         let resp = self
             .client
@@ -528,6 +536,57 @@ impl Remote {
     }
 }
 
+/// A channel to a snapreg gRPC server (a registry or a peer's agent) at `url` with
+/// `creds`' TLS settings, connected now so an unreachable server (or a failed TLS
+/// handshake) fails here with its address. `what` names the server in usage errors.
+pub(crate) async fn connect_channel(
+    url: &str,
+    creds: &Credentials,
+    what: &str,
+    connect_timeout: Duration,
+) -> Result<Channel> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ClientError::Usage(format!(
+            "{what} {url:?} needs a scheme: http://{url} or https://{url}"
+        )));
+    }
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Usage(format!("{what} URL {url:?}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        // A server that stops answering (stalled, SIGSTOPped, partitioned) fails the
+        // calls in ~30 s instead of hanging them forever.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        // Large windows: chunks are 0.5-2 MiB and restores are throughput-bound.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
+    match (&creds.tls, url.starts_with("https://")) {
+        (tls, true) => {
+            let tls = tls
+                .clone()
+                .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::Usage(format!("TLS settings: {e}")))?;
+        }
+        (Some(_), false) => {
+            return Err(ClientError::Usage(format!(
+                "--ca-cert / --client-cert are for TLS: use an https:// URL instead of {url}"
+            )))
+        }
+        (None, false) => {}
+    }
+    if creds.token.is_set() && url.starts_with("http://") && !is_loopback(url) {
+        tracing::warn!("sending a token to {url} over plain HTTP: anyone on the path can read it; serve TLS (snapreg serve --tls-cert) and use https://");
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| connect_failed(url, error_chain(&e)))
+}
+
 fn is_loopback(url: &str) -> bool {
     let host = url
         .split("://")
@@ -568,7 +627,7 @@ fn connect_failed(url: &str, reason: String) -> ClientError {
 }
 
 /// Maps a registry answer, keeping the registry's own message.
-fn from_status(url: &str, s: tonic::Status) -> ClientError {
+pub(crate) fn from_status(url: &str, s: tonic::Status) -> ClientError {
     use tonic::Code;
     let msg = s.message().to_string();
     match s.code() {

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | BeginPush, PutManifest, SetTag, DeleteTag, ReplicateTagRecord | push on the request's repository |
 //! | FindMissingChunks, PutChunks | push on some repository (see below) |
-//! | GetManifest, ListTags, Resolve | pull on the request's repository |
+//! | GetManifest, ListTags, Resolve, Swarm | pull on the request's repository |
 //! | GetChunks, GetChunkUrls | pull on some repository (see below) |
 //! | DeleteManifest | push on the named repository |
 //! | SetRetention, ApplyRetention (one repository) | admin on the named repository |
@@ -18,6 +18,8 @@
 //! | RegisterNode | pull on some repository (a node announces itself with the token it pulls with) |
 //! | ListNodes, ReplicationStatus | pull on `*` (they describe the whole registry) |
 //! | CollectGarbage | admin on `*` |
+//! | Stats | pull on some repository (transfer totals name no repository) |
+//! | WhoAmI | nothing: it answers who the caller is (an unknown or revoked token is still refused) |
 //!
 //! Chunk RPCs name digests, not repositories. Uploading needs push somewhere: a chunk
 //! is verified against its digest and becomes reachable only through a manifest, which
@@ -279,5 +281,35 @@ impl RegistryRpc for AuthorizedRegistry {
             .await?
             .require_all(Scope::Pull, "listing nodes")?;
         self.inner.list_nodes(req).await
+    }
+
+    async fn swarm(&self, req: Request<pb::SwarmRequest>) -> Rpc<pb::SwarmResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Pull, &req.get_ref().repository)?;
+        self.inner.swarm(req).await
+    }
+
+    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Rpc<pb::WhoAmIResponse> {
+        Ok(Response::new(match self.who(&req).await? {
+            Principal::Anonymous(scope) => pb::WhoAmIResponse {
+                scope: scope.to_string(),
+                repository_pattern: "*".into(),
+                ..Default::default()
+            },
+            Principal::Token(t) => pb::WhoAmIResponse {
+                token_id: t.id,
+                token_name: t.name,
+                scope: t.scope.to_string(),
+                repository_pattern: t.repository.to_string(),
+            },
+        }))
+    }
+
+    async fn stats(&self, req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+        self.who(&req)
+            .await?
+            .require_some(Scope::Pull, "registry stats")?;
+        self.inner.stats(req).await
     }
 }

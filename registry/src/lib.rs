@@ -29,6 +29,8 @@
 //!    - [`scheduler`]: `Resolve` (compatible snapshots for a node, newest first, with
 //!      sizes and cached bytes), `Watch` (the commit log as a resumable event stream)
 //!      and node registrations for `snapctl agent`.
+//!    - [`tracker`]: `Swarm`, the fan-out tracker: which registered nodes fetch or
+//!      hold which snapshot, so nodes fetch from their siblings (in memory, a hint).
 //!    - [`replication`]: pushing this registry's commits (tag records, their manifests
 //!      and missing chunks) to its peers, with a durable per-peer cursor.
 //! 4. gRPC
@@ -92,6 +94,7 @@ pub mod shared_store;
 pub mod tenant_keys;
 #[cfg(test)]
 mod testutil;
+pub mod tracker;
 
 pub use error::RegistryError;
 pub use registry::{Registry, RegistryConfig};

@@ -4,6 +4,7 @@
 //! `From<RegistryError> for Status` below is the one place errors become statuses.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use crate::scheduler::{
     CommitEvent, GpuFacts, NodeFacts, NodeRegistration, RegisteredNode, ResolveQuery, Resolved,
 };
 use crate::scrub::ScrubReport;
+use crate::tracker::{Announce, Tracker};
 
 /// Chunks fetched from the store ahead of the one being sent, per GetChunks stream.
 const GET_CHUNKS_READAHEAD: usize = 8;
@@ -304,10 +306,22 @@ impl From<Outcome> for pb::RetentionOutcome {
     }
 }
 
+/// Chunk objects and bytes this instance sent and received since it started (Stats).
+#[derive(Default)]
+struct Transfers {
+    chunks_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    chunks_received: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
 /// The RPC handlers over one registry; what the server mounts (behind access.rs).
 pub struct RegistryService {
     reg: Arc<Registry>,
     replicator: Arc<Replicator>,
+    tracker: Tracker,
+    transfers: Arc<Transfers>,
+    started_unix: u64,
     /// Turns true when the server shuts down: ends Watch streams, which would
     /// otherwise hold a graceful shutdown open forever.
     stop: watch::Receiver<bool>,
@@ -322,6 +336,11 @@ impl RegistryService {
         RegistryService {
             reg,
             replicator,
+            tracker: Tracker::default(),
+            transfers: Arc::default(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             stop,
         }
     }
@@ -368,6 +387,8 @@ impl registry_server::Registry for RegistryService {
             }
             let digest = digest_arg("digest", &msg.digest)?;
             let len = msg.data.len() as u64;
+            self.transfers.chunks_received.fetch_add(1, Relaxed);
+            self.transfers.bytes_received.fetch_add(len, Relaxed);
             if self.reg.put_chunk(&msg.lease_id, digest, msg.data).await? {
                 resp.chunks_stored += 1;
                 resp.bytes_stored += len;
@@ -383,11 +404,14 @@ impl registry_server::Registry for RegistryService {
     async fn get_chunks(&self, req: Request<pb::GetChunksRequest>) -> Rpc<ChunkStream> {
         let digests = digests_arg("digests", &req.into_inner().digests)?;
         let reg = self.reg.clone();
+        let transfers = self.transfers.clone();
         let stream = futures::stream::iter(digests)
             .map(move |d| {
-                let reg = reg.clone();
+                let (reg, transfers) = (reg.clone(), transfers.clone());
                 async move {
                     let data = reg.get_chunk(&d).await?;
+                    transfers.chunks_sent.fetch_add(1, Relaxed);
+                    transfers.bytes_sent.fetch_add(data.len() as u64, Relaxed);
                     Ok(pb::ChunkData {
                         digest: digest_bytes(&d),
                         data,
@@ -619,5 +643,57 @@ impl registry_server::Registry for RegistryService {
     async fn scrub(&self, req: Request<pb::ScrubRequest>) -> Rpc<pb::ScrubResponse> {
         let report = crate::scrub::scrub(&self.reg, req.into_inner().dry_run).await?;
         Ok(Response::new(report.into()))
+    }
+
+    async fn swarm(&self, req: Request<pb::SwarmRequest>) -> Rpc<pb::SwarmResponse> {
+        let req = req.into_inner();
+        let snapshot: Digest = req
+            .digest
+            .parse()
+            .map_err(|e| RegistryError::invalid("digest", format!("{e}")))?;
+        let nodes = crate::scheduler::list_nodes(&self.reg)?;
+        let answer = self.tracker.announce(
+            &Announce {
+                snapshot,
+                node: req.node_name.trim(),
+                complete: req.complete,
+                max_peers: req.max_peers as usize,
+            },
+            &nodes,
+        );
+        Ok(Response::new(pb::SwarmResponse {
+            peers: answer
+                .peers
+                .into_iter()
+                .map(|p| pb::SwarmPeer {
+                    node_name: p.node_name,
+                    agent_url: p.agent_url,
+                    complete: p.complete,
+                    zone: p.zone,
+                    region: p.region,
+                })
+                .collect(),
+            seat: answer.seat,
+            members: answer.members,
+        }))
+    }
+
+    async fn who_am_i(&self, _req: Request<pb::WhoAmIRequest>) -> Rpc<pb::WhoAmIResponse> {
+        // Answered by access.rs, which knows the caller; this layer knows no one.
+        Ok(Response::new(pb::WhoAmIResponse::default()))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+        let t = &self.transfers;
+        let (swarms, swarm_members) = self.tracker.size();
+        Ok(Response::new(pb::StatsResponse {
+            chunks_sent: t.chunks_sent.load(Relaxed),
+            chunk_bytes_sent: t.bytes_sent.load(Relaxed),
+            chunks_received: t.chunks_received.load(Relaxed),
+            chunk_bytes_received: t.bytes_received.load(Relaxed),
+            swarms,
+            swarm_members,
+            started_unix: self.started_unix,
+        }))
     }
 }

@@ -30,16 +30,35 @@ pub struct Args {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert", value_name = "PEM")]
     tls_key: Option<PathBuf>,
-    /// Mutual TLS: refuse callers without a certificate signed by this CA (PEM).
+    /// Mutual TLS: schedulers (Prefetch, CacheStatus) need a certificate signed by
+    /// this CA (PEM); peers need one, or a token the registry accepts for pull.
     #[arg(long, requires = "tls_cert", value_name = "PEM")]
     tls_client_ca: Option<PathBuf>,
+    /// The node's zone (label topology.kubernetes.io/zone): peers in the same zone
+    /// are preferred.
+    #[arg(long, env = "SNAPCTL_ZONE")]
+    zone: Option<String>,
+    /// The node's region (label topology.kubernetes.io/region).
+    #[arg(long, env = "SNAPCTL_REGION")]
+    region: Option<String>,
 }
 
 /// Serves until SIGTERM/SIGINT. Prints nothing on stdout after the {"listen"} line:
 /// whoever read it may have closed stdout by then.
 pub async fn run(g: &Global, a: &Args) -> anyhow::Result<()> {
+    let labels = [
+        ("topology.kubernetes.io/zone", &a.zone),
+        ("topology.kubernetes.io/region", &a.region),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v.clone()?)))
+    .collect();
     let config = agent::AgentConfig {
-        node_name: a.name.clone().unwrap_or_else(host::hostname),
+        node_name: a
+            .name
+            .clone()
+            .or_else(|| g.node.clone())
+            .unwrap_or_else(host::hostname),
         advertise_url: a.advertise.clone(),
         registries: g.registry_urls()?.into_iter().map(str::to_string).collect(),
         cache: g.open_cache()?,
@@ -53,6 +72,8 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<()> {
             ),
             _ => None,
         },
+        client_ca: a.tls_client_ca.is_some(),
+        labels,
     };
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await

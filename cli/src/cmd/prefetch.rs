@@ -20,16 +20,18 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         &reference,
         g.open_cache()?,
         a.window,
+        g.peers()?,
         g.progress("prefetch"),
     )
     .await
     .with_context(|| format!("prefetching {reference}"))?;
     Ok(Output {
         human: format!(
-            "prefetched {} ({}): {} chunks fetched, {} already cached, {:.2}s",
+            "prefetched {} ({}): {} chunks fetched ({} from peers), {} already cached, {:.2}s",
             r.reference,
             r.digest,
             r.counters.chunks_transferred,
+            r.counters.chunks_from_peers,
             r.counters.chunks_cached,
             r.seconds
         ),

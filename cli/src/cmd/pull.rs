@@ -31,7 +31,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
     let remote = g.connect().await?;
     let progress = g.progress("pull");
     let report = match &a.podman_archive {
-        None => pull::pull_dir(&remote, &reference, &into, progress).await,
+        None => pull::pull_dir(&remote, &reference, &into, g.peers()?, progress).await,
         Some(_) => podman::pull_archive(&remote, &reference, &into, progress).await,
     }
     .with_context(|| {

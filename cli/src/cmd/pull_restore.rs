@@ -50,6 +50,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         weights_service: a.weights_service.clone(),
         keep_zero_pages: a.keep_zero_pages,
         gpu_map: a.gpu_map.clone(),
+        peers: g.peers()?,
     };
     // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
     restore::become_subreaper();
@@ -58,11 +59,12 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         .with_context(|| format!("restoring {reference} from {}", remote.url()))?;
     Ok(Output {
         human: format!(
-            "restored {} ({}){}: {} chunks fetched, {} from the node cache, {:.2}s",
+            "restored {} ({}){}: {} chunks fetched ({} from peers), {} from the node cache, {:.2}s",
             r.reference,
             r.digest,
             r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
             r.counters.chunks_transferred,
+            r.counters.chunks_from_peers,
             r.counters.chunks_cached,
             r.seconds
         ),

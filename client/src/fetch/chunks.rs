@@ -14,11 +14,14 @@ use snapreg_proto::Digest;
 
 use super::direct_url::DirectUrls;
 use super::node_cache::NodeCache;
+use super::peers::Peers;
 use super::registries::Registries;
 use super::{ChunkFetch, Fetched, Origin, Want};
 use crate::cache::ChunkCache;
 use crate::encryption;
 use crate::error::{ClientError, Result};
+use crate::peer::swarm::Swarm;
+use crate::peer::PeerConfig;
 use crate::progress::Progress;
 use crate::remote::Remote;
 
@@ -28,9 +31,37 @@ pub struct Builder {
     cache: Option<ChunkCache>,
     direct_for: Option<Vec<Digest>>,
     key: Option<Arc<TenantKey>>,
+    swarm: Option<SwarmSpec>,
+}
+
+/// The snapshot whose swarm a reader joins.
+struct SwarmSpec {
+    config: PeerConfig,
+    repository: String,
+    snapshot: Digest,
+    chunks: Vec<Digest>,
 }
 
 impl Builder {
+    /// Fetches from sibling nodes that hold or fetch the same snapshot (the
+    /// manifest `snapshot` of `repository`, whose distinct chunks are `chunks`),
+    /// found through the nearest registry's tracker; `None` leaves peers out.
+    pub fn peers(
+        mut self,
+        config: Option<PeerConfig>,
+        repository: &str,
+        snapshot: Digest,
+        chunks: Vec<Digest>,
+    ) -> Self {
+        self.swarm = config.map(|config| SwarmSpec {
+            config,
+            repository: repository.to_string(),
+            snapshot,
+            chunks,
+        });
+        self
+    }
+
     /// Reads through the node cache, and fills it.
     pub fn node_cache(mut self, cache: ChunkCache) -> Self {
         self.cache = Some(cache);
@@ -57,6 +88,31 @@ impl Builder {
         if let (Some(chunks), Some(remote)) = (&self.direct_for, &nearest) {
             stack = DirectUrls::over(remote, chunks, stack).await?;
         }
+        let mut swarm = None;
+        if let (Some(spec), Some(remote)) = (self.swarm, &nearest) {
+            let held = match &self.cache {
+                Some(cache) => {
+                    let (cache, chunks) = (cache.clone(), spec.chunks.clone());
+                    tokio::task::spawn_blocking(move || {
+                        chunks.iter().filter(|d| cache.contains(d)).count()
+                    })
+                    .await
+                    .unwrap_or(0)
+                }
+                None => 0,
+            };
+            let joined = Swarm::join(
+                remote.clone(),
+                &spec.repository,
+                spec.snapshot,
+                spec.chunks,
+                held,
+                spec.config,
+            )
+            .await;
+            stack = Peers::over(joined.clone(), stack);
+            swarm = Some(joined);
+        }
         if let Some(cache) = &self.cache {
             stack = NodeCache::over(cache.clone(), stack);
         }
@@ -66,7 +122,9 @@ impl Builder {
             key: self.key,
             progress,
             by_source: Arc::default(),
+            by_peer: Arc::default(),
             direct: Arc::default(),
+            swarm,
         })
     }
 }
@@ -79,7 +137,20 @@ pub struct Chunks {
     key: Option<Arc<TenantKey>>,
     progress: Progress,
     by_source: Arc<Mutex<BTreeMap<String, u64>>>,
+    by_peer: Arc<Mutex<BTreeMap<String, u64>>>,
     direct: Arc<AtomicU64>,
+    swarm: Option<Arc<Swarm>>,
+}
+
+/// What the peers did for one reader, for its report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PeerSummary {
+    /// Parents the reader fetched from or could have.
+    pub peers: usize,
+    /// Chunks fetched from each peer, by node name.
+    pub chunks_by_peer: BTreeMap<String, u64>,
+    /// "node: reason" for each peer lost or dropped (bad bytes, a broken stream).
+    pub peer_problems: Vec<String>,
 }
 
 impl Chunks {
@@ -90,7 +161,34 @@ impl Chunks {
             cache: None,
             direct_for: None,
             key: None,
+            swarm: None,
         }
+    }
+
+    /// What the peers did so far.
+    pub fn peer_summary(&self) -> PeerSummary {
+        PeerSummary {
+            peers: self.swarm.as_ref().map_or(0, |s| s.parent_count()),
+            chunks_by_peer: self.by_peer.lock().unwrap().clone(),
+            peer_problems: self
+                .swarm
+                .as_ref()
+                .map(|s| s.problems())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Many chunks as stored (verified, ciphertext for an encrypted snapshot), in
+    /// any order, `window` in flight: what a prefetch warms the cache with.
+    pub fn stored_many(
+        &self,
+        wants: Vec<Want>,
+        window: usize,
+    ) -> BoxStream<'_, Result<(Digest, Bytes)>> {
+        self.stack
+            .fetch_many(wants, window)
+            .map(move |item| item.map(|(digest, fetched)| (digest, self.count(fetched))))
+            .boxed()
     }
 
     /// Chunks fetched per source (a registry URL, or one with " (direct)" for its
@@ -182,6 +280,19 @@ impl Chunks {
             Origin::DirectUrl { url, object_bytes } => {
                 self.direct.fetch_add(1, Relaxed);
                 (url, object_bytes)
+            }
+            Origin::Peer { node, object_bytes } => {
+                counters.chunks_transferred.fetch_add(1, Relaxed);
+                counters.bytes_transferred.fetch_add(object_bytes, Relaxed);
+                counters.chunks_from_peers.fetch_add(1, Relaxed);
+                counters.bytes_from_peers.fetch_add(object_bytes, Relaxed);
+                *self
+                    .by_peer
+                    .lock()
+                    .unwrap()
+                    .entry(node.to_string())
+                    .or_default() += 1;
+                return fetched.content;
             }
         };
         counters.chunks_transferred.fetch_add(1, Relaxed);

@@ -4,8 +4,9 @@
 //! ```text
 //! Chunks            counts by origin, decrypts, names the file in errors
 //!  └ NodeCache      the node chunk cache; what the layers below return is cached
-//!     └ DirectUrls  presigned object-store URLs; expired or unreachable: ↓
-//!        └ Registries  each registry in preference order (nearest first)
+//!     └ Peers       sibling nodes' caches (crate::peer); not held or slow: ↓
+//!        └ DirectUrls  presigned object-store URLs; expired or unreachable: ↓
+//!           └ Registries  each registry in preference order (nearest first)
 //! ```
 //!
 //! A layer implements [`ChunkFetch`] and wraps the layer below it (an
@@ -22,6 +23,7 @@
 mod chunks;
 mod direct_url;
 mod node_cache;
+mod peers;
 mod registries;
 
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use snapreg_proto::Digest;
 
 use crate::error::Result;
 
-pub use chunks::{Builder, Chunks};
+pub use chunks::{Builder, Chunks, PeerSummary};
 
 /// A chunk as one layer of the stack found it: verified content and where it came from.
 #[derive(Clone, Debug)]
@@ -53,6 +55,8 @@ pub enum Origin {
     Registry { url: Arc<str>, object_bytes: u64 },
     /// The object store by a presigned URL the registry at `url` signed.
     DirectUrl { url: Arc<str>, object_bytes: u64 },
+    /// A sibling node's cache, through its agent ([`crate::peer`]).
+    Peer { node: Arc<str>, object_bytes: u64 },
 }
 
 /// One chunk a reader wants, with the file it belongs to (for error messages).
@@ -81,7 +85,7 @@ pub trait ChunkFetch: Send + Sync {
 
 /// Decodes and verifies a chunk object off the async threads: codec framing, then the
 /// BLAKE3 of the content against `digest`. `file` names it in the error.
-async fn verify_object(digest: Digest, object: Bytes, file: &str) -> Result<Bytes> {
+pub(crate) async fn verify_object(digest: Digest, object: Bytes, file: &str) -> Result<Bytes> {
     tokio::task::spawn_blocking(move || snapreg_proto::codec::decode(&digest, &object))
         .await
         .map_err(|e| crate::error::ClientError::io("decoding a chunk", std::io::Error::other(e)))?

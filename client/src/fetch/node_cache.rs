@@ -5,11 +5,13 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use snapreg_proto::Digest;
 
-use super::{ChunkFetch, Fetched, Origin};
+use super::{ChunkFetch, Fetched, Origin, Want};
 use crate::cache::ChunkCache;
 use crate::error::Result;
 
@@ -36,17 +38,57 @@ impl NodeCache {
             });
         }
         let fetched = self.inner.fetch(digest, file).await?;
-        let (cache, content) = (self.cache.clone(), fetched.content.clone());
+        self.store(digest, fetched.content.clone()).await;
+        Ok(fetched)
+    }
+
+    async fn store(&self, digest: Digest, content: Bytes) {
+        let cache = self.cache.clone();
         let stored = tokio::task::spawn_blocking(move || cache.put(&digest, &content)).await;
         if let Ok(Err(e)) = stored {
             tracing::warn!("node cache: cannot store {digest}: {e}");
         }
-        Ok(fetched)
     }
 }
 
 impl ChunkFetch for NodeCache {
     fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
         self.fetch_cached(digest, file).boxed()
+    }
+
+    /// What the cache holds, read one by one; the rest asked of the layer below in
+    /// one call (so it can batch, or schedule across peers), and stored as it comes.
+    fn fetch_many(
+        &self,
+        wants: Vec<Want>,
+        window: usize,
+    ) -> BoxStream<'_, Result<(Digest, Fetched)>> {
+        let cache = self.cache.clone();
+        let all = wants.clone();
+        async move {
+            let (cached, missing): (Vec<Want>, Vec<Want>) =
+                tokio::task::spawn_blocking(move || {
+                    wants.into_iter().partition(|(d, _)| cache.contains(d))
+                })
+                .await
+                .unwrap_or((Vec::new(), all));
+            let from_cache = futures::stream::iter(cached)
+                .map(move |(digest, file)| async move {
+                    Ok((digest, self.fetch_cached(digest, &file).await?))
+                })
+                .buffer_unordered(window.max(1));
+            let from_below = self
+                .inner
+                .fetch_many(missing, window)
+                .then(move |item| async move {
+                    if let Ok((digest, fetched)) = &item {
+                        self.store(*digest, fetched.content.clone()).await;
+                    }
+                    item
+                });
+            from_cache.chain(from_below)
+        }
+        .flatten_stream()
+        .boxed()
     }
 }

@@ -48,7 +48,7 @@ pub async fn pull_archive(
         std::fs::remove_dir_all(&tmp.path)
             .map_err(|e| ClientError::io(format!("removing stale {}", shown(&tmp.path)), e))?;
     }
-    let report = pull::pull_dir(remote, &pinned, &tmp.path, progress.clone()).await?;
+    let report = pull::pull_dir(remote, &pinned, &tmp.path, None, progress.clone()).await?;
 
     let index_path = tmp.path.join(INDEX_LAYER).join(INDEX_FILE);
     let index = read_index(&index_path)?;
@@ -74,6 +74,7 @@ pub async fn pull_archive(
         files: members,
         counters: progress.counters.snapshot(),
         chunks_direct: report.chunks_direct,
+        peers: report.peers,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -33,7 +33,8 @@ use tokio::task::JoinHandle;
 use crate::cache::ChunkCache;
 use crate::criu::Criu;
 use crate::error::Result;
-use crate::fetch::Chunks;
+use crate::fetch::{Chunks, PeerSummary};
+use crate::peer::PeerConfig;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 use crate::weights::FillReport;
@@ -68,6 +69,8 @@ pub struct RestoreOptions {
     /// `OLD=NEW,…`: restore the snapshot's GPUs (index or UUID) onto these of this
     /// host (index or UUID), through the CUDA restore's GPU pairs.
     pub gpu_map: Option<String>,
+    /// Fetch from sibling nodes that hold or fetch the same snapshot.
+    pub peers: Option<PeerConfig>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -89,6 +92,8 @@ pub struct RestoreReport {
     pub peak_rss_bytes: Option<u64>,
     /// Chunks fetched from each registry (nearest first in the request).
     pub chunks_by_registry: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub peers: PeerSummary,
     /// Putting CUDA state back (restore + unlock) after CRIU, for CUDA snapshots.
     pub cuda_restore_seconds: Option<f64>,
     /// Separated mode: filling the weights service (concurrent with CRIU).
@@ -147,6 +152,12 @@ pub async fn pull_restore(
         .node_cache(opts.cache.clone())
         .decrypting(key)
         .direct_urls(plan.manifest.chunk_digests())
+        .peers(
+            opts.peers.clone(),
+            &reference.repository,
+            digest,
+            plan.manifest.chunk_digests(),
+        )
         .build(progress.clone())
         .await?;
     let weights_fill =
@@ -193,6 +204,7 @@ pub async fn pull_restore(
         criu_log: log,
         peak_rss_bytes: peak_rss_bytes(),
         chunks_by_registry: chunks.fetched_from(),
+        peers: chunks.peer_summary(),
         cuda_restore_seconds,
         weights,
         zero_bytes_left_out: zero_plan.bytes_left_out,

@@ -10,6 +10,7 @@ mod errors;
 mod faults;
 mod gc;
 mod limits;
+mod peers;
 mod podman;
 mod push_pull;
 mod real_images;
