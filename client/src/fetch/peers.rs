@@ -23,10 +23,10 @@ use futures::{FutureExt, StreamExt};
 use snapreg_proto::Digest;
 use tokio::sync::mpsc;
 
-use super::{ChunkFetch, Fetched, Origin, Want};
-use crate::error::Result;
+use super::{verify_object, ChunkFetch, Fetched, Origin, Want};
+use crate::error::{ClientError, Result};
 use crate::peer::order::RegistryOrder;
-use crate::peer::swarm::{fetch_from_parent, Swarm, PER_PARENT, PER_PARENT_IN_ORDER};
+use crate::peer::swarm::{Lease, Outcome, Swarm, PER_PARENT, PER_PARENT_IN_ORDER};
 use crate::peer::PEER_WAIT;
 
 /// How often a waiting scheduler looks again without being told of a change.
@@ -286,5 +286,52 @@ impl Scheduler {
             self.swarm.got_one();
         }
         Some(result.map(|f| (self.wants[w].0, f)))
+    }
+}
+
+/// Asks a parent for chunk `i` (a lease from [`Swarm::lease`]), waiting at most
+/// `wait`, and verifies what it sends; gives the lease back with the outcome.
+async fn fetch_from_parent(
+    swarm: &Swarm,
+    lease: &Lease,
+    i: usize,
+    wait: Duration,
+    file: &str,
+) -> Result<(Bytes, u64)> {
+    let digest = swarm.digest(i);
+    let asked = tokio::time::timeout(wait, lease.client.get_chunk(digest)).await;
+    let object = match asked {
+        Ok(Ok(object)) => object,
+        Ok(Err(e)) => {
+            let outcome = match &e {
+                ClientError::NotFound(_) => Outcome::Missing,
+                e => Outcome::Failed(e.to_string()),
+            };
+            swarm.finished(lease, i, outcome);
+            return Err(e);
+        }
+        Err(_) => {
+            let why = format!("no answer within {wait:?}");
+            swarm.finished(lease, i, Outcome::Failed(why.clone()));
+            return Err(ClientError::Unreachable {
+                url: lease.client.url().to_string(),
+                reason: why,
+            });
+        }
+    };
+    let object_bytes = object.len() as u64;
+    match verify_object(digest, object, file).await {
+        Ok(content) => {
+            swarm.finished(lease, i, Outcome::Ok);
+            Ok((content, object_bytes))
+        }
+        Err(e) => {
+            swarm.finished(
+                lease,
+                i,
+                Outcome::Corrupt(format!("sent chunk {digest} that does not verify ({e})")),
+            );
+            Err(e)
+        }
     }
 }

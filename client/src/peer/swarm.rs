@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use snapreg_proto::pb;
 use snapreg_proto::Digest;
 use tokio::sync::Notify;
@@ -16,7 +15,7 @@ use tokio::task::AbortHandle;
 
 use super::client::PeerClient;
 use super::{PeerConfig, ANNOUNCE_EVERY, SLOW_PEER_PAUSE};
-use crate::error::{ClientError, Result};
+use crate::error::Result;
 use crate::remote::Remote;
 
 /// The tracker's first answer is awaited this long; later ones arrive in the
@@ -309,6 +308,11 @@ impl Swarm {
         self.changed.notify_waiters();
     }
 
+    /// Chunk `i` of the swarm's list.
+    pub fn digest(&self, i: usize) -> Digest {
+        self.chunks[i]
+    }
+
     /// The swarm index of a chunk, if it is one of the snapshot's.
     pub fn index_of(&self, digest: &Digest) -> Option<usize> {
         self.index.get(digest).map(|&i| i as usize)
@@ -438,53 +442,6 @@ impl Drop for Swarm {
                     let _ = tokio::time::timeout(FIRST_ANSWER_WAIT, a.announce(true)).await;
                 });
             }
-        }
-    }
-}
-
-/// Asks a parent for chunk `i` (a lease from [`Swarm::lease`]), waiting at most
-/// `wait`, and verifies what it sends; gives the lease back with the outcome.
-pub async fn fetch_from_parent(
-    swarm: &Swarm,
-    lease: &Lease,
-    i: usize,
-    wait: Duration,
-    file: &str,
-) -> Result<(Bytes, u64)> {
-    let digest = swarm.chunks[i];
-    let asked = tokio::time::timeout(wait, lease.client.get_chunk(digest)).await;
-    let object = match asked {
-        Ok(Ok(object)) => object,
-        Ok(Err(e)) => {
-            let outcome = match &e {
-                ClientError::NotFound(_) => Outcome::Missing,
-                e => Outcome::Failed(e.to_string()),
-            };
-            swarm.finished(lease, i, outcome);
-            return Err(e);
-        }
-        Err(_) => {
-            let why = format!("no answer within {wait:?}");
-            swarm.finished(lease, i, Outcome::Failed(why.clone()));
-            return Err(ClientError::Unreachable {
-                url: lease.client.url().to_string(),
-                reason: why,
-            });
-        }
-    };
-    let object_bytes = object.len() as u64;
-    match crate::fetch::verify_object(digest, object, file).await {
-        Ok(content) => {
-            swarm.finished(lease, i, Outcome::Ok);
-            Ok((content, object_bytes))
-        }
-        Err(e) => {
-            swarm.finished(
-                lease,
-                i,
-                Outcome::Corrupt(format!("sent chunk {digest} that does not verify ({e})")),
-            );
-            Err(e)
         }
     }
 }
