@@ -27,6 +27,11 @@
 //!   what encryption at rest costs: per core (codec vs encrypt, decode vs decrypt) and
 //!   push / re-push / pull over loopback, plaintext vs encrypted (encryption.rs).
 //!
+//! `snapreg-bench fanout --nodes N [--mib M] [--mbit B] [--json]`
+//!   one registry and N node agents in network namespaces with `tc`-limited links:
+//!   all nodes prefetch one snapshot at once, peers off then on; registry egress and
+//!   each node's time against one node alone (fanout.rs).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -39,6 +44,7 @@ use anyhow::{bail, Context, Result};
 use snapreg_client::chunker::{Chunker, ChunkerConfig};
 
 mod encryption;
+mod fanout;
 mod s3;
 
 fn main() -> Result<()> {
@@ -64,8 +70,15 @@ fn main() -> Result<()> {
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
         Some("s3") => s3::run(opt("--mib", 1024), opt("--reps", 3), opt("--requests", 200)),
         Some("encryption") => encryption::run(opt("--mib", 1024), opt("--reps", 3)),
+        Some("fanout") => fanout::run(
+            opt("--nodes", 8),
+            opt("--mib", 256),
+            opt("--mbit", 1000),
+            args.iter().any(|a| a == "--json"),
+        ),
+        Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--json]"
         ),
     }
 }
