@@ -32,6 +32,10 @@
 //!   all nodes prefetch one snapshot at once, peers off then on; registry egress and
 //!   each node's time against one node alone (fanout.rs).
 //!
+//! `snapreg-bench load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]`
+//!   one registry under P concurrent pulls and Q concurrent pushes of overlapping
+//!   snapshots: requests served, errors, GetChunks p50/p99, peak RSS (load.rs).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -45,6 +49,7 @@ use snapreg_client::chunker::{Chunker, ChunkerConfig};
 
 mod encryption;
 mod fanout;
+mod load;
 mod s3;
 
 fn main() -> Result<()> {
@@ -76,9 +81,16 @@ fn main() -> Result<()> {
             opt("--mbit", 1000),
             args.iter().any(|a| a == "--json"),
         ),
+        Some("load") => load::run(
+            opt("--seconds", 60) as u64,
+            opt("--pulls", 64),
+            opt("--pushes", 8),
+            opt("--mib", 32),
+            args.iter().any(|a| a == "--json"),
+        ),
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--json]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]"
         ),
     }
 }

@@ -8,13 +8,16 @@
 //!   never waits for a chunk to reach the swarm.
 //! - [`ChunkFetch::fetch_many`] (bulk readers: prefetch, pull): a scheduler that
 //!   takes from parents whatever they hold, and from the registry only chunks no
-//!   parent holds, in this node's own order ([`RegistryOrder`]) and with its share
-//!   of the window (window / members), so that siblings take different chunks from
-//!   the registry and exchange them.
+//!   parent holds. While parents are delivering, it takes from the registry only its
+//!   stripe of the chunk list (chunk i where i ≡ seat mod members, in
+//!   [`RegistryOrder`]) with its share of the window (window / members): every chunk
+//!   has one owner that brings it into the swarm, and the others get it from there.
+//!   When no parent has delivered for [`PATIENCE`] (the swarm is slow, or its
+//!   members gone), it takes any chunk no parent holds, with the whole window.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -31,6 +34,9 @@ use crate::peer::PEER_WAIT;
 
 /// How often a waiting scheduler looks again without being told of a change.
 const IDLE_TICK: Duration = Duration::from_millis(100);
+/// With no chunk from a parent for this long, a bulk reader stops waiting for its
+/// siblings' stripes and takes any chunk from the registry.
+pub const PATIENCE: Duration = Duration::from_secs(1);
 
 pub struct Peers {
     swarm: Arc<Swarm>,
@@ -129,6 +135,8 @@ struct Scheduler {
     by_swarm_index: HashMap<usize, usize>,
     peers_running: usize,
     below_running: usize,
+    /// When a parent last started or finished delivering a chunk.
+    peers_last_busy: Instant,
 }
 
 impl Scheduler {
@@ -151,6 +159,7 @@ impl Scheduler {
             by_swarm_index,
             peers_running: 0,
             below_running: 0,
+            peers_last_busy: Instant::now(),
         }
     }
 
@@ -222,6 +231,7 @@ impl Scheduler {
             };
             self.state[w] = State::Running;
             self.peers_running += 1;
+            self.peers_last_busy = Instant::now();
             let (swarm, file) = (self.swarm.clone(), self.wants[w].1.clone());
             running.push(
                 async move {
@@ -234,19 +244,29 @@ impl Scheduler {
         self.candidates.extend(busy);
     }
 
-    /// Registry (and direct URL) fetches, for chunks no parent holds, with this
-    /// node's share of the window.
+    /// Registry (and direct URL) fetches, for chunks no parent holds: this node's
+    /// stripe with its share of the window while parents deliver, any chunk with the
+    /// whole window once they have not for [`PATIENCE`].
     fn start_below(
         &mut self,
         order: &mut RegistryOrder,
         running: &mut FuturesUnordered<BoxFuture<'static, Finished>>,
     ) {
-        let share = (self.window / self.swarm.members()).clamp(1, self.window);
+        let members = self.swarm.members().max(1);
+        let seat = self.swarm.seat() as usize % members;
+        let patient = self.peers_running > 0 || self.peers_last_busy.elapsed() < PATIENCE;
+        let share = if patient {
+            (self.window / members).clamp(1, self.window)
+        } else {
+            self.window
+        };
         let held = self.swarm.held_by_parents();
         while self.below_running < share {
             let may = |w: usize| {
                 self.state[w] == State::Pending
-                    && self.in_swarm[w].is_none_or(|i| held[i / 64] & (1 << (i % 64)) == 0)
+                    && self.in_swarm[w].is_none_or(|i| {
+                        held[i / 64] & (1 << (i % 64)) == 0 && (!patient || i % members == seat)
+                    })
             };
             let Some(w) = order.next(may) else {
                 break;
@@ -265,6 +285,7 @@ impl Scheduler {
         let (w, result) = match finished {
             Finished::Peer(w, node, got) => {
                 self.peers_running -= 1;
+                self.peers_last_busy = Instant::now();
                 let fetched = got.ok().map(|(content, object_bytes)| Fetched {
                     content,
                     origin: Origin::Peer { node, object_bytes },

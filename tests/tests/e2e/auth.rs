@@ -446,6 +446,45 @@ fn mutual_tls_refuses_clients_and_agents_without_a_certificate() {
     assert!(cache_status(false).is_err());
     let status = cache_status(true).expect("CacheStatus with a client certificate");
     assert_eq!(status.chunks, 0);
+    // Peer calls: the cluster's certificate, or a token the registry accepts for pull
+    // (the agent asks the registry over its own mutual TLS); neither is refused.
+    let peer_watch = |identity: bool, token: Option<&str>| {
+        block_on(async {
+            let ca = tonic::transport::Certificate::from_pem(std::fs::read(&pki.ca).unwrap());
+            let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(ca);
+            if identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(&pki.client_cert).unwrap(),
+                    std::fs::read(&pki.client_key).unwrap(),
+                ));
+            }
+            let channel = tonic::transport::Endpoint::from_shared(good_url.clone())
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut req = tonic::Request::new(snapreg_proto::pb::WatchChunksRequest {
+                digests: vec![vec![9u8; 32].into()],
+            });
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            let mut stream = snapreg_proto::pb::node_agent_client::NodeAgentClient::new(channel)
+                .watch_chunks(req)
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            stream.message().await.map_err(|s| s.to_string())
+        })
+    };
+    let refused = peer_watch(false, None).unwrap_err();
+    assert!(refused.contains("client certificate"), "{refused}");
+    let first = peer_watch(false, Some(&node_token)).expect("a peer with a pull token");
+    assert_eq!(first.map(|m| m.indices.len()), Some(0));
+    peer_watch(true, None).expect("a peer with the cluster's certificate");
     let creds = snapreg_client::remote::Credentials::new(
         Some(&node_token),
         None,

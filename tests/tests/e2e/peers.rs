@@ -210,6 +210,8 @@ struct BadPeer {
     lies: bool,
     /// Serve this many good chunks, then stop serving altogether (process gone).
     dies_after: usize,
+    /// Never answer a chunk request (a hung process), but stay connected.
+    stalls: bool,
     served: Arc<AtomicUsize>,
     die: Arc<tokio::sync::Notify>,
 }
@@ -240,6 +242,9 @@ impl NodeAgent for BadPeer {
         req: Request<pb::GetChunksRequest>,
     ) -> Result<Response<Chunks>, Status> {
         let digest = req.into_inner().digests[0].clone();
+        if self.stalls {
+            std::future::pending::<()>().await;
+        }
         let data = if self.lies {
             snapreg_proto::codec::encode_raw(b"not the chunk you asked for")
         } else {
@@ -342,15 +347,17 @@ fn lying_and_dying_peers_are_left_and_every_chunk_still_verifies() {
     let cache_a = t.path().join("cache-a");
     let _a = NodeAgentProc::start(&reg.url, &cache_a, "seed", &[]);
     on_node(&reg.url, &cache_a, "seed", &["prefetch", "t/bad:v1"]).ok();
-    let bad = |lies: bool| BadPeer {
+    let bad = |lies: bool, stalls: bool| BadPeer {
         cache: cache_a.clone(),
         lies,
         dies_after: 2,
+        stalls,
         served: Arc::default(),
         die: Arc::default(),
     };
-    let _liar = start_bad_peer(&reg.url, "liar", &digest, bad(true));
-    let _quitter = start_bad_peer(&reg.url, "quitter", &digest, bad(false));
+    let _liar = start_bad_peer(&reg.url, "liar", &digest, bad(true, false));
+    let _quitter = start_bad_peer(&reg.url, "quitter", &digest, bad(false, false));
+    let _staller = start_bad_peer(&reg.url, "staller", &digest, bad(false, true));
 
     let cache_c = t.path().join("cache-c");
     let r = on_node(&reg.url, &cache_c, "node-c", &["prefetch", "t/bad:v1"])
@@ -365,9 +372,12 @@ fn lying_and_dying_peers_are_left_and_every_chunk_still_verifies() {
         problems.contains("quitter"),
         "the dead peer is reported: {r}"
     );
-    assert_eq!(r["peers"], 3, "{r}");
+    assert_eq!(r["peers"], 4, "{r}");
     assert!(r["chunks_by_peer"]["seed"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["chunks_by_peer"].get("liar"), None, "{r}");
+    // The hung peer lost its chunks to others after the bounded wait.
+    assert_eq!(r["chunks_by_peer"].get("staller"), None, "{r}");
+    assert_eq!(r["chunks_transferred"], r["chunks_total"], "{r}");
     assert_eq!(
         cache_verifies(&cache_c) as u64,
         r["chunks_total"].as_u64().unwrap(),
