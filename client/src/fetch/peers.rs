@@ -12,8 +12,9 @@
 //!   stripe of the chunk list (chunk i where i ≡ seat mod members, in
 //!   [`RegistryOrder`]) with its share of the window (window / members): every chunk
 //!   has one owner that brings it into the swarm, and the others get it from there.
-//!   When no parent has delivered for [`PATIENCE`] (the swarm is slow, or its
-//!   members gone), it takes any chunk no parent holds, with the whole window.
+//!   When nothing is in flight and nothing has arrived for [`PATIENCE`] (its stripe
+//!   is done and the chunks it waits for are not coming: their owners are slow or
+//!   gone), it takes any chunk no parent holds, still with its share of the window.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,8 +35,8 @@ use crate::peer::PEER_WAIT;
 
 /// How often a waiting scheduler looks again without being told of a change.
 const IDLE_TICK: Duration = Duration::from_millis(100);
-/// With no chunk from a parent for this long, a bulk reader stops waiting for its
-/// siblings' stripes and takes any chunk from the registry.
+/// Idle this long (nothing in flight, nothing arrived), a bulk reader stops waiting
+/// for its siblings' stripes and takes any chunk no parent holds from the registry.
 pub const PATIENCE: Duration = Duration::from_secs(1);
 
 pub struct Peers {
@@ -135,8 +136,8 @@ struct Scheduler {
     by_swarm_index: HashMap<usize, usize>,
     peers_running: usize,
     below_running: usize,
-    /// When a parent last started or finished delivering a chunk.
-    peers_last_busy: Instant,
+    /// When a request last started or finished.
+    last_progress: Instant,
 }
 
 impl Scheduler {
@@ -159,7 +160,7 @@ impl Scheduler {
             by_swarm_index,
             peers_running: 0,
             below_running: 0,
-            peers_last_busy: Instant::now(),
+            last_progress: Instant::now(),
         }
     }
 
@@ -231,7 +232,7 @@ impl Scheduler {
             };
             self.state[w] = State::Running;
             self.peers_running += 1;
-            self.peers_last_busy = Instant::now();
+            self.last_progress = Instant::now();
             let (swarm, file) = (self.swarm.clone(), self.wants[w].1.clone());
             running.push(
                 async move {
@@ -244,9 +245,9 @@ impl Scheduler {
         self.candidates.extend(busy);
     }
 
-    /// Registry (and direct URL) fetches, for chunks no parent holds: this node's
-    /// stripe with its share of the window while parents deliver, any chunk with the
-    /// whole window once they have not for [`PATIENCE`].
+    /// Registry (and direct URL) fetches, for chunks no parent holds, with this
+    /// node's share of the window: its stripe, or any such chunk once it has been
+    /// idle for [`PATIENCE`].
     fn start_below(
         &mut self,
         order: &mut RegistryOrder,
@@ -254,12 +255,9 @@ impl Scheduler {
     ) {
         let members = self.swarm.members().max(1);
         let seat = self.swarm.seat() as usize % members;
-        let patient = self.peers_running > 0 || self.peers_last_busy.elapsed() < PATIENCE;
-        let share = if patient {
-            (self.window / members).clamp(1, self.window)
-        } else {
-            self.window
-        };
+        let patient =
+            self.peers_running + self.below_running > 0 || self.last_progress.elapsed() < PATIENCE;
+        let share = (self.window / members).clamp(1, self.window);
         let held = self.swarm.held_by_parents();
         while self.below_running < share {
             let may = |w: usize| {
@@ -282,10 +280,10 @@ impl Scheduler {
     /// Books a finished request: the chunk to hand on, an error that ends the
     /// call, or `None` (a parent failed: the chunk is pending again).
     fn settle(&mut self, finished: Finished) -> Option<Result<(Digest, Fetched)>> {
+        self.last_progress = Instant::now();
         let (w, result) = match finished {
             Finished::Peer(w, node, got) => {
                 self.peers_running -= 1;
-                self.peers_last_busy = Instant::now();
                 let fetched = got.ok().map(|(content, object_bytes)| Fetched {
                     content,
                     origin: Origin::Peer { node, object_bytes },
