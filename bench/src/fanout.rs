@@ -1,4 +1,4 @@
-//! `snapreg-bench fanout --nodes N [--mib M] [--mbit B] [--json]`: one registry and N
+//! `snapreg-bench fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json]`: one registry and N
 //! node agents, each in its own network namespace, joined by veth pairs to a bridge
 //! in a switch namespace, every link limited to B Mbit/s each way by `tc` (tbf on
 //! both ends of each veth). One snapshot of M MiB of non-zero data; then, in one run:
@@ -6,6 +6,11 @@
 //! 1. one node prefetches it alone (the baseline time);
 //! 2. all N nodes prefetch it at once with peers off (`--no-peers`): today's fleet;
 //! 3. all N nodes prefetch it at once with peers on.
+//!
+//! `--peers-only` skips phase 2 (for tuning; its numbers are then absent). The
+//! machine's CPU use during phase 3 (from /proc/stat) is reported beside the times:
+//! every byte crosses the kernel, gRPC and BLAKE3 on one host, so with many nodes
+//! the cores, not the links, can set the pace.
 //!
 //! Each phase starts from empty node caches. Reported: registry egress per phase
 //! (the registry's own `Stats` counters), each node's completion time, and whether
@@ -59,8 +64,11 @@ impl Net {
 
     /// A namespace with one veth to the switch, `ip`/16 on it, B Mbit/s each way.
     fn attach(&self, ns: &str, port: &str, ip: &str, mbit: usize) -> Result<()> {
-        // tbf's burst must hold at least a timer tick of traffic at the rate.
-        let burst = (mbit * 1000 / 8 / 100).max(32);
+        // tbf's bucket must hold at least a timer tick of traffic at the rate, and a
+        // whole GSO segment (64 KiB): smaller, tbf splits every segment in software,
+        // which on one host costs more CPU than the traffic itself. 256 KiB at the
+        // least (40 ms at 50 Mbit/s): short bursts, the same average rate.
+        let burst = (mbit * 1000 / 8 / 100).max(256);
         let limit = |ns: &str, dev: &str| {
             format!(
                 "ip netns exec {ns} tc qdisc add dev {dev} root tbf rate {mbit}mbit \
@@ -200,6 +208,45 @@ pub fn print_registry_stats(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// One phase's outcome: each node's seconds, the registry's egress, each node's
+/// `--json` report, and the fraction of the machine's CPU time that was busy.
+struct Phase {
+    seconds: Vec<f64>,
+    egress: u64,
+    reports: Vec<serde_json::Value>,
+    cpu_busy: f64,
+}
+
+/// The first line of /proc/stat: CPU time of all cores, busy and idle (in ticks).
+struct CpuTicks {
+    busy: u64,
+    idle: u64,
+}
+
+fn cpu_ticks() -> Result<CpuTicks> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    let busy = fields.iter().take(8).sum::<u64>() - idle;
+    Ok(CpuTicks { busy, idle })
+}
+
+impl CpuTicks {
+    fn busy_since(&self, before: &CpuTicks) -> f64 {
+        let busy = self.busy.saturating_sub(before.busy) as f64;
+        let idle = self.idle.saturating_sub(before.idle) as f64;
+        busy / (busy + idle).max(1.0)
+    }
+}
+
 struct Fleet {
     work: PathBuf,
     url: String,
@@ -226,13 +273,10 @@ impl Fleet {
 
     /// Prefetches on `nodes` at once; each node's seconds (spawn to exit) and the
     /// registry's egress meanwhile.
-    fn prefetch_all(
-        &self,
-        nodes: &[usize],
-        peers: bool,
-    ) -> Result<(Vec<f64>, u64, Vec<serde_json::Value>)> {
+    fn prefetch_all(&self, nodes: &[usize], peers: bool) -> Result<Phase> {
         self.clear_caches()?;
         let before = registry_bytes_sent(&self.url)?;
+        let cpu_before = cpu_ticks()?;
         let started = Instant::now();
         let mut running = Vec::new();
         for &i in nodes {
@@ -287,8 +331,14 @@ impl Fleet {
             waiting = still;
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        let cpu_busy = cpu_ticks()?.busy_since(&cpu_before);
         let egress = registry_bytes_sent(&self.url)? - before;
-        Ok((seconds, egress, reports))
+        Ok(Phase {
+            seconds,
+            egress,
+            reports,
+            cpu_busy,
+        })
     }
 
     /// Every node cache of `nodes` holds `chunks` files, each hashing to its name.
@@ -324,7 +374,7 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (s[0], s[s.len() / 2], s[s.len() - 1])
 }
 
-pub fn run(nodes: usize, mib: usize, mbit: usize, json: bool) -> Result<()> {
+pub fn run(nodes: usize, mib: usize, mbit: usize, peers_only: bool, json: bool) -> Result<()> {
     if nodes == 0 || nodes > 250 {
         bail!("--nodes: 1 to 250");
     }
@@ -390,59 +440,122 @@ pub fn run(nodes: usize, mib: usize, mbit: usize, json: bool) -> Result<()> {
     }
     std::thread::sleep(std::time::Duration::from_secs(1));
 
-    let (single, single_egress, single_reports) = fleet.prefetch_all(&[0], false)?;
-    let chunks = single_reports[0]["chunks_total"]
+    let single = fleet.prefetch_all(&[0], false)?;
+    let chunks = single.reports[0]["chunks_total"]
         .as_u64()
         .unwrap_or_default();
-    let stored = single_reports[0]["bytes_transferred"]
+    let stored = single.reports[0]["bytes_transferred"]
         .as_u64()
         .unwrap_or_default();
     let all: Vec<usize> = (0..nodes).collect();
-    let (off, off_egress, _) = fleet.prefetch_all(&all, false)?;
-    let off_complete = fleet.caches_complete(&all, chunks);
-    let (on, on_egress, on_reports) = fleet.prefetch_all(&all, true)?;
+    let off = if peers_only {
+        None
+    } else {
+        let phase = fleet.prefetch_all(&all, false)?;
+        Some((fleet.caches_complete(&all, chunks), phase))
+    };
+    let on = fleet.prefetch_all(&all, true)?;
     let on_complete = fleet.caches_complete(&all, chunks);
-    let from_peers: u64 = on_reports
-        .iter()
-        .map(|r| r["bytes_from_peers"].as_u64().unwrap_or(0))
-        .sum();
     drop(agents);
     drop(net);
 
-    let (off_min, off_med, off_max) = stats(&off);
-    let (on_min, on_med, on_max) = stats(&on);
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("\nfanout: {nodes} nodes, {mib} MiB snapshot ({chunks} chunks, {} bytes stored), every link {mbit} Mbit/s each way\n", stored);
-    println!("| run | registry egress | × snapshot | node time min / median / max (s) | × one node alone | caches complete |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| one node alone | {:.2} GiB | {:.2} | {:.1} | 1.00 | — |",
-        gib(single_egress),
-        single_egress as f64 / stored as f64,
-        single[0]
-    );
-    println!("| {nodes} nodes, peers off | {:.2} GiB | {:.2} | {off_min:.1} / {off_med:.1} / {off_max:.1} | {:.2} | {off_complete} |", gib(off_egress), off_egress as f64 / stored as f64, off_max / single[0]);
-    println!("| {nodes} nodes, peers on | {:.2} GiB | {:.2} | {on_min:.1} / {on_med:.1} / {on_max:.1} | {:.2} | {on_complete} |", gib(on_egress), on_egress as f64 / stored as f64, on_max / single[0]);
-    let result = serde_json::json!({
-        "nodes": nodes,
-        "mib": mib,
-        "link_mbit": mbit,
-        "snapshot_chunks": chunks,
-        "snapshot_stored_bytes": stored,
-        "registry_egress_bytes": on_egress,
-        "registry_egress_bytes_no_peers": off_egress,
-        "registry_egress_bytes_single": single_egress,
-        "bytes_from_peers": from_peers,
-        "slowest_node_s": on_max,
-        "slowest_node_s_no_peers": off_max,
-        "single_node_s": single[0],
-        "node_seconds": on,
-        "node_seconds_no_peers": off,
-        "all_caches_verified": on_complete && off_complete,
-    });
+    let setup = Setup {
+        nodes,
+        mib,
+        mbit,
+        chunks,
+        stored,
+    };
+    print_table(&setup, &single, off.as_ref(), (on_complete, &on));
+    let result = result_json(&setup, &single, off.as_ref(), (on_complete, &on));
     save_run(&format!("fanout-{nodes}"), &result)?;
     if json {
         println!("{result}");
     }
     Ok(())
+}
+
+/// What was measured on: nodes, snapshot size and chunks, link rate.
+struct Setup {
+    nodes: usize,
+    mib: usize,
+    mbit: usize,
+    chunks: u64,
+    stored: u64,
+}
+
+fn print_table(
+    setup: &Setup,
+    single: &Phase,
+    off: Option<&(bool, Phase)>,
+    (on_complete, on): (bool, &Phase),
+) {
+    let Setup {
+        nodes,
+        mib,
+        mbit,
+        chunks,
+        stored,
+    } = *setup;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let alone = single.seconds[0];
+    println!("\nfanout: {nodes} nodes, {mib} MiB snapshot ({chunks} chunks, {stored} bytes stored), every link {mbit} Mbit/s each way\n");
+    println!("| run | registry egress | × snapshot | node time min / median / max (s) | × one node alone | caches complete | CPU busy |");
+    println!("|---|---|---|---|---|---|---|");
+    let row = |name: &str, phase: &Phase, complete: &str| {
+        let (min, med, max) = stats(&phase.seconds);
+        println!(
+            "| {name} | {:.2} GiB | {:.2} | {min:.1} / {med:.1} / {max:.1} | {:.2} | {complete} | {:.0} % |",
+            gib(phase.egress),
+            phase.egress as f64 / stored as f64,
+            max / alone,
+            phase.cpu_busy * 100.0
+        );
+    };
+    row("one node alone", single, "—");
+    if let Some((complete, phase)) = off {
+        row(
+            &format!("{nodes} nodes, peers off"),
+            phase,
+            &complete.to_string(),
+        );
+    }
+    row(
+        &format!("{nodes} nodes, peers on"),
+        on,
+        &on_complete.to_string(),
+    );
+}
+
+fn result_json(
+    setup: &Setup,
+    single: &Phase,
+    off: Option<&(bool, Phase)>,
+    (on_complete, on): (bool, &Phase),
+) -> serde_json::Value {
+    let from_peers: u64 = on
+        .reports
+        .iter()
+        .map(|r| r["bytes_from_peers"].as_u64().unwrap_or(0))
+        .sum();
+    let slowest = |p: &Phase| stats(&p.seconds).2;
+    serde_json::json!({
+        "nodes": setup.nodes,
+        "mib": setup.mib,
+        "link_mbit": setup.mbit,
+        "snapshot_chunks": setup.chunks,
+        "snapshot_stored_bytes": setup.stored,
+        "registry_egress_bytes": on.egress,
+        "registry_egress_bytes_no_peers": off.map(|(_, p)| p.egress),
+        "registry_egress_bytes_single": single.egress,
+        "bytes_from_peers": from_peers,
+        "slowest_node_s": slowest(on),
+        "slowest_node_s_no_peers": off.map(|(_, p)| slowest(p)),
+        "single_node_s": single.seconds[0],
+        "node_seconds": on.seconds,
+        "node_seconds_no_peers": off.map(|(_, p)| p.seconds.clone()),
+        "cpu_busy_peers_on": on.cpu_busy,
+        "cpu_busy_no_peers": off.map(|(_, p)| p.cpu_busy),
+        "all_caches_verified": on_complete && off.is_none_or(|(c, _)| *c),
+    })
 }

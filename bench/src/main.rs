@@ -27,7 +27,7 @@
 //!   what encryption at rest costs: per core (codec vs encrypt, decode vs decrypt) and
 //!   push / re-push / pull over loopback, plaintext vs encrypted (encryption.rs).
 //!
-//! `snapreg-bench fanout --nodes N [--mib M] [--mbit B] [--json]`
+//! `snapreg-bench fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json]`
 //!   one registry and N node agents in network namespaces with `tc`-limited links:
 //!   all nodes prefetch one snapshot at once, peers off then on; registry egress and
 //!   each node's time against one node alone (fanout.rs).
@@ -79,6 +79,7 @@ fn main() -> Result<()> {
             opt("--nodes", 8),
             opt("--mib", 256),
             opt("--mbit", 1000),
+            args.iter().any(|a| a == "--peers-only"),
             args.iter().any(|a| a == "--json"),
         ),
         Some("load") => load::run(
@@ -90,7 +91,7 @@ fn main() -> Result<()> {
         ),
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]"
         ),
     }
 }
