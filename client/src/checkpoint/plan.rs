@@ -51,6 +51,8 @@ pub(super) struct TreeFacts {
     pub weights: Option<Arc<WeightsPlan>>,
     /// Address ranges the CUDA checkpoint added, per PID (device memory in host pages).
     pub device_ranges: std::collections::HashMap<u32, Vec<(u64, u64)>>,
+    /// Files the tree holds open for writing, read at post-dump.
+    pub written: Vec<crate::written_files::WrittenFile>,
 }
 
 impl TreeFacts {
@@ -65,6 +67,7 @@ impl TreeFacts {
             gpu: crate::cuda::host_gpu(),
             weights,
             device_ranges: cuda.map(|g| g.device_ranges.clone()).unwrap_or_default(),
+            written: crate::written_files::written(pids),
         }
     }
 }
