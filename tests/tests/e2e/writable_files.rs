@@ -457,3 +457,51 @@ fn nginx_from_debian_serves_after_restore_and_again_after_its_log_grew() {
     n.serves_and_logs();
     assert!(text(&n.access_log()).starts_with(&at_freeze));
 }
+
+#[test]
+fn spooled_checkpoints_capture_written_files_unless_the_tree_keeps_running() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let log = t.path().join("logs/worker.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let mut p = TestProc::spawn(
+        &t.path().join("proc"),
+        &["log", "--log", log.to_str().unwrap()],
+    );
+    p.wait_counter_above(5);
+    let pid = p.pid().to_string();
+    let spool = t.path().join("spool");
+    let args = |extra: &[&'static str], tag: &'static str| {
+        let mut a = vec!["checkpoint", "--spool", spool.to_str().unwrap(), "--pid"];
+        a.push(&pid);
+        a.extend_from_slice(extra);
+        a.push(tag);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        snapctl(&reg.url, &a).ok().json()
+    };
+    let running = run(args(&["--leave-running"], "t/log:running"));
+    let reason = running["written_files"]["left_out"][0]["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{running}"));
+    assert!(reason.contains("kept running"), "{running}");
+    let ck = run(args(&[], "t/log:spooled"));
+    let _ = p.child.wait();
+    assert_eq!(
+        paths(&ck["written_files"]["captured"]),
+        vec![log.display().to_string()],
+        "{ck}"
+    );
+    let at_freeze = text(&log);
+    std::fs::remove_file(&log).unwrap();
+    std::fs::remove_dir(log.parent().unwrap()).unwrap();
+    let r = snapctl(&reg.url, &["pull-restore", "--detach", "t/log:spooled"])
+        .ok()
+        .json();
+    let _restored = Restored(p.pid());
+    assert_eq!(put_back_of(&r, &log)["action"], "created", "{r}");
+    assert_log_goes_on(&log, &at_freeze, p.pid());
+}
