@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use snapreg_proto::manifest::{Extent, ExternalFile, Manifest};
+use snapreg_proto::manifest::{annotations, Extent, ExternalFile, Manifest};
 
 use crate::error::{ClientError, Result};
 use crate::fetch::Chunks;
@@ -66,6 +66,7 @@ pub async fn put_back_layer(m: &Manifest, chunks: &Chunks) -> Result<Vec<PutBack
     let Some(layer) = m.written_files_layer() else {
         return Ok(Vec::new());
     };
+    refuse_while_the_original_writes(m)?;
     let records = m
         .criu
         .as_ref()
@@ -99,6 +100,35 @@ pub async fn put_back_layer(m: &Manifest, chunks: &Chunks) -> Result<Vec<PutBack
         out.push(done);
     }
     Ok(out)
+}
+
+/// The original tree still running here and writing one of the files (a restore on
+/// the node it was checkpointed on with --leave-running): moving its file aside would
+/// leave it writing under the moved-aside name, and CRIU would fail on its PIDs anyway.
+fn refuse_while_the_original_writes(m: &Manifest) -> Result<()> {
+    let root = m
+        .annotations
+        .get(annotations::ROOT_PID)
+        .and_then(|p| p.parse::<u32>().ok());
+    let Some(Ok(pids)) = root.map(crate::process::tree) else {
+        return Ok(());
+    };
+    let layer_paths: Vec<&str> = m
+        .written_files_layer()
+        .map(|l| l.files.iter().map(|f| f.path.as_str()).collect())
+        .unwrap_or_default();
+    let busy: Vec<String> = super::find::written(&pids)
+        .into_iter()
+        .filter(|w| layer_paths.contains(&w.path.trim_start_matches('/')))
+        .map(|w| format!("{} (PID {})", w.path, w.pid))
+        .collect();
+    if busy.is_empty() {
+        return Ok(());
+    }
+    Err(ClientError::Aborted(format!(
+        "the checkpointed process still runs here and writes {}: stop it before restoring (CRIU restores its PIDs); nothing was put back or started",
+        busy.join(", ")
+    )))
 }
 
 /// Puts `content` at `path` with `mode` (permission bits) and `mtime` (unix seconds),

@@ -505,3 +505,58 @@ fn spooled_checkpoints_capture_written_files_unless_the_tree_keeps_running() {
     assert_eq!(put_back_of(&r, &log)["action"], "created", "{r}");
     assert_log_goes_on(&log, &at_freeze, p.pid());
 }
+
+#[test]
+fn a_restore_while_the_original_still_writes_moves_nothing_aside() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let logs = t.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("worker.log");
+    let mut p = TestProc::spawn(
+        &t.path().join("proc"),
+        &["log", "--log", log.to_str().unwrap()],
+    );
+    p.wait_counter_above(5);
+    let pid = p.pid();
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--leave-running",
+            "--pid",
+            &pid.to_string(),
+            "t/log:v1",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(paths(&ck["written_files"]["captured"]).len(), 1, "{ck}");
+    let r = snapctl(&reg.url, &["pull-restore", "--detach", "t/log:v1"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("still runs here and writes"),
+        "{}",
+        r.stderr
+    );
+    let names: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("worker.log")],
+        "nothing moved aside"
+    );
+    // Once it is stopped, the same snapshot restores.
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    snapctl(&reg.url, &["pull-restore", "--detach", "t/log:v1"]).ok();
+    let _restored = Restored(pid);
+    let now = last_tick(&text(&log));
+    wait_for(Duration::from_secs(30), || {
+        (last_tick(&text(&log)) > now + 3).then_some(())
+    })
+    .expect("the restored worker logs");
+}
