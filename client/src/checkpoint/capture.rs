@@ -321,10 +321,11 @@ async fn commit(
         });
     }
     layers.insert(0, layer);
-    // The tasks are frozen: the files they write are as CRIU recorded them.
+    // The tasks are frozen: the files they hold open now are those CRIU reopens, as
+    // it recorded them (a file opened since the listing before the dump included).
     let written = written_files::capture(
         &captured.uploader,
-        &job.facts.written,
+        &written_files::written(&job.facts.pids),
         &job.opts.capture_files,
         None,
     )

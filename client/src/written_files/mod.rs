@@ -18,9 +18,11 @@
 //! absolute path less its leading `/`, with the mode CRIU checks on restore, chunked
 //! and deduplicated like every other layer.
 //!
-//! When the content is read: while the tasks are frozen (CRIU's post-dump, before they
-//! are killed or resumed), so it is exactly the size CRIU recorded in its image; with
-//! `--spool` after CRIU killed them (the same bytes: nothing of the tree ran since).
+//! When the files are listed and read: while the tasks are frozen (CRIU's post-dump,
+//! before they are killed or resumed), so the list is what CRIU reopens (a file a task
+//! opened a moment before the freeze included) and each content is exactly the size
+//! CRIU recorded in its image. With `--spool`, from the list taken before the dump,
+//! after CRIU killed the tasks (the same bytes: nothing of the tree ran since).
 //! It is read through the process's own descriptor, so a file renamed since it was
 //! opened (a rotated log) is still the file the process writes.
 //!
