@@ -4,6 +4,8 @@
 # is not among them: proto/build.rs uses the vendored protoc-bin-vendored crate.
 # python3 runs the end-to-end test of the weights service's Python client; ccache lets
 # cargo's check and build modes share one compile of RocksDB (scripts/env.sh).
+# nginx-light is the stock Debian server the written-files end-to-end test checkpoints
+# (tests/tests/e2e/writable_files.rs); any nginx package already installed will do.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -11,6 +13,7 @@ need=()
 for pkg in libclang-dev clang g++ make python3 ccache; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if ((${#need[@]})); then
   echo "installing build dependencies: ${need[*]}" >&2
   sudo_cmd=()

@@ -33,6 +33,11 @@ pub fn advice(e: &ClientError) -> &'static str {
             "; for a registry with a private CA pass it with --ca-cert or SNAPCTL_CA_CERT, and \
              where it requires client certificates pass --client-cert and --client-key"
         }
+        ClientError::Incompatible(m) if m.contains("left out of the snapshot") => {
+            "\n(a file the process writes was left out at checkpoint: put it back as it \
+             was, checkpoint again with a higher --capture-files-limit / \
+             --capture-files-total, or use --force to try anyway)"
+        }
         ClientError::Incompatible(_) => "\n(use --force to try anyway)",
         _ => "",
     }

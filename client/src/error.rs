@@ -54,6 +54,14 @@ pub enum ClientError {
         what: String,
         source: std::io::Error,
     },
+    /// A file the snapshot's process writes could not be put back before CRIU; the
+    /// restore stopped there, and nothing half-written is left under its name.
+    #[error("cannot put back {path}, a file the restored process writes: {source}; nothing half-written is left under that name: {advice}")]
+    PutBack {
+        path: String,
+        source: std::io::Error,
+        advice: &'static str,
+    },
     #[error("CRIU: {0}")]
     Criu(String),
     #[error("CUDA: {0}")]
@@ -94,6 +102,25 @@ impl ClientError {
         ClientError::Io {
             what: what.into(),
             source,
+        }
+    }
+
+    /// [`ClientError::PutBack`] with the advice its cause calls for.
+    pub fn put_back(path: &std::path::Path, source: std::io::Error) -> Self {
+        let advice = match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => "free space on its filesystem and restore again",
+            Some(libc::EROFS) => {
+                "its filesystem is read-only: make it writable, or restore on another node"
+            }
+            Some(libc::EACCES | libc::EPERM) => {
+                "restore as a user that may write there (CRIU needs root anyway)"
+            }
+            _ => "fix that and restore again",
+        };
+        ClientError::PutBack {
+            path: path.display().to_string(),
+            source,
+            advice,
         }
     }
 

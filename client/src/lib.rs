@@ -18,6 +18,9 @@
 //!   (which parts of the image hold GPU memory).
 //! - Checkpointing: [`checkpoint`] (`plan` → `capture`, or `spool`), [`action`] (snapctl
 //!   as CRIU's action script: commit at post-dump, verify at post-restore).
+//! - [`written_files`]: files the tree holds open for writing, captured at checkpoint
+//!   into the layer "files" and put back (moving a different file aside) before CRIU
+//!   reopens them at restore.
 //! - CRIU: [`criu`] (finding a CRIU ≥ 4.2, running it), [`criu_stream`] (the
 //!   image-streamer protocol and its request loops), [`criu_image`] (CRIU's image
 //!   records, generated from its .proto files in client/proto/criu), [`process`]
@@ -101,6 +104,7 @@ pub mod restore;
 pub mod verify;
 pub mod weights;
 pub mod work_dir;
+pub mod written_files;
 pub mod zero_pages;
 
 pub use error::ClientError;

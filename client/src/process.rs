@@ -78,6 +78,7 @@ pub fn external_files(pids: &[u32]) -> Vec<ExternalFile> {
                         path: path.to_string(),
                         size: meta.len(),
                         mtime: meta.mtime(),
+                        ..ExternalFile::default()
                     },
                 );
             }
@@ -110,12 +111,13 @@ pub fn check_external_files(files: &[ExternalFile]) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     for f in files {
         match std::fs::metadata(&f.path) {
-            Err(_) => problems.push(format!("{} is missing", f.path)),
+            Err(_) => problems.push(format!("{} is missing{}", f.path, left_out_note(f))),
             Ok(m) if m.len() != f.size => problems.push(format!(
-                "{} is {} bytes, the image expects {}",
+                "{} is {} bytes, the image expects {}{}",
                 f.path,
                 m.len(),
-                f.size
+                f.size,
+                left_out_note(f)
             )),
             Ok(m) if m.mtime() != f.mtime => {
                 warnings.push(format!("{} was modified since the checkpoint", f.path))
@@ -130,6 +132,17 @@ pub fn check_external_files(files: &[ExternalFile]) -> Result<Vec<String>> {
             "files the image reopens by path:\n  {}",
             problems.join("\n  ")
         )))
+    }
+}
+
+/// Why a file the tree wrote is not in the snapshot to be put back.
+fn left_out_note(f: &ExternalFile) -> String {
+    match (&f.left_out, f.written) {
+        (Some(reason), _) => {
+            format!(" (the process writes it; its content was left out of the snapshot: {reason})")
+        }
+        (None, true) => " (the process writes it; the snapshot does not carry it)".into(),
+        (None, false) => String::new(),
     }
 }
 

@@ -14,7 +14,8 @@
 //!   "layers": [ { "kind": "process"|"weights"|"gpu"|"rootfs"|"extra", "name"?, "rank"?,
 //!                 "files": [ { "path", "size", "mode",
 //!                              "extents": [ {"chunk": "blake3:..", "len": N} | {"zero": N} ] } ] } ],
-//!   "criu"?:          { "version", "restore_options": [..], "external_files": [ {path,size,mtime} ] },
+//!   "criu"?:          { "version", "restore_options": [..],
+//!                       "external_files": [ {path, size, mtime, written?, left_out?} ] },
 //!   "compat":         { see compat::CompatRecord },
 //!   "device_memory"?: [ { "layer", "file", "offset", "len" } ],
 //!   "ranks"?:         [ { "rank", "layer" } ],
@@ -22,6 +23,17 @@
 //!   "encryption"?:    { "scheme", "key_id", "tenant" }     (version 2 only)
 //! }
 //! ```
+//!
+//! Written files (added inside version 1, optional): an `external_files` entry with
+//! `"written": true` is a file the tree held open for writing (a log, a scratch file).
+//! Its content at the freeze is captured into the layer `{"kind": "extra", "name":
+//! "files"}` ([`WRITTEN_FILES_LAYER`]) under its absolute path less the leading `/`
+//! (`/var/log/w.log` → `var/log/w.log`), with the mode CRIU will check; a restore puts
+//! it back before CRIU reopens it. A written entry with no file in that layer was left
+//! out, and `left_out` says why (too big, `--no-capture-files`): a restore then checks
+//! it like any other external file. An `extra` layer, not a new kind: older readers
+//! decode the manifest and ignore the layer (they restore as before, refusing a file
+//! that differs). Golden file: `tests/golden/manifest-v1-written-files.json`.
 //!
 //! Version 2 is version 1 plus a required `encryption` section: every chunk of the
 //! snapshot is encrypted with that tenant key ([`crate::encryption`]) and its digest is
@@ -59,6 +71,9 @@ pub mod annotations {
     /// Where the Podman archive's index lives in an imported Podman checkpoint.
     pub const PODMAN_ARCHIVE: &str = "org.snapreg.podman-archive";
 }
+
+/// The `extra` layer holding the content of files the tree held open for writing.
+pub const WRITTEN_FILES_LAYER: &str = "files";
 
 pub const SCHEMA_VERSION: u64 = 1;
 /// The version of a manifest whose chunks are encrypted.
@@ -197,11 +212,25 @@ pub struct CriuInfo {
     pub external_files: Vec<ExternalFile>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExternalFile {
     pub path: String,
     pub size: u64,
     pub mtime: i64,
+    /// Held open for writing by the tree: captured into [`WRITTEN_FILES_LAYER`] unless
+    /// `left_out` says why not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub written: bool,
+    /// Why a written file's content is not in the snapshot (for the restore's refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_out: Option<String>,
+}
+
+impl ExternalFile {
+    /// Where a written file's content sits in [`WRITTEN_FILES_LAYER`].
+    pub fn layer_path(&self) -> &str {
+        self.path.trim_start_matches('/')
+    }
 }
 
 /// A page range of a CRIU image file that holds a copy of device memory.
@@ -332,6 +361,13 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The layer holding the content of files the tree held open for writing.
+    pub fn written_files_layer(&self) -> Option<&Layer> {
+        self.layers
+            .iter()
+            .find(|l| l.kind == LayerKind::Extra && l.name.as_deref() == Some(WRITTEN_FILES_LAYER))
     }
 
     /// Every distinct chunk the manifest names, in first-use order.
@@ -527,6 +563,32 @@ mod tests {
         let mut m = Manifest::decode(GOLDEN_V1).unwrap();
         m.chunker.max_size = 1 << 30;
         assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    const GOLDEN_V1_WRITTEN: &[u8] =
+        include_bytes!("../tests/golden/manifest-v1-written-files.json");
+
+    #[test]
+    fn golden_v1_written_files_decode_with_their_layer() {
+        let m = Manifest::decode(GOLDEN_V1_WRITTEN).unwrap();
+        let external = &m.criu.as_ref().unwrap().external_files;
+        let written: Vec<_> = external.iter().filter(|f| f.written).collect();
+        assert_eq!(written.len(), 2, "{external:?}");
+        assert_eq!(written[0].path, "/srv/app/access.log");
+        assert_eq!(written[0].left_out, None);
+        assert_eq!(
+            written[1].left_out.as_deref(),
+            Some("33554432 bytes, over the per-file limit of 16777216")
+        );
+        assert!(!external[0].written, "a file only read stays unmarked");
+        let layer = m.written_files_layer().expect("files layer");
+        assert_eq!(layer.files.len(), 1);
+        assert_eq!(layer.files[0].path, written[0].layer_path());
+        assert_eq!((layer.files[0].size, layer.files[0].mode), (969, 0o640));
+        // Without the section the manifest of before: nothing written, no layer.
+        let old = Manifest::decode(GOLDEN_V1).unwrap();
+        assert!(old.written_files_layer().is_none());
+        assert!(old.criu.unwrap().external_files.iter().all(|f| !f.written));
     }
 
     #[test]

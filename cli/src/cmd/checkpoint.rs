@@ -2,10 +2,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use snapreg_client::written_files::{CaptureLimits, CaptureReport};
 use snapreg_client::{checkpoint, criu};
 
 use super::{parse_ref, Output};
-use crate::global::Global;
+use crate::global::{parse_size, Global};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,6 +37,16 @@ pub struct Args {
     /// service as the snapshot's weights layer (refused while it holds any).
     #[arg(long, value_name = "SOCKET")]
     weights_service: Option<PathBuf>,
+    /// Leave the files the tree holds open for writing (logs, scratch files) out of
+    /// the snapshot; a restore then refuses them where they differ.
+    #[arg(long)]
+    no_capture_files: bool,
+    /// A file the tree writes that is bigger than this is left out (and named).
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
+    capture_files_limit: u64,
+    /// Files the tree writes past this many bytes in all are left out (and named).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    capture_files_total: u64,
     /// Extra CRIU arguments, after `--`.
     #[arg(last = true)]
     criu_args: Vec<String>,
@@ -55,6 +66,11 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         stall_timeout: a.stall_timeout,
         cuda: a.cuda,
         weights_service: a.weights_service.clone(),
+        capture_files: CaptureLimits {
+            enabled: !a.no_capture_files,
+            per_file: a.capture_files_limit,
+            total: a.capture_files_total,
+        },
     };
     let r = checkpoint::checkpoint(&remote, &criu, &reference, &opts, g.progress("dump"))
         .await
@@ -67,7 +83,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         })?;
     Ok(Output {
         human: format!(
-            "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s",
+            "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s{}",
             r.pid,
             r.reference,
             r.digest,
@@ -75,8 +91,24 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.counters.bytes_total,
             r.counters.chunks_transferred,
             r.freeze_ms.map_or("?".into(), |f| format!("{f:.0}")),
-            r.seconds
+            r.seconds,
+            written_lines(&r.written_files)
         ),
         json: serde_json::to_value(&r)?,
     })
+}
+
+/// One line per file the tree writes: captured, or left out and why.
+fn written_lines(w: &CaptureReport) -> String {
+    let captured = w
+        .captured
+        .iter()
+        .map(|c| format!("\n  written file captured: {} ({} bytes)", c.path, c.size));
+    let left_out = w.left_out.iter().map(|l| {
+        format!(
+            "\n  written file left out: {} ({}); a restore refuses it where it differs",
+            l.path, l.reason
+        )
+    });
+    captured.chain(left_out).collect()
 }

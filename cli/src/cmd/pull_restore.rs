@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use snapreg_client::written_files::{Action, PutBack};
 use snapreg_client::{criu, restore};
 
 use super::{parse_ref, Output};
@@ -59,15 +60,31 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         .with_context(|| format!("restoring {reference} from {}", remote.url()))?;
     Ok(Output {
         human: format!(
-            "restored {} ({}){}: {} chunks fetched ({} from peers), {} from the node cache, {:.2}s",
+            "restored {} ({}){}: {} chunks fetched ({} from peers), {} from the node cache, {:.2}s{}",
             r.reference,
             r.digest,
             r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
             r.counters.chunks_transferred,
             r.counters.chunks_from_peers,
             r.counters.chunks_cached,
-            r.seconds
+            r.seconds,
+            put_back_lines(&r.written_files)
         ),
         json: serde_json::to_value(&r)?,
     })
+}
+
+/// One line per written file put back; a moved-aside file names where it went.
+fn put_back_lines(files: &[PutBack]) -> String {
+    files
+        .iter()
+        .map(|f| match (&f.action, &f.moved_aside_to) {
+            (Action::MovedAside, Some(aside)) => format!(
+                "\n  written file {}: the one in the way differed, moved aside to {aside}",
+                f.path
+            ),
+            (Action::Created, _) => format!("\n  written file {}: created", f.path),
+            _ => format!("\n  written file {}: already identical, kept", f.path),
+        })
+        .collect()
 }

@@ -22,6 +22,7 @@ use crate::error::{ClientError, Result};
 use crate::progress::Progress;
 use crate::push::Uploader;
 use crate::weights;
+use crate::written_files::{self, CaptureReport};
 
 struct CapturedFile {
     name: String,
@@ -120,8 +121,9 @@ impl Captured {
     }
 }
 
-/// What a committed dump reports: files, digest, process and weights bytes.
-type Committed = (usize, snapreg_proto::Digest, u64, u64);
+/// What a committed dump reports: files, digest, process and weights bytes, and what
+/// became of the files the tree writes.
+type Committed = (usize, snapreg_proto::Digest, u64, u64, CaptureReport);
 
 pub(super) async fn dump_streaming(job: &DumpJob<'_>) -> Result<Dumped> {
     let dir = crate::work_dir::create("ck")?;
@@ -238,14 +240,19 @@ pub(super) async fn dump_streaming(job: &DumpJob<'_>) -> Result<Dumped> {
         )
     };
     match outcome {
-        Ok((files, digest, process_bytes, weights_bytes)) if out.status.success() => Ok(Dumped {
-            files,
-            dir,
-            dump_seconds,
-            digest,
-            process_bytes,
-            weights_bytes,
-        }),
+        Ok((files, digest, process_bytes, weights_bytes, written_files))
+            if out.status.success() =>
+        {
+            Ok(Dumped {
+                files,
+                dir,
+                dump_seconds,
+                digest,
+                process_bytes,
+                weights_bytes,
+                written_files,
+            })
+        }
         Ok((_, digest, ..)) => Err(ClientError::Criu(format!(
             "the snapshot {digest} was committed but CRIU then failed: {}",
             criu_side()
@@ -314,7 +321,17 @@ async fn commit(
         });
     }
     layers.insert(0, layer);
+    // The tasks are frozen: the files they hold open now are those CRIU reopens, as
+    // it recorded them (a file opened since the listing before the dump included).
+    let written = written_files::capture(
+        &captured.uploader,
+        &written_files::written(&job.facts.pids),
+        &job.opts.capture_files,
+        None,
+    )
+    .await?;
     let mut manifest = build_manifest(&captured.uploader, layers.clone(), job.opts, &job.facts);
+    written.record(&mut manifest);
     manifest.device_memory = crate::device_memory::manifest_segments(
         &job.facts.device_ranges,
         &captured.pagemaps.lock().unwrap(),
@@ -328,6 +345,7 @@ async fn commit(
         digest,
         layer_bytes(&layers, LayerKind::Process),
         layer_bytes(&layers, LayerKind::Weights),
+        written.report,
     ))
 }
 

@@ -21,6 +21,9 @@
 //! | registry stalls | no progress for `--stall-timeout`: snapctl closes the pipes and the socket, CRIU resumes the tasks |
 //! | commit fails in post-dump | the script answers "fail"; CRIU resumes the tasks; nothing visible |
 //!
+//! Files the tree holds open for writing are read at post-dump too, while the tasks
+//! are frozen, into the snapshot's "files" layer ([`crate::written_files`]).
+//!
 //! CRIU waits forever on a streamer that stops reading, with the tasks frozen: the
 //! watchdog is what bounds a checkpoint's worst case.
 //!
@@ -44,6 +47,7 @@ use crate::process;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::push;
 use crate::remote::Remote;
+use crate::written_files::{CaptureLimits, CaptureReport};
 use plan::TreeFacts;
 
 #[derive(Clone, Debug)]
@@ -62,6 +66,8 @@ pub struct CheckpointOptions {
     /// Separated mode: the weights service whose buffers the tree released become
     /// the snapshot's weights layer.
     pub weights_service: Option<PathBuf>,
+    /// Which files the tree writes are carried in the snapshot.
+    pub capture_files: CaptureLimits,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -84,6 +90,8 @@ pub struct CheckpointReport {
     /// Bytes of the CRIU image (process layer) and of the weights layer.
     pub process_bytes: u64,
     pub weights_bytes: u64,
+    /// Files the tree held open for writing: captured, or left out and why.
+    pub written_files: CaptureReport,
 }
 
 /// One dump: where it goes, with what, and what the manifest will record.
@@ -106,6 +114,7 @@ struct Dumped {
     digest: snapreg_proto::Digest,
     process_bytes: u64,
     weights_bytes: u64,
+    written_files: CaptureReport,
 }
 
 pub async fn checkpoint(
@@ -158,6 +167,7 @@ pub async fn checkpoint(
         cuda_checkpoint_seconds,
         process_bytes: dumped.process_bytes,
         weights_bytes: dumped.weights_bytes,
+        written_files: dumped.written_files,
     })
 }
 

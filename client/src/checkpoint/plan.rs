@@ -51,6 +51,10 @@ pub(super) struct TreeFacts {
     pub weights: Option<Arc<WeightsPlan>>,
     /// Address ranges the CUDA checkpoint added, per PID (device memory in host pages).
     pub device_ranges: std::collections::HashMap<u32, Vec<(u64, u64)>>,
+    /// Files the tree held open for writing before the dump (a spooled dump reads
+    /// these; a streamed one looks again at post-dump, with the tasks frozen).
+    pub written: Vec<crate::written_files::WrittenFile>,
+    pub pids: Vec<u32>,
 }
 
 impl TreeFacts {
@@ -65,6 +69,8 @@ impl TreeFacts {
             gpu: crate::cuda::host_gpu(),
             weights,
             device_ranges: cuda.map(|g| g.device_ranges.clone()).unwrap_or_default(),
+            written: crate::written_files::written(pids),
+            pids: pids.to_vec(),
         }
     }
 }

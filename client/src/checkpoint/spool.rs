@@ -13,6 +13,7 @@ use crate::chunker::ChunkerConfig;
 use crate::criu;
 use crate::error::{ClientError, Result};
 use crate::push::Uploader;
+use crate::written_files;
 
 pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Dumped> {
     let DumpJob {
@@ -79,7 +80,21 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         });
     }
     let process_bytes = layer.files.iter().map(|f| f.size).sum();
-    let manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts);
+    // CRIU killed the tasks: the files hold what they held at the freeze. Tasks that
+    // kept running may have written since, past the sizes CRIU recorded.
+    let kept_running = opts
+        .leave_running
+        .then_some("the tree kept running after a spooled dump, writing past the freeze");
+    let written = written_files::capture(
+        &uploader,
+        &job.facts.written,
+        &opts.capture_files,
+        kept_running,
+    )
+    .await
+    .map_err(|e| kept_note(e, &dir))?;
+    let mut manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts);
+    written.record(&mut manifest);
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![job.tag.clone()])
         .await
@@ -95,6 +110,7 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         digest,
         process_bytes,
         weights_bytes: 0,
+        written_files: written.report,
     })
 }
 

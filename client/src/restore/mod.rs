@@ -10,6 +10,10 @@
 //! CRIU ─post-restore─▶ snapctl (action script): "ok" only if every byte served verified
 //! ```
 //!
+//! Files the tree wrote and the snapshot carries are put back before CRIU starts
+//! ([`crate::written_files`]); the others are checked by [`plan`] and refused if they
+//! differ.
+//!
 //! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
 //! Small files come first because CRIU asks for them first; pages last, per task.
 //! A chunk that fails verification is never written to a pipe: its file is cut short,
@@ -38,6 +42,7 @@ use crate::peer::PeerConfig;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 use crate::weights::FillReport;
+use crate::written_files::{self, PutBack};
 use crate::{encryption, pull, work_dir};
 use plan::Plan;
 use serve::{CriuRestore, Image};
@@ -102,6 +107,8 @@ pub struct RestoreReport {
     pub zero_bytes_left_out: u64,
     /// Bytes of the image marked as device memory (their chunks fetched ahead).
     pub device_memory_bytes: u64,
+    /// Files the tree writes, put back before CRIU: created, kept or moved aside.
+    pub written_files: Vec<PutBack>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -141,6 +148,7 @@ pub async fn pull_restore(
         progress.warn(w.clone());
     }
     plan.count_totals(&progress);
+    let written_files = put_back_written(&remotes, &plan, key.clone(), opts, &progress).await?;
 
     let dir = work_dir::create("rs")?;
     let cuda_init = finish::start_cuda_init(&plan);
@@ -209,7 +217,29 @@ pub async fn pull_restore(
         weights,
         zero_bytes_left_out: zero_plan.bytes_left_out,
         device_memory_bytes: plan.manifest.device_memory.iter().map(|s| s.len).sum(),
+        written_files,
     })
+}
+
+/// The files the tree writes, back as they were at the freeze, before CRIU starts (it
+/// reopens them while restoring the tasks' descriptors). Their own small chunk source:
+/// the restore's (peers, presigned URLs) is built while CRIU starts.
+async fn put_back_written(
+    remotes: &[Remote],
+    plan: &Plan,
+    key: Option<std::sync::Arc<snapreg_proto::encryption::TenantKey>>,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<Vec<PutBack>> {
+    if plan.manifest.written_files_layer().is_none() {
+        return Ok(Vec::new());
+    }
+    let chunks = Chunks::builder(remotes.to_vec())
+        .node_cache(opts.cache.clone())
+        .decrypting(key)
+        .build(progress.clone())
+        .await?;
+    written_files::put_back_layer(&plan.manifest, &chunks).await
 }
 
 /// Makes this process the reaper of orphaned descendants: a detached restored tree is

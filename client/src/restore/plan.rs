@@ -17,7 +17,7 @@ use crate::cuda::GpuPair;
 use crate::error::{ClientError, Result};
 use crate::fetch::Chunks;
 use crate::progress::Progress;
-use crate::{host, process, zero_pages};
+use crate::{host, process, written_files, zero_pages};
 
 /// What the restore of one snapshot will do, decided before CRIU starts.
 pub(super) struct Plan {
@@ -150,7 +150,7 @@ impl Plan {
 }
 
 /// Compatibility (each mismatch named; `--force` turns them into warnings), the GPU
-/// map, and the files the image reopens by path.
+/// map, and the files the image reopens by path (but those it writes and carries).
 fn check_host(
     manifest: &Manifest,
     reference: &Reference,
@@ -194,12 +194,11 @@ fn check_host(
         }
         warnings.push(format!("--force overrode:\n{list}"));
     }
-    if let Some(info) = &manifest.criu {
-        match process::check_external_files(&info.external_files) {
-            Ok(w) => warnings.extend(w),
-            Err(e) if opts.force => warnings.push(format!("--force overrode: {e}")),
-            Err(e) => return Err(e),
-        }
+    // Written files the snapshot carries are put back instead.
+    match process::check_external_files(&written_files::left_to_check(manifest)) {
+        Ok(w) => warnings.extend(w),
+        Err(e) if opts.force => warnings.push(format!("--force overrode: {e}")),
+        Err(e) => return Err(e),
     }
     Ok((warnings, gpu_pairs))
 }

@@ -10,6 +10,11 @@
 //! zero pages stand in for a pre-allocated KV cache; H MiB of hugetlb memory is what
 //! a checkpoint must refuse.
 //!
+//! `snapreg-testproc log --out DIR --log FILE [--scratch FILE]`: a worker that logs to a
+//! file it keeps open (O_APPEND), one line `tick <counter> <pid>` every 20 ms, and
+//! keeps its counter in a scratch file it holds open read-write (4 KiB, counter at
+//! offset 0); DIR/state as in `hold`.
+//!
 //! `snapreg-testproc serve --out DIR`: a TCP server on 127.0.0.1 (port in DIR/port)
 //! that answers each line with `<n> <line>`, n counting requests since it started.
 //!
@@ -96,14 +101,55 @@ fn serve(out: &std::path::Path) {
     }
 }
 
+/// The `log` mode: appends to a log it holds open, keeps a scratch file open too.
+fn log_worker(args: &[String]) {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let out = std::path::PathBuf::from(arg(args, "--out").expect("--out"));
+    let log_path = arg(args, "--log").expect("--log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("open the log");
+    let scratch = arg(args, "--scratch").map(|p| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open the scratch file");
+        f.set_len(4096).expect("size the scratch file");
+        f
+    });
+    let mut counter: u64 = 0;
+    loop {
+        counter += 1;
+        let pid = std::process::id();
+        log.write_all(format!("tick {counter} {pid}\n").as_bytes())
+            .expect("append to the log");
+        if let Some(f) = &scratch {
+            f.write_all_at(format!("{counter:>20}\n").as_bytes(), 0)
+                .expect("write the scratch file");
+        }
+        write_atomic(&out.join("state"), &format!("{counter} {pid}\n"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str);
-    if !matches!(mode, Some("hold" | "serve" | "weights")) {
-        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S");
+    if !matches!(mode, Some("hold" | "serve" | "weights" | "log")) {
+        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S | log --out DIR --log FILE [--scratch FILE]");
         std::process::exit(2);
     }
     close_inherited_fds();
+    if mode == Some("log") {
+        log_worker(&args);
+        return;
+    }
     if mode == Some("serve") {
         serve(std::path::Path::new(&arg(&args, "--out").expect("--out")));
         return;

@@ -20,3 +20,4 @@ mod s3;
 mod scheduler;
 mod streaming;
 mod weights;
+mod writable_files;
