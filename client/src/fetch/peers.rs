@@ -1,6 +1,6 @@
 //! The peer layer: chunks from sibling nodes' caches ([`crate::peer`]), ahead of the
 //! registry. A chunk a parent holds is asked of it, waiting at most
-//! [`PEER_WAIT`] before the layer below is asked instead; everything a parent sends
+//! [`PEER_WAIT`] ([`BULK_PEER_WAIT`] in bulk) before the layer below is asked instead; everything a parent sends
 //! is verified here, and a parent that sends bad bytes is dropped.
 //!
 //! - [`ChunkFetch::fetch`] (readers in a given order, such as CRIU's page stream):
@@ -31,7 +31,7 @@ use super::{verify_object, ChunkFetch, Fetched, Origin, Want};
 use crate::error::{ClientError, Result};
 use crate::peer::order::RegistryOrder;
 use crate::peer::swarm::{Lease, Outcome, Swarm, PER_PARENT, PER_PARENT_IN_ORDER};
-use crate::peer::PEER_WAIT;
+use crate::peer::{BULK_PEER_WAIT, PEER_WAIT};
 
 /// How often a waiting scheduler looks again without being told of a change.
 const IDLE_TICK: Duration = Duration::from_millis(100);
@@ -236,7 +236,7 @@ impl Scheduler {
             let (swarm, file) = (self.swarm.clone(), self.wants[w].1.clone());
             running.push(
                 async move {
-                    let got = fetch_from_parent(&swarm, &lease, i, PEER_WAIT, &file).await;
+                    let got = fetch_from_parent(&swarm, &lease, i, BULK_PEER_WAIT, &file).await;
                     Finished::Peer(w, lease.name, got)
                 }
                 .boxed(),

@@ -42,7 +42,8 @@
 //! A peer is trusted for nothing but access: every chunk it sends is decoded and
 //! verified against its BLAKE3 address exactly as a registry's. A peer that sends
 //! bytes that do not verify is dropped for the rest of the operation and reported;
-//! one that fails or stalls past [`PEER_WAIT`] loses that chunk to the layer below
+//! one that fails or stalls past [`PEER_WAIT`] ([`BULK_PEER_WAIT`] for prefetch and
+//! pull) loses that chunk to the layer below
 //! and is left alone for [`SLOW_PEER_PAUSE`]. So a peer can slow a restore, never
 //! corrupt one, and CRIU's next page never waits on a peer longer than [`PEER_WAIT`].
 //!
@@ -65,6 +66,10 @@ use crate::remote::Credentials;
 
 /// How long a chunk waits on a peer before the layer below is asked instead.
 pub const PEER_WAIT: Duration = Duration::from_secs(2);
+/// The same for a bulk reader (prefetch, pull): no one waits on a given chunk, and
+/// a chunk abandoned mid-transfer is bandwidth thrown away on both links, so a slow
+/// parent is given longer; a stalled one is still left after this.
+pub const BULK_PEER_WAIT: Duration = Duration::from_secs(8);
 /// A peer that failed or stalled is not asked again for this long.
 pub const SLOW_PEER_PAUSE: Duration = Duration::from_secs(5);
 /// How often a fetching node re-announces itself (and learns of new siblings).

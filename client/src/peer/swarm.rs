@@ -23,8 +23,11 @@ use crate::remote::Remote;
 const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// Chunk requests in flight to one parent from a bulk reader (spreading the load
 /// over parents), and from an in-order reader (a restore: it would rather queue at
-/// a parent that holds the chunk than go to the registry).
-pub const PER_PARENT: usize = 8;
+/// a parent that holds the chunk than go to the registry). A parent's uplink is
+/// shared by all its children's requests at once, so more than two per child only
+/// makes every chunk slower (measured: with 8, 32 nodes on 50 Mbit/s links ran into
+/// the wait and threw transfers away; bench/RESULTS.md, fan-out).
+pub const PER_PARENT: usize = 2;
 pub const PER_PARENT_IN_ORDER: usize = 32;
 
 /// A parent as the swarm knows it.
