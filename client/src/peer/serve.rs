@@ -33,8 +33,9 @@ use crate::remote::{Credentials, Remote};
 
 /// How long a token's verdict (admitted or refused) is remembered.
 pub const VERDICT_TTL: Duration = Duration::from_secs(5);
-/// How often a watch looks for chunks that arrived.
-const WATCH_TICK: Duration = Duration::from_millis(200);
+/// How often a watch looks for chunks that arrived: every hop a chunk takes through
+/// the swarm waits up to this long before the next node hears of it.
+const WATCH_TICK: Duration = Duration::from_millis(50);
 /// A watch ends after this long even if chunks are still missing.
 const WATCH_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// Digests per WatchChunks and GetChunks call.
