@@ -38,7 +38,7 @@ impl From<CredentialsError> for ClientError {
 impl Credentials {
     /// `token` wins over `token_file`; `client_cert` and `client_key` come together.
     /// The same TLS settings presenting another bearer token: a node agent asking
-    /// its registry about a peer's token ([`crate::peer`]).
+    /// its registry about a peer's token (the peer module, `peer/serve.rs`).
     pub fn with_token(&self, token: BearerToken) -> Credentials {
         Credentials {
             token,
@@ -430,7 +430,7 @@ impl Remote {
     }
 
     /// Every node registered with this registry.
-    /// The fan-out tracker ([`crate::peer`]): announces this node for a snapshot and
+    /// The fan-out tracker (the peer module): announces this node for a snapshot and
     /// returns its siblings.
     pub async fn swarm(&self, req: pb::SwarmRequest) -> Result<pb::SwarmResponse> {
         Ok(self

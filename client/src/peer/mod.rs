@@ -30,7 +30,7 @@
 //!   cluster's client certificate (mutual TLS) or a bearer token the registry
 //!   accepts for pull (the agent asks the registry, `WhoAmI`, and remembers the
 //!   answer for [`serve::VERDICT_TTL`]).
-//! - **Fetching** ([`crate::fetch`]'s peer layer, over [`swarm::Swarm`]): a chunk a
+//! - **Fetching** (the fetch stack's peer layer, `fetch/peers.rs`, over [`swarm::Swarm`]): a chunk a
 //!   parent holds is asked of the least busy such parent; a chunk no parent holds
 //!   comes from the layer below (direct URLs, registries). Bulk readers (prefetch,
 //!   pull) spread their registry fetches: each node starts at its own point of the
