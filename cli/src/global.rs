@@ -65,6 +65,14 @@ pub struct Global {
     /// with it; snapshots encrypted with it can be pulled and restored.
     #[arg(long, global = true, env = "SNAPCTL_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// Log lines on stderr as text, or as one JSON object per line (filter: SNAPCTL_LOG).
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPCTL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: snapreg_telemetry::log::LogFormat,
 }
 
 /// Sizes like 20G, 512M, 4096 (bytes).

@@ -8,6 +8,7 @@ use serde_json::json;
 mod cmd;
 mod exit;
 mod global;
+mod operation_report;
 mod progress_bar;
 
 use cmd::Output;
@@ -105,13 +106,7 @@ fn main() {
         });
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SNAPCTL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    snapreg_telemetry::log::init(cli.global.log_format, "SNAPCTL_LOG", "warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,7 +133,33 @@ fn main() {
 }
 
 /// The command's report; `None` when it has printed all it will.
+/// Runs the command; operations that move snapshots on this node also leave their
+/// report for the node agent's metrics (operation_report.rs).
 async fn run(cli: Cli) -> anyhow::Result<Option<Output>> {
+    let started = std::time::Instant::now();
+    let result = run_command(&cli).await;
+    if let Some(operation) = cli.command.reported_operation() {
+        operation_report::record(&cli.global, operation, started, &result);
+    }
+    result
+}
+
+impl Command {
+    /// The operation name a node report carries, for the commands that move
+    /// snapshots on this node.
+    fn reported_operation(&self) -> Option<&'static str> {
+        Some(match self {
+            Command::Push(_) => "push",
+            Command::Pull(_) => "pull",
+            Command::Checkpoint(_) => "checkpoint",
+            Command::PullRestore(_) => "pull-restore",
+            Command::Prefetch(_) => "prefetch",
+            _ => return None,
+        })
+    }
+}
+
+async fn run_command(cli: &Cli) -> anyhow::Result<Option<Output>> {
     let g = &cli.global;
     let out = match &cli.command {
         Command::Agent(a) => return cmd::agent::run(g, a).await.map(|()| None),

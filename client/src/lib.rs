@@ -29,7 +29,9 @@
 //!   (separated mode: the weights layer read from and filled into the node's weights
 //!   service, the `snapreg-weights` crate).
 //! - The node: [`agent`] (the NodeAgent gRPC service, cache management, node
-//!   registration), [`host`] (this host's compatibility facts).
+//!   registration, the node's Prometheus metrics), [`host`] (this host's
+//!   compatibility facts), [`node_reports`] (each snapctl operation's outcome, left
+//!   in the node cache for the agent's metrics).
 //! - Plumbing: [`remote`] (one registry connection; gRPC statuses become
 //!   [`ClientError`]s there), [`encryption`] (which tenant key opens a snapshot),
 //!   [`chunker`] (FastCDC, page-aligned, zero runs), [`progress`] (the transfer
@@ -92,6 +94,7 @@ pub mod error;
 pub mod fetch;
 pub mod host;
 pub mod inspect;
+pub mod node_reports;
 pub mod peer;
 pub mod podman;
 pub mod prefetch;

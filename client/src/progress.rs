@@ -25,9 +25,16 @@ pub struct Counters {
     /// Of the chunks and bytes transferred, those that came from sibling nodes.
     pub chunks_from_peers: AtomicU64,
     pub bytes_from_peers: AtomicU64,
+    /// Of the chunks and bytes transferred, those read from the object store by
+    /// presigned URL (the rest came through a registry).
+    pub chunks_direct: AtomicU64,
+    pub bytes_direct: AtomicU64,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+/// The counters' values at one moment. Every field defaults to 0 when read back (an
+/// operation report from an older snapctl lacks the newer ones).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct CountersSnapshot {
     pub bytes_total: u64,
     pub bytes_transferred: u64,
@@ -37,6 +44,8 @@ pub struct CountersSnapshot {
     pub zero_bytes: u64,
     pub chunks_from_peers: u64,
     pub bytes_from_peers: u64,
+    pub chunks_direct: u64,
+    pub bytes_direct: u64,
 }
 
 impl Counters {
@@ -50,6 +59,8 @@ impl Counters {
             zero_bytes: self.zero_bytes.load(Relaxed),
             chunks_from_peers: self.chunks_from_peers.load(Relaxed),
             bytes_from_peers: self.bytes_from_peers.load(Relaxed),
+            chunks_direct: self.chunks_direct.load(Relaxed),
+            bytes_direct: self.bytes_direct.load(Relaxed),
         }
     }
 }

@@ -35,11 +35,10 @@ pub struct PullReport {
     pub reference: String,
     pub digest: String,
     pub files: usize,
+    /// `chunks_direct` among them: fetched from the object store by presigned URL
+    /// (the rest of `chunks_transferred` came through a registry or a peer).
     #[serde(flatten)]
     pub counters: CountersSnapshot,
-    /// Chunks fetched from the object store by presigned URL (the rest of
-    /// `chunks_transferred` came through the registry).
-    pub chunks_direct: u64,
     #[serde(flatten)]
     pub peers: PeerSummary,
     pub seconds: f64,
@@ -166,7 +165,6 @@ pub async fn pull_dir(
     let mut order: Vec<Digest> = Vec::new();
     let mut places: HashMap<Digest, Vec<(usize, u64, u64)>> = HashMap::new();
     let counters = progress.counters.clone();
-    let mut chunks_direct = 0;
     let mut peer_summary = PeerSummary::default();
     let result = async {
         for layer in &manifest.layers {
@@ -222,8 +220,7 @@ pub async fn pull_dir(
             repository: &reference.repository,
             snapshot: digest,
         };
-        (chunks_direct, peer_summary) =
-            fetch_into(source, &order, &places, &targets, &progress).await?;
+        peer_summary = fetch_into(source, &order, &places, &targets, &progress).await?;
 
         for t in &targets {
             t.file
@@ -251,7 +248,6 @@ pub async fn pull_dir(
         digest: digest.to_string(),
         files: targets.len(),
         counters: progress.counters.snapshot(),
-        chunks_direct,
         peers: peer_summary,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -275,7 +271,7 @@ async fn fetch_into(
     places: &HashMap<Digest, Vec<(usize, u64, u64)>>,
     targets: &[Target],
     progress: &Progress,
-) -> Result<(u64, PeerSummary)> {
+) -> Result<PeerSummary> {
     let chunks = Chunks::builder(vec![source.remote.clone()])
         .decrypting(source.key)
         .direct_urls(order.to_vec())
@@ -319,5 +315,5 @@ async fn fetch_into(
         }
     }
     drop(fetched);
-    Ok((chunks.fetched_direct(), chunks.peer_summary()))
+    Ok(chunks.peer_summary())
 }

@@ -48,6 +48,9 @@ pub enum RegistryError {
     /// Another instance on the same store holds what this call needs (GC vs push).
     #[error("{0}")]
     Busy(String),
+    /// This instance is shutting down (drain.rs) and takes no new pushes.
+    #[error("this registry instance is shutting down and takes no new pushes; push again (another instance behind the same address takes it)")]
+    Draining,
     /// The caller presented no usable credentials (auth.rs says what each message holds).
     #[error("{0}")]
     Unauthenticated(String),

@@ -37,8 +37,12 @@
 //!    - [`service`]: the `snapreg.v1.Registry` handlers: protobuf to domain and back,
 //!      and the one mapping of [`RegistryError`] to `tonic::Status`.
 //!    - [`access`]: what each RPC needs, checked before its handler runs.
-//!    - [`server`]: [`Server::open`] and [`Server::run`]: serving on a listener until
-//!      a shutdown future completes.
+//!    - [`metrics`]: the registry's Prometheus metrics (transfers, dedup, GC, scrub,
+//!      replication lag); `snapreg_rpc_*` come from snapreg-telemetry's layer.
+//!    - [`drain`]: shutdown without losing pushes: none admitted, open ones finish.
+//!    - [`server`]: [`Server::open`] and [`Server::run`]: serving on a listener (with
+//!      gRPC health and a store probe) until a shutdown future completes and the
+//!      server has drained.
 //!
 //! Invariants:
 //! - A chunk is in the index only after its object is durable; a manifest is stored
@@ -50,7 +54,7 @@
 //!   sweeps a chunk a push was just told exists.
 //! - Only this registry's own tag commits enter the commit log, after their record is
 //!   durable; replication and Watch read nothing else.
-//! - Background tasks (replication, Watch streams) live no longer than
+//! - Background tasks (replication, Watch streams, probes) live no longer than
 //!   [`Server::run`].
 //!
 //! Embedding: open a server on a data directory, bind a listener (port 0 picks a free
@@ -80,9 +84,11 @@ pub mod access;
 pub mod auth;
 pub mod chunk_store;
 pub mod clock;
+pub mod drain;
 pub mod error;
 pub mod gc;
 pub mod index;
+pub mod metrics;
 pub mod registry;
 pub mod replication;
 pub mod retention;
@@ -99,4 +105,4 @@ pub mod tracker;
 pub use error::RegistryError;
 pub use registry::{Registry, RegistryConfig};
 pub use replication::PeerConfig;
-pub use server::{open_tokens, Server, ServerConfig, TlsFiles};
+pub use server::{open_tokens, Server, ServerConfig, Telemetry, TlsFiles};

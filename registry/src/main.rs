@@ -6,14 +6,24 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use prometheus_client::registry::Registry as MetricsRegistry;
 use snapreg_proto::pb::{self, registry_client::RegistryClient};
 use snapreg_registry::auth::{parse_anonymous, RepoPattern, Scope, TokenStore};
 use snapreg_registry::tenant_keys::TenantKeyRule;
-use snapreg_registry::{PeerConfig, RegistryConfig, Server, ServerConfig, TlsFiles};
+use snapreg_registry::{PeerConfig, RegistryConfig, Server, ServerConfig, Telemetry, TlsFiles};
+use snapreg_telemetry::log::LogFormat;
 
 #[derive(Parser)]
 #[command(name = "snapreg", version, about = "Registry for process snapshots")]
 struct Cli {
+    /// Log lines on stderr as text, or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPREG_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,13 +41,28 @@ struct StoreArgs {
 #[derive(clap::Args)]
 struct TlsArgs {
     /// Serve TLS with this certificate chain (PEM); clients then use https:// URLs.
-    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "SNAPREG_TLS_CERT",
+        requires = "tls_key",
+        value_name = "PEM"
+    )]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "SNAPREG_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
     tls_key: Option<PathBuf>,
     /// Mutual TLS: refuse clients without a certificate signed by this CA (PEM).
-    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    #[arg(
+        long,
+        env = "SNAPREG_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        value_name = "PEM"
+    )]
     tls_client_ca: Option<PathBuf>,
 }
 
@@ -86,38 +111,57 @@ impl TokenCommand {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Address to listen on; port 0 picks a free one (printed on stdout as JSON).
-    #[arg(long, default_value = "127.0.0.1:5000")]
+    #[arg(long, env = "SNAPREG_LISTEN", default_value = "127.0.0.1:5000")]
     listen: String,
+    /// Serve Prometheus metrics (/metrics), /livez and /readyz over HTTP here.
+    #[arg(long, env = "SNAPREG_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// On SIGTERM, how long pushes already begun may take to commit (new ones are
+    /// refused at once); then the registry exits 0.
+    #[arg(long, env = "SNAPREG_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
     #[command(flatten)]
     store: StoreArgs,
     /// Unreferenced chunks younger than this survive GC.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SNAPREG_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     gc_grace: Duration,
     /// How long a push lease lives without activity, and after its commit.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SNAPREG_LEASE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
     /// Replicate this registry's commits to a peer: NAME=URL[,repos=PREFIX1|PREFIX2]
     /// [,token-file=PATH][,ca-cert=PATH][,client-cert=PATH,client-key=PATH]
-    /// (repeatable; every registry of a region set lists all the others).
-    #[arg(long = "peer", value_name = "NAME=URL[,OPTIONS]")]
+    /// (repeatable; every registry of a region set lists all the others). In the
+    /// environment, SNAPREG_PEERS holds several, separated by spaces.
+    #[arg(
+        long = "peer",
+        env = "SNAPREG_PEERS",
+        value_delimiter = ' ',
+        value_name = "NAME=URL[,OPTIONS]"
+    )]
     peers: Vec<PeerConfig>,
     /// Longest wait between two attempts at an unreachable or failing peer.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SNAPREG_REPLICATION_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
     replication_backoff_max: Duration,
     /// What callers without a token may do: none, pull, push or admin (on every
     /// repository). Default none: every call needs a token (`snapreg token issue`).
-    #[arg(long, default_value = "none", value_parser = ["none", "pull", "push", "admin"])]
+    #[arg(long, env = "SNAPREG_ANONYMOUS", default_value = "none", value_parser = ["none", "pull", "push", "admin"])]
     anonymous: String,
     /// How long a checked token is trusted before the store is read again; a
     /// revocation reaches this registry within this time.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SNAPREG_AUTH_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     auth_cache_ttl: Duration,
     #[command(flatten)]
     tls: TlsArgs,
     /// PATTERN=KEYID: repositories matching PATTERN (`acme/*`, exact) take only
     /// snapshots encrypted with that tenant key (`snapctl key show FILE` prints
-    /// its id). Repeatable; the first matching rule decides.
-    #[arg(long = "tenant-key", value_name = "PATTERN=KEYID")]
+    /// its id). Repeatable; the first matching rule decides. In the environment,
+    /// SNAPREG_TENANT_KEYS holds several, separated by spaces.
+    #[arg(
+        long = "tenant-key",
+        env = "SNAPREG_TENANT_KEYS",
+        value_delimiter = ' ',
+        value_name = "PATTERN=KEYID"
+    )]
     tenant_keys: Vec<TenantKeyRule>,
 }
 
@@ -130,13 +174,13 @@ struct ScrubArgs {
     #[arg(long, env = "SNAPREG_STORE")]
     store: Option<String>,
     /// Ask the registry serving at this URL to scrub itself instead.
-    #[arg(long, conflicts_with = "data")]
+    #[arg(long, env = "SNAPREG_REGISTRY", conflicts_with = "data")]
     registry: Option<String>,
     /// Admin token for --registry (`snapreg token issue --scope admin --repo '*'`).
     #[arg(long, env = "SNAPREG_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Report only; quarantine nothing.
-    #[arg(long)]
+    #[arg(long, env = "SNAPREG_DRY_RUN", value_parser = clap::builder::FalseyValueParser::new())]
     dry_run: bool,
 }
 
@@ -174,13 +218,9 @@ const EXIT_DAMAGED: u8 = 5;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse().command).await {
+    let cli = Cli::parse();
+    snapreg_telemetry::log::init(cli.log_format, "RUST_LOG", "info");
+    match run(cli.command).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("snapreg: error: {e:#}");
@@ -219,6 +259,7 @@ impl ServeArgs {
         config.replication_backoff_max = self.replication_backoff_max;
         config.anonymous = parse_anonymous(&self.anonymous).map_err(anyhow::Error::msg)?;
         config.auth_cache_ttl = self.auth_cache_ttl;
+        config.drain_grace = self.drain_grace;
         config.tls = match (self.tls.tls_cert, self.tls.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -231,20 +272,67 @@ impl ServeArgs {
     }
 }
 
+/// Serves until SIGTERM/SIGINT, then drains and returns. The metrics endpoint
+/// comes up first, so `/readyz` answers "not ready" while the index opens.
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args.listen.clone();
     let data = args.store.data.clone();
-    let server = Server::open(args.server_config()?)
+    let mut metrics = MetricsRegistry::default();
+    let telemetry = Telemetry::new(&mut metrics).await;
+    let (endpoint, metrics_addr) = match &args.metrics_listen {
+        Some(addr) => {
+            let (task, bound) = serve_metrics(addr, metrics, &telemetry).await?;
+            (Some(task), Some(bound.to_string()))
+        }
+        None => (None, None),
+    };
+    let server = Server::open_with(args.server_config()?, telemetry)
         .await
         .with_context(|| format!("opening the registry in {}", data.display()))?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
     let addr = listener.local_addr()?;
-    println!("{}", serde_json::json!({ "listen": addr.to_string() }));
+    println!(
+        "{}",
+        serde_json::json!({ "listen": addr.to_string(), "metrics": metrics_addr })
+    );
     tracing::info!(%addr, "snapreg serving");
     server.run(listener, shutdown_signal()).await?;
+    if let Some((task, stop)) = endpoint {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    tracing::info!("snapreg stopped");
     Ok(())
+}
+
+type Endpoint = (
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// Starts the `--metrics-listen` endpoint; it stops when the returned sender fires.
+async fn serve_metrics(
+    addr: &str,
+    metrics: MetricsRegistry,
+    telemetry: &Telemetry,
+) -> anyhow::Result<(Endpoint, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-listen {addr} (is something else there?)"))?;
+    let bound = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(snapreg_telemetry::endpoint::serve(
+        listener,
+        std::sync::Arc::new(metrics),
+        telemetry.health.clone(),
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(((task, stop), bound))
 }
 
 async fn token(command: TokenCommand) -> anyhow::Result<()> {

@@ -1,21 +1,42 @@
 //! Opening a registry with everything a serving instance adds (access tokens, TLS,
-//! replication peers) and serving it on a listener until shutdown.
+//! replication peers, metrics, health) and serving it on a listener until shutdown.
+//!
+//! Lifecycle of [`Server::run`]: health turns SERVING once the listener serves; a
+//! store probe every [`STORE_PROBE_EVERY`] turns it NOT_SERVING while the object
+//! store does not answer (and back); on shutdown it turns NOT_SERVING, the server
+//! drains (drain.rs: no new pushes, open ones may finish for up to
+//! [`ServerConfig::drain_grace`]), then stops.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::registry::Registry as MetricsRegistry;
 use snapreg_proto::pb::registry_server::RegistryServer;
+use snapreg_telemetry::rpc::RpcMetricsLayer;
+use snapreg_telemetry::Health;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
 use crate::access::AuthorizedRegistry;
 use crate::auth::{Authenticator, Scope, TokenStore};
+use crate::drain::Drain;
 use crate::error::{RegistryError, Result};
+use crate::metrics::RegistryMetrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::replication::{PeerConfig, Replicator, MAX_MESSAGE_BYTES};
-use crate::service::RegistryService;
+use crate::service::{Lifecycle, RegistryService};
+
+/// The gRPC service this server serves (health and metrics label it).
+pub const SERVICE_NAME: &str = "snapreg.v1.Registry";
+/// How often a serving registry checks that its object store answers.
+pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(10);
+/// How long one store probe may take before the store counts as not answering.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the replication-lag gauges are refreshed.
+const REPLICATION_GAUGES_EVERY: Duration = Duration::from_secs(2);
 
 /// A serving instance's configuration: the registry's own, and what serving adds.
 #[derive(Clone, Debug)]
@@ -32,6 +53,28 @@ pub struct ServerConfig {
     pub auth_cache_ttl: Duration,
     /// Serve TLS instead of plain HTTP/2.
     pub tls: Option<TlsFiles>,
+    /// On shutdown, how long pushes already begun may take to commit.
+    pub drain_grace: Duration,
+}
+
+/// What a serving registry reports: its metrics and its health. Created before the
+/// registry opens, so a `/readyz` can say "not ready" while the index opens.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub metrics: Arc<RegistryMetrics>,
+    pub rpc: RpcMetricsLayer,
+    pub health: Health,
+}
+
+impl Telemetry {
+    /// Registers every registry metric (and the RPC counters) in `registry`.
+    pub async fn new(registry: &mut MetricsRegistry) -> Telemetry {
+        Telemetry {
+            metrics: RegistryMetrics::new(registry),
+            rpc: RpcMetricsLayer::new(registry, &[SERVICE_NAME, "grpc.health.v1.Health"]),
+            health: Health::new(&[SERVICE_NAME]).await,
+        }
+    }
 }
 
 /// PEM files for the listener: certificate chain, key and, for mutual TLS, the CA
@@ -52,6 +95,7 @@ impl ServerConfig {
             anonymous: None,
             auth_cache_ttl: Duration::from_secs(5),
             tls: None,
+            drain_grace: Duration::from_secs(30),
         }
     }
 }
@@ -62,6 +106,8 @@ pub struct Server {
     replicator: Arc<Replicator>,
     auth: Arc<Authenticator>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    telemetry: Telemetry,
+    drain_grace: Duration,
 }
 
 /// Reads the TLS files now, so a bad file fails the start, not the first client.
@@ -90,8 +136,15 @@ fn load_tls(f: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig> {
 }
 
 impl Server {
-    /// Opens the registry ([`Registry::open`]) and checks the serving settings.
+    /// Opens the registry ([`Registry::open`]) and checks the serving settings; its
+    /// metrics are registered nowhere (see [`Server::open_with`]).
     pub async fn open(config: ServerConfig) -> Result<Server> {
+        let telemetry = Telemetry::new(&mut MetricsRegistry::default()).await;
+        Server::open_with(config, telemetry).await
+    }
+
+    /// [`Server::open`], reporting through `telemetry`.
+    pub async fn open_with(config: ServerConfig, telemetry: Telemetry) -> Result<Server> {
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let replicator = Replicator::new(&config.peers, config.replication_backoff_max)?;
         let registry = Registry::open(config.registry).await?;
@@ -105,6 +158,8 @@ impl Server {
             replicator: Arc::new(replicator),
             auth: Arc::new(auth),
             tls,
+            telemetry,
+            drain_grace: config.drain_grace,
         })
     }
 
@@ -112,26 +167,53 @@ impl Server {
         &self.registry
     }
 
-    /// Serves on `listener` until `shutdown` completes, replicating to the peers
-    /// meanwhile (one task per peer). Every background task (replication, Watch
-    /// streams) stops with the server, and this returns once they have.
+    /// Serves on `listener` until `shutdown` completes and the server has drained,
+    /// replicating to the peers meanwhile (one task per peer). Every background task
+    /// (replication, Watch streams, probes) stops with the server, and this returns
+    /// once they have.
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let replicators = self.replicator.spawn(&self.registry, stop_rx.clone());
-        // The sender lives in the shutdown future: it signals on shutdown, and is
-        // dropped (which stops the tasks too) whenever serving ends.
-        let shutdown = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = self.replicator.spawn(&self.registry, stop_rx.clone());
+        tasks.push(tokio::spawn(probe_store(
+            self.registry.clone(),
+            self.telemetry.health.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(replication_gauges(
+            self.registry.clone(),
+            self.replicator.clone(),
+            self.telemetry.metrics.clone(),
+            stop_rx.clone(),
+        )));
+        let drain = Arc::new(Drain::default());
+        let shutdown = drain_on(
+            shutdown,
+            drain.clone(),
+            self.drain_grace,
+            &self.telemetry,
+            stop_tx,
+        );
+        let lifecycle = Lifecycle {
+            metrics: self.telemetry.metrics.clone(),
+            drain,
+            stop: stop_rx,
         };
-        let service = RegistryService::new(self.registry, self.replicator, stop_rx);
-        let served = serve(listener, service, self.auth, self.tls, shutdown).await;
-        for r in replicators {
-            let _ = r.await;
+        let service = RegistryService::new(self.registry, self.replicator, lifecycle);
+        let served = serve(
+            listener,
+            service,
+            self.auth,
+            self.tls,
+            &self.telemetry,
+            shutdown,
+        )
+        .await;
+        for t in tasks {
+            let _ = t.await;
         }
         served
     }
@@ -145,11 +227,76 @@ pub async fn open_tokens(config: &RegistryConfig) -> Result<TokenStore> {
     Ok(TokenStore::new(store.object_store()))
 }
 
+/// The server's shutdown future: after `signal`, health turns NOT_SERVING and the
+/// drain waits (up to `grace`) for open pushes; then the background tasks are told to
+/// stop and tonic stops serving. The sender lives in the future, so dropping it (when
+/// serving ends any other way) stops the tasks too.
+fn drain_on(
+    signal: impl Future<Output = ()> + Send,
+    drain: Arc<Drain>,
+    grace: Duration,
+    telemetry: &Telemetry,
+    stop: watch::Sender<bool>,
+) -> impl Future<Output = ()> + Send {
+    let health = telemetry.health.clone();
+    async move {
+        signal.await;
+        health.set_ready(false).await;
+        let open = drain.open_pushes();
+        tracing::info!(open_pushes = open, grace = ?grace, "draining: no new pushes");
+        let left = drain.drain(grace).await;
+        if left > 0 {
+            tracing::warn!(
+                open_pushes = left,
+                "drain grace period over; abandoning open pushes"
+            );
+        }
+        let _ = stop.send(true);
+    }
+}
+
+/// Turns health NOT_SERVING while the object store does not answer, and back.
+async fn probe_store(reg: Arc<Registry>, health: Health, mut stop: watch::Receiver<bool>) {
+    loop {
+        let answered = tokio::time::timeout(STORE_PROBE_TIMEOUT, reg.store().check_layout()).await;
+        let ok = matches!(answered, Ok(Ok(())));
+        if !ok {
+            tracing::warn!("object store does not answer: not ready");
+        }
+        if *stop.borrow() {
+            return;
+        }
+        health.set_ready(ok).await;
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_PROBE_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn replication_gauges(
+    reg: Arc<Registry>,
+    replicator: Arc<Replicator>,
+    metrics: Arc<RegistryMetrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Ok(status) = replicator.status(&reg) {
+            metrics.update_replication(&status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REPLICATION_GAUGES_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 async fn serve(
     listener: TcpListener,
     service: RegistryService,
     auth: Arc<Authenticator>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    telemetry: &Telemetry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let service = RegistryServer::new(AuthorizedRegistry::new(service, auth))
@@ -170,6 +317,8 @@ async fn serve(
             .map_err(|e| RegistryError::invalid("--tls-cert", e.to_string()))?;
     }
     builder
+        .layer(telemetry.rpc.clone())
+        .add_service(telemetry.health.grpc_service())
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -4,7 +4,6 @@
 //! `From<RegistryError> for Status` below is the one place errors become statuses.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,8 +15,10 @@ use snapreg_proto::Digest;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::drain::Drain;
 use crate::error::{RegistryError, Result};
 use crate::gc::GcReport;
+use crate::metrics::RegistryMetrics;
 use crate::registry::{Registry, ReplicatedRecord};
 use crate::replication::{ReplicationStatus, Replicator};
 use crate::retention::{Outcome, Policy};
@@ -52,7 +53,7 @@ impl From<RegistryError> for Status {
             }
             Manifest(_) | InvalidArgument { .. } => Status::invalid_argument(msg),
             Store(object_store::Error::NotFound { .. }) => Status::not_found(msg),
-            Busy(_) => Status::unavailable(msg),
+            Busy(_) | Draining => Status::unavailable(msg),
             EncryptionRequired { .. } | PermissionDenied(_) => Status::permission_denied(msg),
             Unauthenticated(_) => Status::unauthenticated(msg),
             Store(_)
@@ -306,13 +307,13 @@ impl From<Outcome> for pb::RetentionOutcome {
     }
 }
 
-/// Chunk objects and bytes this instance sent and received since it started (Stats).
-#[derive(Default)]
-struct Transfers {
-    chunks_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    chunks_received: AtomicU64,
-    bytes_received: AtomicU64,
+/// What the serving process shares with the handlers: its metrics, its drain, and
+/// the signal that it stops.
+pub struct Lifecycle {
+    pub metrics: Arc<RegistryMetrics>,
+    pub drain: Arc<Drain>,
+    /// Turns true when the server shuts down.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// The RPC handlers over one registry; what the server mounts (behind access.rs).
@@ -320,7 +321,10 @@ pub struct RegistryService {
     reg: Arc<Registry>,
     replicator: Arc<Replicator>,
     tracker: Tracker,
-    transfers: Arc<Transfers>,
+    /// Counters (the Stats RPC answers from them too).
+    metrics: Arc<RegistryMetrics>,
+    /// Pushes open here, and whether the server is draining for shutdown.
+    drain: Arc<Drain>,
     started_unix: u64,
     /// Turns true when the server shuts down: ends Watch streams, which would
     /// otherwise hold a graceful shutdown open forever.
@@ -328,16 +332,18 @@ pub struct RegistryService {
 }
 
 impl RegistryService {
-    pub fn new(
-        reg: Arc<Registry>,
-        replicator: Arc<Replicator>,
-        stop: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(reg: Arc<Registry>, replicator: Arc<Replicator>, lifecycle: Lifecycle) -> Self {
+        let Lifecycle {
+            metrics,
+            drain,
+            stop,
+        } = lifecycle;
         RegistryService {
             reg,
             replicator,
             tracker: Tracker::default(),
-            transfers: Arc::default(),
+            metrics,
+            drain,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -353,7 +359,12 @@ type Rpc<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryService {
     async fn begin_push(&self, req: Request<pb::BeginPushRequest>) -> Rpc<pb::BeginPushResponse> {
+        if let Err(e) = self.drain.admit_push() {
+            self.metrics.pushes_refused_draining.inc();
+            return Err(e.into());
+        }
         let lease = self.reg.begin_push(&req.into_inner().repository).await?;
+        self.drain.opened(&lease.id);
         Ok(Response::new(pb::BeginPushResponse {
             lease_id: lease.id,
             ttl_seconds: lease.ttl.as_secs(),
@@ -366,7 +377,10 @@ impl registry_server::Registry for RegistryService {
     ) -> Rpc<pb::FindMissingChunksResponse> {
         let req = req.into_inner();
         let digests = digests_arg("digests", &req.digests)?;
+        let asked = digests.len() as u64;
         let missing = self.reg.find_missing(&req.lease_id, digests).await?;
+        self.metrics
+            .push_chunks("deduplicated", asked - missing.len() as u64);
         Ok(Response::new(pb::FindMissingChunksResponse {
             missing: missing.iter().map(digest_bytes).collect(),
         }))
@@ -387,13 +401,15 @@ impl registry_server::Registry for RegistryService {
             }
             let digest = digest_arg("digest", &msg.digest)?;
             let len = msg.data.len() as u64;
-            self.transfers.chunks_received.fetch_add(1, Relaxed);
-            self.transfers.bytes_received.fetch_add(len, Relaxed);
+            self.metrics.chunks_received.inc();
+            self.metrics.chunk_bytes_received.inc_by(len);
             if self.reg.put_chunk(&msg.lease_id, digest, msg.data).await? {
                 resp.chunks_stored += 1;
                 resp.bytes_stored += len;
+                self.metrics.push_chunks("stored", 1);
             } else {
                 resp.chunks_already_present += 1;
+                self.metrics.push_chunks("deduplicated", 1);
             }
         }
         Ok(Response::new(resp))
@@ -404,14 +420,14 @@ impl registry_server::Registry for RegistryService {
     async fn get_chunks(&self, req: Request<pb::GetChunksRequest>) -> Rpc<ChunkStream> {
         let digests = digests_arg("digests", &req.into_inner().digests)?;
         let reg = self.reg.clone();
-        let transfers = self.transfers.clone();
+        let metrics = self.metrics.clone();
         let stream = futures::stream::iter(digests)
             .map(move |d| {
-                let (reg, transfers) = (reg.clone(), transfers.clone());
+                let (reg, metrics) = (reg.clone(), metrics.clone());
                 async move {
                     let data = reg.get_chunk(&d).await?;
-                    transfers.chunks_sent.fetch_add(1, Relaxed);
-                    transfers.bytes_sent.fetch_add(data.len() as u64, Relaxed);
+                    metrics.chunks_sent.inc();
+                    metrics.chunk_bytes_sent.inc_by(data.len() as u64);
                     Ok(pb::ChunkData {
                         digest: digest_bytes(&d),
                         data,
@@ -431,7 +447,11 @@ impl registry_server::Registry for RegistryService {
         let d = self
             .reg
             .put_manifest(&req.repository, &req.lease_id, req.manifest, &req.tags)
-            .await?;
+            .await;
+        if matches!(d, Ok(_) | Err(RegistryError::LeaseUnknown { .. })) {
+            self.drain.closed(&req.lease_id);
+        }
+        let d = d?;
         Ok(Response::new(pb::PutManifestResponse {
             digest: d.to_string(),
         }))
@@ -500,7 +520,10 @@ impl registry_server::Registry for RegistryService {
         let grace = req
             .grace_seconds
             .map_or(self.reg.gc_grace(), std::time::Duration::from_secs);
+        let started = std::time::Instant::now();
         let report = crate::gc::collect(&self.reg, grace, req.dry_run).await?;
+        self.metrics
+            .record_gc(&report, req.dry_run, started.elapsed());
         Ok(Response::new(report.into()))
     }
 
@@ -580,6 +603,9 @@ impl registry_server::Registry for RegistryService {
             .map(|b| digest_arg("digests", b))
             .collect::<Result<Vec<_>>>()?;
         let urls = self.reg.chunk_urls(&digests).await?;
+        if let Some(u) = &urls {
+            self.metrics.direct_urls_signed.inc_by(u.len() as u64);
+        }
         Ok(Response::new(pb::GetChunkUrlsResponse {
             urls: urls.unwrap_or_default(),
             expires_seconds: crate::registry::CHUNK_URL_TTL.as_secs(),
@@ -642,6 +668,7 @@ impl registry_server::Registry for RegistryService {
 
     async fn scrub(&self, req: Request<pb::ScrubRequest>) -> Rpc<pb::ScrubResponse> {
         let report = crate::scrub::scrub(&self.reg, req.into_inner().dry_run).await?;
+        self.metrics.record_scrub(&report);
         Ok(Response::new(report.into()))
     }
 
@@ -684,13 +711,13 @@ impl registry_server::Registry for RegistryService {
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
-        let t = &self.transfers;
+        let m = &self.metrics;
         let (swarms, swarm_members) = self.tracker.size();
         Ok(Response::new(pb::StatsResponse {
-            chunks_sent: t.chunks_sent.load(Relaxed),
-            chunk_bytes_sent: t.bytes_sent.load(Relaxed),
-            chunks_received: t.chunks_received.load(Relaxed),
-            chunk_bytes_received: t.bytes_received.load(Relaxed),
+            chunks_sent: m.chunks_sent.get(),
+            chunk_bytes_sent: m.chunk_bytes_sent.get(),
+            chunks_received: m.chunks_received.get(),
+            chunk_bytes_received: m.chunk_bytes_received.get(),
             swarms,
             swarm_members,
             started_unix: self.started_unix,

@@ -4,6 +4,8 @@ use std::time::Duration;
 use serde_json::json;
 use snapreg_client::{agent, host, restore, ClientError};
 
+use prometheus_client::registry::Registry as MetricsRegistry;
+
 use super::{announce, shutdown_signal};
 use crate::global::Global;
 
@@ -41,6 +43,9 @@ pub struct Args {
     /// The node's region (label topology.kubernetes.io/region).
     #[arg(long, env = "SNAPCTL_REGION")]
     region: Option<String>,
+    /// Serve Prometheus metrics (/metrics), /livez and /readyz over HTTP here.
+    #[arg(long, env = "SNAPCTL_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// Serves until SIGTERM/SIGINT. Prints nothing on stdout after the {"listen"} line:
@@ -81,8 +86,39 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| ClientError::io("agent listener", e))?;
-    announce(&json!({ "listen": addr.to_string() }))?;
-    agent::run(listener, config, shutdown_signal()).await?;
+    let mut metrics = MetricsRegistry::default();
+    let telemetry = agent::AgentTelemetry::new(&mut metrics).await;
+    let metrics_addr = match &a.metrics_listen {
+        Some(at) => Some(serve_metrics(at, metrics, &telemetry).await?),
+        None => None,
+    };
+    announce(&json!({ "listen": addr.to_string(), "metrics": metrics_addr }))?;
+    agent::run_with(listener, config, telemetry, shutdown_signal()).await?;
     eprintln!("snapctl: agent stopped");
     Ok(())
+}
+
+/// Starts the `--metrics-listen` endpoint (it lives as long as the process);
+/// returns its address. Each scrape first takes the node's operation reports.
+async fn serve_metrics(
+    at: &str,
+    metrics: MetricsRegistry,
+    telemetry: &agent::AgentTelemetry,
+) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| ClientError::io(format!("binding --metrics-listen {at}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ClientError::io("metrics listener", e))?;
+    let node = telemetry.metrics.clone();
+    let refresh: snapreg_telemetry::endpoint::Refresh = std::sync::Arc::new(move || node.refresh());
+    tokio::spawn(snapreg_telemetry::endpoint::serve(
+        listener,
+        std::sync::Arc::new(metrics),
+        telemetry.health.clone(),
+        Some(refresh),
+        std::future::pending(),
+    ));
+    Ok(addr.to_string())
 }

@@ -3,7 +3,7 @@
 //! decrypts for readers that want file bytes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -123,7 +123,6 @@ impl Builder {
             progress,
             by_source: Arc::default(),
             by_peer: Arc::default(),
-            direct: Arc::default(),
             swarm,
         })
     }
@@ -138,7 +137,6 @@ pub struct Chunks {
     progress: Progress,
     by_source: Arc<Mutex<BTreeMap<String, u64>>>,
     by_peer: Arc<Mutex<BTreeMap<String, u64>>>,
-    direct: Arc<AtomicU64>,
     swarm: Option<Arc<Swarm>>,
 }
 
@@ -195,11 +193,6 @@ impl Chunks {
     /// presigned URLs).
     pub fn fetched_from(&self) -> BTreeMap<String, u64> {
         self.by_source.lock().unwrap().clone()
-    }
-
-    /// Chunks that came by presigned URL.
-    pub fn fetched_direct(&self) -> u64 {
-        self.direct.load(Relaxed)
     }
 
     /// A chunk as stored, verified (and now in the node cache, if there is one):
@@ -278,7 +271,8 @@ impl Chunks {
             }
             Origin::Registry { url, object_bytes } => (url, object_bytes),
             Origin::DirectUrl { url, object_bytes } => {
-                self.direct.fetch_add(1, Relaxed);
+                counters.chunks_direct.fetch_add(1, Relaxed);
+                counters.bytes_direct.fetch_add(object_bytes, Relaxed);
                 (url, object_bytes)
             }
             Origin::Peer { node, object_bytes } => {

@@ -73,7 +73,6 @@ pub async fn pull_archive(
         digest: report.digest,
         files: members,
         counters: progress.counters.snapshot(),
-        chunks_direct: report.chunks_direct,
         peers: report.peers,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -10,6 +10,7 @@ mod errors;
 mod faults;
 mod gc;
 mod limits;
+mod operations;
 mod peers;
 mod podman;
 mod push_pull;

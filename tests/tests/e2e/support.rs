@@ -63,6 +63,8 @@ pub struct Registry {
     pub data: PathBuf,
     pub url: String,
     pub addr: String,
+    /// The `--metrics-listen` address it printed, if given one.
+    pub metrics: Option<String>,
     extra: Vec<String>,
     /// Extra environment (an S3 store's AWS_* variables).
     env: Vec<(String, String)>,
@@ -82,6 +84,7 @@ impl Registry {
             data: data.to_path_buf(),
             url: String::new(),
             addr: "127.0.0.1:0".into(),
+            metrics: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             child: None,
@@ -116,8 +119,26 @@ impl Registry {
         let v: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("snapreg printed {line:?}: {e}"));
         self.addr = v["listen"].as_str().unwrap().to_string();
+        self.metrics = v["metrics"].as_str().map(str::to_string);
         self.url = format!("{scheme}://{}", self.addr);
         self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and returns at once (the caller waits with [`Registry::wait_exit`]).
+    pub fn signal_term(&self) {
+        let pid = self.pid();
+        // SAFETY: kill takes plain integers; the PID is a process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+
+    /// The exit status once the process has stopped (None if it runs on past `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(within, || child.try_wait().ok().flatten());
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     /// SIGKILL, as a crash would.
@@ -535,6 +556,7 @@ impl Registry {
             data: data.to_path_buf(),
             url: String::new(),
             addr: addr.to_string(),
+            metrics: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             child: None,
@@ -730,6 +752,7 @@ impl S3Server {
             data: data.to_path_buf(),
             url: String::new(),
             addr: "127.0.0.1:0".into(),
+            metrics: None,
             extra: args.iter().map(|s| s.to_string()).collect(),
             env: self.env(),
             child: None,

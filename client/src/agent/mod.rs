@@ -18,20 +18,28 @@
 //! certificate that CA signed, and the peer calls admit those or callers with a
 //! token the registry accepts for pull.
 
+pub mod metrics;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::registry::Registry as MetricsRegistry;
 use snapreg_proto::pb::node_agent_server::{NodeAgent, NodeAgentServer};
 use snapreg_proto::pb::{self};
 use snapreg_proto::reference::Reference;
+use snapreg_telemetry::rpc::RpcMetricsLayer;
+use snapreg_telemetry::Health;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use self::metrics::NodeMetrics;
+
 use crate::cache::ChunkCache;
 use crate::error::{ClientError, ErrorKind, Result};
+use crate::node_reports::{self, OperationReport, Outcome};
 use crate::peer::serve::{ChunkStream, HeldStream, PeerService};
 use crate::peer::PeerConfig;
 use crate::progress::Progress;
@@ -60,11 +68,34 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The gRPC service the agent serves (health and metrics label it).
+pub const SERVICE_NAME: &str = "snapreg.v1.NodeAgent";
+
+/// What a running agent reports: its metrics and its health.
+#[derive(Clone)]
+pub struct AgentTelemetry {
+    pub metrics: Arc<NodeMetrics>,
+    pub rpc: RpcMetricsLayer,
+    pub health: Health,
+}
+
+impl AgentTelemetry {
+    /// Registers every node metric (and the RPC counters) in `registry`.
+    pub async fn new(registry: &mut MetricsRegistry) -> AgentTelemetry {
+        AgentTelemetry {
+            metrics: NodeMetrics::new(registry),
+            rpc: RpcMetricsLayer::new(registry, &[SERVICE_NAME, "grpc.health.v1.Health"]),
+            health: Health::new(&[SERVICE_NAME]).await,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Agent {
     config: AgentConfig,
     agent_url: String,
     peers: Arc<PeerService>,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// Every reachable registry, nearest first; an error only if none answers.
@@ -120,6 +151,7 @@ impl Agent {
     async fn registration(&self) -> Result<pb::RegisterNodeRequest> {
         let cache = self.config.cache.clone();
         let usage = blocking(move || cache.usage()).await?;
+        self.metrics.cache_usage(&usage);
         let f = crate::host::facts();
         Ok(pb::RegisterNodeRequest {
             node_name: self.config.node_name.clone(),
@@ -150,6 +182,8 @@ impl Agent {
 
     /// One registration tick: trim the cache, then register with every registry.
     async fn register_once(&self) {
+        let metrics = self.metrics.clone();
+        let _ = tokio::task::spawn_blocking(move || metrics.refresh()).await;
         let cache = self.config.cache.clone();
         if let Err(e) = blocking(move || cache.enforce_limit()).await {
             tracing::warn!("agent: trimming the node cache: {e}");
@@ -189,16 +223,30 @@ impl NodeAgent for Agent {
             self.config.credentials.clone(),
         );
         // prefetch enforces the cache limit when done.
-        let r = crate::prefetch::prefetch(
+        let started = std::time::Instant::now();
+        let progress = Progress::hidden();
+        let result = crate::prefetch::prefetch(
             remotes,
             &reference,
             self.config.cache.clone(),
             self.config.window,
             Some(peers),
-            Progress::hidden(),
+            progress.clone(),
         )
-        .await
-        .map_err(status)?;
+        .await;
+        self.metrics.fold(&OperationReport {
+            version: node_reports::VERSION,
+            operation: "prefetch".into(),
+            outcome: if result.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            },
+            seconds: started.elapsed().as_secs_f64(),
+            phases: BTreeMap::new(),
+            counters: progress.counters.snapshot(),
+        });
+        let r = result.map_err(status)?;
         Ok(Response::new(pb::PrefetchResponse {
             reference: r.reference,
             digest: r.digest,
@@ -350,6 +398,18 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let telemetry = AgentTelemetry::new(&mut MetricsRegistry::default()).await;
+    run_with(listener, config, telemetry, shutdown).await
+}
+
+/// [`run`], reporting through `telemetry`: the gRPC health service turns SERVING
+/// once the listener serves, NOT_SERVING at shutdown.
+pub async fn run_with(
+    listener: TcpListener,
+    config: AgentConfig,
+    telemetry: AgentTelemetry,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| ClientError::io("agent listener", e))?;
@@ -371,10 +431,14 @@ pub async fn run(
         config.registries.clone(),
         config.credentials.clone(),
     ));
+    telemetry
+        .metrics
+        .attach(config.cache.dir().to_path_buf(), peers.served.clone());
     let agent = Agent {
         config,
         agent_url,
         peers,
+        metrics: telemetry.metrics.clone(),
     };
     let ticker = {
         let agent = agent.clone();
@@ -389,7 +453,15 @@ pub async fn run(
         })
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let health = telemetry.health.clone();
+    health.set_ready(true).await;
+    let shutdown = async move {
+        shutdown.await;
+        health.set_ready(false).await;
+    };
     let served = builder
+        .layer(telemetry.rpc.clone())
+        .add_service(telemetry.health.grpc_service())
         .add_service(NodeAgentServer::new(agent))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
