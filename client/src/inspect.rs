@@ -76,3 +76,55 @@ pub fn summarize(reference: &str, digest: &Digest, m: &Manifest) -> Summary {
         encryption: m.encryption.clone(),
     }
 }
+
+/// A snapshot's recent restores as the registry recorded them (`RestoreOutcomes`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RestoreRecord {
+    pub successes: usize,
+    pub failures: usize,
+    /// Resolve's threshold on this registry (0: off).
+    pub failure_threshold: u32,
+    pub last_failure: Option<RecordedRestore>,
+    /// Newest first.
+    pub recent: Vec<RecordedRestore>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecordedRestore {
+    pub node: String,
+    pub gpu_models: Vec<String>,
+    pub success: bool,
+    pub phase: String,
+    pub reason: String,
+    pub seconds: f64,
+    pub unix_ms: u64,
+}
+
+/// The restore record of `digest` in `repository`.
+pub async fn restore_record(
+    remote: &crate::remote::Remote,
+    repository: &str,
+    digest: &str,
+) -> crate::error::Result<RestoreRecord> {
+    let resp = remote.restore_outcomes(repository, digest).await?;
+    let recent: Vec<RecordedRestore> = resp
+        .outcomes
+        .into_iter()
+        .map(|o| RecordedRestore {
+            node: o.node_name,
+            gpu_models: o.gpu_models,
+            success: o.success,
+            phase: o.phase,
+            reason: o.reason,
+            seconds: o.seconds,
+            unix_ms: o.unix_ms,
+        })
+        .collect();
+    Ok(RestoreRecord {
+        successes: recent.iter().filter(|r| r.success).count(),
+        failures: recent.iter().filter(|r| !r.success).count(),
+        failure_threshold: resp.failure_threshold,
+        last_failure: recent.iter().find(|r| !r.success).cloned(),
+        recent,
+    })
+}

@@ -454,6 +454,34 @@ impl Remote {
     }
 
     /// The registry instance's transfer counters since it started.
+    /// Records how a restore went (restore/outcome.rs).
+    pub async fn report_restore(&self, req: pb::ReportRestoreRequest) -> Result<()> {
+        self.client
+            .clone()
+            .report_restore(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        Ok(())
+    }
+
+    /// A snapshot's recent restore outcomes, newest first.
+    pub async fn restore_outcomes(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<pb::RestoreOutcomesResponse> {
+        Ok(self
+            .client
+            .clone()
+            .restore_outcomes(pb::RestoreOutcomesRequest {
+                repository: repository.to_string(),
+                digest: digest.to_string(),
+            })
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner())
+    }
+
     pub async fn stats(&self) -> Result<pb::StatsResponse> {
         Ok(self
             .client

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | BeginPush, PutManifest, SetTag, DeleteTag, ReplicateTagRecord | push on the request's repository |
 //! | FindMissingChunks, PutChunks | push on some repository (see below) |
-//! | GetManifest, ListTags, Resolve, Swarm | pull on the request's repository |
+//! | GetManifest, ListTags, Resolve, Swarm, ReportRestore, RestoreOutcomes | pull on the request's repository |
 //! | GetChunks, GetChunkUrls | pull on some repository (see below) |
 //! | DeleteManifest | push on the named repository |
 //! | SetRetention, ApplyRetention (one repository) | admin on the named repository |
@@ -238,6 +238,26 @@ impl RegistryRpc for AuthorizedRegistry {
             .await?
             .require_all(Scope::Pull, "replication status")?;
         self.inner.replication_status(req).await
+    }
+
+    async fn report_restore(
+        &self,
+        req: Request<pb::ReportRestoreRequest>,
+    ) -> Rpc<pb::ReportRestoreResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Pull, &req.get_ref().repository)?;
+        self.inner.report_restore(req).await
+    }
+
+    async fn restore_outcomes(
+        &self,
+        req: Request<pb::RestoreOutcomesRequest>,
+    ) -> Rpc<pb::RestoreOutcomesResponse> {
+        self.who(&req)
+            .await?
+            .require(Scope::Pull, &req.get_ref().repository)?;
+        self.inner.restore_outcomes(req).await
     }
 
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Rpc<pb::ResolveResponse> {

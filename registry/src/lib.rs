@@ -26,6 +26,9 @@
 //!    - [`gc`]: mark from tags and leases, sweep what is unreferenced and old.
 //!    - [`scrub`]: re-reading and verifying every stored object; damaged ones move to
 //!      `quarantine/` and out of the index, so the next push re-uploads them.
+//!    - [`restore_outcomes`]: how each restore of a snapshot went (in the object
+//!      store); Resolve withholds a snapshot whose recent restores on alike nodes
+//!      failed.
 //!    - [`scheduler`]: `Resolve` (compatible snapshots for a node, newest first, with
 //!      sizes and cached bytes), `Watch` (the commit log as a resumable event stream)
 //!      and node registrations for `snapctl agent`.
@@ -91,6 +94,7 @@ pub mod index;
 pub mod metrics;
 pub mod registry;
 pub mod replication;
+pub mod restore_outcomes;
 pub mod retention;
 pub mod scheduler;
 pub mod scrub;

@@ -150,6 +150,10 @@ struct ServeArgs {
     /// revocation reaches this registry within this time.
     #[arg(long, env = "SNAPREG_AUTH_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     auth_cache_ttl: Duration,
+    /// Resolve stops offering a snapshot after this many failed restores in a row
+    /// on nodes with the same GPUs as the asking node (0: never).
+    #[arg(long, env = "SNAPREG_RESTORE_FAILURE_THRESHOLD", default_value_t = 2)]
+    restore_failure_threshold: u32,
     #[command(flatten)]
     tls: TlsArgs,
     /// PATTERN=KEYID: repositories matching PATTERN (`acme/*`, exact) take only
@@ -187,7 +191,7 @@ struct ScrubArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Issue, revoke and list access tokens (in the object store, shared by every
     /// registry serving it; works while the registry runs).
     Token {
@@ -231,7 +235,7 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await?,
+        Command::Serve(args) => serve(*args).await?,
         Command::Token { command } => token(command).await?,
         Command::Reindex { store } => reindex(store).await?,
         Command::DumpIndex { data } => dump_index(&data)?,
@@ -255,6 +259,7 @@ impl ServeArgs {
         config.registry.gc_grace = self.gc_grace;
         config.registry.lease_ttl = self.lease_ttl;
         config.registry.tenant_keys = self.tenant_keys;
+        config.registry.restore_failure_threshold = self.restore_failure_threshold;
         config.peers = self.peers;
         config.replication_backoff_max = self.replication_backoff_max;
         config.anonymous = parse_anonymous(&self.anonymous).map_err(anyhow::Error::msg)?;

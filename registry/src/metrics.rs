@@ -14,6 +14,8 @@
 //! | `snapreg_replication_lag_entries{peer}` | commit-log entries the peer has not acknowledged |
 //! | `snapreg_replication_lag_seconds{peer}` | while behind: seconds since the peer last acknowledged anything, or since this process started (0 when caught up) |
 //! | `snapreg_replication_failures{peer}` | failed attempts at the peer since its last success |
+//! | `snapreg_restores_reported_total{outcome,phase}` | restore outcomes nodes reported (`phase` empty on success) |
+//! | `snapreg_restore_duration_seconds{outcome}` | how long the reported restores took |
 //!
 //! The transfer counters are also what the `Stats` RPC answers: one source.
 
@@ -31,6 +33,7 @@ use prometheus_client::registry::{Registry as MetricsRegistry, Unit};
 use crate::clock::now_ms;
 use crate::gc::GcReport;
 use crate::replication::ReplicationStatus;
+use crate::restore_outcomes::Outcome;
 use crate::scrub::ScrubReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,8 +52,31 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestoreLabels {
+    outcome: &'static str,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
+}
+
+/// A histogram family with the duration buckets (a type of its own so that the
+/// struct below can derive `Default`).
+struct Durations<L>(Family<L, Histogram, fn() -> Histogram>);
+
+impl<L: Clone + std::hash::Hash + Eq> Default for Durations<L> {
+    fn default() -> Self {
+        Durations(Family::new_with_constructor(|| {
+            Histogram::new(snapreg_telemetry::duration_buckets())
+        }))
+    }
 }
 
 /// Every registry metric; one per serving process, shared by its handlers.
@@ -73,6 +99,8 @@ pub struct RegistryMetrics {
     replication_lag_entries: Family<PeerLabel, Gauge>,
     replication_lag_seconds: Family<PeerLabel, Gauge<f64, AtomicU64>>,
     replication_failures: Family<PeerLabel, Gauge>,
+    restores: Family<RestoreLabels, Counter>,
+    restore_durations: Durations<OutcomeLabel>,
     /// When this process started (lag of a peer that never acknowledged anything).
     started_ms: u64,
 }
@@ -180,6 +208,14 @@ impl RegistryMetrics {
             help,
             self.replication_lag_seconds.clone(),
         );
+        let help = "Restore outcomes nodes reported, by outcome and failed phase";
+        r.register("snapreg_restores_reported", help, self.restores.clone());
+        let help = "How long the restores nodes reported took";
+        r.register(
+            "snapreg_restore_duration_seconds",
+            help,
+            self.restore_durations.0.clone(),
+        );
         let help = "Failed replication attempts at a peer since its last success";
         r.register(
             "snapreg_replication_failures",
@@ -215,6 +251,18 @@ impl RegistryMetrics {
                 .get_or_create(&KindLabel { kind: d.kind })
                 .inc();
         }
+    }
+
+    pub fn record_restore(&self, o: &Outcome) {
+        let outcome = if o.success { "success" } else { "failure" };
+        let phase = o.phase.chars().take(32).collect();
+        self.restores
+            .get_or_create(&RestoreLabels { outcome, phase })
+            .inc();
+        self.restore_durations
+            .0
+            .get_or_create(&OutcomeLabel { outcome })
+            .observe(o.seconds);
     }
 
     /// Copies the replicator's view into the lag gauges (before each scrape).

@@ -52,6 +52,9 @@ pub struct RegistryConfig {
     pub lease_ttl: Duration,
     /// Repositories that take only snapshots encrypted with a given tenant key.
     pub tenant_keys: Vec<TenantKeyRule>,
+    /// Resolve withholds a snapshot after this many failed restores in a row on
+    /// nodes like the asking one (restore_outcomes.rs); 0 never withholds.
+    pub restore_failure_threshold: u32,
 }
 
 impl RegistryConfig {
@@ -62,6 +65,7 @@ impl RegistryConfig {
             gc_grace: Duration::from_secs(3600),
             lease_ttl: Duration::from_secs(3600),
             tenant_keys: Vec::new(),
+            restore_failure_threshold: 2,
         }
     }
 
@@ -181,6 +185,10 @@ impl Registry {
 
     pub fn gc_grace(&self) -> Duration {
         self.config.gc_grace
+    }
+
+    pub fn restore_failure_threshold(&self) -> u32 {
+        self.config.restore_failure_threshold
     }
 
     pub fn lease_ttl(&self) -> Duration {

@@ -152,6 +152,32 @@ fn sizes(m: &Manifest, cached: &HashSet<Digest>) -> (u64, u64, u64, u64, u64) {
     (m.total_size(), stored, chunks, cached_bytes, chunks_cached)
 }
 
+/// Why the snapshot's recent restores on nodes like `node` keep it from being
+/// offered (restore_outcomes.rs), if they do.
+async fn withheld_by_outcomes(
+    reg: &Registry,
+    digest: &Digest,
+    node: &CompatRecord,
+) -> Result<Option<String>> {
+    let threshold = reg.restore_failure_threshold();
+    if threshold == 0 {
+        return Ok(None);
+    }
+    let outcomes = crate::restore_outcomes::recent(reg, digest).await?;
+    let models = gpu_models(node);
+    Ok(crate::restore_outcomes::withheld(
+        &outcomes, &models, threshold,
+    ))
+}
+
+/// A node's GPU models in CUDA order (empty without GPUs).
+pub fn gpu_models(node: &CompatRecord) -> Vec<String> {
+    node.gpu
+        .as_ref()
+        .map(|g| g.devices.iter().map(|d| d.model.clone()).collect())
+        .unwrap_or_default()
+}
+
 pub async fn resolve(reg: &Registry, query: ResolveQuery) -> Result<Resolved> {
     repo_arg(&query.repository)?;
     let node = CompatRecord::from(query.node);
@@ -175,6 +201,15 @@ pub async fn resolve(reg: &Registry, query: ResolveQuery) -> Result<Resolved> {
                     .iter()
                     .map(|x| x.field.to_string())
                     .collect(),
+            });
+            continue;
+        }
+        if let Some(why) = withheld_by_outcomes(reg, &digest, &node).await? {
+            resolved.incompatible.push(IncompatibleSnapshot {
+                tag,
+                digest,
+                mismatches: vec![why],
+                fields: vec!["restore_outcomes".into()],
             });
             continue;
         }

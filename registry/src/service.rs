@@ -21,6 +21,7 @@ use crate::gc::GcReport;
 use crate::metrics::RegistryMetrics;
 use crate::registry::{Registry, ReplicatedRecord};
 use crate::replication::{ReplicationStatus, Replicator};
+use crate::restore_outcomes::Outcome as RestoreOutcome;
 use crate::retention::{Outcome, Policy};
 use crate::scheduler::{
     CommitEvent, GpuFacts, NodeFacts, NodeRegistration, RegisteredNode, ResolveQuery, Resolved,
@@ -67,6 +68,12 @@ impl From<RegistryError> for Status {
             }
         }
     }
+}
+
+/// A manifest digest as text ("blake3:<hex>").
+fn manifest_digest_arg(text: &str) -> Result<Digest> {
+    text.parse()
+        .map_err(|e| RegistryError::invalid("digest", format!("{e} (want blake3:<64 hex>)")))
 }
 
 fn digest_arg(field: &'static str, bytes: &[u8]) -> Result<Digest> {
@@ -708,6 +715,47 @@ impl registry_server::Registry for RegistryService {
     async fn who_am_i(&self, _req: Request<pb::WhoAmIRequest>) -> Rpc<pb::WhoAmIResponse> {
         // Answered by access.rs, which knows the caller; this layer knows no one.
         Ok(Response::new(pb::WhoAmIResponse::default()))
+    }
+
+    async fn report_restore(
+        &self,
+        req: Request<pb::ReportRestoreRequest>,
+    ) -> Rpc<pb::ReportRestoreResponse> {
+        let req = req.into_inner();
+        let digest = manifest_digest_arg(&req.digest)?;
+        let o = required("outcome", req.outcome, "the restore outcome fields")?;
+        let mut outcome =
+            RestoreOutcome::new(&req.repository, &o.node_name, o.gpu_models, o.success);
+        if !o.success {
+            outcome = outcome.failed_at(&o.phase, &o.reason);
+        }
+        outcome.seconds = o.seconds;
+        crate::restore_outcomes::record(&self.reg, &digest, &outcome).await?;
+        self.metrics.record_restore(&outcome);
+        Ok(Response::new(pb::ReportRestoreResponse {}))
+    }
+
+    async fn restore_outcomes(
+        &self,
+        req: Request<pb::RestoreOutcomesRequest>,
+    ) -> Rpc<pb::RestoreOutcomesResponse> {
+        let digest = manifest_digest_arg(&req.into_inner().digest)?;
+        let outcomes = crate::restore_outcomes::recent(&self.reg, &digest).await?;
+        Ok(Response::new(pb::RestoreOutcomesResponse {
+            outcomes: outcomes
+                .into_iter()
+                .map(|o| pb::RestoreOutcome {
+                    node_name: o.node_name,
+                    gpu_models: o.gpu_models,
+                    success: o.success,
+                    phase: o.phase,
+                    reason: o.reason,
+                    seconds: o.seconds,
+                    unix_ms: o.unix_ms,
+                })
+                .collect(),
+            failure_threshold: self.reg.restore_failure_threshold(),
+        }))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {

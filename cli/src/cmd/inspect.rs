@@ -17,10 +17,36 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         .await
         .with_context(|| format!("inspecting {reference}"))?;
     let s = inspect::summarize(&reference.to_string(), &digest, &manifest);
-    Ok(Output {
-        human: human(&s),
-        json: serde_json::to_value(&s)?,
-    })
+    // A registry older than RestoreOutcomes answers UNIMPLEMENTED: show the rest.
+    let restores =
+        inspect::restore_record(&remote, &reference.repository, &digest.to_string()).await;
+    let restores = match restores {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!("no restore record: {e}");
+            None
+        }
+    };
+    let mut json = serde_json::to_value(&s)?;
+    json["restores"] = serde_json::to_value(&restores)?;
+    let mut human = human(&s);
+    if let Some(r) = &restores {
+        human += &restores_human(r);
+    }
+    Ok(Output { human, json })
+}
+
+fn restores_human(r: &inspect::RestoreRecord) -> String {
+    let mut out = format!(
+        "\nrestores: {} succeeded, {} failed of the last {} recorded",
+        r.successes,
+        r.failures,
+        r.recent.len()
+    );
+    if let Some(f) = &r.last_failure {
+        out += &format!("\nlast failure: on {} at {}: {}", f.node, f.phase, f.reason);
+    }
+    out
 }
 
 fn human(s: &Summary) -> String {

@@ -14,6 +14,9 @@
 //! ([`crate::written_files`]); the others are checked by [`plan`] and refused if they
 //! differ.
 //!
+//! Every restore that got as far as its manifest reports how it went to the registry
+//! ([`outcome`]): Resolve stops offering a snapshot that keeps failing.
+//!
 //! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
 //! Small files come first because CRIU asks for them first; pages last, per task.
 //! A chunk that fails verification is never written to a pipe: its file is cut short,
@@ -22,6 +25,7 @@
 
 mod files;
 mod finish;
+mod outcome;
 mod plan;
 mod serve;
 
@@ -109,6 +113,8 @@ pub struct RestoreReport {
     pub device_memory_bytes: u64,
     /// Files the tree writes, put back before CRIU: created, kept or moved aside.
     pub written_files: Vec<PutBack>,
+    /// Whether the registry recorded this restore's outcome (restore/outcome.rs).
+    pub outcome_recorded: bool,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -137,19 +143,41 @@ pub async fn pull_restore(
     progress: Progress,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
+    let mut at = outcome::Stage::default();
+    let mut result = restore(remote, criu, reference, opts, progress, &mut at).await;
+    let recorded = outcome::report(remote, reference, opts, &at, &result, started).await;
+    if let Ok(r) = &mut result {
+        r.outcome_recorded = recorded;
+    }
+    result
+}
+
+/// The restore itself; `at` follows its phase (what a failure is reported at).
+async fn restore(
+    remote: &Remote,
+    criu: &Criu,
+    reference: &Reference,
+    opts: &RestoreOptions,
+    progress: Progress,
+    at: &mut outcome::Stage,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
     let remotes: Vec<Remote> = std::iter::once(remote.clone())
         .chain(opts.fallbacks.iter().cloned())
         .collect();
     let (digest, manifest) = pull::first_manifest(&remotes, reference).await?;
     tracing::info!(%digest, "manifest fetched");
+    at.reached(outcome::Phase::Plan, Some(digest));
     let key = encryption::key_for(&manifest, remote.tenant_key(), &reference.to_string())?;
     let mut plan = Plan::make(manifest, reference, opts)?;
     for w in &plan.warnings {
         progress.warn(w.clone());
     }
     plan.count_totals(&progress);
+    at.reached(outcome::Phase::WrittenFiles, None);
     let written_files = put_back_written(&remotes, &plan, key.clone(), opts, &progress).await?;
 
+    at.reached(outcome::Phase::CriuRestore, None);
     let dir = work_dir::create("rs")?;
     let cuda_init = finish::start_cuda_init(&plan);
     let args = plan.criu_args(&dir, opts);
@@ -188,9 +216,12 @@ pub async fn pull_restore(
     let cache = opts.cache.clone();
     let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
 
+    at.reached(outcome::Phase::Weights, None);
     let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
     let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
+    at.reached(outcome::Phase::CriuRestore, None);
     served.outcome(&log)?;
+    at.reached(outcome::Phase::CudaRestore, None);
     let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
@@ -218,6 +249,7 @@ pub async fn pull_restore(
         zero_bytes_left_out: zero_plan.bytes_left_out,
         device_memory_bytes: plan.manifest.device_memory.iter().map(|s| s.len).sum(),
         written_files,
+        outcome_recorded: false,
     })
 }
 

@@ -16,6 +16,7 @@ mod podman;
 mod push_pull;
 mod real_images;
 mod replication;
+mod restore_outcomes;
 mod retention;
 mod s3;
 mod scheduler;

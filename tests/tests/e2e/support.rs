@@ -343,6 +343,14 @@ impl TestProc {
         p
     }
 
+    /// A test process started some other way, whose `--out` is `dir`.
+    pub fn adopt(child: Child, dir: &Path) -> TestProc {
+        TestProc {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
     pub fn spawn(dir: &Path, args: &[&str]) -> TestProc {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = Command::new(testproc_bin());
