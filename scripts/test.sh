@@ -34,6 +34,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads=2
 
+# deploy/: Kubernetes manifests rendered and validated, the architecture picture
+# rendered, systemd units verified, container images built without a registry pull
+# and the registry image smoke-tested under podman.
+scripts/check-deploy.sh
+
 # Fuzzing: a short bounded run of every target in fuzz/ (cargo-fuzz on nightly, its
 # own target dir under ~/.cache), seeded from fuzz/corpus/<target>; new inputs go to a
 # scratch dir, never into the repo. Prints executions per target (docs/FAULTS.md).
