@@ -146,7 +146,7 @@ async fn puller(url: String, id: usize, until: Instant, tally: Arc<Tally>) {
     }
 }
 
-fn vm_hwm(pid: u32) -> u64 {
+pub(crate) fn vm_hwm(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

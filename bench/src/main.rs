@@ -36,6 +36,10 @@
 //!   one registry under P concurrent pulls and Q concurrent pushes of overlapping
 //!   snapshots: requests served, errors, GetChunks p50/p99, peak RSS (load.rs).
 //!
+//! `snapreg-bench cost [--chunks 100000,1000000] [--json]`
+//!   index bytes and registry RSS against chunk count, a 64 GiB push's planning time,
+//!   GC sweep time, manifest bytes per chunk (cost.rs; docs/OPERATIONS.md sizing).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -47,6 +51,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use snapreg_client::chunker::{Chunker, ChunkerConfig};
 
+mod cost;
 mod encryption;
 mod fanout;
 mod load;
@@ -89,9 +94,17 @@ fn main() -> Result<()> {
             opt("--mib", 32),
             args.iter().any(|a| a == "--json"),
         ),
+        Some("cost") => {
+            let sizes: Vec<u64> = args
+                .iter()
+                .position(|a| a == "--chunks")
+                .and_then(|i| args.get(i + 1))
+                .map_or(vec![100_000, 1_000_000], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            cost::run(&sizes, args.iter().any(|a| a == "--json"))
+        }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json]"
         ),
     }
 }

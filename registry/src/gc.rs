@@ -128,9 +128,14 @@ async fn mark_and_sweep(reg: &Registry, grace: Duration, dry_run: bool) -> Resul
                     .log_sweep(store, index, chunks, manifests)
                     .await?;
             }
-            for (d, size) in batch.drain(..) {
-                sweep_one(reg, d, size, is_chunk, dry_run, &mut stats).await?;
-            }
+            sweep_batch(
+                reg,
+                std::mem::take(&mut batch),
+                is_chunk,
+                dry_run,
+                &mut stats,
+            )
+            .await?;
             if next.is_none() {
                 break;
             }
@@ -140,36 +145,58 @@ async fn mark_and_sweep(reg: &Registry, grace: Duration, dry_run: bool) -> Resul
     Ok(stats)
 }
 
-/// Deletes one unreferenced, old object unless a push holds it.
-async fn sweep_one(
+/// Deletes a batch of unreferenced, old objects, except those a push holds.
+///
+/// Index entries go first and durably, objects after, so a crash in between leaves
+/// at worst an unindexed object (a later push re-uploads it harmlessly, a later GC
+/// removes it), never an entry for a missing object. One fsync per batch, not one
+/// per object (a synced delete each made GC sweep ~32 objects a second: bench cost):
+/// 1. under each digest's lock: skip it if a push holds it, else drop its entry
+///    from the index (not yet synced);
+/// 2. sync the index once;
+/// 3. under each digest's lock again: delete the object unless the index holds it
+///    again (a push found the object in the store meanwhile and re-indexed it, or
+///    uploaded it anew), in which case it stays.
+async fn sweep_batch(
     reg: &Registry,
-    d: Digest,
-    size: u64,
+    batch: Vec<(Digest, u64)>,
     is_chunk: bool,
     dry_run: bool,
     stats: &mut GcReport,
 ) -> Result<()> {
-    let _g = reg.lock_digest(&d).await;
-    if reg.committed_since_mark(&d) || reg.index().is_leased(&d, now_ms())? {
-        stats.chunks_kept_leased += is_chunk as u64;
-        return Ok(());
-    }
-    if !dry_run {
-        // Index first: a crash between the two leaves an unindexed object,
-        // which a later push re-uploads harmlessly and a later GC removes.
-        if is_chunk {
-            reg.index().remove_chunk(&d)?;
-            reg.store().delete_chunk(&d).await?;
-        } else {
-            reg.index().remove_manifest(&d)?;
-            reg.store().delete_manifest(&d).await?;
+    let mut removed = Vec::with_capacity(batch.len());
+    for (d, size) in batch {
+        let _g = reg.lock_digest(&d).await;
+        if reg.committed_since_mark(&d) || reg.index().is_leased(&d, now_ms())? {
+            stats.chunks_kept_leased += is_chunk as u64;
+            continue;
         }
+        if !dry_run {
+            reg.index().remove_unsynced(&d, is_chunk)?;
+        }
+        removed.push((d, size));
     }
-    if is_chunk {
-        stats.chunks_swept += 1;
-        stats.bytes_swept += size;
-    } else {
-        stats.manifests_swept += 1;
+    if !dry_run && !removed.is_empty() {
+        reg.index().sync()?;
+    }
+    for (d, size) in removed {
+        if !dry_run {
+            let _g = reg.lock_digest(&d).await;
+            if reg.index().has(&d, is_chunk)? {
+                continue;
+            }
+            if is_chunk {
+                reg.store().delete_chunk(&d).await?;
+            } else {
+                reg.store().delete_manifest(&d).await?;
+            }
+        }
+        if is_chunk {
+            stats.chunks_swept += 1;
+            stats.bytes_swept += size;
+        } else {
+            stats.manifests_swept += 1;
+        }
     }
     Ok(())
 }

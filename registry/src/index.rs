@@ -54,6 +54,22 @@ fn tag_key(repository: &str, tag: &str) -> Vec<u8> {
     key(b"t/", format!("{repository}\0{tag}").as_bytes())
 }
 
+/// Iterating keys under `prefix` with an upper bound, so RocksDB stops at the
+/// prefix's end instead of stepping over every deleted key after it (an unbounded
+/// seek into a range of tombstones, as expired lease entries leave, costs time in
+/// proportion to the tombstones: GC checking each digest's leases that way was
+/// quadratic, measured at ~35 objects swept a second for 20 000).
+fn bounded(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut upper = prefix.to_vec();
+    upper.push(0xFF);
+    let mut r = rocksdb::ReadOptions::default();
+    r.set_iterate_upper_bound(upper);
+    r
+}
+
+/// One entry as RocksDB's iterators return it.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
@@ -61,6 +77,17 @@ fn synced() -> WriteOptions {
 }
 
 impl Index {
+    /// Keys (with values) under `prefix`, in order (see [`bounded`]).
+    fn keys_under<'a>(
+        &'a self,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = std::result::Result<KeyValue, rocksdb::Error>> + 'a {
+        self.db.iterator_opt(
+            IteratorMode::From(prefix, Direction::Forward),
+            bounded(prefix),
+        )
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -88,6 +115,28 @@ impl Index {
 
     pub fn remove_chunk(&self, d: &Digest) -> Result<()> {
         Ok(self.db.delete_opt(key(b"c/", &d.0), &synced())?)
+    }
+
+    /// Removes a chunk's (`is_chunk`) or manifest's entry without waiting for the
+    /// disk: GC removes a batch this way, then makes them durable at once with
+    /// [`Index::sync`] before deleting any object.
+    pub fn remove_unsynced(&self, d: &Digest, is_chunk: bool) -> Result<()> {
+        let prefix: &[u8] = if is_chunk { b"c/" } else { b"m/" };
+        Ok(self.db.delete(key(prefix, &d.0))?)
+    }
+
+    /// Whether the index holds a chunk's (`is_chunk`) or manifest's entry.
+    pub fn has(&self, d: &Digest, is_chunk: bool) -> Result<bool> {
+        if is_chunk {
+            self.has_chunk(d)
+        } else {
+            self.has_manifest(d)
+        }
+    }
+
+    /// Makes every write so far durable (one fsync of the write-ahead log).
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.db.flush_wal(true)?)
     }
 
     pub fn has_manifest(&self, d: &Digest) -> Result<bool> {
@@ -192,7 +241,7 @@ impl Index {
     /// Whether a live lease protects `d`.
     pub fn is_leased(&self, d: &Digest, now_ms: u64) -> Result<bool> {
         let prefix = key(b"L/", &d.0);
-        for item in self.db.prefix_iterator(&prefix) {
+        for item in self.keys_under(&prefix) {
             let (k, _) = item?;
             if !k.starts_with(&prefix) {
                 break;
