@@ -136,7 +136,7 @@ async fn one_size(n: u64) -> Result<serde_json::Value> {
         .collect();
     let (plan_none, missing_none) = plan_seconds(&remote, &fresh).await?;
     let (plan_all, missing_all) = plan_seconds(&remote, &all).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await; // every lease expired
+    tokio::time::sleep(Duration::from_secs(16)).await; // every lease expired
     let t = Instant::now();
     let gc = remote.collect_garbage(Some(Duration::ZERO), false).await?;
     let gc_seconds = t.elapsed().as_secs_f64();
