@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # check-deploy.sh: what deploy/ ships, checked for real (scripts/test.sh runs it):
-# - the Kubernetes manifests (kustomize base and the TLS overlay) render, lint
-#   (yamllint) and validate object by object against the Kubernetes schemas
-#   (kubernetes-validate --strict; ServiceMonitor against its CRD's fields);
+# - the Helm chart (deploy/helm/snapreg) lints (`helm lint --strict`, helm from
+#   deploy/install-helm.sh) and renders, with its defaults and with TLS
+#   (ci/tls-values.yaml), and every rendered object validates against the Kubernetes
+#   schemas (kubernetes-validate --strict; ServiceMonitor against its CRD's fields);
 # - docs/architecture.svg is exactly what docs/architecture.dot renders to;
 # - the systemd units pass `systemd-analyze verify`;
 # - the container images build here without pulling anything from a registry
@@ -19,8 +20,6 @@ need_apt=()
 for cmd in dot:graphviz mmdebstrap:mmdebstrap podman:podman runc:runc systemd-analyze:systemd; do
     command -v "${cmd%%:*}" >/dev/null || need_apt+=("${cmd#*:}")
 done
-# kubectl renders kustomize; Debian's kubernetes-client is the fallback.
-command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}" >&2
 fi
@@ -30,11 +29,15 @@ pip_have kubernetes-validate "$KUBERNETES_VALIDATE" && pip_have yamllint "$YAMLL
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-yamllint -d '{extends: relaxed, rules: {line-length: {max: 120}}}' deploy/kubernetes
-for variant in base overlays/tls; do
-    file="$out/${variant//\//-}.yaml"
-    kubectl kustomize "deploy/kubernetes/$variant" 2> >(grep -v 'is deprecated' >&2) >"$file"
-    python3 scripts/validate-manifests.py "$K8S_VERSION" "$file"
+helm="$(deploy/install-helm.sh | tail -n 1)"
+chart=deploy/helm/snapreg
+yamllint -d '{extends: relaxed, rules: {line-length: {max: 120}}}' "$chart/values.yaml" "$chart/ci"
+for values in "" "$chart/ci/tls-values.yaml"; do
+    name="${values:+tls}"
+    "$helm" lint --strict "$chart" ${values:+-f "$values"}
+    "$helm" template snapreg "$chart" --namespace snapreg ${values:+-f "$values"} \
+        >"$out/chart-${name:-default}.yaml"
+    python3 scripts/validate-manifests.py "$K8S_VERSION" "$out/chart-${name:-default}.yaml"
 done
 
 dot -Tsvg docs/architecture.dot -o "$out/architecture.svg"

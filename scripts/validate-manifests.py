@@ -40,6 +40,8 @@ SERVICE_MONITOR = {
                             "port": {"type": "string"},
                             "path": {"type": "string"},
                             "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "relabelings": {"type": "array", "items": {"type": "object"}},
                             "scheme": {"enum": ["http", "https"]},
                         },
                         "required": ["port"],
