@@ -23,9 +23,15 @@ if [[ ${1:-} == --prebuilt ]]; then
     "$root/deploy/install-criu.sh" --gather "$context/prebuilt/criu-debs" >/dev/null
     cp "$root/deploy/install-criu.sh" "$context/deploy/"
 fi
+# From source, the build stage fetches rustup and crates over HTTPS: it trusts the
+# host's CA bundle for that (mounted, never in a layer), so a build behind an
+# intercepting proxy whose CA only the host trusts works too.
+ca=()
+[[ -z $suffix && -f /etc/ssl/certs/ca-certificates.crt ]] \
+    && ca=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
 for part in registry node; do
     image="localhost/snapreg-$part:$version"
-    podman build --network host --build-arg "BASE=$base" --target "$part$suffix" \
+    podman build --network host "${ca[@]}" --build-arg "BASE=$base" --target "$part$suffix" \
         -f "$here/Containerfile.$part" -t "$image" "$context" >&2
     echo "$image"
 done

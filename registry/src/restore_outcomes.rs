@@ -13,10 +13,11 @@
 //! Storage: the object store, so every instance on one bucket sees every report:
 //!
 //! ```text
-//! restores/<manifest hex>/<unix ms, 13 digits>-<node>.json   one outcome, written once
+//! restores/<manifest hex>/<unix ms, 13 digits>-<node>-<8 hex>.json   one outcome, written once
 //! ```
 //!
-//! Each object is one JSON [`Outcome`] (`version` 1; another version is skipped).
+//! Each object is one JSON [`Outcome`] (`version` 1; another version is skipped). The
+//! random suffix keeps two reports of one node in the same millisecond apart.
 //! Names sort by time; the writer keeps the newest [`KEEP`] per snapshot and deletes
 //! older ones. Outcomes are a hint about the future, not data: a lost one costs at
 //! most one more failed restore, and reindex, scrub and GC do not read them (GC
