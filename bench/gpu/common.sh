@@ -80,5 +80,22 @@ timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
   result "${name}_first_answer_s" "$(el "$t0" "$t2")"
   kill_worker
 }
+lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
+  # pull-restore --lazy REF in the background while the first answer is asked at once:
+  # the tree answers before its last page is in. RESULT NAME_first_answer_s,
+  # NAME_all_present_s (the command's end: every page in), NAME_equal.
+  local name=$1 ctl=$2 log=$3 cache=$4 ref=$5; shift 5
+  rm -f "$ctl/done0.json" "$ctl/resumed.json"; cp -p "$log" "$ctl.log"; drop
+  local t0 t1 t2; t0=$(now)
+  timeout 180 "$B/snapctl" --json --cache "$cache" pull-restore --detach --lazy "$@" "$ref" >"$OUT/rs-$name.json" 2>"$OUT/rs-$name.err" &
+  local rs=$!
+  answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
+  t1=$(now)
+  wait "$rs"; tail -n 1 "$OUT/rs-$name.json" | tee -a "$OUT/restores.jsonl"; tail -n 3 "$OUT/rs-$name.err"
+  t2=$(now)
+  result "${name}_first_answer_s" "$(el "$t0" "$t1")"
+  result "${name}_all_present_s" "$(el "$t0" "$t2")"
+  kill_worker
+}
 trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
 

@@ -11,6 +11,9 @@
 #                         snapshot into a freshly started weights service (weights from the registry)
 #   separated, warm svc   the same with the weights still in the service (what a node that
 #                         already serves the model pays)
+#   --lazy                transparent and separated (fresh service) again with
+#                         `pull-restore --lazy`: the first answer is asked while the pages
+#                         still arrive; also the time until every page is in
 #
 # Every restore starts with the page cache dropped and must answer with exactly the
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
@@ -52,6 +55,9 @@ say "local criu restore + CUDA restore (baseline)"
 local_restore local "$A" "$A.log.ck"
 rm -rf /dev/shm/local
 
+say "pull-restore --lazy, transparent"
+lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
+
 # ---- separated
 say "worker with its weights in the service"
 Bc=/tmp/ctl-b
@@ -90,6 +96,10 @@ t2=$(now)
 result separated_warm_restore_s "$(el "$t0" "$t1")"
 result separated_warm_first_answer_s "$(el "$t0" "$t2")"
 kill_worker
+
+say "pull-restore --lazy, separated, fresh weights service"
+kill -9 "$WS"; gone "$WS"; start_service
+lazy_restore separated_lazy "$Bc" "$Bc.log.ck" "$W/cache-lb" "hf/$PRESET:separated" --weights-service "$SOCK"
 
 cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null
 for d in $(ls -td /run/snapctl/* 2>/dev/null | head -4); do cp "$d"/*.log "$OUT/" 2>/dev/null; done

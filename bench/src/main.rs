@@ -75,7 +75,14 @@ fn main() -> Result<()> {
                 .position(|a| a == "--rss-gib")
                 .and_then(|i| args.get(i + 1))
                 .map_or(vec![0.5, 1.0, 2.0, 4.0], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
-            restore(gib, opt("--reps", 3), &rss)
+            // Which restore paths to run (indexes into the table; the local baseline,
+            // 0, always runs): all by default.
+            let paths: Vec<usize> = args
+                .iter()
+                .position(|a| a == "--paths")
+                .and_then(|i| args.get(i + 1))
+                .map_or((0..6).collect(), |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            restore(gib, opt("--reps", 3), &rss, &paths)
         }
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
         Some("s3") => s3::run(opt("--mib", 1024), opt("--reps", 3), opt("--requests", 200)),
@@ -415,6 +422,65 @@ fn wait_gone(pid: u32) {
     }
 }
 
+/// The counter in a test process's `state` file ("<counter> <pid>").
+fn counter(state_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(state_dir.join("state"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs a restore on a thread of its own and times, from its start, the restored
+/// process's first answer (its counter moving past the checkpointed value, written
+/// every 20 ms) and the command's end. Returns (first answer, (end, command's value)).
+fn timed_restore<T: Send>(
+    state_dir: &Path,
+    restore: impl FnOnce() -> Result<T> + Send,
+) -> Result<(f64, (f64, T))> {
+    let dumped = counter(state_dir).context("no state before the restore")?;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let cmd = s.spawn(|| restore().map(|v| (t.elapsed().as_secs_f64(), v)));
+        let (mut first, mut ended) = (None, None);
+        // Bounded: 10 minutes, or 5 s after the command ended.
+        while first.is_none() && t.elapsed().as_secs() < 600 {
+            if counter(state_dir).is_some_and(|c| c > dumped) {
+                first = Some(t.elapsed().as_secs_f64());
+            } else if cmd.is_finished()
+                && ended.get_or_insert_with(Instant::now).elapsed().as_secs() >= 5
+            {
+                break;
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        let end = cmd
+            .join()
+            .map_err(|_| anyhow::anyhow!("restore thread panicked"))??;
+        let first = first.context("the restored process never answered")?;
+        Ok((first, end))
+    })
+}
+
+/// Asks the restored process to check its whole memory (SIGUSR1) and waits for "ok".
+fn verify_restored(state_dir: &Path, pid: u32) -> Result<()> {
+    let verdict = state_dir.join("verify");
+    let _ = std::fs::remove_file(&verdict);
+    sh(&format!("kill -USR1 {pid}"))?;
+    for _ in 0..3000 {
+        if let Ok(v) = std::fs::read_to_string(&verdict) {
+            if v.starts_with("ok") {
+                return Ok(());
+            }
+            bail!("the restored process found its memory changed: {v}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    bail!("the restored process did not verify its memory within 30 s")
+}
+
 /// Starts a process of `gib` GiB (thirds: random, pattern, zeros), dumps it with CRIU
 /// into `images` (which kills it) and returns its PID.
 fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
@@ -461,7 +527,7 @@ fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
     Ok(pid)
 }
 
-fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
+fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<()> {
     let work = scratch("snapreg-bench-")?;
     let w = work.path();
     let reg = Registry::start(&w.join("registry"))?;
@@ -508,76 +574,95 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}/img.tar.zst");
     let cache = w.join("node-cache");
     let criu = criu_path();
+    let state = w.join("proc-images");
 
     let names = [
         "criu restore, local directory",
         "snapctl pull-restore, node cache empty",
         "archive: download tar.zst + extract + criu restore",
         "snapctl pull-restore, node cache warm",
+        "snapctl pull-restore --lazy, node cache empty",
+        "snapctl pull-restore --lazy, node cache warm",
     ];
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // Per path: seconds to the first answer, to the command's end; chunks fetched.
+    let mut first: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut done: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut fetched = vec![0u64; names.len()];
     for rep in 0..reps {
         for (i, _) in names.iter().enumerate() {
-            if i == 1 {
+            if i != 0 && !paths.contains(&i) {
+                continue;
+            }
+            if i == 1 || i == 4 {
                 let _ = std::fs::remove_dir_all(&cache);
             }
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
-            let t = match i {
-                0 => time(|| {
-                    sh(&format!(
-                        "{criu} restore -D {} -d -o /tmp/bench-restore.log",
-                        images.display()
-                    ))
-                })?,
-                1 | 3 => time(|| {
-                    let j = snapctl(
-                        &reg.url,
-                        &[
-                            "--cache",
-                            cache.to_str().unwrap(),
-                            "pull-restore",
-                            "--detach",
-                            "bench/restore:a",
-                        ],
-                    )?;
-                    fetched[i] = j["chunks_transferred"].as_u64().unwrap_or(0);
-                    Ok(())
-                })?,
-                _ => time(|| {
+            let pull = |lazy: bool| -> Result<u64> {
+                let mut args = vec![
+                    "--cache",
+                    cache.to_str().unwrap(),
+                    "pull-restore",
+                    "--detach",
+                ];
+                if lazy {
+                    args.push("--lazy");
+                }
+                args.push("bench/restore:a");
+                let j = snapctl(&reg.url, &args)?;
+                Ok(j["chunks_transferred"].as_u64().unwrap_or(0))
+            };
+            let (f, d) = timed_restore(&state, || match i {
+                0 => sh(&format!(
+                    "{criu} restore -D {} -d -o /tmp/bench-restore.log",
+                    images.display()
+                ))
+                .map(|_| 0),
+                1 | 3 => pull(false),
+                4 | 5 => pull(true),
+                _ => {
                     std::fs::create_dir_all(&scratch)?;
                     sh(&format!(
                         "curl -sf {url} -o {s}/img.tar.zst && mkdir {s}/d && zstd -q -d -c {s}/img.tar.zst | tar -C {s}/d -xf - && {criu} restore -D {s}/d -d -o /tmp/bench-restore.log",
                         s = scratch.display()
                     ))
-                })?,
-            };
-            times[i].push(t);
+                    .map(|_| 0)
+                }
+            })
+            .with_context(|| names[i])?;
+            fetched[i] = d.1;
+            first[i].push(f);
+            done[i].push(d.0);
+            verify_restored(&state, pid).with_context(|| names[i])?;
             wait_gone(pid);
             let _ = std::fs::remove_dir_all(&scratch);
         }
     }
     let _ = http.kill();
-    let local = median(&mut times[0].clone());
+    let local = median(&mut first[0].clone());
     let mut report = format!(
-        "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each)\n\n\
-         | restore path | median s | min–max s | ratio to local criu restore | chunks fetched from the registry |\n|---|---|---|---|---|\n",
+        "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each; every restored process verified its whole memory)\n\n\
+         | restore path | first answer, median s | min–max s | ratio to local criu restore | all pages present, median s | ratio | chunks fetched from the registry |\n|---|---|---|---|---|---|---|\n",
         image_bytes as f64 / (1u64 << 30) as f64
     );
     for (i, name) in names.iter().enumerate() {
-        let mut v = times[i].clone();
+        if first[i].is_empty() {
+            continue;
+        }
+        let mut v = first[i].clone();
         let m = median(&mut v);
-        let fetched = if i == 1 || i == 3 {
+        let all = median(&mut done[i].clone()).max(m);
+        let fetched = if [1, 3, 4, 5].contains(&i) {
             fetched[i].to_string()
         } else {
             "–".into()
         };
         report += &format!(
-            "| {name} | {m:.2} | {:.2}–{:.2} | {:.2} | {fetched} |\n",
+            "| {name} | {m:.2} | {:.2}–{:.2} | {:.2} | {all:.2} | {:.2} | {fetched} |\n",
             v[0],
             v[v.len() - 1],
-            m / local
+            m / local,
+            all / local
         );
     }
 
@@ -616,7 +701,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64]) -> Result<()> {
     println!("{report}");
     save_run(
         "restore",
-        &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "seconds": times }),
+        &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "first_answer_seconds": first, "command_seconds": done }),
     )?;
     drop(reg);
     Ok(())

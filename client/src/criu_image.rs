@@ -5,7 +5,47 @@
 //! (CRIU refuses an `img_streamer_reply_entry` without its `exists`, even false),
 //! `optional` ones are `Option`s. An image file frames these records as two u32 LE
 //! magics, then per record a u32 LE length and the message (pages-*.img excepted: raw
-//! pages); that framing stays beside the code that reads it (zero_pages.rs, criu.rs),
-//! and the streamer socket's beside the protocol (criu_stream.rs).
+//! pages); the helpers below read and write that framing for pagemaps (zero_pages.rs,
+//! lazy_pages.rs), and the streamer socket's stays beside its protocol (criu_stream.rs).
+
+use bytes::{BufMut, BytesMut};
+use prost::Message;
 
 include!(concat!(env!("OUT_DIR"), "/_.rs"));
+
+/// The magics, then each entry's message bytes.
+pub fn entries(image: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let magics = image.get(..8)?;
+    let mut rest = &image[8..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        out.push(rest.get(4..4 + len)?);
+        rest = &rest[4 + len..];
+    }
+    Some((magics, out))
+}
+
+/// The page count of an entry: CRIU ≥ 3.x writes it in `nr_pages` (64-bit) and 0 in
+/// `compat_nr_pages`; older images have only the latter.
+pub fn page_count(e: &PagemapEntry) -> u64 {
+    e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages))
+}
+
+/// Writes `e` as a record covering `pages` pages from `vaddr`, the way the original
+/// was written (the count in `nr_pages` when it used that).
+pub fn put_entry(out: &mut BytesMut, e: &PagemapEntry, vaddr: u64, pages: u64) {
+    let piece = PagemapEntry {
+        vaddr,
+        compat_nr_pages: if e.nr_pages.is_some() {
+            e.compat_nr_pages
+        } else {
+            pages as u32
+        },
+        in_parent: e.in_parent,
+        flags: e.flags,
+        nr_pages: e.nr_pages.map(|_| pages),
+    };
+    out.put_u32_le(piece.encoded_len() as u32);
+    piece.encode(out).expect("BytesMut grows");
+}

@@ -68,6 +68,7 @@
 //!     gpu_map: None,
 //!     // Fetch what sibling nodes hold from them (this node's agent is "gpu-node-7").
 //!     peers: Some(PeerConfig::new(Some("gpu-node-7".into()), Credentials::default())),
+//!     lazy: false,
 //! };
 //! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
 //! restore::become_subreaper();
@@ -94,6 +95,7 @@ pub mod error;
 pub mod fetch;
 pub mod host;
 pub mod inspect;
+pub mod lazy_pages;
 pub mod node_reports;
 pub mod peer;
 pub mod podman;

@@ -27,7 +27,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use snapreg_proto::manifest::Extent;
 
-use crate::criu_image::{MmEntry, PagemapEntry, PagemapHead};
+use crate::criu_image::{entries, page_count, put_entry, MmEntry, PagemapEntry, PagemapHead};
 
 const PAGE: u64 = 4096;
 /// VMA status bits (criu/include/image.h).
@@ -39,25 +39,6 @@ const VMA_ANON_SHARED: u32 = 1 << 8;
 /// Pagemap entry flags (criu/include/pagemap.h).
 const PE_PARENT: u32 = 1 << 0;
 const PE_PRESENT: u32 = 1 << 2;
-
-/// The page count of an entry: CRIU ≥ 3.x writes it in `nr_pages` (64-bit) and 0 in
-/// `compat_nr_pages`; older images have only the latter.
-fn page_count(e: &PagemapEntry) -> u64 {
-    e.nr_pages.unwrap_or(u64::from(e.compat_nr_pages))
-}
-
-/// The magics, then each entry's message bytes.
-fn entries(image: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
-    let magics = image.get(..8)?;
-    let mut rest = &image[8..];
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        out.push(rest.get(4..4 + len)?);
-        rest = &rest[4 + len..];
-    }
-    Some((magics, out))
-}
 
 /// A run of present pages: (address, bytes, offset in the pages file).
 pub type PageRun = (u64, u64, u64);
@@ -282,23 +263,6 @@ pub(crate) fn test_pagemap(pages_id: u32, runs: &[(u64, u64)]) -> Bytes {
         put_entry(&mut b, &e, vaddr, pages);
     }
     b.freeze()
-}
-
-fn put_entry(out: &mut BytesMut, e: &PagemapEntry, vaddr: u64, pages: u64) {
-    // Written the way the original was: the count in `nr_pages` when it used that.
-    let piece = PagemapEntry {
-        vaddr,
-        compat_nr_pages: if e.nr_pages.is_some() {
-            e.compat_nr_pages
-        } else {
-            pages as u32
-        },
-        in_parent: e.in_parent,
-        flags: e.flags,
-        nr_pages: e.nr_pages.map(|_| pages),
-    };
-    out.put_u32_le(piece.encoded_len() as u32);
-    piece.encode(out).expect("BytesMut grows");
 }
 
 #[cfg(test)]

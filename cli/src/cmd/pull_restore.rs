@@ -31,6 +31,12 @@ pub struct Args {
     /// side is a device index (snapshot order / this host's order) or a GPU UUID.
     #[arg(long, value_name = "OLD=NEW,...")]
     gpu_map: Option<String>,
+    /// Resume the process before all its memory is back: CRIU's lazy restore, with
+    /// each page it touches (then the rest, in the background) served by snapctl
+    /// from the registry and the node cache. snapctl returns once every page is in.
+    /// Needs userfaultfd (`criu check --feature uffd-noncoop`).
+    #[arg(long)]
+    lazy: bool,
     /// Extra CRIU arguments, after `--`.
     #[arg(last = true)]
     criu_args: Vec<String>,
@@ -52,6 +58,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         keep_zero_pages: a.keep_zero_pages,
         gpu_map: a.gpu_map.clone(),
         peers: g.peers()?,
+        lazy: a.lazy,
     };
     // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
     restore::become_subreaper();
@@ -60,7 +67,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         .with_context(|| format!("restoring {reference} from {}", remote.url()))?;
     Ok(Output {
         human: format!(
-            "restored {} ({}){}: {} chunks fetched ({} from peers), {} from the node cache, {:.2}s{}",
+            "restored {} ({}){}: {} chunks fetched ({} from peers), {} from the node cache, {:.2}s{}{}",
             r.reference,
             r.digest,
             r.pid.map(|p| format!(" as PID {p}")).unwrap_or_default(),
@@ -68,6 +75,15 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.counters.chunks_from_peers,
             r.counters.chunks_cached,
             r.seconds,
+            r.lazy
+                .as_ref()
+                .map(|l| format!(
+                    "\nlazy: running after {:.2}s; {} MiB of pages served after it resumed, the last at {:.2}s",
+                    r.restore_seconds,
+                    l.bytes_served >> 20,
+                    l.all_present_seconds
+                ))
+                .unwrap_or_default(),
             put_back_lines(&r.written_files)
         ),
         json: serde_json::to_value(&r)?,

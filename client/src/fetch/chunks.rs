@@ -16,6 +16,7 @@ use super::direct_url::DirectUrls;
 use super::node_cache::NodeCache;
 use super::peers::Peers;
 use super::registries::Registries;
+use super::scheduler::{Budget, Priority, Scheduler, SchedulerStats};
 use super::{ChunkFetch, Fetched, Origin, Want};
 use crate::cache::ChunkCache;
 use crate::encryption;
@@ -32,6 +33,7 @@ pub struct Builder {
     direct_for: Option<Vec<Digest>>,
     key: Option<Arc<TenantKey>>,
     swarm: Option<SwarmSpec>,
+    budget: Option<Budget>,
 }
 
 /// The snapshot whose swarm a reader joins.
@@ -81,6 +83,14 @@ impl Builder {
         self
     }
 
+    /// Every fetch through one [`Scheduler`] with this budget, readers at the priority
+    /// of their [`Chunks::at`]: a restore's CRIU stream, device memory, weights fill
+    /// and read-ahead share it.
+    pub fn scheduled(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
     /// The stack, bottom up; asks the registry for URLs now when `direct_urls` was set.
     pub async fn build(self, progress: Progress) -> Result<Chunks> {
         let nearest = self.remotes.first().cloned();
@@ -116,8 +126,11 @@ impl Builder {
         if let Some(cache) = &self.cache {
             stack = NodeCache::over(cache.clone(), stack);
         }
+        let scheduler = self.budget.map(|b| Scheduler::over(stack.clone(), b));
         Ok(Chunks {
             stack,
+            scheduler,
+            priority: Priority::Demand,
             cache: self.cache,
             key: self.key,
             progress,
@@ -132,6 +145,9 @@ impl Builder {
 #[derive(Clone)]
 pub struct Chunks {
     stack: Arc<dyn ChunkFetch>,
+    /// When built [`Builder::scheduled`]: every fetch goes through it at `priority`.
+    scheduler: Option<Arc<Scheduler>>,
+    priority: Priority,
     cache: Option<ChunkCache>,
     key: Option<Arc<TenantKey>>,
     progress: Progress,
@@ -160,7 +176,89 @@ impl Chunks {
             direct_for: None,
             key: None,
             swarm: None,
+            budget: None,
         }
+    }
+
+    /// The same source, fetching at `priority` (under a scheduler; else the same).
+    pub fn at(&self, priority: Priority) -> Chunks {
+        Chunks {
+            priority,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this source fetches from sibling nodes too.
+    pub fn has_peers(&self) -> bool {
+        self.swarm.is_some()
+    }
+
+    /// What the scheduler did, if there is one.
+    pub fn scheduler_stats(&self) -> Option<SchedulerStats> {
+        self.scheduler.as_ref().map(|s| s.stats())
+    }
+
+    async fn fetch_one(&self, digest: Digest, file: &str) -> Result<Fetched> {
+        match &self.scheduler {
+            Some(s) => s.fetch(digest, file, self.priority).await,
+            None => self.stack.fetch(digest, file).await,
+        }
+    }
+
+    /// Many chunks through the scheduler one by one, or the stack's own `fetch_many`
+    /// (which may batch) without one.
+    fn fetch_many(
+        &self,
+        wants: Vec<Want>,
+        window: usize,
+    ) -> BoxStream<'_, Result<(Digest, Fetched)>> {
+        if self.scheduler.is_none() {
+            return self.stack.fetch_many(wants, window);
+        }
+        futures::stream::iter(wants)
+            .map(move |(digest, file)| async move { Ok((digest, self.fetch_one(digest, &file).await?)) })
+            .buffer_unordered(window.max(1))
+            .boxed()
+    }
+
+    /// Fetches `wants` into the node cache ahead of their readers, in order, at this
+    /// source's priority, as far as the scheduler's budget allows (three quarters of
+    /// it, so a Demand never waits long for a permit). Chunks the cache already holds
+    /// are left alone. Failures are left to the reader
+    /// that needs the chunk, which fetches it again with its own error.
+    pub fn read_ahead(&self, wants: Vec<Want>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let wants: Vec<Want> = wants.into_iter().filter(|(d, _)| seen.insert(*d)).collect();
+            let missing = match this.cache.clone() {
+                Some(cache) => tokio::task::spawn_blocking(move || {
+                    wants
+                        .into_iter()
+                        .filter(|(d, _)| !cache.contains(d))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default(),
+                None => wants,
+            };
+            let width = this
+                .scheduler
+                .as_ref()
+                .map_or(1, |s| (s.budget().requests * 3 / 4).max(1));
+            futures::stream::iter(missing)
+                .map(|(digest, file)| {
+                    let this = &this;
+                    async move {
+                        if let Err(e) = this.stored(digest, &file).await {
+                            tracing::debug!("read-ahead of {digest} ({file}): {e}");
+                        }
+                    }
+                })
+                .buffer_unordered(width)
+                .for_each(|_| async {})
+                .await;
+        })
     }
 
     /// What the peers did so far.
@@ -183,8 +281,7 @@ impl Chunks {
         wants: Vec<Want>,
         window: usize,
     ) -> BoxStream<'_, Result<(Digest, Bytes)>> {
-        self.stack
-            .fetch_many(wants, window)
+        self.fetch_many(wants, window)
             .map(move |item| item.map(|(digest, fetched)| (digest, self.count(fetched))))
             .boxed()
     }
@@ -198,7 +295,7 @@ impl Chunks {
     /// A chunk as stored, verified (and now in the node cache, if there is one):
     /// enough to warm the cache ahead of a restore.
     pub async fn stored(&self, digest: Digest, file: &str) -> Result<Bytes> {
-        let fetched = self.stack.fetch(digest, file).await?;
+        let fetched = self.fetch_one(digest, file).await?;
         Ok(self.count(fetched))
     }
 
@@ -216,8 +313,7 @@ impl Chunks {
     ) -> BoxStream<'_, Result<(Digest, Bytes)>> {
         let names: std::collections::HashMap<Digest, Arc<str>> =
             wants.iter().map(|(d, f)| (*d, f.clone())).collect();
-        self.stack
-            .fetch_many(wants, window)
+        self.fetch_many(wants, window)
             .map(move |item| {
                 let file = item.as_ref().ok().and_then(|(d, _)| names.get(d).cloned());
                 (item, file)

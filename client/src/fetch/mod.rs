@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! Chunks            counts by origin, decrypts, names the file in errors
-//!  └ NodeCache      the node chunk cache; what the layers below return is cached
-//!     └ Peers       sibling nodes' caches (crate::peer); not held or slow: ↓
-//!        └ DirectUrls  presigned object-store URLs; expired or unreachable: ↓
-//!           └ Registries  each registry in preference order (nearest first)
+//!  └ Scheduler      one budget per restore, the most urgent reader first (optional)
+//!     └ NodeCache   the node chunk cache; what the layers below return is cached
+//!        └ Peers    sibling nodes' caches (crate::peer); not held or slow: ↓
+//!           └ DirectUrls  presigned object-store URLs; expired or unreachable: ↓
+//!              └ Registries  each registry in preference order (nearest first)
 //! ```
 //!
 //! A layer implements [`ChunkFetch`] and wraps the layer below it (an
@@ -25,6 +26,7 @@ mod direct_url;
 mod node_cache;
 mod peers;
 mod registries;
+mod scheduler;
 
 use std::sync::Arc;
 
@@ -37,6 +39,7 @@ use snapreg_proto::Digest;
 use crate::error::Result;
 
 pub use chunks::{Builder, Chunks, PeerSummary};
+pub use scheduler::{Budget, Priority, SchedulerStats};
 
 /// A chunk as one layer of the stack found it: verified content and where it came from.
 #[derive(Clone, Debug)]

@@ -1,6 +1,7 @@
 //! Serving one image file into the pipe CRIU handed over for it: its extents in
-//! order, a window of chunk fetches ahead, node-cache files spliced instead of
-//! copied, zero runs written from a static page of zeros.
+//! order (less the byte ranges a lazy restore leaves to the page server), a window of
+//! chunk fetches ahead, node-cache files spliced instead of copied, zero runs written
+//! from a static page of zeros.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -20,11 +21,12 @@ use crate::progress::Progress;
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
-/// One extent on its way into CRIU's pipe.
+/// One extent, or the part of it that is served, on its way into CRIU's pipe.
 enum Piece {
     Bytes(Bytes),
-    /// A verified node-cache file: spliced, its pages never copied through snapctl.
-    File(std::fs::File, u64),
+    /// A verified node-cache file from an offset: spliced, its pages never copied
+    /// through snapctl.
+    File(std::fs::File, u64, u64),
     Zeros(u64),
 }
 
@@ -32,9 +34,55 @@ impl Piece {
     fn len(&self) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
-            Piece::File(_, n) | Piece::Zeros(n) => *n,
+            Piece::File(_, _, n) | Piece::Zeros(n) => *n,
         }
     }
+}
+
+/// The bytes `[skip, skip + take)` of one extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    extent: Extent,
+    skip: u64,
+    take: u64,
+}
+
+/// A file's extents less the sorted, disjoint byte ranges `left_out`.
+fn spans(extents: &[Extent], left_out: &[(u64, u64)]) -> Vec<Span> {
+    let mut out = Vec::with_capacity(extents.len());
+    let (mut off, mut c) = (0u64, 0usize);
+    for &extent in extents {
+        let end = off + extent.len();
+        let mut at = off;
+        while at < end {
+            while c < left_out.len() && left_out[c].1 <= at {
+                c += 1;
+            }
+            let next_cut = left_out.get(c).copied();
+            match next_cut {
+                Some((s, t)) if s <= at => at = t.min(end),
+                Some((s, _)) => {
+                    let stop = s.min(end);
+                    out.push(Span {
+                        extent,
+                        skip: at - off,
+                        take: stop - at,
+                    });
+                    at = stop;
+                }
+                None => {
+                    out.push(Span {
+                        extent,
+                        skip: at - off,
+                        take: end - at,
+                    });
+                    at = end;
+                }
+            }
+        }
+        off = end;
+    }
+    out
 }
 
 /// What every file-serving task shares: the image's files, the chunk source, and
@@ -43,6 +91,8 @@ pub(super) struct FileServer<'a> {
     pub files: &'a HashMap<String, Vec<Extent>>,
     /// Files served from memory instead of their extents (rewritten pagemaps).
     pub inline: &'a HashMap<String, Bytes>,
+    /// Byte ranges of files left to the page server (a lazy restore), sorted.
+    pub left_out: &'a HashMap<String, Vec<(u64, u64)>>,
     pub chunks: &'a Chunks,
     pub progress: &'a Progress,
     pub first_error: &'a Arc<Mutex<Option<ClientError>>>,
@@ -67,7 +117,9 @@ impl FileServer<'_> {
             });
             return;
         }
-        let extents = self.files.get(&name).cloned().unwrap_or_default();
+        let extents = self.files.get(&name).map(Vec::as_slice).unwrap_or(&[]);
+        let left_out = self.left_out.get(&name).map(Vec::as_slice).unwrap_or(&[]);
+        let extents = spans(extents, left_out);
         let (chunks, progress, window) = (self.chunks.clone(), self.progress.clone(), self.window);
         tasks.spawn(async move {
             if let Err(e) = serve_file(chunks, progress, name, extents, pipe, window).await {
@@ -83,22 +135,26 @@ async fn serve_file(
     chunks: Chunks,
     progress: Progress,
     name: String,
-    extents: Vec<Extent>,
+    extents: Vec<Span>,
     pipe: OwnedFd,
     window: usize,
 ) -> Result<()> {
     let mut pipe =
         Sender::from_owned_fd(pipe).map_err(|e| ClientError::io(format!("pipe for {name}"), e))?;
     let mut pieces = futures::stream::iter(extents)
-        .map(|e| {
+        .map(|span| {
             let (chunks, name) = (chunks.clone(), name.clone());
             async move {
-                match e {
+                let (skip, take) = (span.skip, span.take);
+                match span.extent {
                     Extent::Chunk { chunk, .. } => match chunks.cached_file(chunk).await {
-                        Some((file, len)) => Ok(Piece::File(file, len)),
-                        None => chunks.get(chunk, &name).await.map(Piece::Bytes),
+                        Some((file, _)) => Ok(Piece::File(file, skip, take)),
+                        None => chunks
+                            .get(chunk, &name)
+                            .await
+                            .map(|b| Piece::Bytes(b.slice(skip as usize..(skip + take) as usize))),
                     },
-                    Extent::Zero { zero } => Ok(Piece::Zeros(zero)),
+                    Extent::Zero { .. } => Ok(Piece::Zeros(take)),
                 }
             }
         })
@@ -109,7 +165,7 @@ async fn serve_file(
         let piece = piece?;
         let res = match &piece {
             Piece::Bytes(data) => pipe.write_all(data).await,
-            Piece::File(file, len) => splice_all(&pipe, file, *len).await,
+            Piece::File(file, off, len) => splice_all(&pipe, file, *off, *len).await,
             Piece::Zeros(n) => write_zeros(&mut pipe, *n).await,
         };
         match res {
@@ -131,16 +187,22 @@ async fn serve_file(
     Ok(())
 }
 
-/// Moves `len` bytes of `file` into the pipe with splice(2): the kernel passes page
+/// Moves `len` bytes of `file` from `start` into the pipe with splice(2): the kernel passes page
 /// references from the page cache, so the bytes are copied once (by CRIU's read)
 /// instead of three times (read here, write here, read there), and the pipe's lock
 /// is held for moments instead of for copies, which CRIU otherwise spins on.
-async fn splice_all(pipe: &Sender, file: &std::fs::File, len: u64) -> std::io::Result<()> {
-    let mut off: i64 = 0;
-    while (off as u64) < len {
+async fn splice_all(
+    pipe: &Sender,
+    file: &std::fs::File,
+    start: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let end = start + len;
+    let mut off = start as i64;
+    while (off as u64) < end {
         pipe.writable().await?;
         let moved = pipe.try_io(|| {
-            let left = (len - off as u64) as usize;
+            let left = (end - off as u64) as usize;
             nix::fcntl::splice(
                 file,
                 Some(&mut off),
@@ -174,4 +236,38 @@ async fn write_zeros(pipe: &mut Sender, mut n: u64) -> std::io::Result<()> {
         n -= k as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapreg_proto::Digest;
+
+    #[test]
+    fn spans_leave_out_ranges_across_and_inside_extents() {
+        let c = |i: u8, len| Extent::Chunk {
+            chunk: Digest::of(&[i]),
+            len,
+        };
+        let extents = [c(1, 100), Extent::Zero { zero: 50 }, c(2, 100)];
+        let span = |extent, skip, take| Span { extent, skip, take };
+        assert_eq!(
+            spans(&extents, &[]),
+            vec![
+                span(extents[0], 0, 100),
+                span(extents[1], 0, 50),
+                span(extents[2], 0, 100)
+            ]
+        );
+        // Cut [20, 30) inside the first, [90, 160) across all three, [240, 250) at the end.
+        assert_eq!(
+            spans(&extents, &[(20, 30), (90, 160), (240, 250)]),
+            vec![
+                span(extents[0], 0, 20),
+                span(extents[0], 30, 60),
+                span(extents[2], 10, 80),
+            ]
+        );
+        assert_eq!(spans(&extents, &[(0, 250)]), vec![]);
+    }
 }

@@ -25,15 +25,15 @@
 
 mod files;
 mod finish;
+mod lazy;
 mod outcome;
 mod plan;
 mod serve;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use futures::StreamExt;
 use snapreg_proto::manifest::annotations;
 use snapreg_proto::reference::Reference;
 use tokio::task::JoinHandle;
@@ -41,21 +41,25 @@ use tokio::task::JoinHandle;
 use crate::cache::ChunkCache;
 use crate::criu::Criu;
 use crate::error::Result;
-use crate::fetch::{Chunks, PeerSummary};
+use crate::fetch::{Budget, Chunks, PeerSummary, Priority, SchedulerStats};
 use crate::peer::PeerConfig;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 use crate::weights::FillReport;
 use crate::written_files::{self, PutBack};
 use crate::{encryption, pull, work_dir};
+pub use lazy::LazyReport;
 use plan::Plan;
 use serve::{CriuRestore, Image};
 
 /// Default window: enough fetches in flight to cover a loopback or rack RTT at
 /// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
 pub const DEFAULT_WINDOW: usize = 16;
-/// Chunk fetches in flight for device memory, ahead of CRIU.
-const DEVICE_MEMORY_WINDOW: usize = 64;
+/// The fetch scheduler's budget for one restore: fetches in flight, all readers
+/// together (CRIU's files, device memory, the weights fill, the read-ahead), and the
+/// bytes they may hold at most.
+const SCHEDULER_REQUESTS: usize = 64;
+const SCHEDULER_BYTES: u64 = 64 << 20;
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -80,6 +84,9 @@ pub struct RestoreOptions {
     pub gpu_map: Option<String>,
     /// Fetch from sibling nodes that hold or fetch the same snapshot.
     pub peers: Option<PeerConfig>,
+    /// Resume the tree before every page is back: CRIU's lazy restore, with the
+    /// missing pages served from the chunk stack ([`lazy`]).
+    pub lazy: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -115,6 +122,12 @@ pub struct RestoreReport {
     pub written_files: Vec<PutBack>,
     /// Whether the registry recorded this restore's outcome (restore/outcome.rs).
     pub outcome_recorded: bool,
+    /// What the fetch scheduler did: fetches, requests that joined one in flight,
+    /// the most in flight at once.
+    pub scheduler: Option<SchedulerStats>,
+    /// `--lazy`: what the page server served after the tree resumed, and when the
+    /// last page was in (`restore_seconds` is when the tree resumed).
+    pub lazy: Option<LazyReport>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -180,52 +193,88 @@ async fn restore(
     at.reached(outcome::Phase::CriuRestore, None);
     let dir = work_dir::create("rs")?;
     let cuda_init = finish::start_cuda_init(&plan);
-    let args = plan.criu_args(&dir, opts);
-    let criu_restore =
-        CriuRestore::start(criu, &args, &dir, plan.files.keys().cloned().collect()).await?;
-    // Built while CRIU starts: asking for presigned URLs is a round trip.
-    let chunks = Chunks::builder(remotes)
-        .node_cache(opts.cache.clone())
-        .decrypting(key)
-        .direct_urls(plan.manifest.chunk_digests())
-        .peers(
-            opts.peers.clone(),
-            &reference.repository,
-            digest,
-            plan.manifest.chunk_digests(),
-        )
-        .build(progress.clone())
-        .await?;
-    let weights_fill =
-        finish::start_weights_fill(&plan, opts.weights_service.as_deref(), &chunks, &progress);
+    let mut args = plan.criu_args(&dir, opts);
+    let names = plan.files.keys().cloned().collect();
+    let source = ChunkSource {
+        remotes,
+        key,
+        reference,
+        digest,
+    };
+    let (criu_restore, chunks, lazy) = if opts.lazy {
+        // The daemon must listen before CRIU starts, and reads images snapctl writes.
+        let chunks = source.build(&plan, opts, &progress).await?;
+        let lazy = lazy::begin(criu, &plan, &chunks, &dir, &progress).await?;
+        args.push("--lazy-pages".into());
+        match CriuRestore::start(criu, &args, &dir, names).await {
+            Ok(c) => (c, chunks, Some(lazy)),
+            Err(e) => {
+                lazy.daemon.abort().await;
+                return Err(e);
+            }
+        }
+    } else {
+        let criu_restore = CriuRestore::start(criu, &args, &dir, names).await?;
+        // Built while CRIU starts: asking for presigned URLs is a round trip.
+        let chunks = source.build(&plan, opts, &progress).await?;
+        (criu_restore, chunks, None)
+    };
+    let lazy_zero_bytes = lazy.as_ref().map_or(0, |l| l.plan.zero_bytes_left_out);
+    progress.advance(lazy_zero_bytes);
+    progress
+        .counters
+        .bytes_total
+        .fetch_add(lazy_zero_bytes, std::sync::atomic::Ordering::Relaxed);
+    let ahead = read_ahead(&plan, &chunks);
+    let weights_fill = finish::start_weights_fill(
+        &plan,
+        opts.weights_service.as_deref(),
+        &chunks.at(Priority::Weights),
+        &progress,
+    );
+    // A lazy restore's pagemaps are rewritten already; zero pages go lazily too.
     let zero_plan = plan
-        .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+        .zero_pages(&chunks, opts.keep_zero_pages || lazy.is_some(), &progress)
         .await?;
-    let ahead = fetch_device_memory_ahead(&plan, &chunks);
     let log = criu_restore.log.clone();
+    let no_cuts = HashMap::new();
     let image = Image {
         files: &plan.files,
-        inline: &zero_plan.pagemaps,
+        inline: lazy
+            .as_ref()
+            .map_or(&zero_plan.pagemaps, |l| &l.plan.pagemaps),
+        left_out: lazy.as_ref().map_or(&no_cuts, |l| &l.plan.left_out),
         chunks: &chunks,
         window: opts.window,
     };
     let served = criu_restore.serve(image, &progress).await?;
-    if let Some(a) = ahead {
-        a.abort();
-    }
-    let cache = opts.cache.clone();
-    let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
 
     at.reached(outcome::Phase::Weights, None);
     let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
     let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
     at.reached(outcome::Phase::CriuRestore, None);
-    served.outcome(&log)?;
+    if let Err(e) = served.outcome(&log) {
+        if let Some(l) = lazy {
+            l.daemon.abort().await;
+        }
+        return Err(e);
+    }
     at.reached(outcome::Phase::CudaRestore, None);
     let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
     }
+    // The tree runs (and answers) from here; with --lazy its last pages come now.
+    at.reached(outcome::Phase::LazyPages, None);
+    let lazy = match lazy {
+        Some(l) => Some(l.daemon.finish(l.plan.lazy_bytes, started).await?),
+        None => None,
+    };
+    for a in ahead {
+        a.abort();
+    }
+    let cache = opts.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.enforce_limit()).await;
     progress.finish();
     Ok(RestoreReport {
         reference: reference.to_string(),
@@ -246,11 +295,50 @@ async fn restore(
         peers: chunks.peer_summary(),
         cuda_restore_seconds,
         weights,
-        zero_bytes_left_out: zero_plan.bytes_left_out,
+        zero_bytes_left_out: zero_plan.bytes_left_out + lazy_zero_bytes,
         device_memory_bytes: plan.manifest.device_memory.iter().map(|s| s.len).sum(),
         written_files,
         outcome_recorded: false,
+        scheduler: chunks.scheduler_stats(),
+        lazy,
     })
+}
+
+/// What the restore's chunk stack is built from.
+struct ChunkSource<'a> {
+    remotes: Vec<Remote>,
+    key: Option<std::sync::Arc<snapreg_proto::encryption::TenantKey>>,
+    reference: &'a Reference,
+    digest: snapreg_proto::Digest,
+}
+
+impl ChunkSource<'_> {
+    /// The restore's stack: node cache, presigned URLs, peers, one scheduler.
+    async fn build(
+        &self,
+        plan: &Plan,
+        opts: &RestoreOptions,
+        progress: &Progress,
+    ) -> Result<Chunks> {
+        let budget = Budget::for_chunks(
+            SCHEDULER_REQUESTS,
+            SCHEDULER_BYTES,
+            plan.manifest.chunker.max_size.into(),
+        );
+        Chunks::builder(self.remotes.clone())
+            .node_cache(opts.cache.clone())
+            .decrypting(self.key.clone())
+            .scheduled(budget)
+            .direct_urls(plan.manifest.chunk_digests())
+            .peers(
+                opts.peers.clone(),
+                &self.reference.repository,
+                self.digest,
+                plan.manifest.chunk_digests(),
+            )
+            .build(progress.clone())
+            .await
+    }
 }
 
 /// The files the tree writes, back as they were at the freeze, before CRIU starts (it
@@ -281,25 +369,25 @@ pub fn become_subreaper() {
     let _ = nix::sys::prctl::set_child_subreaper(true);
 }
 
-/// Device memory (the bulk of a GPU image) fetched ahead of CRIU, wider than the
-/// in-order window; CRIU then finds it in the node cache. Only what the node lacks:
-/// re-reading cached chunks here would verify them twice (serving verifies what it
-/// splices).
-fn fetch_device_memory_ahead(plan: &Plan, chunks: &Chunks) -> Option<JoinHandle<()>> {
-    let device_chunks = crate::device_memory::chunks(&plan.manifest, plan.process_layer());
-    if device_chunks.is_empty() {
-        return None;
+/// The image fetched into the node cache ahead of CRIU, through the restore's
+/// scheduler: device memory first (the bulk of a GPU image, which the CUDA restore
+/// needs), then every file in the order CRIU asks for them (plan.rs,
+/// [`Plan::criu_order`]). CRIU's own reads go first whenever they wait.
+///
+/// With peers, only device memory is read ahead: the swarm decides which node brings
+/// which chunk from the registry (fetch/peers.rs), and a read-ahead of the whole image
+/// would take from the registry what siblings are about to deliver.
+fn read_ahead(plan: &Plan, chunks: &Chunks) -> Vec<JoinHandle<()>> {
+    let device: Vec<_> = crate::device_memory::chunks(&plan.manifest, plan.process_layer())
+        .into_iter()
+        .map(|d| (d, std::sync::Arc::from("device memory")))
+        .collect();
+    let mut tasks = Vec::new();
+    if !device.is_empty() {
+        tasks.push(chunks.at(Priority::DeviceMemory).read_ahead(device));
     }
-    let chunks = chunks.clone();
-    Some(tokio::spawn(async move {
-        let missing = chunks.missing_from_cache(device_chunks).await;
-        futures::stream::iter(missing)
-            .map(|d| {
-                let chunks = chunks.clone();
-                async move { chunks.stored(d, "device memory").await }
-            })
-            .buffer_unordered(DEVICE_MEMORY_WINDOW)
-            .for_each(|_| async {})
-            .await
-    }))
+    if !chunks.has_peers() {
+        tasks.push(chunks.at(Priority::ReadAhead).read_ahead(plan.criu_order()));
+    }
+    tasks
 }

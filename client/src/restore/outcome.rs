@@ -32,6 +32,8 @@ pub enum Phase {
     CriuRestore,
     Weights,
     CudaRestore,
+    /// `--lazy`: the pages served after the tree resumed.
+    LazyPages,
 }
 
 impl Phase {
@@ -42,6 +44,7 @@ impl Phase {
             Phase::WrittenFiles => "written-files",
             Phase::CriuRestore => "criu-restore",
             Phase::Weights => "weights",
+            Phase::LazyPages => "lazy-pages",
             Phase::CudaRestore => "cuda-restore",
         }
     }

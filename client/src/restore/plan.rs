@@ -76,6 +76,30 @@ impl Plan {
             .expect("checked by Plan::make")
     }
 
+    /// Every chunk of the process layer, in the order CRIU reads them: the small
+    /// files first, then each task's pages, root first (`pages-<id>.img` by id;
+    /// shared/CRIU-STREAM.md §6), each file's chunks in file order.
+    pub fn criu_order(&self) -> Vec<crate::fetch::Want> {
+        let pages_id = |name: &str| -> Option<u64> {
+            name.strip_prefix("pages-")?
+                .strip_suffix(".img")?
+                .parse()
+                .ok()
+        };
+        let mut names: Vec<&String> = self.files.keys().collect();
+        names.sort_by_key(|n| (pages_id(n).is_some(), pages_id(n), n.as_str()));
+        let mut out = Vec::new();
+        for name in names {
+            let file: std::sync::Arc<str> = name.as_str().into();
+            for e in &self.files[name] {
+                if let Extent::Chunk { chunk, .. } = e {
+                    out.push((*chunk, file.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Sets the transfer totals: the process layer's bytes, its zero runs, the chunks.
     pub fn count_totals(&self, progress: &Progress) {
         let layer = self.process_layer();
@@ -243,7 +267,7 @@ fn process_layer<'m>(manifest: &'m Manifest, reference: &Reference) -> Result<&'
 }
 
 /// A small file's whole bytes (verified chunks, through the node cache).
-async fn file_bytes(chunks: &Chunks, name: &str, extents: &[Extent]) -> Result<Bytes> {
+pub(super) async fn file_bytes(chunks: &Chunks, name: &str, extents: &[Extent]) -> Result<Bytes> {
     let mut out = bytes::BytesMut::new();
     for e in extents {
         match *e {
@@ -252,4 +276,58 @@ async fn file_bytes(chunks: &Chunks, name: &str, extents: &[Extent]) -> Result<B
         }
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapreg_proto::Digest;
+
+    #[test]
+    fn criu_order_is_small_files_then_pages_by_id_each_in_file_order() {
+        let chunk = |i: u8| Extent::Chunk {
+            chunk: Digest::of(&[i]),
+            len: 1,
+        };
+        let files: HashMap<String, Vec<Extent>> = [
+            ("pages-10.img", vec![chunk(6)]),
+            (
+                "pages-2.img",
+                vec![chunk(4), Extent::Zero { zero: 4096 }, chunk(5)],
+            ),
+            ("pagemap-1.img", vec![chunk(2)]),
+            ("core-1.img", vec![chunk(1)]),
+            ("pages-1.img", vec![chunk(3), chunk(1)]),
+        ]
+        .into_iter()
+        .map(|(n, e)| (n.to_string(), e))
+        .collect();
+        let plan = Plan {
+            manifest: crate::push::new_manifest(&Default::default(), vec![], true),
+            warnings: vec![],
+            gpu_pairs: vec![],
+            files,
+            weights_layer: None,
+            resume: vec![],
+            cuda_pids: vec![],
+        };
+        let order: Vec<(Digest, String)> = plan
+            .criu_order()
+            .into_iter()
+            .map(|(d, f)| (d, f.to_string()))
+            .collect();
+        let want: Vec<(Digest, String)> = [
+            (1, "core-1.img"),
+            (2, "pagemap-1.img"),
+            (3, "pages-1.img"),
+            (1, "pages-1.img"),
+            (4, "pages-2.img"),
+            (5, "pages-2.img"),
+            (6, "pages-10.img"),
+        ]
+        .into_iter()
+        .map(|(i, f)| (Digest::of(&[i]), f.to_string()))
+        .collect();
+        assert_eq!(order, want);
+    }
 }

@@ -54,6 +54,7 @@ pub(super) struct Served {
 pub(super) struct Image<'a> {
     pub files: &'a HashMap<String, Vec<Extent>>,
     pub inline: &'a HashMap<String, Bytes>,
+    pub left_out: &'a HashMap<String, Vec<(u64, u64)>>,
     pub chunks: &'a Chunks,
     pub window: usize,
 }
@@ -100,6 +101,7 @@ impl CriuRestore {
         let server = FileServer {
             files: image.files,
             inline: image.inline,
+            left_out: image.left_out,
             chunks: image.chunks,
             progress,
             first_error: &first_error,

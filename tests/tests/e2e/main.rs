@@ -9,6 +9,7 @@ mod encryption;
 mod errors;
 mod faults;
 mod gc;
+mod lazy;
 mod limits;
 mod operations;
 mod peers;
