@@ -21,6 +21,7 @@ result() { echo "$1=$2" >>"$OUT/summary.env"; echo "RESULT $1=$2"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 CRIU="$(deploy/install-criu.sh --from .carry/criu-debs | tail -n 1)"
 export SNAPCTL_CRIU="$CRIU"
+"$CRIU" --version >/dev/null 2>&1 || { echo "CRIU did not install; nothing measured"; exit 1; }
 B=$PWD/.carry/bin
 W="${W:-/var/tmp/snapreg-gpu}"
 rm -rf "$W" /dev/shm/local; mkdir -p "$W"

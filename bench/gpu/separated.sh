@@ -11,6 +11,8 @@
 #                         snapshot into a freshly started weights service (weights from the registry)
 #   separated, warm svc   the same with the weights still in the service (what a node that
 #                         already serves the model pays)
+#   spooled checkpoint    the transparent worker checkpointed again with --spool
+#                         /dev/shm: how long it stays frozen when the dump goes to memory
 #   --lazy                transparent and separated (fresh service) again with
 #                         `pull-restore --lazy`: the first answer is asked while the pages
 #                         still arrive; also the time until every page is in
@@ -54,6 +56,13 @@ say "local criu restore + CUDA restore (baseline)"
 "$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
 local_restore local "$A" "$A.log.ck"
 rm -rf /dev/shm/local
+
+say "checkpoint --cuda --spool /dev/shm (the freeze when the dump goes to memory first)"
+rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"
+timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 >/dev/null
+timeout 180 "$B/snapctl" --json checkpoint --cuda --spool /dev/shm/spool --pid "$PID" "hf/$PRESET:spooled" | tail -n 1 | tee "$OUT/ck-spooled.json"
+gone "$PID"; rm -rf /dev/shm/spool
+result spooled_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-spooled.json')).get('freeze_ms'))")"
 
 say "pull-restore --lazy, transparent"
 lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"

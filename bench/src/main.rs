@@ -434,12 +434,14 @@ fn counter(state_dir: &Path) -> Option<u64> {
 
 /// Runs a restore on a thread of its own and times, from its start, the restored
 /// process's first answer (its counter moving past the checkpointed value, written
-/// every 20 ms) and the command's end. Returns (first answer, (end, command's value)).
+/// every 20 ms; `dumped` is the value at the checkpoint) and the command's end. Returns (first answer, (end, command's value)).
 fn timed_restore<T: Send>(
     state_dir: &Path,
+    dumped: u64,
     restore: impl FnOnce() -> Result<T> + Send,
 ) -> Result<(f64, (f64, T))> {
-    let dumped = counter(state_dir).context("no state before the restore")?;
+    // The last restored process counted on past the checkpoint: start from its value.
+    std::fs::write(state_dir.join("state"), format!("{dumped} 0\n"))?;
     let t = Instant::now();
     std::thread::scope(|s| {
         let cmd = s.spawn(|| restore().map(|v| (t.elapsed().as_secs_f64(), v)));
@@ -575,6 +577,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     let cache = w.join("node-cache");
     let criu = criu_path();
     let state = w.join("proc-images");
+    let at_checkpoint = counter(&state).context("the dumped process left no state")?;
 
     let names = [
         "criu restore, local directory",
@@ -612,7 +615,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
                 let j = snapctl(&reg.url, &args)?;
                 Ok(j["chunks_transferred"].as_u64().unwrap_or(0))
             };
-            let (f, d) = timed_restore(&state, || match i {
+            let (f, d) = timed_restore(&state, at_checkpoint, || match i {
                 0 => sh(&format!(
                     "{criu} restore -D {} -d -o /tmp/bench-restore.log",
                     images.display()

@@ -156,7 +156,8 @@ pub struct LazyPlan {
     pub zero_bytes_left_out: u64,
 }
 
-/// Byte ranges of a pages file that must stay eager (device memory).
+/// Address ranges (at dump time) of each pages file's task that must stay eager
+/// (device memory).
 pub type Eager = HashMap<String, Vec<(u64, u64)>>;
 
 /// Plans the lazy restore of an image whose files are `files`, given the bytes of its
@@ -289,7 +290,7 @@ fn plan_task(
         }
         let (start, end) = (offset, offset + len);
         offset = end;
-        let holds_eager = eager.iter().any(|&(s, t)| s < end && start < t);
+        let holds_eager = eager.iter().any(|&(s, t)| s < e.vaddr + len && e.vaddr < t);
         if flags & PE_LAZY == 0 || holds_eager {
             e.flags = Some(flags & !PE_LAZY);
             put_entry(&mut pagemap, &e, e.vaddr, pages);
@@ -377,7 +378,10 @@ mod tests {
                 len: 9 * PAGE,
             }],
         )]);
-        let eager = HashMap::from([("pages-1.img".to_string(), vec![(7 * PAGE, 7 * PAGE + 1)])]);
+        let eager = HashMap::from([(
+            "pages-1.img".to_string(),
+            vec![(0x2000_0000 + PAGE, 0x2000_0000 + PAGE + 1)],
+        )]);
         let plan = plan(
             &files,
             &HashMap::from([("pagemap-42.img".to_string(), pm)]),

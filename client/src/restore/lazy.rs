@@ -36,6 +36,7 @@ use crate::error::{ClientError, Result};
 use crate::fetch::{Chunks, Priority};
 use crate::lazy_pages::{self, Iov, LazyPlan, LazyTask, IOV_LEN, PAGE};
 use crate::progress::Progress;
+use crate::zero_pages::{self, ZeroPagePlan};
 
 /// Small image files fetched at once before the daemon starts.
 const SMALL_FILES_AT_ONCE: usize = 16;
@@ -71,12 +72,13 @@ pub(super) struct Lazy {
 pub(super) async fn begin(
     criu: &Criu,
     plan: &Plan,
+    zero_plan: &ZeroPagePlan,
     chunks: &Chunks,
     dir: &Path,
     progress: &Progress,
 ) -> Result<Lazy> {
     check_kernel(criu).await?;
-    let lazy = prepare(plan, chunks, dir).await?;
+    let lazy = prepare(plan, zero_plan, chunks, dir).await?;
     tracing::info!(bytes = lazy.lazy_bytes, "pages left to the page server");
     let daemon = LazyDaemon::start(criu, dir, &lazy, &plan.files, chunks, progress).await?;
     Ok(Lazy { plan: lazy, daemon })
@@ -99,9 +101,15 @@ async fn check_kernel(criu: &Criu) -> Result<()> {
     )))
 }
 
-/// Fetches the small files, plans which pages are lazy and writes the images the
-/// daemon reads into `<dir>/lazy`.
-async fn prepare(plan: &Plan, chunks: &Chunks, dir: &Path) -> Result<LazyPlan> {
+/// Fetches the small files, plans which pages are lazy (over the zero-page plan's
+/// pagemaps, when it rewrote them) and writes the images the daemon reads into
+/// `<dir>/lazy`.
+async fn prepare(
+    plan: &Plan,
+    zero_plan: &ZeroPagePlan,
+    chunks: &Chunks,
+    dir: &Path,
+) -> Result<LazyPlan> {
     let images = dir.join("lazy");
     std::fs::create_dir_all(&images).map_err(|e| ClientError::io("creating the lazy dir", e))?;
     // The small files, fetched together (CRIU and the daemon wait on them).
@@ -116,15 +124,16 @@ async fn prepare(plan: &Plan, chunks: &Chunks, dir: &Path) -> Result<LazyPlan> {
     .buffer_unordered(SMALL_FILES_AT_ONCE)
     .try_collect()
     .await?;
-    let mut pagemaps = HashMap::new();
+    let (mut pagemaps, mut eager) = (HashMap::new(), lazy_pages::Eager::new());
     for (name, bytes) in small {
         if lazy_pages::task_pagemap_pid(&name).is_some() {
-            pagemaps.insert(name, bytes);
+            device_memory_addresses(plan, &bytes, &mut eager);
+            let served = zero_plan.pagemaps.get(&name).cloned().unwrap_or(bytes);
+            pagemaps.insert(name, served);
         } else {
             write(&images, &name, &bytes)?;
         }
     }
-    let eager = device_memory_ranges(plan);
     let lazy = lazy_pages::plan(&plan.files, &pagemaps, &eager).map_err(|why| {
         ClientError::Usage(format!(
             "this snapshot cannot be restored lazily: {why}; restore without --lazy"
@@ -141,15 +150,31 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         .map_err(|e| ClientError::io(format!("writing {name} for the lazy-pages daemon"), e))
 }
 
-/// The device memory of a CUDA image, by pages file: served eagerly.
-fn device_memory_ranges(plan: &Plan) -> lazy_pages::Eager {
-    let mut out: lazy_pages::Eager = HashMap::new();
-    for seg in &plan.manifest.device_memory {
-        out.entry(seg.file.clone())
-            .or_default()
-            .push((seg.offset, seg.offset + seg.len));
+/// The device memory of a CUDA image in the task whose original pagemap is
+/// `pagemap`, as dump-time addresses by pages file: served eagerly. (Addresses, not
+/// file offsets: the zero-page plan may have cut the pages file since.)
+fn device_memory_addresses(plan: &Plan, pagemap: &[u8], eager: &mut lazy_pages::Eager) {
+    let Some((pages_id, runs)) = zero_pages::page_runs(pagemap) else {
+        return;
+    };
+    let file = format!("pages-{pages_id}.img");
+    for seg in plan
+        .manifest
+        .device_memory
+        .iter()
+        .filter(|s| s.file == file)
+    {
+        let (s, t) = (seg.offset, seg.offset + seg.len);
+        for &(vaddr, len, off) in &runs {
+            let (a, b) = (s.max(off), t.min(off + len));
+            if a < b {
+                eager
+                    .entry(file.clone())
+                    .or_default()
+                    .push((vaddr + (a - off), vaddr + (b - off)));
+            }
+        }
     }
-    out
 }
 
 /// The running daemon and the page server answering it.

@@ -201,13 +201,17 @@ async fn restore(
         reference,
         digest,
     };
-    let (criu_restore, chunks, lazy) = if opts.lazy {
-        // The daemon must listen before CRIU starts, and reads images snapctl writes.
+    let (criu_restore, chunks, lazy, zero_plan) = if opts.lazy {
+        // The daemon must listen before CRIU starts, and reads images snapctl writes;
+        // its pagemaps build on the zero-page plan's.
         let chunks = source.build(&plan, opts, &progress).await?;
-        let lazy = lazy::begin(criu, &plan, &chunks, &dir, &progress).await?;
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+            .await?;
+        let lazy = lazy::begin(criu, &plan, &zero_plan, &chunks, &dir, &progress).await?;
         args.push("--lazy-pages".into());
         match CriuRestore::start(criu, &args, &dir, names).await {
-            Ok(c) => (c, chunks, Some(lazy)),
+            Ok(c) => (c, chunks, Some(lazy), zero_plan),
             Err(e) => {
                 lazy.daemon.abort().await;
                 return Err(e);
@@ -217,7 +221,10 @@ async fn restore(
         let criu_restore = CriuRestore::start(criu, &args, &dir, names).await?;
         // Built while CRIU starts: asking for presigned URLs is a round trip.
         let chunks = source.build(&plan, opts, &progress).await?;
-        (criu_restore, chunks, None)
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+            .await?;
+        (criu_restore, chunks, None, zero_plan)
     };
     let lazy_zero_bytes = lazy.as_ref().map_or(0, |l| l.plan.zero_bytes_left_out);
     progress.advance(lazy_zero_bytes);
@@ -232,10 +239,6 @@ async fn restore(
         &chunks.at(Priority::Weights),
         &progress,
     );
-    // A lazy restore's pagemaps are rewritten already; zero pages go lazily too.
-    let zero_plan = plan
-        .zero_pages(&chunks, opts.keep_zero_pages || lazy.is_some(), &progress)
-        .await?;
     let log = criu_restore.log.clone();
     let no_cuts = HashMap::new();
     let image = Image {
