@@ -466,12 +466,13 @@ fn timed_restore<T: Send>(
     })
 }
 
-/// Asks the restored process to check its whole memory (SIGUSR1) and waits for "ok".
-fn verify_restored(state_dir: &Path, pid: u32) -> Result<()> {
+/// Asks the restored process to check its whole memory (SIGUSR1) and waits for "ok",
+/// at most `seconds`.
+fn verify_restored(state_dir: &Path, pid: u32, seconds: u64) -> Result<()> {
     let verdict = state_dir.join("verify");
     let _ = std::fs::remove_file(&verdict);
     sh(&format!("kill -USR1 {pid}"))?;
-    for _ in 0..3000 {
+    for _ in 0..seconds * 100 {
         if let Ok(v) = std::fs::read_to_string(&verdict) {
             if v.starts_with("ok") {
                 return Ok(());
@@ -480,7 +481,7 @@ fn verify_restored(state_dir: &Path, pid: u32) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    bail!("the restored process did not verify its memory within 30 s")
+    bail!("the restored process did not verify its memory within {seconds} s")
 }
 
 /// Starts a process of `gib` GiB (thirds: random, pattern, zeros), dumps it with CRIU
@@ -590,7 +591,8 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     // Per path: seconds to the first answer, to the command's end; chunks fetched.
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut done: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let mut fetched = vec![0u64; names.len()];
+    // Per path: chunks fetched from the registry, snapctl's peak RSS (MiB), last rep.
+    let mut fetched = vec![(0u64, 0u64); names.len()];
     for rep in 0..reps {
         for (i, _) in names.iter().enumerate() {
             if i != 0 && !paths.contains(&i) {
@@ -601,7 +603,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
             }
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
-            let pull = |lazy: bool| -> Result<u64> {
+            let pull = |lazy: bool| -> Result<(u64, u64)> {
                 let mut args = vec![
                     "--cache",
                     cache.to_str().unwrap(),
@@ -613,14 +615,17 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
                 }
                 args.push("bench/restore:a");
                 let j = snapctl(&reg.url, &args)?;
-                Ok(j["chunks_transferred"].as_u64().unwrap_or(0))
+                Ok((
+                    j["chunks_transferred"].as_u64().unwrap_or(0),
+                    j["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
+                ))
             };
             let (f, d) = timed_restore(&state, at_checkpoint, || match i {
                 0 => sh(&format!(
                     "{criu} restore -D {} -d -o /tmp/bench-restore.log",
                     images.display()
                 ))
-                .map(|_| 0),
+                .map(|_| (0, 0)),
                 1 | 3 => pull(false),
                 4 | 5 => pull(true),
                 _ => {
@@ -629,14 +634,16 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
                         "curl -sf {url} -o {s}/img.tar.zst && mkdir {s}/d && zstd -q -d -c {s}/img.tar.zst | tar -C {s}/d -xf - && {criu} restore -D {s}/d -d -o /tmp/bench-restore.log",
                         s = scratch.display()
                     ))
-                    .map(|_| 0)
+                    .map(|_| (0, 0))
                 }
             })
             .with_context(|| names[i])?;
             fetched[i] = d.1;
             first[i].push(f);
             done[i].push(d.0);
-            verify_restored(&state, pid).with_context(|| names[i])?;
+            // Checking 1 GiB takes seconds on this machine.
+            let verify_s = 30 + 15 * gib.ceil() as u64;
+            verify_restored(&state, pid, verify_s).with_context(|| names[i])?;
             wait_gone(pid);
             let _ = std::fs::remove_dir_all(&scratch);
         }
@@ -645,7 +652,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     let local = median(&mut first[0].clone());
     let mut report = format!(
         "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each; every restored process verified its whole memory)\n\n\
-         | restore path | first answer, median s | min–max s | ratio to local criu restore | all pages present, median s | ratio | chunks fetched from the registry |\n|---|---|---|---|---|---|---|\n",
+         | restore path | first answer, median s | min–max s | ratio to local criu restore | all pages present, median s | ratio | chunks fetched from the registry | snapctl peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
         image_bytes as f64 / (1u64 << 30) as f64
     );
     for (i, name) in names.iter().enumerate() {
@@ -655,13 +662,13 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
         let mut v = first[i].clone();
         let m = median(&mut v);
         let all = median(&mut done[i].clone()).max(m);
-        let fetched = if [1, 3, 4, 5].contains(&i) {
-            fetched[i].to_string()
+        let (fetched, rss) = if [1, 3, 4, 5].contains(&i) {
+            (fetched[i].0.to_string(), fetched[i].1.to_string())
         } else {
-            "–".into()
+            ("–".into(), "–".into())
         };
         report += &format!(
-            "| {name} | {m:.2} | {:.2}–{:.2} | {:.2} | {all:.2} | {:.2} | {fetched} |\n",
+            "| {name} | {m:.2} | {:.2}–{:.2} | {:.2} | {all:.2} | {:.2} | {fetched} | {rss} |\n",
             v[0],
             v[v.len() - 1],
             m / local,

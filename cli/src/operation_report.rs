@@ -14,13 +14,15 @@ use snapreg_client::progress::CountersSnapshot;
 use crate::cmd::Output;
 use crate::global::Global;
 
-/// JSON result field → (phase name, factor to seconds).
+/// JSON result field (a JSON pointer) → (phase name, factor to seconds).
 const PHASES: &[(&str, &str, f64)] = &[
-    ("restore_seconds", "criu-restore", 1.0),
-    ("cuda_restore_seconds", "cuda-restore", 1.0),
-    ("freeze_ms", "freeze", 0.001),
-    ("dump_seconds", "dump", 1.0),
-    ("cuda_checkpoint_seconds", "cuda-checkpoint", 1.0),
+    ("/restore_seconds", "criu-restore", 1.0),
+    ("/cuda_restore_seconds", "cuda-restore", 1.0),
+    // `--lazy`: from the command's start until the last page was in.
+    ("/lazy/all_present_seconds", "lazy-pages", 1.0),
+    ("/freeze_ms", "freeze", 0.001),
+    ("/dump_seconds", "dump", 1.0),
+    ("/cuda_checkpoint_seconds", "cuda-checkpoint", 1.0),
 ];
 
 pub fn record(
@@ -60,7 +62,7 @@ fn phases(json: &serde_json::Value) -> BTreeMap<String, f64> {
     PHASES
         .iter()
         .filter_map(|(field, phase, factor)| {
-            let v = json.get(field)?.as_f64()?;
+            let v = json.pointer(field)?.as_f64()?;
             Some((phase.to_string(), v * factor))
         })
         .collect()

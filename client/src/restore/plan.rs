@@ -57,6 +57,13 @@ impl Plan {
             .collect();
         let resume =
             crate::weights::resume_list(manifest.annotations.get(annotations::WEIGHTS_RESUME));
+        let mut warnings = warnings;
+        if opts.lazy && !cuda_pids.is_empty() {
+            // Measured on an H200 (bench/RESULTS.md): correct, but slower to answer.
+            warnings.push(format!(
+                "--lazy on a CUDA snapshot: the CUDA restore reads the host memory it staged one page fault at a time, which made the first answer slower, not faster (13 s against 8.5 s on the GPU stand-in); restore {reference} without --lazy"
+            ));
+        }
         Ok(Plan {
             warnings,
             gpu_pairs,
