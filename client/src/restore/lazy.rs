@@ -253,11 +253,23 @@ impl LazyDaemon {
         let sock =
             UnixStream::from_std(ours).map_err(|e| ClientError::io("page server socket", e))?;
         let pages = PageSource::new(lazy, files, chunks.at(Priority::Demand));
+        let pids: Vec<u64> = lazy.tasks.keys().copied().collect();
+        let server = {
+            let (pids, progress) = (pids.clone(), progress.clone());
+            tokio::spawn(async move {
+                let served = serve(sock, pages, progress).await;
+                if served.is_err() {
+                    // At once: a resumed tree must not run on until `finish`.
+                    kill_tree(&pids);
+                }
+                served
+            })
+        };
         Ok(LazyDaemon {
             daemon,
-            server: tokio::spawn(serve(sock, pages, progress.clone())),
+            server,
             log,
-            pids: lazy.tasks.keys().copied().collect(),
+            pids,
         })
     }
 
