@@ -229,26 +229,6 @@ fn zero_ranges(extents: &[Extent]) -> Vec<(u64, u64)> {
     out
 }
 
-/// `[start, end)` less the sorted ranges `cut`.
-fn subtract(start: u64, end: u64, cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut at = start;
-    let first = cut.partition_point(|&(_, t)| t <= start);
-    for &(s, t) in &cut[first..] {
-        if s >= end {
-            break;
-        }
-        if s > at {
-            out.push((at, s));
-        }
-        at = at.max(t);
-    }
-    if at < end {
-        out.push((at, end));
-    }
-    out
-}
-
 fn plan_task(
     name: &str,
     image: &[u8],
@@ -299,7 +279,7 @@ fn plan_task(
         // Lazy: out of CRIU's stream, PE_LAZY only, zero runs (if dropped) absent.
         left_out.push((start, end));
         e.flags = Some(PE_LAZY);
-        let kept = subtract(start, end, &zeros);
+        let kept = crate::device_memory::new_ranges(&zeros, &[(start, end)]);
         zero_bytes += len - kept.iter().map(|(s, t)| t - s).sum::<u64>();
         for (s, t) in kept {
             let (vaddr, pages) = (e.vaddr + (s - start), (t - s) / PAGE);
@@ -333,23 +313,7 @@ mod tests {
     use snapreg_proto::Digest;
 
     fn pagemap(pages_id: u32, list: &[(u64, u64, u32)]) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u32_le(0x5456_4319);
-        b.put_u32_le(0x5608_4025);
-        let head = PagemapHead { pages_id }.encode_to_vec();
-        b.put_u32_le(head.len() as u32);
-        b.put_slice(&head);
-        for &(vaddr, pages, flags) in list {
-            let e = PagemapEntry {
-                vaddr,
-                compat_nr_pages: 0,
-                in_parent: None,
-                flags: Some(flags),
-                nr_pages: Some(pages),
-            };
-            put_entry(&mut b, &e, vaddr, pages);
-        }
-        b.freeze()
+        crate::zero_pages::test_pagemap_with_flags(pages_id, list)
     }
 
     fn flags_of(image: &[u8]) -> Vec<u32> {

@@ -246,18 +246,28 @@ fn plan_one(
 /// A pagemap image of present runs (address, pages), for tests.
 #[cfg(test)]
 pub(crate) fn test_pagemap(pages_id: u32, runs: &[(u64, u64)]) -> Bytes {
+    let runs: Vec<_> = runs
+        .iter()
+        .map(|&(vaddr, pages)| (vaddr, pages, PE_PRESENT | 1 << 1))
+        .collect();
+    test_pagemap_with_flags(pages_id, &runs)
+}
+
+/// A pagemap image of runs (address, pages, flags), for tests.
+#[cfg(test)]
+pub(crate) fn test_pagemap_with_flags(pages_id: u32, runs: &[(u64, u64, u32)]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_u32_le(0x5456_4319);
     b.put_u32_le(0x5608_4025);
     let head = PagemapHead { pages_id }.encode_to_vec();
     b.put_u32_le(head.len() as u32);
     b.put_slice(&head);
-    for &(vaddr, pages) in runs {
+    for &(vaddr, pages, flags) in runs {
         let e = PagemapEntry {
             vaddr,
             compat_nr_pages: 0,
             in_parent: None,
-            flags: Some(PE_PRESENT | 1 << 1),
+            flags: Some(flags),
             nr_pages: Some(pages),
         };
         put_entry(&mut b, &e, vaddr, pages);

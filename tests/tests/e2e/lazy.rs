@@ -6,13 +6,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// The manifest of `digest` in `reg`'s store.
-fn manifest(reg: &Registry, digest: &str) -> serde_json::Value {
-    let hex = digest.trim_start_matches("blake3:");
-    serde_json::from_slice(&std::fs::read(reg.store().join("manifests").join(hex)).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     let _lock = criu_lock();
@@ -73,28 +66,9 @@ fn a_lazy_page_that_does_not_verify_kills_the_tree_instead_of_serving_zeros() {
     .json();
     let _ = p.child.wait();
     // A chunk from the middle of the pages file: inside the pattern, a lazy run.
-    let m = manifest(&reg, ck["digest"].as_str().unwrap());
-    let pages = m["layers"][0]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str().unwrap().starts_with("pages-"))
-        .unwrap()
-        .clone();
-    let chunks: Vec<&str> = pages["extents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["chunk"].as_str())
-        .collect();
-    let chunk = chunks[chunks.len() / 2]
-        .trim_start_matches("blake3:")
-        .to_string();
-    let obj = reg.store().join("chunks").join(&chunk[..2]).join(&chunk);
-    let mut bytes = std::fs::read(&obj).unwrap();
-    let n = bytes.len();
-    bytes[n - 100] ^= 1;
-    std::fs::write(&obj, bytes).unwrap();
+    let chunks = reg.pages_chunks(ck["digest"].as_str().unwrap());
+    let chunk = chunks[chunks.len() / 2].clone();
+    reg.flip_a_bit_of_chunk(&chunk);
 
     let out = snapctl_cached(
         &reg.url,

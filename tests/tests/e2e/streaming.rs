@@ -269,36 +269,11 @@ fn corrupt_chunk_fails_restore_before_the_process_resumes() {
     .ok()
     .json();
     let _ = p.child.wait();
-    let digest = ck["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("blake3:")
-        .to_string();
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(reg.store().join("manifests").join(&digest)).unwrap(),
-    )
-    .unwrap();
-    let pages = m["layers"][0]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str().unwrap().starts_with("pages-"))
-        .unwrap()
-        .clone();
-    let chunk = pages["extents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find_map(|e| e["chunk"].as_str())
-        .unwrap()
-        .trim_start_matches("blake3:")
-        .to_string();
-    let obj = reg.store().join("chunks").join(&chunk[..2]).join(&chunk);
-    let mut bytes = std::fs::read(&obj).unwrap();
-    let n = bytes.len();
-    bytes[n - 100] ^= 1;
-    std::fs::write(&obj, bytes).unwrap();
+    let chunk = reg
+        .pages_chunks(ck["digest"].as_str().unwrap())
+        .pop()
+        .unwrap();
+    reg.flip_a_bit_of_chunk(&chunk);
 
     let out = snapctl_cached(
         &reg.url,

@@ -558,6 +558,39 @@ pub fn free_port() -> u16 {
 }
 
 impl Registry {
+    /// The chunks (hex digests) of the first `pages-*.img` of the snapshot `digest`,
+    /// in file order, read from this registry's store.
+    pub fn pages_chunks(&self, digest: &str) -> Vec<String> {
+        let hex = digest.trim_start_matches("blake3:");
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.store().join("manifests").join(hex)).unwrap(),
+        )
+        .unwrap();
+        let pages = m["layers"][0]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().starts_with("pages-"))
+            .unwrap()
+            .clone();
+        pages["extents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["chunk"].as_str())
+            .map(|c| c.trim_start_matches("blake3:").to_string())
+            .collect()
+    }
+
+    /// Flips one bit near the end of the stored object of chunk `hex`.
+    pub fn flip_a_bit_of_chunk(&self, hex: &str) {
+        let obj = self.store().join("chunks").join(&hex[..2]).join(hex);
+        let mut bytes = std::fs::read(&obj).unwrap();
+        let n = bytes.len();
+        bytes[n - 100] ^= 1;
+        std::fs::write(&obj, bytes).unwrap();
+    }
+
     /// Starts on a given address (`127.0.0.1:PORT`), e.g. one a peer already names.
     pub fn start_on(data: &Path, addr: &str, extra: &[&str]) -> Registry {
         let mut r = Registry {
