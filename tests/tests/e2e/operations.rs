@@ -81,7 +81,15 @@ fn metrics_move_by_exactly_what_was_transferred() {
         .metrics
         .clone()
         .expect("the registry printed its metrics address");
-    assert_eq!(http_get(&metrics, "/readyz").0, 200);
+    // 503 until the index is open and the first store probe answered (seen on a busy
+    // CI machine right after start): ready within a bound.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            (http_get(&metrics, "/readyz").0 == 200).then_some(())
+        })
+        .is_some(),
+        "/readyz never answered 200"
+    );
     assert_eq!(grpc_health(&reg.url, ""), SERVING);
     assert_eq!(grpc_health(&reg.url, "snapreg.v1.Registry"), SERVING);
     let src = tmp.path().join("src");
