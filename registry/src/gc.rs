@@ -182,7 +182,13 @@ async fn sweep_batch(
     for (d, size) in removed {
         if !dry_run {
             let _g = reg.lock_digest(&d).await;
-            if reg.index().has(&d, is_chunk)? {
+            // Re-indexed, leased or committed by a push since the first pass: keep the
+            // object (a push that found it present before the index entry went is
+            // holding a lease on it, not uploading it again).
+            if reg.index().has(&d, is_chunk)?
+                || reg.committed_since_mark(&d)
+                || reg.index().is_leased(&d, now_ms())?
+            {
                 continue;
             }
             if is_chunk {
