@@ -27,7 +27,7 @@ export SNAPREG_S3S_FS
 echo "using s3s-fs at $SNAPREG_S3S_FS" >&2
 
 cargo fmt --all --check
-python3 scripts/check-imports.py proto/src registry/src client/src cli/src weights/src telemetry/src
+python3 scripts/check-imports.py proto/src registry/src client/src oci/src cli/src weights/src telemetry/src
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # --all-targets: the same feature set as clippy and test, so RocksDB is compiled once
 # (a --bins build unifies features differently and rebuilt it: 15 minutes cold).

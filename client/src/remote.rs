@@ -121,6 +121,22 @@ impl Remote {
         })
     }
 
+    /// A remote over a channel made elsewhere (a registry's in-process link,
+    /// `snapreg_registry::server::LocalLink`), calling with `token`; `label` names it
+    /// in messages. Cheap: a gateway makes one per request with that request's token.
+    pub fn over_channel(label: &str, channel: Channel, token: BearerToken) -> Remote {
+        let client = RegistryClient::with_interceptor(channel, token)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Remote {
+            url: label.to_string(),
+            tls_without_identity: false,
+            client,
+            direct: false,
+            tenant_key: None,
+        }
+    }
+
     pub fn with_tenant_key(mut self, key: Option<Arc<TenantKey>>) -> Self {
         self.tenant_key = key;
         self

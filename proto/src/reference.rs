@@ -8,6 +8,9 @@ use std::str::FromStr;
 use crate::{Digest, Error};
 
 pub const DEFAULT_TAG: &str = "latest";
+/// The last component of `REPO/by-digest`, where the OCI listener keeps `REPO`'s OCI
+/// content by digest (oci/src/store.rs); access to `REPO` covers it.
+pub const OCI_DIGEST_REPOSITORY: &str = "by-digest";
 const MAX_REPOSITORY_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
 

@@ -86,7 +86,9 @@ pub fn parse_anonymous(s: &str) -> std::result::Result<Option<Scope>, String> {
     }
 }
 
-/// `*`, `prefix/*` or an exact repository name.
+/// `*`, `prefix/*` or an exact repository name. An exact name also covers the
+/// repository's OCI content by digest (`NAME/by-digest`, oci/src/store.rs), which
+/// the OCI listener reads and writes on that repository's behalf.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct RepoPattern(String);
@@ -95,7 +97,13 @@ impl RepoPattern {
     pub fn matches(&self, repository: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => repository.starts_with(prefix),
-            None => self.0 == repository,
+            None => {
+                self.0 == repository
+                    || repository
+                        .strip_suffix(snapreg_proto::reference::OCI_DIGEST_REPOSITORY)
+                        .and_then(|r| r.strip_suffix('/'))
+                        == Some(self.0.as_str())
+            }
         }
     }
 
@@ -502,6 +510,9 @@ mod tests {
         assert!(!pattern("team/*").matches("team"));
         assert!(pattern("team/app").matches("team/app"));
         assert!(!pattern("team/app").matches("team/app2"));
+        assert!(pattern("team/app").matches("team/app/by-digest"));
+        assert!(!pattern("team/app").matches("team/app/other"));
+        assert!(!pattern("team/app").matches("team/appby-digest"));
         for bad in ["", "team*", "t*/x", "team/*/*", "a b"] {
             assert!(bad.parse::<RepoPattern>().is_err(), "{bad:?} accepted");
         }

@@ -116,6 +116,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics (/metrics), /livez and /readyz over HTTP here.
     #[arg(long, env = "SNAPREG_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Also serve the OCI distribution API (/v2/, for skopeo, podman, CRI-O) here,
+    /// with the same tokens and TLS as --listen. Off by default.
+    #[arg(long, env = "SNAPREG_OCI_LISTEN", value_name = "ADDR")]
+    oci_listen: Option<String>,
     /// On SIGTERM, how long pushes already begun may take to commit (new ones are
     /// refused at once); then the registry exits 0.
     #[arg(long, env = "SNAPREG_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -291,25 +295,69 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let server = Server::open_with(args.server_config()?, telemetry)
+    let tls = args.tls.tls_cert.is_some();
+    let oci_listen = args.oci_listen.clone();
+    let mut server = Server::open_with(args.server_config()?, telemetry)
         .await
         .with_context(|| format!("opening the registry in {}", data.display()))?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
     let addr = listener.local_addr()?;
+    let oci = match &oci_listen {
+        Some(at) => Some(start_oci(at, &mut server, &data, tls).await?),
+        None => None,
+    };
     println!(
         "{}",
-        serde_json::json!({ "listen": addr.to_string(), "metrics": metrics_addr })
+        serde_json::json!({
+            "listen": addr.to_string(),
+            "metrics": metrics_addr,
+            "oci": oci.as_ref().map(|(a, _, _)| a.to_string()),
+        })
     );
     tracing::info!(%addr, "snapreg serving");
     server.run(listener, shutdown_signal()).await?;
+    if let Some((_, task, stop)) = oci {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     if let Some((task, stop)) = endpoint {
         let _ = stop.send(());
         let _ = task.await;
     }
     tracing::info!("snapreg stopped");
     Ok(())
+}
+
+/// Starts the OCI distribution API on `at`, over the server's in-process link; it
+/// stops when the returned sender fires.
+async fn start_oci(
+    at: &str,
+    server: &mut Server,
+    data: &std::path::Path,
+    tls: bool,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("binding --oci-listen {at} (is something else there?)"))?;
+    let bound = listener.local_addr()?;
+    let config = snapreg_oci::GatewayConfig {
+        spool_dir: data.join("oci-uploads"),
+        tls,
+    };
+    let gateway = snapreg_oci::Gateway::new(server.local_link().channel(), &config)
+        .with_context(|| format!("preparing {} for OCI uploads", config.spool_dir.display()))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(snapreg_oci::serve(listener, gateway, async move {
+        let _ = stopped.await;
+    }));
+    tracing::info!(addr = %bound, "OCI distribution API serving");
+    Ok((bound, task, stop))
 }
 
 type Endpoint = (

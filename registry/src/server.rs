@@ -17,7 +17,7 @@ use snapreg_proto::pb::registry_server::RegistryServer;
 use snapreg_telemetry::rpc::RpcMetricsLayer;
 use snapreg_telemetry::Health;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 
 use crate::access::AuthorizedRegistry;
@@ -108,6 +108,8 @@ pub struct Server {
     tls: Option<tonic::transport::ServerTlsConfig>,
     telemetry: Telemetry,
     drain_grace: Duration,
+    /// Connections from [`LocalLink`]s, served beside the listener.
+    local: Option<mpsc::Receiver<LocalConn>>,
 }
 
 /// Reads the TLS files now, so a bad file fails the start, not the first client.
@@ -160,7 +162,17 @@ impl Server {
             tls,
             telemetry,
             drain_grace: config.drain_grace,
+            local: None,
         })
+    }
+
+    /// A way for a gateway in this process (the OCI listener) to call this server's
+    /// registry service: the same service and access checks as the listener, over
+    /// in-memory pipes (no socket, no TLS). Served from [`Server::run`] on.
+    pub fn local_link(&mut self) -> LocalLink {
+        let (tx, rx) = mpsc::channel(16);
+        self.local = Some(rx);
+        LocalLink { tx }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -202,16 +214,18 @@ impl Server {
             drain,
             stop: stop_rx,
         };
-        let service = RegistryService::new(self.registry, self.replicator, lifecycle);
-        let served = serve(
-            listener,
-            service,
-            self.auth,
-            self.tls,
-            &self.telemetry,
-            shutdown,
-        )
-        .await;
+        let service = RegistryService::new(self.registry, self.replicator, lifecycle.clone());
+        let service = RegistryServer::new(AuthorizedRegistry::new(service, self.auth))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        if let Some(local) = self.local {
+            tasks.push(tokio::spawn(serve_local(
+                local,
+                service.clone(),
+                lifecycle.stop,
+            )));
+        }
+        let served = serve(listener, service, self.tls, &self.telemetry, shutdown).await;
         for t in tasks {
             let _ = t.await;
         }
@@ -291,17 +305,15 @@ async fn replication_gauges(
     }
 }
 
+type Service = RegistryServer<AuthorizedRegistry>;
+
 async fn serve(
     listener: TcpListener,
-    service: RegistryService,
-    auth: Arc<Authenticator>,
+    service: Service,
     tls: Option<tonic::transport::ServerTlsConfig>,
     telemetry: &Telemetry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let service = RegistryServer::new(AuthorizedRegistry::new(service, auth))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Nagle's algorithm plus delayed ACKs cost 40 ms per small response (measured: each
     // small image file of a restore took 43 ms to serve before this).
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -323,4 +335,96 @@ async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| RegistryError::Io(std::io::Error::other(e)))
+}
+
+/// In-process connections to a [`Server`]'s registry service ([`Server::local_link`]).
+#[derive(Clone, Debug)]
+pub struct LocalLink {
+    tx: mpsc::Sender<LocalConn>,
+}
+
+/// Bytes each way buffered in one in-process connection.
+const LOCAL_PIPE_BYTES: usize = 4 << 20;
+
+impl LocalLink {
+    /// A gRPC channel whose connections are in-memory pipes to the server; it
+    /// connects on first use and fails once the server has stopped.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        let tx = self.tx.clone();
+        tonic::transport::Endpoint::from_static("http://snapreg.in-process")
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let tx = tx.clone();
+                async move {
+                    let (here, there) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+                    tx.send(LocalConn(there)).await.map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            "the registry has stopped serving",
+                        )
+                    })?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(here))
+                }
+            }))
+    }
+}
+
+/// The server's end of one in-process connection.
+pub struct LocalConn(tokio::io::DuplexStream);
+
+impl tonic::transport::server::Connected for LocalConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for LocalConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LocalConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Serves the in-process connections until the server stops.
+async fn serve_local(
+    conns: mpsc::Receiver<LocalConn>,
+    service: Service,
+    mut stop: watch::Receiver<bool>,
+) {
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stopped)
+        .await
+    {
+        tracing::warn!(error = %e, "in-process registry connections stopped");
+    }
 }

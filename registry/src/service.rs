@@ -316,6 +316,7 @@ impl From<Outcome> for pb::RetentionOutcome {
 
 /// What the serving process shares with the handlers: its metrics, its drain, and
 /// the signal that it stops.
+#[derive(Clone)]
 pub struct Lifecycle {
     pub metrics: Arc<RegistryMetrics>,
     pub drain: Arc<Drain>,

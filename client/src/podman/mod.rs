@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 mod export;
 mod import;
-mod tar;
+pub mod tar;
 #[cfg(test)]
 mod tests;
 

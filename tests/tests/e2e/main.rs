@@ -11,6 +11,7 @@ mod faults;
 mod gc;
 mod lazy;
 mod limits;
+mod oci;
 mod operations;
 mod peers;
 mod podman;

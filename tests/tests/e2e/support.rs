@@ -65,6 +65,8 @@ pub struct Registry {
     pub addr: String,
     /// The `--metrics-listen` address it printed, if given one.
     pub metrics: Option<String>,
+    /// The `--oci-listen` address it printed, if given one.
+    pub oci: Option<String>,
     extra: Vec<String>,
     /// Extra environment (an S3 store's AWS_* variables).
     env: Vec<(String, String)>,
@@ -85,6 +87,7 @@ impl Registry {
             url: String::new(),
             addr: "127.0.0.1:0".into(),
             metrics: None,
+            oci: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             child: None,
@@ -120,6 +123,7 @@ impl Registry {
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("snapreg printed {line:?}: {e}"));
         self.addr = v["listen"].as_str().unwrap().to_string();
         self.metrics = v["metrics"].as_str().map(str::to_string);
+        self.oci = v["oci"].as_str().map(str::to_string);
         self.url = format!("{scheme}://{}", self.addr);
         self.child = Some(child);
     }
@@ -598,6 +602,7 @@ impl Registry {
             url: String::new(),
             addr: addr.to_string(),
             metrics: None,
+            oci: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             child: None,
@@ -794,6 +799,7 @@ impl S3Server {
             url: String::new(),
             addr: "127.0.0.1:0".into(),
             metrics: None,
+            oci: None,
             extra: args.iter().map(|s| s.to_string()).collect(),
             env: self.env(),
             child: None,

@@ -1,0 +1,265 @@
+//! Manifests: served (a pushed one byte for byte; a native snapshot through its
+//! view), pushed (checked against the blobs it names, stored as a snapshot of the
+//! repository), deleted.
+//!
+//! A pushed image manifest becomes a snapshot whose `oci` layer holds the manifest
+//! and a copy of every blob file it names (recipes, not bytes: the chunks are
+//! shared), so GC and replication keep the image whole. When one of its layers is a
+//! checkpoint archive, the snapshot also takes that layer's native layers and CRIU
+//! metadata (ingest.rs): `snapctl pull-restore R:T` restores what `skopeo copy`
+//! pushed to `R:T`.
+
+use std::collections::BTreeSet;
+
+use snapreg_client::chunker::ChunkerConfig;
+use snapreg_client::progress::Progress;
+use snapreg_client::push::Uploader;
+use snapreg_client::remote::Remote;
+use snapreg_proto::manifest::{File, LayerKind};
+
+use crate::content;
+use crate::digest::OciDigest;
+use crate::error::{OciError, Result};
+use crate::media::{self, Descriptor};
+use crate::names::Reference;
+use crate::store::{self, annotations, digest_repo, digest_tag, Holder};
+use crate::view;
+
+/// A manifest as served.
+pub struct Served {
+    pub bytes: Vec<u8>,
+    pub digest: OciDigest,
+    pub media_type: String,
+}
+
+/// The manifest `reference` names in `repo`.
+pub async fn get(remote: &Remote, repo: &str, reference: &Reference) -> Result<Served> {
+    let unknown = || OciError::manifest_unknown(format!("{repo}:{reference}"));
+    let holder = match reference {
+        Reference::Digest(d) => store::holder(remote, repo, d)
+            .await?
+            .filter(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == *d))
+            .ok_or_else(unknown)?,
+        Reference::Tag(t) => {
+            let Some((digest, bytes)) = tagged_bytes(remote, repo, t).await? else {
+                return Err(unknown());
+            };
+            let native = Holder {
+                digest,
+                manifest: snapreg_proto::manifest::Manifest::decode(&bytes)
+                    .map_err(|e| OciError::internal(format!("snapshot {digest}: {e}")))?,
+            };
+            match native.oci_manifest() {
+                Some(_) => native,
+                None => view::view_of(remote, repo, &native, &bytes).await?,
+            }
+        }
+    };
+    read(remote, &holder).await
+}
+
+async fn tagged_bytes(
+    remote: &Remote,
+    repo: &str,
+    tag: &str,
+) -> Result<Option<(snapreg_proto::Digest, bytes::Bytes)>> {
+    match remote.get_manifest(repo, tag).await {
+        Ok(x) => Ok(Some(x)),
+        Err(e) if e.kind() == snapreg_client::error::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The OCI manifest a holder holds, checked against its recorded digest.
+async fn read(remote: &Remote, holder: &Holder) -> Result<Served> {
+    let (file, digest, media_type) = holder.oci_manifest().ok_or_else(|| {
+        OciError::internal(format!("snapshot {} holds no OCI manifest", holder.digest))
+    })?;
+    let bytes = content::read_small(remote, file, media::MAX_MANIFEST_BYTES as u64).await?;
+    if OciDigest::of(&bytes) != digest {
+        return Err(OciError::internal(format!(
+            "the manifest held by snapshot {} does not hash to {digest}",
+            holder.digest
+        )));
+    }
+    Ok(Served {
+        bytes,
+        digest,
+        media_type,
+    })
+}
+
+/// Stores a pushed manifest under `reference`; returns its digest.
+pub async fn put(
+    remote: &Remote,
+    repo: &str,
+    reference: &Reference,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<OciDigest> {
+    let digest = OciDigest::of(&body);
+    if let Reference::Digest(d) = reference {
+        if *d != digest {
+            return Err(OciError::digest_invalid(format!(
+                "the manifest hashes to {digest}, not {d} as the URL says"
+            )));
+        }
+    }
+    let parsed = media::parse(&body, content_type)?;
+    let mut files = Vec::new();
+    let mut checkpoint: Option<Holder> = None;
+    let mut seen = BTreeSet::new();
+    for d in &parsed.blobs {
+        let (holder, file) = referenced_blob(remote, repo, d).await?;
+        if seen.insert(d.digest) {
+            files.push(File {
+                path: store::blob_path(&d.digest),
+                ..file
+            });
+        }
+        if checkpoint.is_none()
+            && holder
+                .manifest
+                .layers
+                .iter()
+                .any(|l| l.kind == LayerKind::Process)
+        {
+            checkpoint = Some(holder);
+        }
+    }
+    for d in &parsed.manifests {
+        let found = store::holder(remote, repo, &d.digest)
+            .await?
+            .is_some_and(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == d.digest));
+        if !found {
+            return Err(OciError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                format!(
+                    "{}: manifest {} is not in {repo}; push it first",
+                    d.field, d.digest
+                ),
+            ));
+        }
+    }
+    let cfg = checkpoint
+        .as_ref()
+        .map_or_else(ChunkerConfig::default, |h| {
+            ChunkerConfig::from_params(&h.manifest.chunker)
+        });
+    let target = match reference {
+        Reference::Tag(_) => repo.to_string(),
+        Reference::Digest(_) => digest_repo(repo),
+    };
+    let uploader = Uploader::begin(remote, &target, cfg, Progress::hidden()).await?;
+    let body_len = body.len() as u64;
+    let extents = match view::chunk_bytes(&uploader, body).await {
+        Ok(x) => x,
+        Err(e) => {
+            let upload = uploader.abort().await;
+            return Err(upload.map(OciError::from).unwrap_or(e));
+        }
+    };
+    files.insert(
+        0,
+        store::oci_file(store::MANIFEST_FILE.into(), body_len, extents),
+    );
+    let mut layers = checkpoint
+        .as_ref()
+        .map(|h| {
+            h.manifest
+                .layers
+                .iter()
+                .filter(|l| store::oci_layer(&h.manifest).is_none_or(|o| !std::ptr::eq(o, *l)))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    layers.push(store::new_oci_layer(files));
+    let mut manifest = uploader.new_manifest(layers, checkpoint.is_some());
+    if let Some(h) = checkpoint {
+        manifest.criu = h.manifest.criu;
+        manifest.compat = h.manifest.compat;
+        manifest.device_memory = h.manifest.device_memory;
+        manifest.ranks = h.manifest.ranks;
+        manifest.annotations = h.manifest.annotations;
+    }
+    let a = &mut manifest.annotations;
+    a.insert(annotations::MANIFEST_DIGEST.into(), digest.to_string());
+    a.insert(annotations::MEDIA_TYPE.into(), parsed.media_type.clone());
+    let tags = match reference {
+        Reference::Tag(t) => vec![t.clone()],
+        Reference::Digest(d) => vec![digest_tag(d)],
+    };
+    let snapshot = uploader.commit(&target, &manifest, tags).await?;
+    if let Reference::Tag(_) = reference {
+        remote
+            .set_tag(&digest_repo(repo), &digest_tag(&digest), &snapshot)
+            .await?;
+    }
+    tracing::info!(repository = %repo, %reference, manifest = %digest, %snapshot, "OCI manifest stored");
+    Ok(digest)
+}
+
+/// The blob a manifest descriptor names, checked against the descriptor's size.
+async fn referenced_blob(remote: &Remote, repo: &str, d: &Descriptor) -> Result<(Holder, File)> {
+    let unknown = || {
+        OciError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "MANIFEST_BLOB_UNKNOWN",
+            format!(
+                "{}: blob {} is not in {repo}; push it first",
+                d.field, d.digest
+            ),
+        )
+    };
+    let holder = store::holder(remote, repo, &d.digest)
+        .await?
+        .ok_or_else(unknown)?;
+    let file = holder.blob(&d.digest).cloned().ok_or_else(unknown)?;
+    if file.size != d.size {
+        return Err(OciError::manifest_invalid(format!(
+            "{}.size says {} bytes, but blob {} has {}",
+            d.field, d.size, d.digest, file.size
+        )));
+    }
+    Ok((holder, file))
+}
+
+/// Deletes a tag, or a manifest by digest with every tag of `repo` that names it.
+pub async fn delete(remote: &Remote, repo: &str, reference: &Reference) -> Result<()> {
+    let unknown = || OciError::manifest_unknown(format!("{repo}:{reference}"));
+    match reference {
+        Reference::Tag(t) => {
+            remote
+                .delete_tag(repo, t)
+                .await
+                .map_err(|e| OciError::from_client(e, unknown))?;
+        }
+        Reference::Digest(d) => {
+            let holder = store::holder(remote, repo, d)
+                .await?
+                .filter(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == *d))
+                .ok_or_else(unknown)?;
+            // A view's manifest stands for the native snapshot it was made from.
+            let mut targets = vec![holder.digest.to_string()];
+            targets.extend(
+                holder
+                    .manifest
+                    .annotations
+                    .get(view::SNAPSHOT_ANNOTATION)
+                    .cloned(),
+            );
+            for t in remote.list_tags(repo).await.unwrap_or_default() {
+                if targets.contains(&t.digest) {
+                    remote.delete_tag(repo, &t.tag).await?;
+                }
+            }
+            remote
+                .delete_tag(&digest_repo(repo), &digest_tag(d))
+                .await
+                .map_err(|e| OciError::from_client(e, unknown))?;
+        }
+    }
+    Ok(())
+}
