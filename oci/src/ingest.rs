@@ -291,7 +291,7 @@ async fn chunk_segments(
             )));
         }
         for e in &extents {
-            push_extent(&mut blob, *e);
+            store::push_extent(&mut blob, *e);
         }
         if let Some(m) = &seg.member {
             members.insert(
@@ -305,15 +305,6 @@ async fn chunk_segments(
         }
     }
     Ok((blob, members))
-}
-
-/// Appends, merging neighbouring zero runs.
-pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
-    match (out.last_mut(), e) {
-        (_, e) if e.is_empty() => {}
-        (Some(Extent::Zero { zero }), Extent::Zero { zero: more }) => *zero += more,
-        _ => out.push(e),
-    }
 }
 
 /// Podman's layout of a checkpoint archive.

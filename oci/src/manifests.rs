@@ -153,7 +153,7 @@ pub async fn put(
     };
     let uploader = Uploader::begin(remote, &target, cfg, Progress::hidden()).await?;
     let body_len = body.len() as u64;
-    let extents = match view::chunk_bytes(&uploader, body).await {
+    let extents = match store::chunk_bytes(&uploader, body).await {
         Ok(x) => x,
         Err(e) => {
             let upload = uploader.abort().await;

@@ -22,8 +22,9 @@
 //! layer is its files' extents between generated tar headers (view.rs). Serving a
 //! blob streams its extents in order (content.rs); nothing is staged.
 
+use snapreg_client::push::Uploader;
 use snapreg_client::remote::Remote;
-use snapreg_proto::manifest::{File, Layer, LayerKind, Manifest};
+use snapreg_proto::manifest::{Extent, File, Layer, LayerKind, Manifest};
 use snapreg_proto::Digest;
 
 use crate::digest::OciDigest;
@@ -123,7 +124,7 @@ pub async fn tagged(remote: &Remote, repo: &str, tag: &str) -> Result<Option<Hol
 }
 
 /// A file of the `oci` layer.
-pub fn oci_file(path: String, size: u64, extents: Vec<snapreg_proto::manifest::Extent>) -> File {
+pub fn oci_file(path: String, size: u64, extents: Vec<Extent>) -> File {
     File {
         path,
         size,
@@ -139,4 +140,20 @@ pub fn new_oci_layer(files: Vec<File>) -> Layer {
         rank: None,
         files,
     }
+}
+
+/// Appends, merging neighbouring zero runs.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    match (out.last_mut(), e) {
+        (_, e) if e.is_empty() => {}
+        (Some(Extent::Zero { zero }), Extent::Zero { zero: more }) => *zero += more,
+        _ => out.push(e),
+    }
+}
+
+/// Small bytes (a manifest, a config, tar headers) as chunks of the push.
+pub async fn chunk_bytes(uploader: &Uploader, bytes: Vec<u8>) -> Result<Vec<Extent>> {
+    Ok(uploader
+        .chunk_stream(std::io::Cursor::new(bytes), false)
+        .await?)
 }

@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
 use snapreg_client::chunker::ChunkerConfig;
 use snapreg_client::podman::{ArchiveIndex, INDEX_FILE, INDEX_LAYER};
 use snapreg_client::progress::Progress;
@@ -30,7 +29,6 @@ use snapreg_proto::manifest::{Extent, File, Layer, LayerKind, Manifest};
 use crate::content;
 use crate::digest::{OciDigest, Sha256};
 use crate::error::{OciError, Result};
-use crate::ingest::push_extent;
 use crate::media;
 use crate::store::{self, annotations, digest_repo, digest_tag, view_tag, Holder};
 use crate::tar_layout;
@@ -304,11 +302,11 @@ async fn record(
     let mut layer = Vec::new();
     for p in pieces {
         let extents = match p {
-            Piece::Framing(b) => chunk_bytes(uploader, b).await?,
+            Piece::Framing(b) => store::chunk_bytes(uploader, b).await?,
             Piece::Data(x) => x,
         };
         for e in extents {
-            push_extent(&mut layer, e);
+            store::push_extent(&mut layer, e);
         }
     }
     let config_len = config.len() as u64;
@@ -317,21 +315,15 @@ async fn record(
         store::oci_file(
             store::MANIFEST_FILE.into(),
             manifest_len,
-            chunk_bytes(uploader, manifest_json).await?,
+            store::chunk_bytes(uploader, manifest_json).await?,
         ),
         store::oci_file(
             store::blob_path(config_digest),
             config_len,
-            chunk_bytes(uploader, config).await?,
+            store::chunk_bytes(uploader, config).await?,
         ),
         store::oci_file(store::blob_path(layer_digest), layer_size, layer),
     ])
-}
-
-pub async fn chunk_bytes(uploader: &Uploader, bytes: Vec<u8>) -> Result<Vec<Extent>> {
-    Ok(uploader
-        .chunk_stream(std::io::Cursor::new(Bytes::from(bytes)), false)
-        .await?)
 }
 
 /// The image config: what OCI tools show for the image; the layer as its one diff.
