@@ -49,11 +49,13 @@ mod names;
 mod routes;
 mod store;
 mod tar_layout;
+mod tls;
 mod uploads;
 mod view;
 
 pub use digest::OciDigest;
 pub use error::OciError;
+pub use tls::TlsFiles;
 
 /// How often idle upload sessions are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
@@ -62,24 +64,27 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 pub struct GatewayConfig {
     /// Where upload sessions spool their bytes (emptied at start).
     pub spool_dir: PathBuf,
-    /// Whether the listener serves TLS (the scheme of the token realm).
-    pub tls: bool,
+    /// Serve TLS with these files (the registry's own), else plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 /// The OCI gateway of one registry.
 pub struct Gateway {
     channel: Channel,
     uploads: uploads::Uploads,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     scheme: &'static str,
 }
 
 impl Gateway {
     /// A gateway calling the registry over `channel` (its in-process link).
     pub fn new(channel: Channel, config: &GatewayConfig) -> std::io::Result<Arc<Gateway>> {
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Arc::new(Gateway {
             channel,
             uploads: uploads::Uploads::new(&config.spool_dir)?,
-            scheme: if config.tls { "https" } else { "http" },
+            scheme: if tls.is_some() { "https" } else { "http" },
+            tls,
         }))
     }
 
@@ -118,9 +123,19 @@ pub async fn serve(
             }
         })
     };
-    let served = axum::serve(listener, gateway.router())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = match gateway.tls.clone() {
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor)?;
+            axum::serve(listener, gateway.router())
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, gateway.router())
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
     reaper.abort();
     served
 }

@@ -295,7 +295,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let tls = args.tls.tls_cert.is_some();
+    let tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
+        (Some(cert), Some(key)) => Some(snapreg_oci::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
     let oci_listen = args.oci_listen.clone();
     let mut server = Server::open_with(args.server_config()?, telemetry)
         .await
@@ -336,7 +343,7 @@ async fn start_oci(
     at: &str,
     server: &mut Server,
     data: &std::path::Path,
-    tls: bool,
+    tls: Option<snapreg_oci::TlsFiles>,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     tokio::task::JoinHandle<std::io::Result<()>>,

@@ -225,8 +225,8 @@ fn tokens_grant_what_they_name_and_nothing_else() {
 
 /// A private CA with a server certificate for 127.0.0.1/localhost and a client
 /// certificate, as PEM files in `dir`.
-struct Pki {
-    ca: PathBuf,
+pub(crate) struct Pki {
+    pub(crate) ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
     client_cert: PathBuf,
@@ -234,7 +234,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn new(dir: &Path) -> Pki {
+    pub(crate) fn new(dir: &Path) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -279,7 +279,7 @@ impl Pki {
         }
     }
 
-    fn serve_args(&self, mutual: bool) -> Vec<String> {
+    pub(crate) fn serve_args(&self, mutual: bool) -> Vec<String> {
         let mut v = vec![
             "--tls-cert".to_string(),
             self.server_cert.display().to_string(),

@@ -172,3 +172,426 @@ fn skopeo_moves_a_checkpoint_through_an_oci_directory_into_another_registry_wher
         drop(restored);
     }
 }
+
+fn sha256(bytes: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    format!("sha256:{}", hex(d.as_ref()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One blocking HTTP client for the API.
+struct Api {
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+    base: String,
+    auth: Option<String>,
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    fn code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        v["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Api {
+    fn new(base: String, ca: Option<&std::path::Path>) -> Api {
+        let mut b = reqwest::Client::builder();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).unwrap();
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        Api {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            http: b.build().unwrap(),
+            base,
+            auth: None,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut req = self.http.request(method.parse().unwrap(), url).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(a) = &self.auth {
+            req = req.header("authorization", a);
+        }
+        self.rt.block_on(async {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await.unwrap().to_vec();
+            Answer {
+                status,
+                headers,
+                body,
+            }
+        })
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, &[], vec![])
+    }
+
+    /// Pushes a blob monolithically (POST ?digest=); returns its digest.
+    fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let d = sha256(bytes);
+        let a = self.call(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            &[],
+            bytes.to_vec(),
+        );
+        assert_eq!(a.status, 201, "{}", a.text());
+        d
+    }
+
+    fn push_manifest(&self, repo: &str, reference: &str, body: &str) -> Answer {
+        self.call(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("content-type", "application/vnd.oci.image.manifest.v1+json")],
+            body.as_bytes().to_vec(),
+        )
+    }
+}
+
+fn image_manifest(config: (&str, usize), layers: &[(&str, usize, &str)]) -> String {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(d, n, t)| serde_json::json!({"mediaType": t, "digest": d, "size": n}))
+        .collect();
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+        "layers": layers,
+    })
+    .to_string()
+}
+
+/// The spec's workflows: push (monolithic, POST+PUT, chunked, mount), pull (by tag
+/// and digest, HEAD), discovery (tags with pagination), deletion, and the error
+/// answers a client acts on. Each failed push leaves nothing visible.
+#[test]
+fn distribution_api_push_pull_discovery_and_refusals() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = oci_registry(&t.path().join("reg"), &[]);
+    let api = Api::new(format!("http://{}", reg.oci.clone().unwrap()), None);
+
+    let ping = api.get("/v2/");
+    assert_eq!(ping.status, 200);
+    assert_eq!(
+        ping.header("docker-distribution-api-version"),
+        "registry/2.0"
+    );
+
+    // Push: monolithic POST ?digest= (spec: "Single POST").
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cd = api.push_blob("app/one", config);
+    let head = api.call("HEAD", &format!("/v2/app/one/blobs/{cd}"), &[], vec![]);
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, config.len().to_string())
+    );
+    assert_eq!(api.get(&format!("/v2/app/one/blobs/{cd}")).body, config);
+
+    // Chunked upload (spec: "Pushing a blob in chunks"), with an out-of-order chunk.
+    let layer: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let ld = sha256(&layer);
+    let start = api.call("POST", "/v2/app/one/blobs/uploads/", &[], vec![]);
+    assert_eq!(start.status, 202, "{}", start.text());
+    let loc = start.header("location");
+    let first = api.call(
+        "PATCH",
+        &loc,
+        &[("content-range", "0-999999")],
+        layer[..1_000_000].to_vec(),
+    );
+    assert_eq!(
+        (first.status, first.header("range")),
+        (202, "0-999999".to_string()),
+        "{}",
+        first.text()
+    );
+    let skipped = api.call(
+        "PATCH",
+        &loc,
+        &[("content-range", "2000000-2999999")],
+        layer[2_000_000..].to_vec(),
+    );
+    assert_eq!(skipped.status, 416, "{}", skipped.text());
+    let status = api.get(&loc);
+    assert_eq!(
+        (status.status, status.header("range")),
+        (204, "0-999999".to_string())
+    );
+    let second = api.call(
+        "PATCH",
+        &loc,
+        &[("content-range", "1000000-1999999")],
+        layer[1_000_000..2_000_000].to_vec(),
+    );
+    assert_eq!(second.status, 202);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let done = api.call(
+        "PUT",
+        &format!("{loc}{sep}digest={ld}"),
+        &[],
+        layer[2_000_000..].to_vec(),
+    );
+    assert_eq!(
+        (done.status, done.header("docker-content-digest")),
+        (201, ld.clone()),
+        "{}",
+        done.text()
+    );
+    assert_eq!(api.get(&format!("/v2/app/one/blobs/{ld}")).body, layer);
+
+    // A digest that does not match: refused, and nothing becomes visible.
+    let junk = b"these bytes are not what the digest says";
+    let start = api.call("POST", "/v2/app/one/blobs/uploads/", &[], vec![]);
+    let wrong = api.call(
+        "PUT",
+        &format!("{}?digest={cd}", start.header("location")),
+        &[],
+        junk.to_vec(),
+    );
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (400, "DIGEST_INVALID".to_string()),
+        "{}",
+        wrong.text()
+    );
+    let junk_d = sha256(junk);
+    assert_eq!(
+        api.call("HEAD", &format!("/v2/app/one/blobs/{junk_d}"), &[], vec![])
+            .status,
+        404
+    );
+    let gone = api.get(&start.header("location"));
+    assert_eq!(
+        (gone.status, gone.code()),
+        (404, "BLOB_UPLOAD_UNKNOWN".to_string())
+    );
+
+    // Manifests: one naming a missing blob is refused; a whole one is stored.
+    let missing = sha256(b"never pushed");
+    let m = image_manifest(
+        (&cd, config.len()),
+        &[(&missing, 12, "application/vnd.oci.image.layer.v1.tar")],
+    );
+    let refused = api.push_manifest("app/one", "v1", &m);
+    assert_eq!(
+        (refused.status, refused.code()),
+        (400, "MANIFEST_BLOB_UNKNOWN".to_string()),
+        "{}",
+        refused.text()
+    );
+    let bad_size = image_manifest((&cd, config.len() + 1), &[]);
+    assert_eq!(
+        api.push_manifest("app/one", "v1", &bad_size).code(),
+        "MANIFEST_INVALID"
+    );
+    assert_eq!(
+        api.push_manifest("app/one", "v1", "{\"schemaVersion\":")
+            .code(),
+        "MANIFEST_INVALID"
+    );
+    let m = image_manifest(
+        (&cd, config.len()),
+        &[(&ld, layer.len(), "application/vnd.oci.image.layer.v1.tar")],
+    );
+    let md = sha256(m.as_bytes());
+    let put = api.push_manifest("app/one", "v1", &m);
+    assert_eq!(
+        (put.status, put.header("docker-content-digest")),
+        (201, md.clone()),
+        "{}",
+        put.text()
+    );
+    let wrong_digest = api.push_manifest("app/one", &sha256(b"other"), &m);
+    assert_eq!(wrong_digest.code(), "DIGEST_INVALID");
+
+    // Pull by tag and by digest, byte for byte; HEAD gives the digest.
+    for reference in ["v1", md.as_str()] {
+        let got = api.get(&format!("/v2/app/one/manifests/{reference}"));
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(got.body, m.as_bytes());
+        assert_eq!(
+            got.header("content-type"),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        assert_eq!(got.header("docker-content-digest"), md);
+    }
+    let unknown = api.get("/v2/app/one/manifests/nope");
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (404, "MANIFEST_UNKNOWN".to_string())
+    );
+    assert_eq!(api.get("/v2/Bad_Name/manifests/v1").code(), "NAME_INVALID");
+
+    // Cross-repository mount (spec: "Mounting a blob from another repository").
+    let mount = api.call(
+        "POST",
+        &format!("/v2/app/two/blobs/uploads/?mount={ld}&from=app/one"),
+        &[],
+        vec![],
+    );
+    assert_eq!(mount.status, 201, "{}", mount.text());
+    assert_eq!(
+        api.call("HEAD", &format!("/v2/app/two/blobs/{ld}"), &[], vec![])
+            .status,
+        200
+    );
+    assert_eq!(
+        api.call("HEAD", &format!("/v2/app/three/blobs/{ld}"), &[], vec![])
+            .status,
+        404
+    );
+
+    // Discovery: tags, paged with Link.
+    for tag in ["v2", "v3", "a0"] {
+        assert_eq!(api.push_manifest("app/one", tag, &m).status, 201);
+    }
+    let all: serde_json::Value =
+        serde_json::from_slice(&api.get("/v2/app/one/tags/list").body).unwrap();
+    assert_eq!(
+        all["tags"],
+        serde_json::json!(["a0", "v1", "v2", "v3"]),
+        "{all}"
+    );
+    let page = api.get("/v2/app/one/tags/list?n=2");
+    let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["a0", "v1"]));
+    assert!(
+        page.header("link").contains("last=v1"),
+        "{}",
+        page.header("link")
+    );
+    let next: serde_json::Value =
+        serde_json::from_slice(&api.get("/v2/app/one/tags/list?n=2&last=v1").body).unwrap();
+    assert_eq!(next["tags"], serde_json::json!(["v2", "v3"]));
+    let catalog: serde_json::Value = serde_json::from_slice(&api.get("/v2/_catalog").body).unwrap();
+    assert_eq!(
+        catalog["repositories"],
+        serde_json::json!(["app/one"]),
+        "{catalog}"
+    );
+
+    // Deletion by tag, then by digest (every tag naming it goes).
+    assert_eq!(
+        api.call("DELETE", "/v2/app/one/manifests/a0", &[], vec![])
+            .status,
+        202
+    );
+    assert_eq!(api.get("/v2/app/one/manifests/a0").status, 404);
+    assert_eq!(
+        api.call(
+            "DELETE",
+            &format!("/v2/app/one/manifests/{md}"),
+            &[],
+            vec![]
+        )
+        .status,
+        202
+    );
+    assert_eq!(api.get(&format!("/v2/app/one/manifests/{md}")).status, 404);
+    assert_eq!(api.get("/v2/app/one/manifests/v2").status, 404);
+}
+
+/// A checkpoint image's layer pushed gzipped (as `podman push` sends it) is looked
+/// into: the image becomes a snapshot with Podman's native layers, and its CRIU
+/// images land as the chunks a native push of the same files stores.
+#[test]
+fn a_gzipped_checkpoint_layer_becomes_native_layers_that_dedup_with_a_native_push() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = oci_registry(&t.path().join("reg"), &[]);
+    let api = Api::new(format!("http://{}", reg.oci.clone().unwrap()), None);
+    let ck = t.path().join("bundle/checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    let pages: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(ck.join("pages-1.img"), &pages).unwrap();
+    std::fs::write(ck.join("inventory.img"), b"inventory").unwrap();
+    std::fs::write(t.path().join("bundle/config.dump"), b"{}").unwrap();
+    let tar = t.path().join("layer.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(t.path().join("bundle"))
+        .arg("-cf")
+        .arg(&tar)
+        .args(["config.dump", "checkpoint"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(Command::new("gzip")
+        .arg("-k")
+        .arg(&tar)
+        .status()
+        .unwrap()
+        .success());
+    let gz = std::fs::read(t.path().join("layer.tar.gz")).unwrap();
+
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let cd = api.push_blob("ck/img", config);
+    let ld = api.push_blob("ck/img", &gz);
+    let m = image_manifest(
+        (&cd, config.len()),
+        &[(&ld, gz.len(), "application/vnd.oci.image.layer.v1.tar+gzip")],
+    );
+    assert_eq!(api.push_manifest("ck/img", "v1", &m).status, 201);
+    // The blob is served as it was pushed.
+    assert_eq!(api.get(&format!("/v2/ck/img/blobs/{ld}")).body, gz);
+
+    let inspect = snapctl(&reg.url, &["inspect", "ck/img:v1"]).ok().json();
+    let layers = inspect["layers"].as_array().unwrap();
+    let process = layers
+        .iter()
+        .find(|l| l["kind"] == "process")
+        .unwrap_or_else(|| panic!("{inspect}"));
+    assert_eq!(process["name"], "checkpoint");
+
+    // A native push of the same CRIU images sends no chunk of pages-1.img again.
+    let native = snapctl(&reg.url, &["push", ck.to_str().unwrap(), "ck/native:v1"])
+        .ok()
+        .json();
+    assert!(
+        native["bytes_transferred"].as_u64().unwrap() < 64 << 10,
+        "the native push re-sent the pages: {native}"
+    );
+}
