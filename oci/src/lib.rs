@@ -71,17 +71,26 @@ pub struct GatewayConfig {
 /// The OCI gateway of one registry.
 pub struct Gateway {
     channel: Channel,
+    /// The registry's in-process token: records OCI views (view.rs) for callers
+    /// whose own token may only read.
+    recorder: String,
     uploads: uploads::Uploads,
     tls: Option<tokio_rustls::TlsAcceptor>,
     scheme: &'static str,
 }
 
 impl Gateway {
-    /// A gateway calling the registry over `channel` (its in-process link).
-    pub fn new(channel: Channel, config: &GatewayConfig) -> std::io::Result<Arc<Gateway>> {
+    /// A gateway calling the registry over `channel` (its in-process link), recording
+    /// views with `recorder` (the link's in-process token).
+    pub fn new(
+        channel: Channel,
+        recorder: &str,
+        config: &GatewayConfig,
+    ) -> std::io::Result<Arc<Gateway>> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Arc::new(Gateway {
             channel,
+            recorder: recorder.to_string(),
             uploads: uploads::Uploads::new(&config.spool_dir)?,
             scheme: if tls.is_some() { "https" } else { "http" },
             tls,
@@ -95,6 +104,11 @@ impl Gateway {
             self.channel.clone(),
             auth::bearer(token)?,
         ))
+    }
+
+    /// The registry as the view recorder.
+    fn recorder(&self) -> error::Result<Remote> {
+        self.remote(Some(&self.recorder))
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {

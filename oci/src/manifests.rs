@@ -32,8 +32,14 @@ pub struct Served {
     pub media_type: String,
 }
 
-/// The manifest `reference` names in `repo`.
-pub async fn get(remote: &Remote, repo: &str, reference: &Reference) -> Result<Served> {
+/// The manifest `reference` names in `repo`, read as the caller (`remote`); a
+/// native snapshot's view is recorded, the first time, by `recorder`.
+pub async fn get(
+    remote: &Remote,
+    recorder: &Remote,
+    repo: &str,
+    reference: &Reference,
+) -> Result<Served> {
     let unknown = || OciError::manifest_unknown(format!("{repo}:{reference}"));
     let holder = match reference {
         Reference::Digest(d) => store::holder(remote, repo, d)
@@ -51,7 +57,7 @@ pub async fn get(remote: &Remote, repo: &str, reference: &Reference) -> Result<S
             };
             match native.oci_manifest() {
                 Some(_) => native,
-                None => view::view_of(remote, repo, &native, &bytes).await?,
+                None => view::view_of(remote, recorder, repo, &native, &bytes).await?,
             }
         }
     };

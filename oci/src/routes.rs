@@ -100,7 +100,7 @@ async fn handle(
         .map(str::to_string);
     match (names::parse(rest)?, method) {
         (Route::Manifest { name, reference }, m) if m == Method::GET || m == Method::HEAD => {
-            let served = manifests::get(remote, &name, &reference).await?;
+            let served = manifests::get(remote, &gw.recorder()?, &name, &reference).await?;
             let mut resp = Response::new(if m == Method::HEAD {
                 Body::empty()
             } else {

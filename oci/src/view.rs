@@ -70,9 +70,12 @@ enum Piece {
     Data(Vec<Extent>),
 }
 
-/// The view of `native` (a snapshot of `repo`), built and recorded on first use.
+/// The view of `native` (a snapshot of `repo` the caller has read through `remote`),
+/// built and recorded on first use. `recorder` writes it: a caller that may only
+/// pull still gets the view recorded, once.
 pub async fn view_of(
     remote: &Remote,
+    recorder: &Remote,
     repo: &str,
     native: &Holder,
     native_bytes: &[u8],
@@ -106,7 +109,7 @@ pub async fn view_of(
 
     let target = digest_repo(repo);
     let cfg = ChunkerConfig::from_params(&native.manifest.chunker);
-    let uploader = Uploader::begin(remote, &target, cfg, Progress::hidden()).await?;
+    let uploader = Uploader::begin(recorder, &target, cfg, Progress::hidden()).await?;
     let recorded = record(
         &uploader,
         pieces,

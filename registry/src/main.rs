@@ -357,7 +357,8 @@ async fn start_oci(
         spool_dir: data.join("oci-uploads"),
         tls,
     };
-    let gateway = snapreg_oci::Gateway::new(server.local_link().channel(), &config)
+    let link = server.local_link();
+    let gateway = snapreg_oci::Gateway::new(link.channel(), link.in_process_token(), &config)
         .with_context(|| format!("preparing {} for OCI uploads", config.spool_dir.display()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(snapreg_oci::serve(listener, gateway, async move {

@@ -172,7 +172,10 @@ impl Server {
     pub fn local_link(&mut self) -> LocalLink {
         let (tx, rx) = mpsc::channel(16);
         self.local = Some(rx);
-        LocalLink { tx }
+        LocalLink {
+            tx,
+            in_process_token: self.auth.in_process_token().to_string(),
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -338,15 +341,29 @@ async fn serve(
 }
 
 /// In-process connections to a [`Server`]'s registry service ([`Server::local_link`]).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LocalLink {
     tx: mpsc::Sender<LocalConn>,
+    in_process_token: String,
+}
+
+impl std::fmt::Debug for LocalLink {
+    // Never print the in-process token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLink").finish_non_exhaustive()
+    }
 }
 
 /// Bytes each way buffered in one in-process connection.
 const LOCAL_PIPE_BYTES: usize = 4 << 20;
 
 impl LocalLink {
+    /// The registry's in-process token (auth.rs `Authenticator::in_process_token`):
+    /// push on every repository, valid only over this link's channels.
+    pub fn in_process_token(&self) -> &str {
+        &self.in_process_token
+    }
+
     /// A gRPC channel whose connections are in-memory pipes to the server; it
     /// connects on first use and fails once the server has stopped.
     pub fn channel(&self) -> tonic::transport::Channel {

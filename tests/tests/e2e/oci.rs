@@ -595,3 +595,168 @@ fn a_gzipped_checkpoint_layer_becomes_native_layers_that_dedup_with_a_native_pus
         "the native push re-sent the pages: {native}"
     );
 }
+
+/// The OCI listener takes the registry's tokens the way registries take them
+/// (401 with a Bearer challenge, the token endpoint, Basic credentials) over the
+/// registry's own TLS; a pull token cannot push.
+#[test]
+fn tokens_and_tls_on_the_oci_listener() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = crate::auth::Pki::new(&t.path().join("pki"));
+    let mut args: Vec<String> = vec!["--anonymous".into(), "none".into()];
+    args.extend(pki.serve_args(false));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reg = oci_registry(&t.path().join("reg"), &args);
+    let oci = reg.oci.clone().unwrap();
+    let (_, pull) = reg.issue_token(&["--repo", "team/*", "--scope", "pull"]);
+    let (_, push) = reg.issue_token(&["--repo", "team/app", "--scope", "push"]);
+
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("pages-1.img"), vec![5u8; 100_000]).unwrap();
+    std::fs::write(src.join("inventory.img"), b"inv").unwrap();
+    let ca = pki.ca.display().to_string();
+    snapctl(
+        &reg.url,
+        &[
+            "--ca-cert",
+            &ca,
+            "--token",
+            &push,
+            "push",
+            src.to_str().unwrap(),
+            "team/app:v1",
+        ],
+    )
+    .ok();
+
+    let mut api = Api::new(format!("https://{oci}"), Some(&pki.ca));
+    let denied = api.get("/v2/team/app/manifests/v1");
+    assert_eq!(
+        (denied.status, denied.code()),
+        (401, "UNAUTHORIZED".to_string()),
+        "{}",
+        denied.text()
+    );
+    let challenge = denied.header("www-authenticate");
+    assert_eq!(
+        challenge,
+        format!("Bearer realm=\"https://{oci}/v2/token\",service=\"snapreg\"")
+    );
+    // The token flow: Basic credentials (the token as password) for a bearer token.
+    let basic = |token: &str| {
+        use base64_like::encode;
+        format!("Basic {}", encode(format!("ci:{token}").as_bytes()))
+    };
+    api.auth = Some(basic("snapreg_0123456789abcdef_00"));
+    assert_eq!(
+        api.get("/v2/token?service=snapreg&scope=repository:team/app:pull")
+            .status,
+        401
+    );
+    api.auth = Some(basic(&pull));
+    let issued: serde_json::Value =
+        serde_json::from_slice(&api.get("/v2/token?service=snapreg").body).unwrap();
+    api.auth = Some(format!("Bearer {}", issued["token"].as_str().unwrap()));
+    assert_eq!(api.get("/v2/").status, 200);
+    assert_eq!(api.get("/v2/team/app/manifests/v1").status, 200);
+    // Pull scope does not push.
+    let refused = api.call("POST", "/v2/team/app/blobs/uploads/?digest=sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", &[], vec![]);
+    assert_eq!(
+        (refused.status, refused.code()),
+        (403, "DENIED".to_string()),
+        "{}",
+        refused.text()
+    );
+
+    // skopeo, trusting the private CA, with the tokens as credentials.
+    let certs = t.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&pki.ca, certs.join("ca.crt")).unwrap();
+    let certs = certs.display().to_string();
+    let anonymous = skopeo(&[
+        "inspect",
+        "--cert-dir",
+        &certs,
+        &format!("docker://{oci}/team/app:v1"),
+    ]);
+    assert_ne!(anonymous.code, 0, "{}", anonymous.stdout);
+    let raw = skopeo_ok(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        &format!("ci:{pull}"),
+        &format!("docker://{oci}/team/app:v1"),
+    ]);
+    assert!(
+        raw.contains("io.kubernetes.cri-o.annotations.checkpoint.name"),
+        "{raw}"
+    );
+    let dir = format!("oci:{}:v1", t.path().join("image").display());
+    skopeo_ok(&[
+        "copy",
+        "--src-cert-dir",
+        &certs,
+        "--src-creds",
+        &format!("ci:{pull}"),
+        &format!("docker://{oci}/team/app:v1"),
+        &dir,
+    ]);
+    let with_pull = skopeo(&[
+        "copy",
+        "--dest-cert-dir",
+        &certs,
+        "--dest-creds",
+        &format!("ci:{pull}"),
+        &dir,
+        &format!("docker://{oci}/team/app:v2"),
+    ]);
+    assert_ne!(
+        with_pull.code, 0,
+        "a pull token pushed: {}",
+        with_pull.stdout
+    );
+    skopeo_ok(&[
+        "copy",
+        "--dest-cert-dir",
+        &certs,
+        "--dest-creds",
+        &format!("ci:{push}"),
+        &dir,
+        &format!("docker://{oci}/team/app:v2"),
+    ]);
+}
+
+/// Base64 for Basic credentials (the test has no base64 crate).
+mod base64_like {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(input: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in input.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn encodes_like_rfc4648() {
+        assert_eq!(encode(b"ci:tok"), "Y2k6dG9r");
+        assert_eq!(encode(b"a"), "YQ==");
+        assert_eq!(encode(b"ab"), "YWI=");
+    }
+}
