@@ -6,13 +6,14 @@
 # cargo's check and build modes share one compile of RocksDB (scripts/env.sh).
 # nginx-light is the stock Debian server the written-files end-to-end test checkpoints
 # (tests/tests/e2e/writable_files.rs); any nginx package already installed will do.
-# skopeo is the OCI client no one here wrote that the OCI listener's end-to-end test
-# drives (tests/tests/e2e/oci.rs).
+# skopeo and podman are the OCI clients no one here wrote that the OCI listener's
+# end-to-end tests drive (tests/tests/e2e/oci.rs); busybox-static is the whole root
+# file system of the container podman checkpoints there (no image pull needed).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
-for pkg in libclang-dev clang g++ make python3 ccache skopeo; do
+for pkg in libclang-dev clang g++ make python3 ccache skopeo podman runc busybox-static; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 [ -x /usr/sbin/nginx ] || need+=(nginx-light)

@@ -760,3 +760,149 @@ mod base64_like {
         assert_eq!(encode(b"ab"), "YWI=");
     }
 }
+
+fn podman(args: &[&str]) -> Out {
+    let criu = std::env::var("SNAPCTL_CRIU").unwrap_or_else(|_| "criu".into());
+    let criu_dir = std::path::Path::new(&criu)
+        .parent()
+        .map(|p| p.display().to_string());
+    let path = match criu_dir {
+        // runc runs the `criu` it finds on PATH: the one the project installed.
+        Some(d) if !d.is_empty() => format!("{d}:{}", std::env::var("PATH").unwrap_or_default()),
+        _ => std::env::var("PATH").unwrap_or_default(),
+    };
+    Out::from(
+        Command::new("podman")
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .expect("podman runs"),
+    )
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert_eq!(out.code, 0, "podman {args:?}: {}{}", out.stdout, out.stderr);
+    out.stdout
+}
+
+/// A local image whose root file system is busybox alone: nothing to pull.
+fn busybox_image(dir: &std::path::Path) -> &'static str {
+    const IMAGE: &str = "localhost/snapreg-test-busybox:2";
+    if podman(&["image", "exists", IMAGE]).code == 0 {
+        return IMAGE;
+    }
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let tar = dir.join("rootfs.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    podman_ok(&["import", tar.to_str().unwrap(), IMAGE]);
+    IMAGE
+}
+
+fn container_counter(name: &str) -> u64 {
+    podman(&["exec", name, "cat", "/tmp/c"])
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Podman's own checkpoint image (`podman container checkpoint --create-image`),
+/// pushed to snapreg with `podman push`, pulled back and restored by Podman: the
+/// container carries on counting from where it was.
+#[test]
+fn podman_checkpoint_image_pushed_to_snapreg_restores_with_podman() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = oci_registry(&t.path().join("reg"), &[]);
+    let oci = reg.oci.clone().unwrap();
+    let image = busybox_image(t.path());
+    let name = format!("snapreg-oci-{}", std::process::id());
+    let local = format!("localhost/{name}-ck:v1");
+    let remote = format!("{oci}/podman/{name}:v1");
+    struct Cleanup(String, String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("podman").args(["rm", "-f", &self.0]).output();
+            let _ = Command::new("podman")
+                .args(["rmi", "-f", &self.1, &self.2])
+                .output();
+        }
+    }
+    let _cleanup = Cleanup(name.clone(), local.clone(), remote.clone());
+
+    // The sandbox's hard limits are below Podman's defaults: ask for less.
+    podman_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        image,
+        "/bin/sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done",
+    ]);
+    wait_for(Duration::from_secs(30), || {
+        (container_counter(&name) >= 50).then_some(())
+    })
+    .expect("the container never counted to 50");
+    podman_ok(&["container", "checkpoint", "--create-image", &local, &name]);
+    let at_checkpoint = container_counter(&name).max(50);
+    podman_ok(&[
+        "push",
+        "--tls-verify=false",
+        &local,
+        &format!("docker://{remote}"),
+    ]);
+    podman_ok(&["rm", "-f", &name]);
+    podman_ok(&["rmi", "-f", &local]);
+
+    let inspect = snapctl(&reg.url, &["inspect", &format!("podman/{name}:v1")])
+        .ok()
+        .json();
+    let process = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "process")
+        .cloned();
+    assert_eq!(
+        process.unwrap_or_else(|| panic!("{inspect}"))["name"],
+        "checkpoint"
+    );
+
+    podman_ok(&["pull", "--tls-verify=false", &remote]);
+    podman_ok(&["container", "restore", &remote]);
+    let first = container_counter(&name);
+    assert!(
+        first >= at_checkpoint,
+        "restored at {first}, checkpointed at {at_checkpoint}: not its state"
+    );
+    wait_for(Duration::from_secs(30), || {
+        (container_counter(&name) > first + 5).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the restored container is not counting ({})",
+            container_counter(&name)
+        )
+    });
+}
