@@ -40,6 +40,11 @@
 //!   index bytes and registry RSS against chunk count, a 64 GiB push's planning time,
 //!   GC sweep time, manifest bytes per chunk (cost.rs; docs/OPERATIONS.md sizing).
 //!
+//! `snapreg-bench oci-dedup [--mib M]`
+//!   what two sibling CRIU checkpoints store pushed natively (`snapctl push`) against
+//!   pushed as OCI checkpoint images through /v2/ by skopeo, with the layer
+//!   uncompressed and gzipped (oci.rs).
+//!
 //! The binaries come from the cargo target dir (`SNAPREG_BIN`, default
 //! ~/.cache/snapreg-target/debug; dependencies are built at opt-level 3 there).
 
@@ -55,6 +60,7 @@ mod cost;
 mod encryption;
 mod fanout;
 mod load;
+mod oci;
 mod s3;
 
 fn main() -> Result<()> {
@@ -109,9 +115,10 @@ fn main() -> Result<()> {
                 .map_or(vec![100_000, 1_000_000], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
             cost::run(&sizes, args.iter().any(|a| a == "--json"))
         }
+        Some("oci-dedup") => oci::run(opt("--mib", 256)),
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M]"
         ),
     }
 }
@@ -218,6 +225,8 @@ fn dirs_equal(a: &Path, b: &Path) -> bool {
 struct Registry {
     child: std::process::Child,
     url: String,
+    /// The `--oci-listen` address, when started with one.
+    oci: Option<String>,
 }
 
 impl Registry {
@@ -248,6 +257,7 @@ impl Registry {
         Ok(Registry {
             child,
             url: format!("http://{}", v["listen"].as_str().unwrap_or_default()),
+            oci: v["oci"].as_str().map(str::to_string),
         })
     }
 }
@@ -487,6 +497,12 @@ fn verify_restored(state_dir: &Path, pid: u32, seconds: u64) -> Result<()> {
 /// Starts a process of `gib` GiB (thirds: random, pattern, zeros), dumps it with CRIU
 /// into `images` (which kills it) and returns its PID.
 fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
+    dump_sibling(work, images, gib, 0)
+}
+
+/// [`dump_process`] with `pad_mib` MiB of per-process content before the pattern: two
+/// runs with different pads hold the same data at different offsets (siblings).
+fn dump_sibling(work: &Path, images: &Path, gib: f64, pad_mib: usize) -> Result<u32> {
     let third = ((gib * 1024.0) / 3.0).round() as usize;
     let out = work.join(format!(
         "proc-{}",
@@ -509,6 +525,8 @@ fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
             &third.to_string(),
             "--seed",
             "9",
+            "--pad-mib",
+            &pad_mib.to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -35,6 +35,13 @@ enum Command {
     /// Pull a snapshot into a directory: `pull REF DIR`, or back into a Podman archive:
     /// `pull --podman-archive OUT.tar REF`.
     Pull(cmd::pull::Args),
+    /// Import a container checkpoint archive (the kubelet's, written by CRI-O, or
+    /// Podman's) as a snapshot: `import FILE.tar REF`; the CRIU images, the container
+    /// spec and config, and the rootfs diff each keep their place.
+    Import(cmd::import::Args),
+    /// Write a snapshot as an OCI checkpoint image: `export REF oci:DIR[:NAME]` or
+    /// `export REF oci-archive:FILE[:NAME]` (what skopeo, podman and CRI-O read).
+    Export(cmd::export::Args),
     /// Checkpoint a running process tree with CRIU, streamed straight into the registry.
     Checkpoint(cmd::checkpoint::Args),
     /// Restore a snapshot straight from the registry (through the node cache) with CRIU.
@@ -151,6 +158,8 @@ impl Command {
         Some(match self {
             Command::Push(_) => "push",
             Command::Pull(_) => "pull",
+            Command::Import(_) => "import",
+            Command::Export(_) => "export",
             Command::Checkpoint(_) => "checkpoint",
             Command::PullRestore(_) => "pull-restore",
             Command::Prefetch(_) => "prefetch",
@@ -165,6 +174,8 @@ async fn run_command(cli: &Cli) -> anyhow::Result<Option<Output>> {
         Command::Agent(a) => return cmd::agent::run(g, a).await.map(|()| None),
         Command::Push(a) => cmd::push::run(g, a).await?,
         Command::Pull(a) => cmd::pull::run(g, a).await?,
+        Command::Import(a) => cmd::import::run(g, a).await?,
+        Command::Export(a) => cmd::export::run(g, a).await?,
         Command::Checkpoint(a) => cmd::checkpoint::run(g, a).await?,
         Command::PullRestore(a) => cmd::pull_restore::run(g, a).await?,
         Command::Prefetch(a) => cmd::prefetch::run(g, a).await?,

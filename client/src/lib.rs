@@ -7,7 +7,8 @@
 //!   every producer of bytes uses), [`pull`] (files written under temporary names,
 //!   renamed when whole), [`prefetch`] (a snapshot into the node cache), [`verify`]
 //!   (every chunk checked, bad ones named), [`copy`] (re-encrypted copies),
-//!   [`inspect`] (manifest summaries), [`podman`] (Podman checkpoint archives).
+//!   [`inspect`] (manifest summaries), [`podman`] (Podman checkpoint archives),
+//!   [`oci_image`] (a snapshot as an OCI checkpoint image; `export` to an OCI layout).
 //! - Reading chunks: [`fetch`], the one stack every reader goes through — [`fetch::Chunks`]
 //!   over the node cache, sibling nodes, presigned object-store URLs and the
 //!   registries in order, each chunk verified by its address on arrival; [`cache`] is
@@ -97,6 +98,7 @@ pub mod host;
 pub mod inspect;
 pub mod lazy_pages;
 pub mod node_reports;
+pub mod oci_image;
 pub mod peer;
 pub mod podman;
 pub mod prefetch;

@@ -20,6 +20,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use snapreg_client::chunker::ChunkerConfig;
+use snapreg_client::oci_image;
 use snapreg_client::progress::Progress;
 use snapreg_client::push::Uploader;
 use snapreg_client::remote::Remote;
@@ -29,7 +30,6 @@ use crate::digest::OciDigest;
 use crate::error::{OciError, Result};
 use crate::store::{self, digest_repo, digest_tag, Holder};
 use crate::tar_layout::{self, Segment};
-use crate::view;
 
 /// The member of a checkpoint archive that marks it as one (Podman and CRI-O).
 pub const INVENTORY: &str = "checkpoint/inventory.img";
@@ -90,7 +90,8 @@ pub async fn ingest(remote: &Remote, repo: &str, blob: &Spooled) -> Result<Holde
     let mut layers = Vec::new();
     let mut adopted = None;
     if is_checkpoint {
-        match embedded.filter(|m| view::matches_members(m, &|p| members.get(p).map(|c| &c.extents)))
+        match embedded
+            .filter(|m| oci_image::matches_members(m, &|p| members.get(p).map(|c| &c.extents)))
         {
             Some(m) => {
                 layers = m.layers.clone();
@@ -235,7 +236,10 @@ fn members_of(segments: &[Segment]) -> BTreeMap<&str, &Segment> {
 /// The native manifest a generated checkpoint layer carries, if it carries one
 /// that decodes.
 async fn embedded_manifest(path: &Path, segments: &[Segment]) -> Result<Option<Manifest>> {
-    let Some(seg) = members_of(segments).get(view::MANIFEST_MEMBER).copied() else {
+    let Some(seg) = members_of(segments)
+        .get(oci_image::MANIFEST_MEMBER)
+        .copied()
+    else {
         return Ok(None);
     };
     if seg.len > snapreg_proto::manifest::MAX_MANIFEST_BYTES as u64 {
@@ -245,7 +249,7 @@ async fn embedded_manifest(path: &Path, segments: &[Segment]) -> Result<Option<M
     match Manifest::decode(&bytes) {
         Ok(m) => Ok(Some(m)),
         Err(e) => {
-            tracing::warn!(error = %e, "a checkpoint layer's {} does not decode; ignored", view::MANIFEST_MEMBER);
+            tracing::warn!(error = %e, "a checkpoint layer's {} does not decode; ignored", oci_image::MANIFEST_MEMBER);
             Ok(None)
         }
     }

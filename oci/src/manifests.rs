@@ -253,7 +253,7 @@ pub async fn delete(remote: &Remote, repo: &str, reference: &Reference) -> Resul
                 holder
                     .manifest
                     .annotations
-                    .get(view::SNAPSHOT_ANNOTATION)
+                    .get(snapreg_client::oci_image::SNAPSHOT_ANNOTATION)
                     .cloned(),
             );
             for t in remote.list_tags(repo).await.unwrap_or_default() {

@@ -6,10 +6,8 @@ use serde_json::Value;
 use crate::digest::OciDigest;
 use crate::error::{OciError, Result};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub use snapreg_client::oci_image::OCI_MANIFEST;
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Largest manifest accepted (the spec suggests registries accept at least 4 MiB).
@@ -140,6 +138,7 @@ fn descriptor(field: &str, v: &Value) -> Result<Descriptor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use snapreg_client::oci_image::{OCI_CONFIG, OCI_LAYER_TAR};
 
     fn manifest(layers: &str) -> String {
         let d = OciDigest::of(b"c");

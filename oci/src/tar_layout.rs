@@ -1,6 +1,6 @@
-//! Tar framing, both ways: where the member data lies in an uploaded tar (so each
-//! member is chunked on its own, and CRIU's `pages-*.img` on page boundaries, as a
-//! native push chunks them), and the header blocks of a generated checkpoint layer.
+//! Tar framing of an uploaded blob: where the member data lies (so each member is
+//! chunked on its own, and CRIU's `pages-*.img` on page boundaries, as a native push
+//! chunks them). Generated layers are composed in `snapreg_client::oci_image`.
 //!
 //! [`segments`] splits a tar into consecutive byte ranges that cover it exactly:
 //! framing (header blocks, extension members, padding, the end-of-archive blocks and
@@ -143,38 +143,6 @@ fn read_at<R: Read + Seek>(input: &mut R, at: u64, n: usize) -> Result<Vec<u8>, 
     Ok(buf)
 }
 
-/// The header blocks of a regular member (a GNU long-name member first when the
-/// name needs one), deterministic: owner 0, mtime 0, the given mode.
-pub fn header(path: &str, size: u64, mode: u32) -> io::Result<Vec<u8>> {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(size);
-    h.set_mode(mode & 0o7777);
-    h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_entry_type(tar::EntryType::Regular);
-    let mut out = Vec::new();
-    {
-        // append_data writes the long-name member when needed, then the header;
-        // it copies no data from an empty reader and so adds no padding.
-        let mut b = tar::Builder::new(&mut out);
-        b.mode(tar::HeaderMode::Deterministic);
-        b.append_data(&mut h, path, io::empty())?;
-        b.into_inner()?;
-    }
-    // into_inner wrote the two end-of-archive blocks: keep only the headers.
-    out.truncate(out.len() - 2 * BLOCK);
-    Ok(out)
-}
-
-/// The zero padding after `size` bytes of member data.
-pub fn padding(size: u64) -> u64 {
-    snapreg_client::podman::tar::padding_of(size) as u64
-}
-
-/// The end-of-archive marker: two zero blocks.
-pub const END_OF_ARCHIVE: u64 = 2 * BLOCK as u64;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,20 +189,5 @@ mod tests {
         t.truncate(1500);
         let e = segments(&mut io::Cursor::new(&t), t.len() as u64).unwrap_err();
         assert!(e.reason.contains("past the end"), "{e}");
-    }
-
-    #[test]
-    fn generated_headers_read_back_as_the_member() {
-        let long = format!("weights/{}", "w".repeat(200));
-        let mut t = header(&long, 3, 0o640).unwrap();
-        t.extend_from_slice(b"abc");
-        t.resize(t.len() + padding(3) as usize + END_OF_ARCHIVE as usize, 0);
-        let mut a = tar::Archive::new(&t[..]);
-        let mut e = a.entries().unwrap().next().unwrap().unwrap();
-        assert_eq!(e.path().unwrap().to_str().unwrap(), long);
-        assert_eq!(e.header().mode().unwrap(), 0o640);
-        let mut s = String::new();
-        e.read_to_string(&mut s).unwrap();
-        assert_eq!(s, "abc");
     }
 }

@@ -83,6 +83,20 @@ fn skopeo_moves_a_checkpoint_through_an_oci_directory_into_another_registry_wher
         "{info}"
     );
 
+    // `snapctl export` writes the very image the OCI listener serves.
+    let exported = t.path().join("exported");
+    let report = snapctl(
+        &a.url,
+        &["export", "t/ck:v1", &format!("oci:{}", exported.display())],
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        report["manifest_digest"].as_str().unwrap(),
+        sha256(raw.as_bytes()),
+        "{report}"
+    );
+
     let dir = t.path().join("image");
     let oci_dir = format!("oci:{}:v1", dir.display());
     skopeo_ok(&[
@@ -147,6 +161,23 @@ fn skopeo_moves_a_checkpoint_through_an_oci_directory_into_another_registry_wher
         &format!("docker://{ob}/t/moved:v1"),
     ]);
     assert_eq!(raw_b, raw, "the manifest must come back byte for byte");
+    // Exported from the registry it was pushed to: the pushed manifest, byte for byte.
+    let back = t.path().join("back.tar");
+    let report = snapctl(
+        &b.url,
+        &[
+            "export",
+            "t/moved:v1",
+            &format!("oci-archive:{}", back.display()),
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        report["manifest_digest"].as_str().unwrap(),
+        sha256(raw.as_bytes()),
+        "{report}"
+    );
     let inspect = snapctl(&b.url, &["inspect", "t/moved:v1"]).ok().json();
     assert_eq!(inspect["layers"][0]["kind"], "process", "{inspect}");
     for reference in ["t/moved:v1", "t/gz:v1"] {

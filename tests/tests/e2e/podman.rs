@@ -274,3 +274,118 @@ fn truncated_podman_archives_are_refused_and_tag_nothing() {
     assert!(err.to_string().contains("snapctl pull"), "{err}");
     assert!(!t.path().join("x.tar").exists());
 }
+
+/// A kubelet checkpoint archive (CRI-O writes Podman's layout under
+/// /var/lib/kubelet/checkpoints/) imported with `snapctl import`, then exported with
+/// `snapctl export` as an OCI checkpoint image: its one layer is the archive, byte for
+/// byte, and skopeo reads both the directory and the archive form.
+#[test]
+fn kubelet_archive_imports_and_exports_as_an_oci_image_whose_layer_is_the_archive() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let (bundle, members) = podman_bundle(t.path());
+    let archive = t
+        .path()
+        .join("checkpoint-worker-7d9f_default-worker-2026-12-04T09:00:00Z.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&bundle)
+        .arg("-cf")
+        .arg(&archive)
+        .args(&members));
+
+    snapctl(
+        &reg.url,
+        &["import", archive.to_str().unwrap(), "k8s/worker:v1"],
+    )
+    .ok();
+    let inspect = snapctl(&reg.url, &["inspect", "k8s/worker:v1"]).ok().json();
+    let kinds: Vec<_> = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap().to_string())
+        .collect();
+    for kind in ["process", "rootfs", "extra"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no {kind} layer: {inspect}"
+        );
+    }
+
+    let dir = t.path().join("image");
+    let exported = snapctl(
+        &reg.url,
+        &[
+            "export",
+            "k8s/worker:v1",
+            &format!("oci:{}:v1", dir.display()),
+        ],
+    )
+    .ok()
+    .json();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], exported["manifest_digest"]);
+    let manifest_hex = exported["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("blobs/sha256").join(&manifest_hex)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["annotations"]["io.kubernetes.cri-o.annotations.checkpoint.name"],
+        "worker"
+    );
+    let layer_hex = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let layer = std::fs::read(dir.join("blobs/sha256").join(layer_hex)).unwrap();
+    let original = std::fs::read(&archive).unwrap();
+    assert!(
+        layer == original,
+        "layer differs from the archive at byte {:?}",
+        first_difference(&layer, &original)
+    );
+
+    // The archive form, read by skopeo; an existing target is refused, not merged.
+    let tarred = t.path().join("image.tar");
+    snapctl(
+        &reg.url,
+        &[
+            "export",
+            "k8s/worker:v1",
+            &format!("oci-archive:{}", tarred.display()),
+        ],
+    )
+    .ok();
+    let out = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            &format!("oci-archive:{}", tarred.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.stdout,
+        std::fs::read(dir.join("blobs/sha256").join(&manifest_hex)).unwrap()
+    );
+    let again = snapctl(
+        &reg.url,
+        &["export", "k8s/worker:v1", &format!("oci:{}", dir.display())],
+    );
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(again.stderr.contains("exists"), "{}", again.stderr);
+}
