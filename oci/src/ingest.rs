@@ -51,7 +51,7 @@ struct Chunked {
 
 /// Stores `blob` in `repo`'s digest repository and returns the snapshot holding it.
 pub async fn ingest(remote: &Remote, repo: &str, blob: &Spooled) -> Result<Holder> {
-    let plain = decompressed(blob).await?;
+    let (plain, compression) = decompressed(blob).await?;
     let tar_path = plain
         .as_ref()
         .map_or(blob.path.as_path(), |p| p.0.as_path());
@@ -59,8 +59,15 @@ pub async fn ingest(remote: &Remote, repo: &str, blob: &Spooled) -> Result<Holde
         Some(p) => p.1,
         None => blob.size,
     };
-    let segments = split(tar_path, tar_len).await?;
+    let (segments, not_tar) = split(tar_path, tar_len).await?;
     let is_checkpoint = members_of(&segments).contains_key(INVENTORY);
+    // Why the blob is not a checkpoint archive, for a manifest that says it is one.
+    let not_checkpoint = match (compression, not_tar, is_checkpoint) {
+        (_, _, true) => None,
+        (Err(why), _, _) => Some(why),
+        (Ok(c), Some(why), _) => Some(format!("{c}{why}")),
+        (Ok(c), None, false) => Some(format!("{c}a tar without {INVENTORY}")),
+    };
     let embedded = match is_checkpoint {
         true => embedded_manifest(tar_path, &segments).await?,
         false => None,
@@ -102,6 +109,11 @@ pub async fn ingest(remote: &Remote, repo: &str, blob: &Spooled) -> Result<Holde
     }
     layers.push(store::new_oci_layer(vec![blob_file]));
     let mut manifest = uploader.new_manifest(layers, is_checkpoint);
+    if let Some(why) = not_checkpoint {
+        manifest
+            .annotations
+            .insert(store::annotations::NOT_CHECKPOINT.into(), why);
+    }
     if let Some(m) = adopted {
         manifest.criu = m.criu;
         manifest.compat = m.compat;
@@ -152,44 +164,71 @@ async fn chunk_blob(
 
 /// A gzip or zstd blob decompressed next to its spool file (removed when dropped),
 /// with its length; `None` for anything else. A stream that does not decompress,
-/// or would grow past [`MAX_EXPANSION`] times its size, is treated as opaque.
-async fn decompressed(blob: &Spooled) -> Result<Option<(PathBuf, u64, RemoveOnDrop)>> {
+/// or would grow past [`MAX_EXPANSION`] times its size, is treated as opaque. The
+/// second value prefixes what is said of the tar inside ("gzip: "), or says why there
+/// is none to look at.
+async fn decompressed(
+    blob: &Spooled,
+) -> Result<(
+    Option<(PathBuf, u64, RemoveOnDrop)>,
+    Result<&'static str, String>,
+)> {
     let src = blob.path.clone();
     let dst = blob.path.with_extension("tar");
     let limit = blob.size.saturating_mul(MAX_EXPANSION).max(64 << 20);
     let guard = RemoveOnDrop(dst.clone());
-    let out = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
+    type Looked = (Option<u64>, Result<&'static str, String>);
+    let out = tokio::task::spawn_blocking(move || -> std::io::Result<Looked> {
         let mut f = std::fs::File::open(&src)?;
         let mut magic = [0u8; 4];
         let n = f.read(&mut magic)?;
         f.seek(SeekFrom::Start(0))?;
         let input = std::io::BufReader::new(f);
-        let mut reader: Box<dyn Read> = match &magic[..n] {
-            [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(input)),
-            [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(input)?),
-            _ => return Ok(None),
+        let (mut reader, kind): (Box<dyn Read>, &'static str) = match &magic[..n] {
+            [0x1f, 0x8b, ..] => (Box::new(flate2::read::MultiGzDecoder::new(input)), "gzip: "),
+            [0x28, 0xb5, 0x2f, 0xfd] => {
+                (Box::new(zstd::stream::read::Decoder::new(input)?), "zstd: ")
+            }
+            _ => return Ok((None, Ok(""))),
         };
-        let mut out = std::fs::File::create(&dst)?;
+        let mut out = CountingWriter(std::fs::File::create(&dst)?, 0);
         let copied = std::io::copy(&mut (&mut reader).take(limit + 1), &mut out);
+        let at = out.1;
         match copied {
-            Ok(n) if n <= limit => Ok(Some(n)),
-            Ok(_) => {
-                tracing::info!(
-                    "a compressed blob expands past {limit} bytes: stored as one stream"
-                );
-                Ok(None)
-            }
+            Ok(n) if n <= limit => Ok((Some(n), Ok(kind))),
+            Ok(_) => Ok((
+                None,
+                Err(format!("{kind}expands past {limit} bytes; not looked into")),
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::StorageFull => Err(e),
-            Err(e) => {
-                tracing::debug!(error = %e, "a blob with a compression magic does not decompress");
-                Ok(None)
-            }
+            Err(e) => Ok((
+                None,
+                Err(format!("{kind}does not decompress after {at} bytes: {e}")),
+            )),
         }
     })
     .await
     .map_err(|e| OciError::internal(e.to_string()))?
     .map_err(|e| OciError::internal(format!("decompressing the upload: {e}")))?;
-    Ok(out.map(|n| (guard.0.clone(), n, guard)))
+    Ok(match out {
+        (Some(n), kind) => (Some((guard.0.clone(), n, guard)), kind),
+        (None, kind) => (None, kind),
+    })
+}
+
+/// Counts what passes through, for messages.
+struct CountingWriter(std::fs::File, u64);
+
+impl std::io::Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// How far a compressed blob may expand when looked into.
@@ -205,20 +244,22 @@ impl Drop for RemoveOnDrop {
 }
 
 /// The tar segments of the blob, or the whole blob as one segment when it is not a tar.
-async fn split(path: &Path, size: u64) -> Result<Vec<Segment>> {
+/// Also says why it is not a tar, when it is not.
+async fn split(path: &Path, size: u64) -> Result<(Vec<Segment>, Option<String>)> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::open(&path)
             .map_err(|e| OciError::internal(format!("reopening the upload: {e}")))?;
         Ok(match tar_layout::segments(&mut f, size) {
-            Ok(s) => s,
+            Ok(s) => (s, None),
             Err(not_tar) => {
                 tracing::debug!(%not_tar, "blob stored as one stream");
-                vec![Segment {
+                let whole = Segment {
                     offset: 0,
                     len: size,
                     member: None,
-                }]
+                };
+                (vec![whole], Some(not_tar.to_string()))
             }
         })
     })

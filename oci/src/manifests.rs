@@ -114,9 +114,15 @@ pub async fn put(
     let parsed = media::parse(&body, content_type)?;
     let mut files = Vec::new();
     let mut checkpoint: Option<Holder> = None;
+    let mut not_checkpoint = Vec::new();
     let mut seen = BTreeSet::new();
     for d in &parsed.blobs {
         let (holder, file) = referenced_blob(remote, repo, d).await?;
+        if let Some(why) = holder.manifest.annotations.get(annotations::NOT_CHECKPOINT) {
+            if d.field != "config" {
+                not_checkpoint.push(format!("{} ({}): {why}", d.field, d.digest));
+            }
+        }
         if seen.insert(d.digest) {
             files.push(File {
                 path: store::blob_path(&d.digest),
@@ -132,6 +138,13 @@ pub async fn put(
         {
             checkpoint = Some(holder);
         }
+    }
+    if let (Some(key), None) = (parsed.checkpoint_annotation, &checkpoint) {
+        return Err(OciError::manifest_invalid(format!(
+            "the manifest says it is a checkpoint image ({key}), but no layer is a checkpoint \
+             archive: {}",
+            not_checkpoint.join("; ")
+        )));
     }
     for d in &parsed.manifests {
         let found = store::holder(remote, repo, &d.digest)

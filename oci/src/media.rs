@@ -7,6 +7,7 @@ use crate::digest::OciDigest;
 use crate::error::{OciError, Result};
 
 pub use snapreg_client::oci_image::OCI_MANIFEST;
+use snapreg_client::oci_image::{CRIO_CHECKPOINT_NAME, PODMAN_CHECKPOINT_NAME};
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -31,6 +32,8 @@ pub struct Parsed {
     pub blobs: Vec<Descriptor>,
     /// Manifests (of an index) that must be in the repository.
     pub manifests: Vec<Descriptor>,
+    /// The checkpoint annotation (CRI-O's or Podman's) the manifest carries, if any.
+    pub checkpoint_annotation: Option<&'static str>,
 }
 
 /// Parses a pushed manifest, refusing what a client could not pull back intact.
@@ -74,7 +77,12 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Parsed> {
         media_type: media_type.clone(),
         blobs: vec![],
         manifests: vec![],
+        checkpoint_annotation: None,
     };
+    let annotations = obj.get("annotations").and_then(Value::as_object);
+    parsed.checkpoint_annotation = [CRIO_CHECKPOINT_NAME, PODMAN_CHECKPOINT_NAME]
+        .into_iter()
+        .find(|k| annotations.is_some_and(|a| a.contains_key(*k)));
     // Checked, then not acted on: the referrers API is not served (lib.rs).
     if let Some(s) = obj.get("subject") {
         descriptor("subject", s)?;

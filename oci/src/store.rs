@@ -41,6 +41,8 @@ pub mod annotations {
     pub const MANIFEST_DIGEST: &str = "org.snapreg.oci.manifest-digest";
     /// The media type `manifest.json` is served with.
     pub const MEDIA_TYPE: &str = "org.snapreg.oci.media-type";
+    /// On a blob's snapshot: why the blob is not a checkpoint archive.
+    pub const NOT_CHECKPOINT: &str = "org.snapreg.oci.not-checkpoint";
 }
 
 pub fn digest_repo(repo: &str) -> String {

@@ -68,9 +68,13 @@ pub fn segments<R: Read + Seek>(input: &mut R, len: u64) -> Result<Vec<Segment>,
         let data = pos + BLOCK as u64;
         let padded = size.div_ceil(BLOCK as u64) * BLOCK as u64;
         if data + padded > len {
+            let name = pax_path
+                .clone()
+                .or(long_name.clone())
+                .unwrap_or_else(|| String::from_utf8_lossy(&header.path_bytes()).into_owned());
             return Err(not_tar(
                 pos,
-                format!("a member of {size} bytes runs past the end ({len} bytes)"),
+                format!("member {name:?} of {size} bytes runs past the end ({len} bytes)"),
             ));
         }
         match typeflag {

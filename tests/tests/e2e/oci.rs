@@ -937,3 +937,109 @@ fn podman_checkpoint_image_pushed_to_snapreg_restores_with_podman() {
         )
     });
 }
+
+/// Bad input on the OCI listener: a body that breaks off mid-PATCH leaves the upload
+/// where it was (nothing of the broken part is kept); a manifest that says it is a
+/// checkpoint image over a truncated archive (plain or gzip) is refused, naming the
+/// layer and where the archive breaks.
+#[test]
+fn broken_uploads_keep_nothing_and_truncated_checkpoint_layers_are_refused_naming_the_offset() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let reg = oci_registry(&t.path().join("reg"), &[]);
+    let oci = reg.oci.clone().unwrap();
+    let api = Api::new(format!("http://{oci}"), None);
+
+    // A PATCH whose body stops after 400 of the 1000 bytes it announced.
+    let start = api.call("POST", "/v2/bad/up/blobs/uploads/", &[], vec![]);
+    let loc = start.header("location");
+    let mut conn = std::net::TcpStream::connect(&oci).unwrap();
+    write!(
+        conn,
+        "PATCH {loc} HTTP/1.1\r\nHost: {oci}\r\nContent-Length: 1000\r\nContent-Range: 0-999\r\n\r\n"
+    )
+    .unwrap();
+    conn.write_all(&[7u8; 400]).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    let status = wait_for(Duration::from_secs(10), || {
+        let s = api.get(&loc);
+        (s.header("range") == "0-0").then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the broken body's bytes were kept: {}",
+            api.get(&loc).header("range")
+        )
+    });
+    assert_eq!(status.status, 204);
+    let blob = vec![9u8; 1000];
+    let again = api.call("PATCH", &loc, &[("content-range", "0-999")], blob.clone());
+    assert_eq!(again.status, 202, "{}", again.text());
+    let done = api.call(
+        "PUT",
+        &format!("{loc}?digest={}", sha256(&blob)),
+        &[],
+        vec![],
+    );
+    assert_eq!(done.status, 201, "{}", done.text());
+
+    // Checkpoint images whose layer is truncated.
+    let ck = t.path().join("bundle/checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::write(ck.join("pages-1.img"), vec![3u8; 200_000]).unwrap();
+    std::fs::write(ck.join("inventory.img"), b"inventory").unwrap();
+    let tar = t.path().join("layer.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(t.path().join("bundle"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg("checkpoint")
+        .status()
+        .unwrap()
+        .success());
+    let whole = std::fs::read(&tar).unwrap();
+    let gz = Command::new("gzip")
+        .arg("-c")
+        .arg(&tar)
+        .output()
+        .unwrap()
+        .stdout;
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let cd = api.push_blob("bad/ck", config);
+    for (what, layer) in [
+        ("tar", whole[..100_000].to_vec()),
+        ("gzip", gz[..gz.len() / 2].to_vec()),
+    ] {
+        let ld = api.push_blob("bad/ck", &layer);
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+            "annotations": {"io.kubernetes.cri-o.annotations.checkpoint.name": "worker"},
+        })
+        .to_string();
+        let refused = api.push_manifest("bad/ck", what, &m);
+        assert_eq!(
+            (refused.status, refused.code()),
+            (400, "MANIFEST_INVALID".to_string()),
+            "{}",
+            refused.text()
+        );
+        let msg = refused.text();
+        assert!(
+            msg.contains("layers[0]") && msg.contains(&ld),
+            "{what}: {msg}"
+        );
+        let place = if what == "tar" {
+            "at offset"
+        } else {
+            "gzip: does not decompress after"
+        };
+        assert!(msg.contains(place), "{what}: {msg}");
+        assert_eq!(api.get(&format!("/v2/bad/ck/manifests/{what}")).status, 404);
+    }
+}
