@@ -260,17 +260,30 @@ pub async fn delete(remote: &Remote, repo: &str, reference: &Reference) -> Resul
                 .await?
                 .filter(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == *d))
                 .ok_or_else(unknown)?;
-            // A view's manifest stands for the native snapshot it was made from.
-            let mut targets = vec![holder.digest.to_string()];
-            targets.extend(
-                holder
-                    .manifest
-                    .annotations
-                    .get(snapreg_client::oci_image::SNAPSHOT_ANNOTATION)
-                    .cloned(),
-            );
-            for t in remote.list_tags(repo).await.unwrap_or_default() {
-                if targets.contains(&t.digest) {
+            // Every tag whose snapshot holds this manifest (the same manifest pushed
+            // under several tags may sit in several snapshots), and a view's native
+            // snapshot, whose manifest this is.
+            let mut names: std::collections::HashMap<String, bool> = Default::default();
+            names.insert(holder.digest.to_string(), true);
+            if let Some(n) = holder
+                .manifest
+                .annotations
+                .get(snapreg_client::oci_image::SNAPSHOT_ANNOTATION)
+            {
+                names.insert(n.clone(), true);
+            }
+            for t in remote.list_tags(repo).await? {
+                let names_it = match names.get(&t.digest) {
+                    Some(&known) => known,
+                    None => {
+                        let holds = store::tagged(remote, repo, &t.digest)
+                            .await?
+                            .is_some_and(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == *d));
+                        names.insert(t.digest.clone(), holds);
+                        holds
+                    }
+                };
+                if names_it {
                     remote.delete_tag(repo, &t.tag).await?;
                 }
             }

@@ -14,7 +14,7 @@ use crate::digest::OciDigest;
 use crate::error::{OciError, Result};
 use crate::names::{self, Route};
 use crate::store::{self, digest_repo, digest_tag};
-use crate::{auth, content, ingest, manifests, Gateway};
+use crate::{auth, content, ingest, manifests, uploads, Gateway};
 
 /// The header every /v2/ answer carries (Docker's clients look for it).
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
@@ -168,7 +168,10 @@ async fn handle(
             start_upload(gw, remote, &name, &query, body).await
         }
         (Route::Upload { name, id }, Method::PATCH) => {
-            let range = content_range(&parts.headers)?;
+            let range = match content_range(&parts.headers) {
+                Ok(r) => r,
+                Err(e) => return Err(uploads::drained(body.into_data_stream(), e).await),
+            };
             let st = gw
                 .uploads
                 .append(&name, &id, range, body.into_data_stream())
@@ -176,8 +179,12 @@ async fn handle(
             upload_status(StatusCode::ACCEPTED, &name, &id, st.size)
         }
         (Route::Upload { name, id }, Method::PUT) => {
-            let digest = digest_param(&query)?;
-            let range = content_range(&parts.headers)?;
+            let checked =
+                digest_param(&query).and_then(|d| content_range(&parts.headers).map(|r| (d, r)));
+            let (digest, range) = match checked {
+                Ok(x) => x,
+                Err(e) => return Err(uploads::drained(body.into_data_stream(), e).await),
+            };
             gw.uploads
                 .append(&name, &id, range, body.into_data_stream())
                 .await?;

@@ -103,15 +103,19 @@ impl Uploads {
         range: Option<(u64, u64)>,
         body: impl Stream<Item = std::result::Result<Bytes, axum::Error>>,
     ) -> Result<Status> {
-        let s = self.session(repo, id)?;
+        let s = match self.session(repo, id) {
+            Ok(s) => s,
+            Err(e) => return Err(drained(body, e).await),
+        };
         let mut s = s.lock().await;
         if let Some((start, _)) = range {
             if start != s.size {
-                return Err(OciError::new(
+                let e = OciError::new(
                     axum::http::StatusCode::RANGE_NOT_SATISFIABLE,
                     "BLOB_UPLOAD_INVALID",
                     format!("this chunk starts at byte {start}, but the upload has {} bytes; send from there", s.size),
-                ));
+                );
+                return Err(drained(body, e).await);
             }
         }
         let (before, hash_before) = (s.size, s.hash.clone());
@@ -227,6 +231,27 @@ async fn write_body(
     f.flush().await.map_err(|e| spool_error(&s.path, e))?;
     Ok(())
 }
+
+/// A refusal sent only once the client has sent its body (up to [`MAX_DRAIN`]):
+/// answering while it still sends makes HTTP/1.1 clients see a reset instead of the
+/// answer.
+pub(crate) async fn drained(
+    body: impl Stream<Item = std::result::Result<Bytes, axum::Error>>,
+    e: OciError,
+) -> OciError {
+    let mut body = std::pin::pin!(body);
+    let mut n = 0usize;
+    while let Some(Ok(piece)) = body.next().await {
+        n += piece.len();
+        if n > MAX_DRAIN {
+            break;
+        }
+    }
+    e
+}
+
+/// Most of a refused body read (and dropped) before answering.
+const MAX_DRAIN: usize = 64 << 20;
 
 async fn truncate(path: &Path, len: u64) {
     if let Ok(f) = tokio::fs::OpenOptions::new().write(true).open(path).await {

@@ -225,6 +225,7 @@ impl Server {
             tasks.push(tokio::spawn(serve_local(
                 local,
                 service.clone(),
+                self.telemetry.rpc.clone(),
                 lifecycle.stop,
             )));
         }
@@ -427,10 +428,12 @@ impl tokio::io::AsyncWrite for LocalConn {
     }
 }
 
-/// Serves the in-process connections until the server stops.
+/// Serves the in-process connections until the server stops, counted in the same
+/// RPC metrics as the listener's.
 async fn serve_local(
     conns: mpsc::Receiver<LocalConn>,
     service: Service,
+    rpc: RpcMetricsLayer,
     mut stop: watch::Receiver<bool>,
 ) {
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
@@ -438,6 +441,7 @@ async fn serve_local(
         let _ = stop.wait_for(|s| *s).await;
     };
     if let Err(e) = tonic::transport::Server::builder()
+        .layer(rpc)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stopped)
         .await
