@@ -30,12 +30,13 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 snapctl() { "$SNAPREG_BIN/snapctl" "$@"; }
 
 say "starting snapreg (data in $work/registry)"
-"$SNAPREG_BIN/snapreg" serve --listen 127.0.0.1:0 --data "$work/registry" >"$work/snapreg.out" 2>"$work/snapreg.log" &
+"$SNAPREG_BIN/snapreg" serve --listen 127.0.0.1:0 --oci-listen 127.0.0.1:0 --data "$work/registry" >"$work/snapreg.out" 2>"$work/snapreg.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/snapreg.out" ] && break; sleep 0.1; done
 addr="$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$work/snapreg.out")"
 export SNAPCTL_REGISTRY="http://$addr"
-echo "registry at $SNAPCTL_REGISTRY" >&2
+oci="$(sed -n 's/.*"oci":"\([^"]*\)".*/\1/p' "$work/snapreg.out")"
+echo "registry at $SNAPCTL_REGISTRY, its OCI distribution API at http://$oci" >&2
 
 say "issue an access token for demo/* (the registry admits no anonymous callers)"
 SNAPCTL_TOKEN="$("$SNAPREG_BIN/snapreg" token issue --data "$work/registry" --repo 'demo/*' --scope push --ttl 1h --name demo \
@@ -112,6 +113,18 @@ snapctl --json pull-restore --detach demo/worker:streamed | tail -n 1 | tee "$wo
 python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print('second restore on this node: %d chunks from the registry, %d from the node cache' % (j['chunks_transferred'], j['chunks_cached']))" "$work/restore2.json" >&2
 echo "memory check after the streamed round trip: $(verify "$work/run1" "$restored_pid")" >&2
 grep -q '^ok' "$work/run1/verify"
+
+say "the same snapshot as an OCI checkpoint image, for skopeo, podman and CRI-O"
+skopeo inspect --raw --tls-verify=false --creds "demo:$SNAPCTL_TOKEN" "docker://$oci/demo/worker:streamed" \
+  | tee "$work/oci-manifest.json" | python3 -m json.tool >&2
+skopeo copy --quiet --src-tls-verify=false --src-creds "demo:$SNAPCTL_TOKEN" --dest-oci-accept-uncompressed-layers \
+  "docker://$oci/demo/worker:streamed" "oci:$work/oci-image:streamed"
+snapctl --json export demo/worker:streamed "oci:$work/exported" | tail -n 1 >"$work/export.json"
+served="sha256:$(sha256sum "$work/oci-manifest.json" | cut -d' ' -f1)"
+exported="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifest_digest"])' "$work/export.json")"
+echo "served by the registry: $served; written by snapctl export: $exported" >&2
+[ "$served" = "$exported" ] || { echo "export and the OCI listener disagree" >&2; exit 1; }
+tar tf "$work/oci-image/blobs/sha256/$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["layers"][0]["digest"][7:])' "$work/oci-manifest.json")" | head -n 5 >&2
 
 say "encryption at rest: checkpoint under a tenant key; without it nothing restores"
 snapctl key new --tenant demo "$work/demo.key"
