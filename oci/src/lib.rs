@@ -28,7 +28,8 @@
 //! OCI content is stored as snapshots (store.rs). Modules: `routes` (HTTP),
 //! `names` (paths), `auth` (credentials), `manifests`, `view` (native → OCI),
 //! `uploads` and `ingest` (OCI → native), `content` (streaming files out),
-//! `tar_layout` (tar framing), `store` (the mapping), `media`, `digest`, `error`.
+//! `tar_layout` (tar framing), `store` (the mapping), `media`, `digest`, `error`,
+//! `metrics` (`snapreg_oci_*` on the registry's `--metrics-listen`), `tls`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -45,6 +46,7 @@ mod error;
 mod ingest;
 mod manifests;
 mod media;
+mod metrics;
 mod names;
 mod routes;
 mod store;
@@ -55,6 +57,7 @@ mod view;
 
 pub use digest::OciDigest;
 pub use error::OciError;
+pub use metrics::Metrics;
 pub use tls::TlsFiles;
 
 /// How often idle upload sessions are looked for.
@@ -77,6 +80,7 @@ pub struct Gateway {
     uploads: uploads::Uploads,
     tls: Option<tokio_rustls::TlsAcceptor>,
     scheme: &'static str,
+    metrics: Metrics,
 }
 
 impl Gateway {
@@ -86,14 +90,16 @@ impl Gateway {
         channel: Channel,
         recorder: &str,
         config: &GatewayConfig,
+        metrics: Metrics,
     ) -> std::io::Result<Arc<Gateway>> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Arc::new(Gateway {
             channel,
             recorder: recorder.to_string(),
-            uploads: uploads::Uploads::new(&config.spool_dir)?,
+            uploads: uploads::Uploads::new(&config.spool_dir, metrics.upload_bytes.clone())?,
             scheme: if tls.is_some() { "https" } else { "http" },
             tls,
+            metrics,
         }))
     }
 

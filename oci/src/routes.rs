@@ -32,6 +32,7 @@ pub async fn dispatch(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
             .and_then(|h| h.to_str().ok())
             .unwrap_or("localhost")
     );
+    let (method, route) = (req.method().to_string(), route_name(req.uri().path()));
     let token = auth::token_of(req.headers());
     let mut resp = match token {
         Err(e) => e.into_response(),
@@ -45,6 +46,7 @@ pub async fn dispatch(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
             },
         },
     };
+    gw.metrics.request(&method, route, resp.status().as_u16());
     let h = resp.headers_mut();
     h.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -53,6 +55,24 @@ pub async fn dispatch(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
         }
     }
     resp
+}
+
+/// The route label of a request path, for metrics.
+fn route_name(path: &str) -> &'static str {
+    match path {
+        "/v2" | "/v2/" => return "ping",
+        "/v2/token" => return "token",
+        "/v2/_catalog" => return "catalog",
+        _ => {}
+    }
+    match path.strip_prefix("/v2/").map(names::parse) {
+        Some(Ok(Route::Manifest { .. })) => "manifest",
+        Some(Ok(Route::Blob { .. })) => "blob",
+        Some(Ok(Route::UploadStart { .. } | Route::Upload { .. })) => "upload",
+        Some(Ok(Route::Tags { .. })) => "tags",
+        Some(Ok(Route::Referrers { .. })) => "referrers",
+        _ => "other",
+    }
 }
 
 /// A refusal is 401 (ask for credentials) when the caller sent none or sent a token

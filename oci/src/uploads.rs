@@ -37,6 +37,8 @@ struct Session {
 /// The upload sessions of one gateway.
 pub struct Uploads {
     dir: PathBuf,
+    /// Bytes received (metrics.rs `snapreg_oci_upload_bytes`).
+    received: prometheus_client::metrics::counter::Counter,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
 }
 
@@ -48,13 +50,17 @@ pub struct Status {
 impl Uploads {
     /// Uploads spooled under `dir`, which is emptied now (sessions do not survive a
     /// restart).
-    pub fn new(dir: &Path) -> std::io::Result<Uploads> {
+    pub fn new(
+        dir: &Path,
+        received: prometheus_client::metrics::counter::Counter,
+    ) -> std::io::Result<Uploads> {
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
         std::fs::create_dir_all(dir)?;
         Ok(Uploads {
             dir: dir.to_path_buf(),
+            received,
             sessions: Mutex::default(),
         })
     }
@@ -120,6 +126,7 @@ impl Uploads {
         }
         let (before, hash_before) = (s.size, s.hash.clone());
         let written = write_body(&mut s, body).await;
+        self.received.inc_by(s.size.saturating_sub(before));
         if let Err(e) = written {
             // Whatever part of the body arrived is dropped: the upload stays where it was.
             truncate(&s.path, before).await;

@@ -288,6 +288,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let data = args.store.data.clone();
     let mut metrics = MetricsRegistry::default();
     let telemetry = Telemetry::new(&mut metrics).await;
+    let oci_metrics = snapreg_oci::Metrics::new(&mut metrics);
     let (endpoint, metrics_addr) = match &args.metrics_listen {
         Some(addr) => {
             let (task, bound) = serve_metrics(addr, metrics, &telemetry).await?;
@@ -312,7 +313,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {listen} (is another snapreg running there?)"))?;
     let addr = listener.local_addr()?;
     let oci = match &oci_listen {
-        Some(at) => Some(start_oci(at, &mut server, &data, tls).await?),
+        Some(at) => Some(start_oci(at, &mut server, &data, tls, oci_metrics).await?),
         None => None,
     };
     println!(
@@ -344,6 +345,7 @@ async fn start_oci(
     server: &mut Server,
     data: &std::path::Path,
     tls: Option<snapreg_oci::TlsFiles>,
+    metrics: snapreg_oci::Metrics,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     tokio::task::JoinHandle<std::io::Result<()>>,
@@ -358,8 +360,9 @@ async fn start_oci(
         tls,
     };
     let link = server.local_link();
-    let gateway = snapreg_oci::Gateway::new(link.channel(), link.in_process_token(), &config)
-        .with_context(|| format!("preparing {} for OCI uploads", config.spool_dir.display()))?;
+    let gateway =
+        snapreg_oci::Gateway::new(link.channel(), link.in_process_token(), &config, metrics)
+            .with_context(|| format!("preparing {} for OCI uploads", config.spool_dir.display()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(snapreg_oci::serve(listener, gateway, async move {
         let _ = stopped.await;

@@ -339,7 +339,7 @@ fn image_manifest(config: (&str, usize), layers: &[(&str, usize, &str)]) -> Stri
 #[test]
 fn distribution_api_push_pull_discovery_and_refusals() {
     let t = tempfile::tempdir().unwrap();
-    let reg = oci_registry(&t.path().join("reg"), &[]);
+    let reg = oci_registry(&t.path().join("reg"), &["--metrics-listen", "127.0.0.1:0"]);
     let api = Api::new(format!("http://{}", reg.oci.clone().unwrap()), None);
 
     let ping = api.get("/v2/");
@@ -562,6 +562,25 @@ fn distribution_api_push_pull_discovery_and_refusals() {
     );
     assert_eq!(api.get(&format!("/v2/app/one/manifests/{md}")).status, 404);
     assert_eq!(api.get("/v2/app/one/manifests/v2").status, 404);
+
+    // What operators see: requests by route and status, upload bytes.
+    let metrics = api
+        .get(&format!("http://{}/metrics", reg.metrics.clone().unwrap()))
+        .text();
+    let value = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
+    };
+    assert!(
+        value("snapreg_oci_requests_total{method=\"PUT\",route=\"manifest\",code=\"201\"}") >= 4.0
+    );
+    assert!(
+        value("snapreg_oci_requests_total{method=\"PATCH\",route=\"upload\",code=\"416\"}") >= 1.0
+    );
+    assert!(value("snapreg_oci_upload_bytes_total") >= 3_000_000.0);
 }
 
 /// A checkpoint image's layer pushed gzipped (as `podman push` sends it) is looked
