@@ -216,6 +216,13 @@ pub async fn put(
             .set_tag(&digest_repo(repo), &digest_tag(&digest), &snapshot)
             .await?;
     }
+    // The blobs' tags move to the image, which holds them all: the snapshots their
+    // uploads made are left to GC, and deleting the image frees what only it used.
+    for b in &seen {
+        remote
+            .set_tag(&digest_repo(repo), &digest_tag(b), &snapshot)
+            .await?;
+    }
     tracing::info!(repository = %repo, %reference, manifest = %digest, %snapshot, "OCI manifest stored");
     Ok(digest)
 }
@@ -291,6 +298,67 @@ pub async fn delete(remote: &Remote, repo: &str, reference: &Reference) -> Resul
                 .delete_tag(&digest_repo(repo), &digest_tag(d))
                 .await
                 .map_err(|e| OciError::from_client(e, unknown))?;
+            let gone: Vec<String> = names
+                .into_iter()
+                .filter_map(|(n, holds)| holds.then_some(n))
+                .collect();
+            release_blobs(remote, repo, &holder, &gone).await?;
+        }
+    }
+    Ok(())
+}
+
+/// After the snapshots in `gone` lost their tags: each blob tag of `holder`'s that
+/// names one of them moves to another snapshot of the repository that holds the
+/// blob, or goes (and GC frees what nothing else uses).
+async fn release_blobs(
+    remote: &Remote,
+    repo: &str,
+    holder: &Holder,
+    gone: &[String],
+) -> Result<()> {
+    let by_digest = digest_repo(repo);
+    let tags = remote.list_tags(&by_digest).await?;
+    let mut snapshots: std::collections::HashMap<String, Option<Holder>> = Default::default();
+    let blobs = holder
+        .oci_layer()
+        .map(|l| {
+            l.files
+                .iter()
+                .filter_map(|f| f.path.strip_prefix("blobs/sha256/"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for hex in blobs {
+        let Ok(d) = format!("sha256:{hex}").parse::<OciDigest>() else {
+            continue;
+        };
+        let tag = digest_tag(&d);
+        if !tags
+            .iter()
+            .any(|t| t.tag == tag && gone.contains(&t.digest))
+        {
+            continue;
+        }
+        let mut other = None;
+        for t in tags.iter().filter(|t| !gone.contains(&t.digest)) {
+            if !snapshots.contains_key(&t.digest) {
+                let h = store::tagged(remote, &by_digest, &t.digest).await?;
+                snapshots.insert(t.digest.clone(), h);
+            }
+            if snapshots[&t.digest]
+                .as_ref()
+                .is_some_and(|h| h.blob(&d).is_some())
+            {
+                other = snapshots[&t.digest].as_ref().map(|h| h.digest);
+                break;
+            }
+        }
+        match other {
+            Some(s) => remote.set_tag(&by_digest, &tag, &s).await?,
+            None => {
+                remote.delete_tag(&by_digest, &tag).await?;
+            }
         }
     }
     Ok(())

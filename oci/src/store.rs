@@ -6,7 +6,10 @@
 //!   tag T ─▶ a snapshot: an image pushed through /v2/ (layer "oci" below, plus the
 //!            native layers of its checkpoint layer), or any native snapshot
 //! repository R/by-digest (hidden from /v2/ listings)
-//!   tag sha256-<hex>  ─▶ the snapshot holding that blob or manifest
+//!   tag sha256-<hex>  ─▶ the snapshot holding that blob or manifest: a blob's own
+//!                        upload until a manifest names it, then the (latest) image
+//!                        naming it; deleting that image moves the tag to another
+//!                        holder or removes it, so GC frees what no image uses
 //!   tag blake3-<hex>  ─▶ the OCI view of native snapshot blake3:<hex> (view.rs)
 //!
 //! layer {kind: extra, name: "oci"} of a snapshot that holds OCI content:

@@ -1062,3 +1062,91 @@ fn broken_uploads_keep_nothing_and_truncated_checkpoint_layers_are_refused_namin
         assert_eq!(api.get(&format!("/v2/bad/ck/manifests/{what}")).status, 404);
     }
 }
+
+fn chunk_objects(data: &std::path::Path) -> usize {
+    fn count(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                if e.path().is_dir() {
+                    count(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+    count(&data.join("store/chunks"))
+}
+
+/// Deleting an image by digest frees what only it used: its blobs' tags move to
+/// another image that holds them, or go; then GC removes the chunks no image names.
+#[test]
+fn deleting_images_lets_gc_free_the_blobs_only_they_used() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("reg");
+    let reg = oci_registry(&data, &["--gc-grace", "0s", "--lease-ttl", "1s"]);
+    let api = Api::new(format!("http://{}", reg.oci.clone().unwrap()), None);
+    let shared: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let own: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(40503) >> 5) as u8)
+        .collect();
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let cd = api.push_blob("gc/app", config);
+    let sd = api.push_blob("gc/app", &shared);
+    let od = api.push_blob("gc/app", &own);
+    let tar = "application/vnd.oci.image.layer.v1.tar";
+    let m1 = image_manifest(
+        (&cd, config.len()),
+        &[(&sd, shared.len(), tar), (&od, own.len(), tar)],
+    );
+    let m2 = image_manifest((&cd, config.len()), &[(&sd, shared.len(), tar)]);
+    assert_eq!(api.push_manifest("gc/app", "one", &m1).status, 201);
+    assert_eq!(api.push_manifest("gc/app", "two", &m2).status, 201);
+    let before = chunk_objects(&data);
+
+    // Without image one, its own layer is gone and the shared one stays.
+    let d1 = sha256(m1.as_bytes());
+    assert_eq!(
+        api.call("DELETE", &format!("/v2/gc/app/manifests/{d1}"), &[], vec![])
+            .status,
+        202
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // the push leases expire
+    snapctl(&reg.url, &["gc", "--grace", "0s"]).ok();
+    assert_eq!(
+        api.call("HEAD", &format!("/v2/gc/app/blobs/{od}"), &[], vec![])
+            .status,
+        404
+    );
+    assert_eq!(api.get(&format!("/v2/gc/app/blobs/{sd}")).body, shared);
+    assert_eq!(api.get("/v2/gc/app/manifests/two").body, m2.as_bytes());
+    let after_one = chunk_objects(&data);
+    assert!(
+        after_one + 3 <= before,
+        "GC freed {} of the chunks only image one used",
+        before - after_one
+    );
+
+    // Without image two, nothing of either stays.
+    let d2 = sha256(m2.as_bytes());
+    assert_eq!(
+        api.call("DELETE", &format!("/v2/gc/app/manifests/{d2}"), &[], vec![])
+            .status,
+        202
+    );
+    snapctl(&reg.url, &["gc", "--grace", "0s"]).ok();
+    assert_eq!(
+        api.call("HEAD", &format!("/v2/gc/app/blobs/{sd}"), &[], vec![])
+            .status,
+        404
+    );
+    assert!(
+        chunk_objects(&data) + 3 <= after_one,
+        "the shared layer's chunks were not freed"
+    );
+}
