@@ -26,21 +26,13 @@ use snapreg_client::push::Uploader;
 use snapreg_client::remote::Remote;
 use snapreg_proto::manifest::{Extent, File, Layer, LayerKind, Manifest};
 
-use crate::digest::OciDigest;
 use crate::error::{OciError, Result};
 use crate::store::{self, digest_repo, digest_tag, Holder};
 use crate::tar_layout::{self, Segment};
+use crate::uploads::{RemoveOnDrop, Spooled};
 
 /// The member of a checkpoint archive that marks it as one (Podman and CRI-O).
 pub const INVENTORY: &str = "checkpoint/inventory.img";
-
-/// A blob whose bytes are in a local file and whose digest and size were checked.
-#[derive(Debug)]
-pub struct Spooled {
-    pub path: PathBuf,
-    pub size: u64,
-    pub digest: OciDigest,
-}
 
 /// A member's data as chunked.
 struct Chunked {
@@ -233,15 +225,6 @@ impl std::io::Write for CountingWriter {
 
 /// How far a compressed blob may expand when looked into.
 const MAX_EXPANSION: u64 = 32;
-
-/// Removes a scratch file when dropped.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// The tar segments of the blob, or the whole blob as one segment when it is not a tar.
 /// Also says why it is not a tar, when it is not.

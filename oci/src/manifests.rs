@@ -47,7 +47,7 @@ pub async fn get(
             .filter(|h| h.oci_manifest().is_some_and(|(_, md, _)| md == *d))
             .ok_or_else(unknown)?,
         Reference::Tag(t) => {
-            let Some((digest, bytes)) = tagged_bytes(remote, repo, t).await? else {
+            let Some((digest, bytes)) = store::tagged_bytes(remote, repo, t).await? else {
                 return Err(unknown());
             };
             let native = Holder {
@@ -62,18 +62,6 @@ pub async fn get(
         }
     };
     read(remote, &holder).await
-}
-
-async fn tagged_bytes(
-    remote: &Remote,
-    repo: &str,
-    tag: &str,
-) -> Result<Option<(snapreg_proto::Digest, bytes::Bytes)>> {
-    match remote.get_manifest(repo, tag).await {
-        Ok(x) => Ok(Some(x)),
-        Err(e) if e.kind() == snapreg_client::error::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The OCI manifest a holder holds, checked against its recorded digest.

@@ -25,6 +25,7 @@
 //! layer is its files' extents between generated tar headers (view.rs). Serving a
 //! blob streams its extents in order (content.rs); nothing is staged.
 
+use bytes::Bytes;
 use snapreg_client::push::Uploader;
 use snapreg_client::remote::Remote;
 use snapreg_proto::manifest::{Extent, File, Layer, LayerKind, Manifest};
@@ -36,14 +37,13 @@ use crate::error::{OciError, Result};
 /// The last component of the repository holding a repository's content by digest.
 pub const DIGEST_REPO: &str = snapreg_proto::reference::OCI_DIGEST_REPOSITORY;
 /// The extra layer holding OCI manifests and blobs.
-pub const OCI_LAYER: &str = "oci";
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub use snapreg_client::oci_image::{OCI_LAYER, OCI_MANIFEST_FILE as MANIFEST_FILE};
 
 pub mod annotations {
     /// sha256 of the layer's `manifest.json`.
     pub const MANIFEST_DIGEST: &str = "org.snapreg.oci.manifest-digest";
     /// The media type `manifest.json` is served with.
-    pub const MEDIA_TYPE: &str = "org.snapreg.oci.media-type";
+    pub use snapreg_client::oci_image::MEDIA_TYPE_ANNOTATION as MEDIA_TYPE;
     /// On a blob's snapshot: why the blob is not a checkpoint archive.
     pub const NOT_CHECKPOINT: &str = "org.snapreg.oci.not-checkpoint";
 }
@@ -114,15 +114,24 @@ pub async fn holder(remote: &Remote, repo: &str, d: &OciDigest) -> Result<Option
     tagged(remote, &digest_repo(repo), &digest_tag(d)).await
 }
 
-/// The snapshot a tag names, if the tag exists.
+/// The snapshot a tag (or `blake3:<hex>`) names, if any.
 pub async fn tagged(remote: &Remote, repo: &str, tag: &str) -> Result<Option<Holder>> {
+    let Some((digest, bytes)) = tagged_bytes(remote, repo, tag).await? else {
+        return Ok(None);
+    };
+    let manifest = Manifest::decode(&bytes)
+        .map_err(|e| OciError::internal(format!("snapshot {digest} of {repo}:{tag}: {e}")))?;
+    Ok(Some(Holder { digest, manifest }))
+}
+
+/// The digest and exact bytes of the snapshot a tag names, if any.
+pub async fn tagged_bytes(
+    remote: &Remote,
+    repo: &str,
+    tag: &str,
+) -> Result<Option<(Digest, Bytes)>> {
     match remote.get_manifest(repo, tag).await {
-        Ok((digest, bytes)) => {
-            let manifest = Manifest::decode(&bytes).map_err(|e| {
-                OciError::internal(format!("snapshot {digest} of {repo}:{tag}: {e}"))
-            })?;
-            Ok(Some(Holder { digest, manifest }))
-        }
+        Ok(x) => Ok(Some(x)),
         Err(e) if e.kind() == snapreg_client::error::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }

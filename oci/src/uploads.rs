@@ -20,10 +20,17 @@ use tokio::io::AsyncWriteExt;
 
 use crate::digest::{OciDigest, Sha256};
 use crate::error::{OciError, Result};
-use crate::ingest::Spooled;
 
 /// A session with no request for this long is dropped with its spool file.
 pub const SESSION_IDLE: Duration = Duration::from_secs(3600);
+
+/// A blob whose bytes are in a local file and whose digest and size were checked.
+#[derive(Debug)]
+pub struct Spooled {
+    pub path: PathBuf,
+    pub size: u64,
+    pub digest: OciDigest,
+}
 
 /// One upload in progress.
 struct Session {
@@ -278,8 +285,8 @@ fn spool_error(path: &Path, e: std::io::Error) -> OciError {
     )
 }
 
-/// Removes a spool file when the upload ends, however it ends.
-struct RemoveOnDrop(PathBuf);
+/// Removes a spool (or scratch) file when dropped, however the work ends.
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use snapreg_proto::encryption::TenantKey;
+use snapreg_proto::manifest::Extent;
 use snapreg_proto::Digest;
 
 use super::direct_url::DirectUrls;
@@ -303,6 +304,39 @@ impl Chunks {
     pub async fn get(&self, digest: Digest, file: &str) -> Result<Bytes> {
         let content = self.stored(digest, file).await?;
         self.decrypt(digest, content, file).await
+    }
+
+    /// A file's bytes (its `extents`) in order, `window` chunks fetched ahead: each
+    /// chunk as its file holds it, zero runs as pieces of at most 1 MiB of shared
+    /// zeros (never allocated whole: a KV cache's zero run is gigabytes).
+    pub fn extents<'a>(
+        &'a self,
+        extents: &'a [Extent],
+        file: &'a str,
+        window: usize,
+    ) -> BoxStream<'a, Result<Bytes>> {
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        futures::stream::iter(extents.iter().copied())
+            .map(move |e| async move {
+                Ok(match e {
+                    Extent::Chunk { chunk, .. } => vec![self.get(chunk, file).await?],
+                    Extent::Zero { zero } => {
+                        let full = (zero / ZEROS.len() as u64) as usize;
+                        let rest = (zero % ZEROS.len() as u64) as usize;
+                        let mut v = vec![Bytes::from_static(&ZEROS); full];
+                        if rest > 0 {
+                            v.push(Bytes::from_static(&ZEROS[..rest]));
+                        }
+                        v
+                    }
+                })
+            })
+            .buffered(window.max(1))
+            .flat_map(|pieces: Result<Vec<Bytes>>| match pieces {
+                Ok(v) => futures::stream::iter(v.into_iter().map(Ok)).boxed(),
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            })
+            .boxed()
     }
 
     /// Many chunks as their files hold them, in any order, `window` in flight.

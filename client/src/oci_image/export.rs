@@ -25,11 +25,12 @@ use std::time::Instant;
 use aws_lc_rs::digest::{Context, SHA256};
 use futures::StreamExt;
 use serde::Serialize;
-use snapreg_proto::manifest::{Extent, File, LayerKind, Manifest};
+use snapreg_proto::manifest::{File, LayerKind, Manifest};
 use snapreg_proto::reference::Reference;
 
 use super::{
-    config_json, layer_pieces, manifest_json, podman_index_file, Blob, Piece, OCI_MANIFEST,
+    config_json, layer_pieces, manifest_json, podman_index_file, Blob, Piece,
+    MEDIA_TYPE_ANNOTATION, OCI_LAYER, OCI_MANIFEST, OCI_MANIFEST_FILE,
 };
 use crate::error::{shown, ClientError, Result};
 use crate::fetch::Chunks;
@@ -38,10 +39,6 @@ use crate::remote::Remote;
 
 /// Chunks fetched ahead while writing a blob.
 const WINDOW: usize = 16;
-/// The `oci` layer of a snapshot pushed through the OCI listener, and its files.
-const OCI_LAYER: &str = "oci";
-const OCI_MANIFEST_FILE: &str = "manifest.json";
-const MEDIA_TYPE_ANNOTATION: &str = "org.snapreg.oci.media-type";
 
 /// Where an export goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,13 +255,9 @@ impl Layout<'_> {
 
     async fn read_small(&self, f: &File) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(f.size as usize);
-        for e in &f.extents {
-            match *e {
-                Extent::Chunk { chunk, .. } => {
-                    out.extend_from_slice(&self.chunks.get(chunk, &f.path).await?)
-                }
-                Extent::Zero { zero } => out.resize(out.len() + zero as usize, 0),
-            }
+        let mut pieces = self.chunks.extents(&f.extents, &f.path, WINDOW);
+        while let Some(b) = pieces.next().await {
+            out.extend_from_slice(&b?);
         }
         Ok(out)
     }
@@ -286,16 +279,7 @@ impl Layout<'_> {
             match p {
                 Piece::Framing(b) => put(b)?,
                 Piece::Data(extents) => {
-                    let mut fetched = futures::stream::iter(extents.iter().copied())
-                        .map(|e| async move {
-                            match e {
-                                Extent::Chunk { chunk, .. } => self.chunks.get(chunk, what).await,
-                                Extent::Zero { zero } => {
-                                    Ok(bytes::Bytes::from(vec![0u8; zero as usize]))
-                                }
-                            }
-                        })
-                        .buffered(WINDOW);
+                    let mut fetched = self.chunks.extents(extents, what, WINDOW);
                     while let Some(b) = fetched.next().await {
                         put(&b?)?;
                     }
@@ -303,7 +287,7 @@ impl Layout<'_> {
             }
         }
         let d = hash.finish();
-        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(d.as_ref());
         let dest = self.blobs.join(&hex);
         std::fs::rename(&partial, &dest)
             .map_err(|e| ClientError::io(format!("renaming into {}", shown(&dest)), e))?;

@@ -42,6 +42,13 @@ pub const SNAPSHOT_ANNOTATION: &str = "org.snapreg.snapshot";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// The layer of a snapshot that holds OCI content (written by the registry's OCI
+/// listener, oci/src/store.rs): its manifest, byte for byte, and each blob's extents.
+pub const OCI_LAYER: &str = "oci";
+/// The file of [`OCI_LAYER`] holding the OCI manifest.
+pub const OCI_MANIFEST_FILE: &str = "manifest.json";
+/// The annotation giving the media type that manifest is served with.
+pub const MEDIA_TYPE_ANNOTATION: &str = "org.snapreg.oci.media-type";
 /// The end-of-archive marker: two zero blocks.
 pub const END_OF_ARCHIVE: u64 = 2 * BLOCK as u64;
 
@@ -50,19 +57,6 @@ pub const END_OF_ARCHIVE: u64 = 2 * BLOCK as u64;
 pub enum Piece {
     Framing(Vec<u8>),
     Data(Vec<Extent>),
-}
-
-impl Piece {
-    pub fn len(&self) -> u64 {
-        match self {
-            Piece::Framing(b) => b.len() as u64,
-            Piece::Data(x) => x.iter().map(Extent::len).sum(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Where a snapshot file sits in a generated layer: a named layer's files under its
