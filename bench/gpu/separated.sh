@@ -11,11 +11,14 @@
 #                         snapshot into a freshly started weights service (weights from the registry)
 #   separated, warm svc   the same with the weights still in the service (what a node that
 #                         already serves the model pays)
-#   spooled checkpoint    the transparent worker checkpointed again with --spool
-#                         /dev/shm: how long it stays frozen when the dump goes to memory
+#   checkpoint freeze     how long `checkpoint --cuda` keeps the worker frozen: by
+#                         default (`--spool auto`: dumped into /dev/shm, pushed after
+#                         release), and streamed (the restored worker checkpointed again
+#                         with `--spool off`)
 #   --lazy                transparent and separated (fresh service) again with
 #                         `pull-restore --lazy`: the first answer is asked while the pages
-#                         still arrive; also the time until every page is in
+#                         still arrive; also the time until every page is in (LAZY=0
+#                         leaves these out)
 #
 # Every restore starts with the page cache dropped and must answer with exactly the
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
@@ -44,6 +47,8 @@ result cold_start_wall_s "$WALL"
 say "checkpoint --cuda"
 timeout 180 "$B/snapctl" --json checkpoint --cuda --pid "$PID" "hf/$PRESET:transparent" | tail -n 1 | tee "$OUT/ck-transparent.json"
 gone "$PID"
+result transparent_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-transparent.json')).get('freeze_ms'))")"
+result transparent_route "'$(python3 -c "import json; print(json.load(open('$OUT/ck-transparent.json'))['route']['reason'])")'"
 # The restored worker reopens its log, and CRIU insists on the size it had: keep a copy
 # to put back before each restore (every restore appends to it).
 cp -p "$A.log" "$A.log.ck"
@@ -57,15 +62,17 @@ say "local criu restore + CUDA restore (baseline)"
 local_restore local "$A" "$A.log.ck"
 rm -rf /dev/shm/local
 
-say "checkpoint --cuda --spool /dev/shm (the freeze when the dump goes to memory first)"
+say "checkpoint --cuda --spool off (the freeze when the dump streams into the registry)"
 rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"
 timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 >/dev/null
-timeout 180 "$B/snapctl" --json checkpoint --cuda --spool /dev/shm/spool --pid "$PID" "hf/$PRESET:spooled" | tail -n 1 | tee "$OUT/ck-spooled.json"
-gone "$PID"; rm -rf /dev/shm/spool
-result spooled_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-spooled.json')).get('freeze_ms'))")"
+timeout 180 "$B/snapctl" --json checkpoint --cuda --spool off --pid "$PID" "hf/$PRESET:streamed" | tail -n 1 | tee "$OUT/ck-streamed.json"
+gone "$PID"
+result streamed_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-streamed.json')).get('freeze_ms'))")"
 
-say "pull-restore --lazy, transparent"
-lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
+if [ "${LAZY:-1}" = 1 ]; then
+  say "pull-restore --lazy, transparent"
+  lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
+fi
 
 # ---- separated
 say "worker with its weights in the service"
@@ -106,9 +113,11 @@ result separated_warm_restore_s "$(el "$t0" "$t1")"
 result separated_warm_first_answer_s "$(el "$t0" "$t2")"
 kill_worker
 
-say "pull-restore --lazy, separated, fresh weights service"
-kill -9 "$WS"; gone "$WS"; start_service
-lazy_restore separated_lazy "$Bc" "$Bc.log.ck" "$W/cache-lb" "hf/$PRESET:separated" --weights-service "$SOCK"
+if [ "${LAZY:-1}" = 1 ]; then
+  say "pull-restore --lazy, separated, fresh weights service"
+  kill -9 "$WS"; gone "$WS"; start_service
+  lazy_restore separated_lazy "$Bc" "$Bc.log.ck" "$W/cache-lb" "hf/$PRESET:separated" --weights-service "$SOCK"
+fi
 
 cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null
 for d in $(ls -td /run/snapctl/* 2>/dev/null | head -4); do cp "$d"/*.log "$OUT/" 2>/dev/null; done

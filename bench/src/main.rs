@@ -14,6 +14,11 @@
 //!   `criu restore`), then pull-restore with a warm node cache; page cache dropped
 //!   before each, interleaved; then snapctl's peak RSS against image size.
 //!
+//! `snapreg-bench checkpoint [--gib G] [--reps R]`
+//!   how long a checkpoint of a G GiB process keeps it frozen, and until the snapshot
+//!   is committed: `criu dump` to local disk vs `snapctl checkpoint` streamed, spooled
+//!   to memory (`--spool auto`) and spooled to disk (checkpoint.rs).
+//!
 //! `snapreg-bench replication [--pushes N] [--mib M] [--interval-ms I]`
 //!   registry A replicating to B over loopback; a steady stream of N pushes of M MiB
 //!   (fresh random data each) to A, one every I ms; per push: the push time and the lag
@@ -56,6 +61,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use snapreg_client::chunker::{Chunker, ChunkerConfig};
 
+mod checkpoint;
 mod cost;
 mod encryption;
 mod fanout;
@@ -90,6 +96,10 @@ fn main() -> Result<()> {
                 .map_or((0..6).collect(), |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
             restore(gib, opt("--reps", 3), &rss, &paths)
         }
+        Some("checkpoint") => {
+            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            checkpoint::run(gib, opt("--reps", 3))
+        }
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
         Some("s3") => s3::run(opt("--mib", 1024), opt("--reps", 3), opt("--requests", 200)),
         Some("encryption") => encryption::run(opt("--mib", 1024), opt("--reps", 3)),
@@ -118,7 +128,7 @@ fn main() -> Result<()> {
         Some("oci-dedup") => oci::run(opt("--mib", 256)),
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M]"
         ),
     }
 }
@@ -503,16 +513,37 @@ fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
 /// [`dump_process`] with `pad_mib` MiB of per-process content before the pattern: two
 /// runs with different pads hold the same data at different offsets (siblings).
 fn dump_sibling(work: &Path, images: &Path, gib: f64, pad_mib: usize) -> Result<u32> {
-    let third = ((gib * 1024.0) / 3.0).round() as usize;
-    let out = work.join(format!(
-        "proc-{}",
-        images.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::create_dir_all(&out)?;
+    let name = images.file_name().unwrap().to_string_lossy();
+    let (mut child, _) = hold_process(work, &name, gib, pad_mib)?;
+    let pid = child.id();
     std::fs::create_dir_all(images)?;
+    let st = Command::new(criu_path())
+        .args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(images)
+        .args(["-o", "dump.log"])
+        .status()?;
+    if !st.success() {
+        bail!("criu dump failed; see {}/dump.log", images.display());
+    }
+    child.wait()?;
+    Ok(pid)
+}
+
+/// Starts a test process of `gib` GiB (thirds: random, pattern, zeros) writing its
+/// state under `work/proc-<name>`; returns it once it counts, and that directory.
+fn hold_process(
+    work: &Path,
+    name: &str,
+    gib: f64,
+    pad_mib: usize,
+) -> Result<(std::process::Child, PathBuf)> {
+    let third = ((gib * 1024.0) / 3.0).round() as usize;
+    let out = work.join(format!("proc-{name}"));
+    std::fs::create_dir_all(&out)?;
+    let _ = std::fs::remove_file(out.join("state"));
     // setsid(1) execs in place (the child is no group leader): its own session, so
     // CRIU needs no --shell-job.
-    let mut child = Command::new("setsid")
+    let child = Command::new("setsid")
         .arg(bin("snapreg-testproc"))
         .args(["hold", "--out"])
         .arg(&out)
@@ -532,38 +563,15 @@ fn dump_sibling(work: &Path, images: &Path, gib: f64, pad_mib: usize) -> Result<
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let pid = child.id();
     while !out.join("state").exists() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let st = Command::new(criu_path())
-        .args(["dump", "-t", &pid.to_string(), "-D"])
-        .arg(images)
-        .args(["-o", "dump.log"])
-        .status()?;
-    if !st.success() {
-        bail!("criu dump failed; see {}/dump.log", images.display());
-    }
-    child.wait()?;
-    Ok(pid)
+    Ok((child, out))
 }
 
-fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<()> {
-    let work = scratch("snapreg-bench-")?;
-    let w = work.path();
-    let reg = Registry::start(&w.join("registry"))?;
-    let images = w.join("images");
-    let pid = dump_process(w, &images, gib)?;
-    let image_bytes: u64 = std::fs::read_dir(&images)?
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    snapctl(
-        &reg.url,
-        &["push", images.to_str().unwrap(), "bench/restore:a"],
-    )?;
-    // The archive path: a tar.zst served over HTTP on loopback.
+/// `images` as a tar.zst served by `python3 -m http.server` on loopback: the server
+/// and the archive's URL.
+fn serve_archive(w: &Path, images: &Path) -> Result<(Option<std::process::Child>, String)> {
     let www = w.join("www");
     std::fs::create_dir_all(&www)?;
     sh(&format!(
@@ -593,6 +601,29 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
         .unwrap_or("8000")
         .to_string();
     let url = format!("http://127.0.0.1:{port}/img.tar.zst");
+    Ok((Some(http), url))
+}
+
+fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<()> {
+    let work = scratch("snapreg-bench-")?;
+    let w = work.path();
+    let reg = Registry::start(&w.join("registry"))?;
+    let images = w.join("images");
+    let pid = dump_process(w, &images, gib)?;
+    let image_bytes: u64 = std::fs::read_dir(&images)?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    snapctl(
+        &reg.url,
+        &["push", images.to_str().unwrap(), "bench/restore:a"],
+    )?;
+    // The archive path: a tar.zst served over HTTP on loopback (only when measured).
+    let (mut http, url) = match paths.contains(&2) {
+        true => serve_archive(w, &images)?,
+        false => (None, String::new()),
+    };
     let cache = w.join("node-cache");
     let criu = criu_path();
     let state = w.join("proc-images");
@@ -666,7 +697,9 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
             let _ = std::fs::remove_dir_all(&scratch);
         }
     }
-    let _ = http.kill();
+    if let Some(h) = http.as_mut() {
+        let _ = h.kill();
+    }
     let local = median(&mut first[0].clone());
     let mut report = format!(
         "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each; every restored process verified its whole memory)\n\n\

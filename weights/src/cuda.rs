@@ -8,7 +8,7 @@
 
 use std::ffi::{c_int, c_uint, c_void, CStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::{Error, Result};
 
@@ -19,6 +19,10 @@ const LOCATION_DEVICE: c_int = 1; // CU_MEM_LOCATION_TYPE_DEVICE
 const ACCESS_READ: c_int = 1; // CU_MEM_ACCESS_FLAGS_PROT_READ
 const ACCESS_READWRITE: c_int = 3;
 const STAGING_BYTES: usize = 8 << 20;
+/// At most this many staging buffers (64 MiB pinned): `cuMemcpyHtoD` and
+/// `cuMemcpyDtoH` on the default stream run one at a time anyway, so more only grew
+/// the process (32 concurrent chunk writes held 256 MiB of pinned memory).
+const STAGING_BUFFERS: usize = 8;
 
 #[repr(C)]
 #[derive(Default)]
@@ -71,8 +75,16 @@ pub struct Cuda {
     pub device: i32,
     granularity: u64,
     /// Pinned host buffers, reused across copies (never freed: they live as long as
-    /// the process, like the context).
-    staging: Mutex<Vec<usize>>,
+    /// the process, like the context); a copy waits on `staging_freed` for one when
+    /// all STAGING_BUFFERS are in use.
+    staging: Mutex<Staging>,
+    staging_freed: Condvar,
+}
+
+#[derive(Default)]
+struct Staging {
+    free: Vec<usize>,
+    allocated: usize,
 }
 
 fn check(what: &str, rc: CuResult) -> Result<()> {
@@ -158,6 +170,7 @@ impl Cuda {
             device,
             granularity: 0,
             staging: Mutex::default(),
+            staging_freed: Condvar::new(),
         };
         cuda.current()?;
         let mut g = 0usize;
@@ -295,20 +308,32 @@ impl Cuda {
     }
 
     fn with_staging<T>(&self, f: impl FnOnce(*mut u8) -> Result<T>) -> Result<T> {
-        let buf = match self.staging.lock().unwrap().pop() {
-            Some(b) => b,
-            None => {
+        let buf = self.take_staging()?;
+        let out = f(buf as *mut u8);
+        self.staging.lock().unwrap().free.push(buf);
+        self.staging_freed.notify_one();
+        out
+    }
+
+    /// A free staging buffer, a new one while fewer than STAGING_BUFFERS exist, or
+    /// the next one freed.
+    fn take_staging(&self) -> Result<usize> {
+        let mut pool = self.staging.lock().unwrap();
+        loop {
+            if let Some(b) = pool.free.pop() {
+                return Ok(b);
+            }
+            if pool.allocated < STAGING_BUFFERS {
                 let mut p = std::ptr::null_mut();
                 // SAFETY: `p` is a live out-pointer.
                 check("cuMemHostAlloc (pinned staging)", unsafe {
                     (self.d.host_alloc)(&mut p, STAGING_BYTES, 0)
                 })?;
-                p as usize
+                pool.allocated += 1;
+                return Ok(p as usize);
             }
-        };
-        let out = f(buf as *mut u8);
-        self.staging.lock().unwrap().push(buf);
-        out
+            pool = self.staging_freed.wait(pool).unwrap();
+        }
     }
 
     pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {

@@ -23,9 +23,15 @@ pub struct Args {
     /// The process is attached to a terminal / session it does not lead.
     #[arg(long)]
     shell_job: bool,
-    /// Dump into DIR (e.g. a tmpfs) first and upload after the process is released.
-    #[arg(long, value_name = "DIR")]
-    spool: Option<PathBuf>,
+    /// Dump into DIR (e.g. a tmpfs) first and upload after the process is released;
+    /// `auto`: into --memory-spool-dir when the tree fits there and in free memory,
+    /// else stream; `off`: stream (the tree stays frozen until the registry has every
+    /// chunk). Default: `auto` with --cuda, `off` without.
+    #[arg(long, value_name = "DIR|auto|off")]
+    spool: Option<checkpoint::Spool>,
+    /// The tmpfs `--spool auto` dumps into.
+    #[arg(long, value_name = "DIR", default_value = checkpoint::MEMORY_DIR)]
+    memory_spool_dir: PathBuf,
     /// Abort the dump (and release the process) after this long without progress.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
@@ -62,7 +68,12 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         tcp_established: a.tcp_established,
         shell_job: a.shell_job,
         extra_args: a.criu_args.clone(),
-        spool: a.spool.clone(),
+        spool: a.spool.clone().unwrap_or(if a.cuda {
+            checkpoint::Spool::Auto
+        } else {
+            checkpoint::Spool::Off
+        }),
+        memory_spool_dir: a.memory_spool_dir.clone(),
         stall_timeout: a.stall_timeout,
         cuda: a.cuda,
         weights_service: a.weights_service.clone(),
@@ -83,7 +94,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         })?;
     Ok(Output {
         human: format!(
-            "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s{}",
+            "checkpointed PID {} as {} ({}): {} files, {} bytes, {} chunks sent, frozen {} ms, {:.2}s\n  {}{}",
             r.pid,
             r.reference,
             r.digest,
@@ -92,6 +103,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.counters.chunks_transferred,
             r.freeze_ms.map_or("?".into(), |f| format!("{f:.0}")),
             r.seconds,
+            r.route.reason,
             written_lines(&r.written_files)
         ),
         json: serde_json::to_value(&r)?,

@@ -28,11 +28,16 @@
 //! watchdog is what bounds a checkpoint's worst case.
 //!
 //! `--spool DIR` dumps to a local directory first (the tasks are released at CRIU's
-//! speed) and pushes afterwards; the images stay in DIR if the push fails.
+//! speed) and pushes afterwards; the images stay in DIR if the push fails. `--spool
+//! auto` (the default with `--cuda`) does that in memory when the tree fits
+//! ([`route`] says when, and why).
 
 mod capture;
 mod plan;
+mod route;
 mod spool;
+
+pub use route::{Route, Spool, MEMORY_DIR};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -57,7 +62,9 @@ pub struct CheckpointOptions {
     pub tcp_established: bool,
     pub shell_job: bool,
     pub extra_args: Vec<String>,
-    pub spool: Option<PathBuf>,
+    pub spool: Spool,
+    /// The tmpfs `--spool auto` dumps into.
+    pub memory_spool_dir: PathBuf,
     /// No byte read from CRIU and none uploaded for this long aborts the dump.
     pub stall_timeout: Duration,
     /// Checkpoint the tree's CUDA state into host memory first (and put it back if
@@ -87,6 +94,8 @@ pub struct CheckpointReport {
     /// PIDs whose CUDA state was checkpointed, and how long lock + checkpoint took.
     pub cuda_pids: Vec<u32>,
     pub cuda_checkpoint_seconds: Option<f64>,
+    /// Streamed or spooled, and why.
+    pub route: Route,
     /// Bytes of the CRIU image (process layer) and of the weights layer.
     pub process_bytes: u64,
     pub weights_bytes: u64,
@@ -146,12 +155,9 @@ pub async fn checkpoint(
         facts: TreeFacts::new(&pids, cuda_guard.as_ref(), weights),
         progress: progress.clone(),
     };
-    let dumped = match &opts.spool {
-        Some(spool) => spool::dump_then_push(&job, spool).await,
-        None => capture::dump_streaming(&job).await,
-    };
+    let dumped = dump(&job).await;
     release_gpu_state(dumped.is_ok(), opts.leave_running, &mut cuda_guard);
-    let dumped = dumped?;
+    let (dumped, route) = dumped?;
     progress.finish();
     Ok(CheckpointReport {
         reference: reference.to_string(),
@@ -165,10 +171,23 @@ pub async fn checkpoint(
         criu_log: dumped.dir.join("dump.log"),
         cuda_pids: job.facts.cuda_pids,
         cuda_checkpoint_seconds,
+        route,
         process_bytes: dumped.process_bytes,
         weights_bytes: dumped.weights_bytes,
         written_files: dumped.written_files,
     })
+}
+
+/// The dump on the route chosen now, after the CUDA checkpoint put device memory
+/// into host memory.
+async fn dump(job: &DumpJob<'_>) -> Result<(Dumped, Route)> {
+    let route = route::choose(job.opts, &job.facts.pids)?;
+    tracing::info!(route = %route.reason, "dumping");
+    let dumped = match &route.spooled_to {
+        Some(dir) => spool::dump_then_push(job, dir).await,
+        None => capture::dump_streaming(job).await,
+    };
+    dumped.map(|d| (d, route))
 }
 
 /// A failed dump resumed the tasks, --leave-running keeps them: either way their CUDA

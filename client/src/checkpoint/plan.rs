@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use snapreg_proto::manifest::{annotations, Layer, Manifest};
 
-use super::CheckpointOptions;
+use super::{CheckpointOptions, Spool};
 use crate::cuda::Checkpointed;
 use crate::error::{ClientError, Result};
 use crate::process;
@@ -29,12 +29,13 @@ pub(super) fn check_tree(
     opts: &CheckpointOptions,
     pids: &[u32],
 ) -> Result<Option<Arc<WeightsPlan>>> {
-    if opts.spool.is_none() {
-        // Streaming cannot carry hugetlb pages; CRIU's own directory dump can.
+    if opts.spool == Spool::Off {
+        // Streaming cannot carry hugetlb pages; CRIU's own directory dump can (`auto`
+        // decides later, see route.rs).
         process::refuse_huge_pages(pids)?;
     }
     match &opts.weights_service {
-        Some(_) if opts.spool.is_some() => Err(ClientError::Usage(
+        Some(_) if matches!(opts.spool, Spool::Dir(_)) => Err(ClientError::Usage(
             "--weights-service streams the dump: drop --spool".into(),
         )),
         Some(socket) => Ok(Some(Arc::new(WeightsPlan::prepare(socket, pids)?))),

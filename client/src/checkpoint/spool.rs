@@ -35,6 +35,9 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     let dump_seconds = t.elapsed().as_secs_f64();
     if !status.status.success() {
+        // CRIU resumed the tasks: a partial image is of no use, and in memory it
+        // costs memory. The log stays for the error.
+        remove_images(&dir);
         return Err(criu::failure(
             "dump",
             &dir.join("dump.log"),
@@ -48,7 +51,8 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         ChunkerConfig::default(),
         job.progress.clone(),
     )
-    .await?;
+    .await
+    .map_err(|e| kept_note(e, &dir))?;
     let mut layer = Layer {
         kind: LayerKind::Process,
         name: None,
@@ -100,9 +104,7 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         .await
         .map_err(|e| kept_note(e, &dir))?;
     // Uploaded: the images go, the log and stats stay for the report.
-    for name in &names {
-        let _ = std::fs::remove_file(dir.join(name));
-    }
+    remove_images(&dir);
     Ok(Dumped {
         files: layer.files.len(),
         dir,
@@ -112,6 +114,15 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         weights_bytes: 0,
         written_files: written.report,
     })
+}
+
+/// Removes CRIU's `*.img` files from `dir`, leaving its log and stats.
+fn remove_images(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".img") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn kept_note(e: ClientError, dir: &Path) -> ClientError {

@@ -159,6 +159,183 @@ fn spooled_checkpoint_restores_too() {
     assert!(p.verify(pid).starts_with("ok"));
 }
 
+/// A memory directory of its own on /dev/shm (a tmpfs), removed at the end.
+fn memory_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("snapreg-e2e-spool-")
+        .tempdir_in("/dev/shm")
+        .unwrap()
+}
+
+/// Files CRIU left in the spool directories under `memory`.
+fn spooled_images(memory: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let spool = memory.join("snapctl-spool");
+    std::fs::read_dir(&spool)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect()
+}
+
+#[test]
+fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let memory = memory_dir();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 64, 21, 0, 16);
+    let pid = p.pid();
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--spool",
+            "auto",
+            "--memory-spool-dir",
+            memory.path().to_str().unwrap(),
+            "t/auto:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let route = &ck["route"];
+    assert!(
+        route["spooled_to"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(memory.path().to_str().unwrap())),
+        "{ck}"
+    );
+    assert!(route["reason"].as_str().unwrap().contains("fits"), "{ck}");
+    assert!(
+        spooled_images(memory.path()).is_empty(),
+        "images left in memory after the push: {:?}",
+        spooled_images(memory.path())
+    );
+    let _ = p.child.wait();
+    let at = counter_of(&p.dir);
+    snapctl_cached(
+        &reg.url,
+        &t.path().join("cache"),
+        &["pull-restore", "--detach", "t/auto:v1"],
+    )
+    .ok();
+    let _restored = Restored(pid);
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
+
+#[test]
+fn auto_spool_streams_when_the_memory_directory_is_too_small() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let tiny = t.path().join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "snapreg-test-tiny"])
+        .arg(&tiny)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(tiny.clone());
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 64, 22, 0, 0);
+    let pid = p.pid();
+    let ck = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--spool",
+            "auto",
+            "--memory-spool-dir",
+            tiny.to_str().unwrap(),
+            "t/auto:v2",
+        ],
+    )
+    .ok()
+    .json();
+    let route = &ck["route"];
+    assert!(route["spooled_to"].is_null(), "{ck}");
+    let reason = route["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("streamed") && reason.contains("free in the memory directory"),
+        "{reason}"
+    );
+    let _ = p.child.wait();
+    let at = counter_of(&p.dir);
+    snapctl(&reg.url, &["pull-restore", "--detach", "t/auto:v2"]).ok();
+    let _restored = Restored(pid);
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
+
+/// A spooled dump has killed the tasks before its push: when the registry dies then,
+/// the images stay in memory, the error names them, and a later push restores.
+#[test]
+fn registry_killed_after_an_auto_spooled_dump_keeps_the_images_for_a_push() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let memory = memory_dir();
+    let mut reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 256, 23, 0, 0);
+    let pid = p.pid();
+    let ck = std::process::Command::new(bin("snapctl"))
+        .args([
+            "--registry",
+            &reg.url,
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+        ])
+        .args(["--spool", "auto", "--memory-spool-dir"])
+        .arg(memory.path())
+        .arg("t/kept:v1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The spool directory appears just before CRIU starts: the registry dies then.
+    let spool = memory.path().join("snapctl-spool");
+    wait_for(Duration::from_secs(30), || {
+        std::fs::read_dir(&spool).ok()?.next().map(|_| ())
+    })
+    .expect("no spool directory appeared");
+    reg.kill9();
+    let out = ck.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let _ = p.child.wait();
+    let kept = stderr
+        .split("the images are kept in ")
+        .nth(1)
+        .and_then(|s| s.split(" — ").next())
+        .unwrap_or_else(|| panic!("the error does not say where the images are: {stderr}"));
+    assert!(stderr.contains("snapctl push"), "{stderr}");
+    assert!(!spooled_images(memory.path()).is_empty(), "{stderr}");
+    let at = counter_of(&p.dir);
+    reg.restart();
+    snapctl(&reg.url, &["push", kept, "t/kept:v1"]).ok();
+    snapctl(&reg.url, &["pull-restore", "--detach", "t/kept:v1"]).ok();
+    let _restored = Restored(pid);
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
+
 #[test]
 fn registry_killed_mid_checkpoint_leaves_process_running_and_nothing_visible() {
     let _lock = criu_lock();
