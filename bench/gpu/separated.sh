@@ -19,6 +19,7 @@
 #                         `pull-restore --lazy`: the first answer is asked while the pages
 #                         still arrive; also the time until every page is in (LAZY=0
 #                         leaves these out)
+# SEPARATED=0 stops after the transparent paths.
 #
 # Every restore starts with the page cache dropped and must answer with exactly the
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
@@ -73,6 +74,8 @@ if [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, transparent"
   lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
 fi
+
+if [ "${SEPARATED:-1}" != 1 ]; then say "done (SEPARATED=0)"; cat "$OUT/summary.env"; exit 0; fi
 
 # ---- separated
 say "worker with its weights in the service"

@@ -1,6 +1,7 @@
 //! `--spool DIR`: CRIU dumps to a local directory first (the tasks are released at
 //! CRIU's speed), then the images are pushed; they stay in DIR if the push fails.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
@@ -99,6 +100,14 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
     .map_err(|e| kept_note(e, &dir))?;
     let mut manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts);
     written.record(&mut manifest);
+    // Where the CUDA checkpoint put device memory in the pages files, as a streamed
+    // dump records it: a restore fetches those chunks first.
+    if !job.facts.device_ranges.is_empty() {
+        manifest.device_memory = crate::device_memory::manifest_segments(
+            &job.facts.device_ranges,
+            &read_pagemaps(&dir, &names).map_err(|e| kept_note(e, &dir))?,
+        );
+    }
     let digest = uploader
         .commit(&reference.repository, &manifest, vec![job.tag.clone()])
         .await
@@ -114,6 +123,20 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         weights_bytes: 0,
         written_files: written.report,
     })
+}
+
+/// The `pagemap-*.img` files among `names`, by name.
+fn read_pagemaps(dir: &Path, names: &[String]) -> Result<HashMap<String, Vec<u8>>> {
+    names
+        .iter()
+        .filter(|n| n.starts_with("pagemap-") && n.ends_with(".img"))
+        .map(|n| {
+            let path = dir.join(n);
+            std::fs::read(&path)
+                .map(|b| (n.clone(), b))
+                .map_err(|e| ClientError::io(format!("reading {}", path.display()), e))
+        })
+        .collect()
 }
 
 /// Removes CRIU's `*.img` files from `dir`, leaving its log and stats.

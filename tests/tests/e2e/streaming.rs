@@ -229,28 +229,75 @@ fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
     assert!(p.verify(pid).starts_with("ok"));
 }
 
+/// A 16 MiB tmpfs mounted at a path of the test's, unmounted on drop.
+struct TinyTmpfs(std::path::PathBuf);
+
+impl TinyTmpfs {
+    fn mount(at: &std::path::Path) -> TinyTmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "snapreg-test-tiny"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        TinyTmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for TinyTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// CRIU fails halfway (the spool directory fills up): the tasks resume with their
+/// memory intact, no partial image is left in the directory, nothing is tagged.
+#[test]
+fn a_spooled_dump_that_fills_its_directory_fails_and_the_process_runs_on() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let tiny = t.path().join("tiny");
+    let _unmount = TinyTmpfs::mount(&tiny);
+    let reg = Registry::start(&t.path().join("reg"));
+    let p = TestProc::hold(&t.path().join("proc"), 64, 24, 0, 0);
+    let pid = p.pid();
+    let out = snapctl(
+        &reg.url,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--spool",
+            tiny.to_str().unwrap(),
+            "t/full:v1",
+        ],
+    );
+    assert_ne!(out.code, 0, "the dump cannot fit: {}", out.stdout);
+    assert!(out.stderr.contains("criu dump failed"), "{}", out.stderr);
+    let left: Vec<_> = std::fs::read_dir(&tiny)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".img"))
+        .collect();
+    assert!(left.is_empty(), "partial images left: {left:?}");
+    assert_eq!(snapctl(&reg.url, &["inspect", "t/full:v1"]).code, 3);
+    let now = counter_of(&p.dir);
+    wait_counting(&p.dir, now + 3);
+    assert!(p.verify(pid).starts_with("ok"));
+}
+
 #[test]
 fn auto_spool_streams_when_the_memory_directory_is_too_small() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let tiny = t.path().join("tiny");
-    std::fs::create_dir_all(&tiny).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "snapreg-test-tiny"])
-        .arg(&tiny)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mounting a tmpfs needs root");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(tiny.clone());
+    let _unmount = TinyTmpfs::mount(&tiny);
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 22, 0, 0);
     let pid = p.pid();
