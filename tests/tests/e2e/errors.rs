@@ -80,24 +80,7 @@ fn unknown_manifest_version_is_refused_and_nothing_is_tagged() {
 fn full_store_fails_push_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let data = t.path().join("reg");
-    let store = data.join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "snapreg-test-full"])
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mounting a tmpfs needs root");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(store.clone());
+    let _store = Tmpfs::mount(&data.join("store"), "2m");
     let reg = Registry::start(&data);
     let src = t.path().join("src");
     std::fs::create_dir_all(&src).unwrap();

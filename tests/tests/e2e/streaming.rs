@@ -167,10 +167,9 @@ fn memory_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Files CRIU left in the spool directories under `memory`.
-fn spooled_images(memory: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let spool = memory.join("snapctl-spool");
-    std::fs::read_dir(&spool)
+/// `*.img` files in the checkpoint directories under `spool`.
+fn spooled_images(spool: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(spool)
         .into_iter()
         .flatten()
         .flatten()
@@ -178,6 +177,32 @@ fn spooled_images(memory: &std::path::Path) -> Vec<std::path::PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "img"))
         .collect()
+}
+
+/// `snapctl checkpoint --spool auto --memory-spool-dir DIR`; its JSON report.
+fn checkpoint_auto(
+    registry: &str,
+    pid: u32,
+    dir: &std::path::Path,
+    tag: &str,
+) -> serde_json::Value {
+    let pid = pid.to_string();
+    let dir = dir.to_str().unwrap();
+    let args = ["checkpoint", "--pid", &pid, "--spool", "auto"];
+    let args = [&args[..], &["--memory-spool-dir", dir, tag]].concat();
+    snapctl(registry, &args).ok().json()
+}
+
+/// Once the checkpoint killed `p`: `pull-restore TAG`, then the restored process counts
+/// on and verifies its memory.
+fn restores_and_counts_on(registry: &str, p: &mut TestProc, tag: &str) {
+    let pid = p.pid();
+    let _ = p.child.wait();
+    let at = counter_of(&p.dir);
+    snapctl(registry, &["pull-restore", "--detach", tag]).ok();
+    let _restored = Restored(pid);
+    wait_counting(&p.dir, at + 3);
+    assert!(p.verify(pid).starts_with("ok"));
 }
 
 #[test]
@@ -188,21 +213,7 @@ fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 21, 0, 16);
     let pid = p.pid();
-    let ck = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--spool",
-            "auto",
-            "--memory-spool-dir",
-            memory.path().to_str().unwrap(),
-            "t/auto:v1",
-        ],
-    )
-    .ok()
-    .json();
+    let ck = checkpoint_auto(&reg.url, pid, memory.path(), "t/auto:v1");
     let route = &ck["route"];
     assert!(
         route["spooled_to"]
@@ -211,47 +222,12 @@ fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
         "{ck}"
     );
     assert!(route["reason"].as_str().unwrap().contains("fits"), "{ck}");
+    let left = spooled_images(&memory.path().join("snapctl-spool"));
     assert!(
-        spooled_images(memory.path()).is_empty(),
-        "images left in memory after the push: {:?}",
-        spooled_images(memory.path())
+        left.is_empty(),
+        "images left in memory after the push: {left:?}"
     );
-    let _ = p.child.wait();
-    let at = counter_of(&p.dir);
-    snapctl_cached(
-        &reg.url,
-        &t.path().join("cache"),
-        &["pull-restore", "--detach", "t/auto:v1"],
-    )
-    .ok();
-    let _restored = Restored(pid);
-    wait_counting(&p.dir, at + 3);
-    assert!(p.verify(pid).starts_with("ok"));
-}
-
-/// A 16 MiB tmpfs mounted at a path of the test's, unmounted on drop.
-struct TinyTmpfs(std::path::PathBuf);
-
-impl TinyTmpfs {
-    fn mount(at: &std::path::Path) -> TinyTmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "snapreg-test-tiny"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(mounted.success(), "mounting a tmpfs needs root");
-        TinyTmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for TinyTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
+    restores_and_counts_on(&reg.url, &mut p, "t/auto:v1");
 }
 
 /// CRIU fails halfway (the spool directory fills up): the tasks resume with their
@@ -261,7 +237,7 @@ fn a_spooled_dump_that_fills_its_directory_fails_and_the_process_runs_on() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let tiny = t.path().join("tiny");
-    let _unmount = TinyTmpfs::mount(&tiny);
+    let _unmount = Tmpfs::mount(&tiny, "16m");
     let reg = Registry::start(&t.path().join("reg"));
     let p = TestProc::hold(&t.path().join("proc"), 64, 24, 0, 0);
     let pid = p.pid();
@@ -278,13 +254,7 @@ fn a_spooled_dump_that_fills_its_directory_fails_and_the_process_runs_on() {
     );
     assert_ne!(out.code, 0, "the dump cannot fit: {}", out.stdout);
     assert!(out.stderr.contains("criu dump failed"), "{}", out.stderr);
-    let left: Vec<_> = std::fs::read_dir(&tiny)
-        .unwrap()
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".img"))
-        .collect();
+    let left = spooled_images(&tiny);
     assert!(left.is_empty(), "partial images left: {left:?}");
     assert_eq!(snapctl(&reg.url, &["inspect", "t/full:v1"]).code, 3);
     let now = counter_of(&p.dir);
@@ -297,25 +267,11 @@ fn auto_spool_streams_when_the_memory_directory_is_too_small() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let tiny = t.path().join("tiny");
-    let _unmount = TinyTmpfs::mount(&tiny);
+    let _unmount = Tmpfs::mount(&tiny, "16m");
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 22, 0, 0);
     let pid = p.pid();
-    let ck = snapctl(
-        &reg.url,
-        &[
-            "checkpoint",
-            "--pid",
-            &pid.to_string(),
-            "--spool",
-            "auto",
-            "--memory-spool-dir",
-            tiny.to_str().unwrap(),
-            "t/auto:v2",
-        ],
-    )
-    .ok()
-    .json();
+    let ck = checkpoint_auto(&reg.url, pid, &tiny, "t/auto:v2");
     let route = &ck["route"];
     assert!(route["spooled_to"].is_null(), "{ck}");
     let reason = route["reason"].as_str().unwrap();
@@ -323,12 +279,7 @@ fn auto_spool_streams_when_the_memory_directory_is_too_small() {
         reason.starts_with("streamed") && reason.contains("free in the memory directory"),
         "{reason}"
     );
-    let _ = p.child.wait();
-    let at = counter_of(&p.dir);
-    snapctl(&reg.url, &["pull-restore", "--detach", "t/auto:v2"]).ok();
-    let _restored = Restored(pid);
-    wait_counting(&p.dir, at + 3);
-    assert!(p.verify(pid).starts_with("ok"));
+    restores_and_counts_on(&reg.url, &mut p, "t/auto:v2");
 }
 
 /// A spooled dump has killed the tasks before its push: when the registry dies then,
@@ -373,7 +324,10 @@ fn registry_killed_after_an_auto_spooled_dump_keeps_the_images_for_a_push() {
         .and_then(|s| s.split(" — ").next())
         .unwrap_or_else(|| panic!("the error does not say where the images are: {stderr}"));
     assert!(stderr.contains("snapctl push"), "{stderr}");
-    assert!(!spooled_images(memory.path()).is_empty(), "{stderr}");
+    assert!(
+        !spooled_images(&memory.path().join("snapctl-spool")).is_empty(),
+        "{stderr}"
+    );
     let at = counter_of(&p.dir);
     reg.restart();
     snapctl(&reg.url, &["push", kept, "t/kept:v1"]).ok();

@@ -896,3 +896,26 @@ pub fn first_json_line(child: &mut Child, what: &str) -> serde_json::Value {
         .unwrap();
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what} printed {line:?}: {e}"))
 }
+
+/// A tmpfs of `size` (e.g. "16m") mounted at `at` (created), unmounted on drop: a full
+/// disk or a small memory directory on demand. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "snapreg-test"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
