@@ -79,7 +79,20 @@ pub fn declared_len(object: &[u8]) -> Option<usize> {
 
 /// Decodes a chunk object and verifies it is the chunk `expected` names.
 pub fn decode(expected: &Digest, object: &[u8]) -> Result<Bytes, Error> {
-    let data = unframe(object).map_err(|reason| Error::ChunkCorrupt {
+    verified(expected, unframe_with(object, Bytes::copy_from_slice))
+}
+
+/// [`decode`] of an object already held in a `Bytes` (as received): a raw payload is
+/// returned as a slice of it instead of a copy.
+pub fn decode_shared(expected: &Digest, object: Bytes) -> Result<Bytes, Error> {
+    verified(
+        expected,
+        unframe_with(&object, |_| object.slice(HEADER_LEN..)),
+    )
+}
+
+fn verified(expected: &Digest, data: Result<Bytes, String>) -> Result<Bytes, Error> {
+    let data = data.map_err(|reason| Error::ChunkCorrupt {
         digest: *expected,
         reason,
     })?;
@@ -96,6 +109,11 @@ pub fn decode(expected: &Digest, object: &[u8]) -> Result<Bytes, Error> {
 /// Decodes a chunk object's framing without checking its content against an address:
 /// for objects authenticated another way (the inside of an encrypted chunk).
 pub(crate) fn unframe(object: &[u8]) -> Result<Bytes, String> {
+    unframe_with(object, Bytes::copy_from_slice)
+}
+
+/// [`unframe`], with `raw` making the result of a raw payload (copy or slice).
+fn unframe_with(object: &[u8], raw: impl FnOnce(&[u8]) -> Bytes) -> Result<Bytes, String> {
     if object.len() > MAX_OBJECT_LEN {
         return Err(format!(
             "object is {} bytes, over the {MAX_OBJECT_LEN}-byte limit",
@@ -111,7 +129,7 @@ pub(crate) fn unframe(object: &[u8]) -> Result<Bytes, String> {
     }
     let payload = &object[HEADER_LEN..];
     let data: Bytes = match object[4] {
-        0 => Bytes::copy_from_slice(payload),
+        0 => raw(payload),
         1 => zstd::bulk::decompress(payload, len)
             .map_err(|e| format!("zstd payload does not decode: {e}"))?
             .into(),
@@ -143,6 +161,27 @@ mod tests {
         assert_eq!(obj[4], Codec::Raw as u8);
         assert_eq!(obj.len(), data.len() + HEADER_LEN);
         assert_eq!(decode(&Digest::of(&data), &obj).unwrap(), data);
+    }
+
+    #[test]
+    fn shared_decode_slices_raw_payloads_and_checks_like_decode() {
+        for data in [b"xy".repeat(50_000), crate::test_noise(50_000)] {
+            let digest = Digest::of(&data);
+            let obj = encode(&data);
+            let out = decode_shared(&digest, obj.clone()).unwrap();
+            assert_eq!(out, data);
+            if obj[4] == Codec::Raw as u8 {
+                assert_eq!(
+                    out.as_ptr(),
+                    obj[HEADER_LEN..].as_ptr(),
+                    "a raw payload is not copied"
+                );
+            }
+            let mut bad = obj.to_vec();
+            let mid = HEADER_LEN + (bad.len() - HEADER_LEN) / 2;
+            bad[mid] ^= 0x10;
+            assert!(decode_shared(&digest, bad.into()).is_err());
+        }
     }
 
     #[test]

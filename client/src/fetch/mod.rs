@@ -89,7 +89,7 @@ pub trait ChunkFetch: Send + Sync {
 /// Decodes and verifies a chunk object off the async threads: codec framing, then the
 /// BLAKE3 of the content against `digest`. `file` names it in the error.
 pub(crate) async fn verify_object(digest: Digest, object: Bytes, file: &str) -> Result<Bytes> {
-    tokio::task::spawn_blocking(move || snapreg_proto::codec::decode(&digest, &object))
+    tokio::task::spawn_blocking(move || snapreg_proto::codec::decode_shared(&digest, object))
         .await
         .map_err(|e| crate::error::ClientError::io("decoding a chunk", std::io::Error::other(e)))?
         .map_err(|e| crate::encryption::chunk_error(e, file))
