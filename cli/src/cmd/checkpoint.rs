@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR|auto|off")]
     spool: Option<checkpoint::Spool>,
     /// The tmpfs `--spool auto` dumps into.
-    #[arg(long, value_name = "DIR", default_value = checkpoint::MEMORY_DIR)]
+    #[arg(long, value_name = "DIR", env = "SNAPCTL_MEMORY_SPOOL_DIR", default_value = checkpoint::MEMORY_DIR)]
     memory_spool_dir: PathBuf,
     /// Abort the dump (and release the process) after this long without progress.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]

@@ -129,6 +129,10 @@ grpc:
   mountPath: {{ $a.workDir }}
 - name: tmp
   mountPath: /tmp
+{{- if $a.memorySpool.enabled }}
+- name: memory-spool
+  mountPath: /dev/shm
+{{- end }}
 {{- with $a.criSocketDir }}
 - name: cri
   mountPath: {{ . }}
