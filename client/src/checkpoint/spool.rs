@@ -1,5 +1,6 @@
-//! `--spool DIR`: CRIU dumps to a local directory first (the tasks are released at
-//! CRIU's speed), then the images are pushed; they stay in DIR if the push fails.
+//! `--spool DIR` (or `auto`, a directory in memory: route.rs): CRIU dumps to a local
+//! directory first (the tasks are released at CRIU's speed), then the images are
+//! pushed; they stay in DIR if the push fails. A failed dump leaves only CRIU's log.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -150,7 +151,7 @@ fn remove_images(dir: &Path) {
 
 fn kept_note(e: ClientError, dir: &Path) -> ClientError {
     ClientError::Registry(format!(
-        "{e}; the images are kept in {} — push them with `snapctl push {} REF`",
+        "{e}; the images are kept in {} — push them with `snapctl push {} REF`, then remove the directory (in /dev/shm it holds memory)",
         dir.display(),
         dir.display()
     ))
