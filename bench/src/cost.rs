@@ -13,7 +13,6 @@
 //! Finally a real 256 MiB push measures manifest bytes per chunk entry, and so the
 //! manifest of a 64 GiB image.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -21,7 +20,7 @@ use bytes::Bytes;
 use snapreg_client::remote::Remote;
 use snapreg_proto::{codec, Digest};
 
-use super::{save_run, scratch, Registry};
+use super::{dir_bytes, save_run, scratch, walk, Registry};
 
 const CHUNK: usize = 1024;
 const PER_LEASE: u64 = 20_000;
@@ -42,25 +41,6 @@ fn chunk(i: u64) -> Vec<u8> {
         .chain(i.to_le_bytes())
         .take(CHUNK)
         .collect()
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    walk(dir).iter().map(|m| m.len()).sum()
-}
-
-fn walk(dir: &Path) -> Vec<std::fs::Metadata> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        match e.metadata() {
-            Ok(m) if m.is_dir() => out.extend(walk(&e.path())),
-            Ok(m) => out.push(m),
-            Err(_) => {}
-        }
-    }
-    out
 }
 
 fn vm_rss(pid: u32) -> u64 {

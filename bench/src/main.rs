@@ -222,6 +222,27 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Bytes of the files under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    walk(dir).iter().map(|m| m.len()).sum()
+}
+
+/// The metadata of every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::fs::Metadata> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => out.extend(walk(&e.path())),
+            Ok(m) => out.push(m),
+            Err(_) => {}
+        }
+    }
+    out
+}
+
 fn dirs_equal(a: &Path, b: &Path) -> bool {
     Command::new("diff")
         .arg("-rq")
@@ -610,11 +631,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     let reg = Registry::start(&w.join("registry"))?;
     let images = w.join("images");
     let pid = dump_process(w, &images, gib)?;
-    let image_bytes: u64 = std::fs::read_dir(&images)?
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let image_bytes = dir_bytes(&images);
     snapctl(
         &reg.url,
         &["push", images.to_str().unwrap(), "bench/restore:a"],
@@ -732,11 +749,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     for &size in rss_sizes {
         let imgs = w.join(format!("rss-{size}"));
         let pid = dump_process(w, &imgs, size)?;
-        let bytes: u64 = std::fs::read_dir(&imgs)?
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
+        let bytes = dir_bytes(&imgs);
         let tag = format!("bench/rss:{}", (size * 10.0) as u64);
         snapctl(&reg.url, &["push", imgs.to_str().unwrap(), &tag])?;
         let _ = std::fs::remove_dir_all(&cache);

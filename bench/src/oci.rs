@@ -14,25 +14,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{dump_sibling, save_run, scratch, Registry};
+use crate::{dir_bytes, dump_sibling, save_run, scratch, Registry};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Bytes under `dir`, recursively.
-fn stored_bytes(dir: &Path) -> u64 {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(m) = e.metadata() else { continue };
-        n += if m.is_dir() {
-            stored_bytes(&e.path())
-        } else {
-            m.len()
-        };
-    }
-    n
 }
 
 /// An OCI image layout holding `images` as a Podman-style checkpoint image.
@@ -111,7 +97,7 @@ pub fn run(mib: usize) -> Result<()> {
     let dumps = [w.join("a/images"), w.join("b/images")];
     dump_sibling(w, &dumps[0], gib, 1)?;
     dump_sibling(w, &dumps[1], gib, 7)?;
-    let dump_bytes: u64 = dumps.iter().map(|d| stored_bytes(d)).sum();
+    let dump_bytes: u64 = dumps.iter().map(|d| dir_bytes(d)).sum();
     let layouts = [w.join("a/layout"), w.join("b/layout")];
     for (d, l) in dumps.iter().zip(&layouts) {
         checkpoint_layout(d, l, "sibling")?;
@@ -142,7 +128,7 @@ pub fn run(mib: usize) -> Result<()> {
             }
         }
         drop(reg);
-        let stored = stored_bytes(&data.join("store"));
+        let stored = dir_bytes(&data.join("store"));
         rows.push((way, stored));
     }
     let native = rows[0].1 as f64;

@@ -36,6 +36,7 @@ use crate::error::{shown, ClientError, Result};
 use crate::fetch::Chunks;
 use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
+use crate::work_dir::RemoveOnDrop;
 
 /// Chunks fetched ahead while writing a blob.
 const WINDOW: usize = 16;
@@ -111,12 +112,8 @@ pub async fn export(
         .decrypting(remote.tenant_key().cloned())
         .build(progress.clone())
         .await?;
-    let work = Scratch(partial_name(final_path, "layout"));
-    if work.0.exists() {
-        std::fs::remove_dir_all(&work.0)
-            .map_err(|e| ClientError::io(format!("removing stale {}", shown(&work.0)), e))?;
-    }
-    let blobs_dir = work.0.join("blobs/sha256");
+    let work = RemoveOnDrop::fresh_dir(partial_name(final_path, "layout"))?;
+    let blobs_dir = work.path.join("blobs/sha256");
     std::fs::create_dir_all(&blobs_dir)
         .map_err(|e| ClientError::io(format!("creating {}", shown(&blobs_dir)), e))?;
     let layout = Layout {
@@ -135,10 +132,10 @@ pub async fn export(
         .clone()
         .or_else(|| reference.tag().map(str::to_string))
         .unwrap_or_else(|| "latest".into());
-    write_index(&work.0, &written, &ref_name)?;
+    write_index(&work.path, &written, &ref_name)?;
     match target {
-        ExportTarget::Dir { path, .. } => rename(&work.0, path)?,
-        ExportTarget::Archive { path, .. } => tar_into(&work.0, path)?,
+        ExportTarget::Dir { path, .. } => rename(&work.path, path)?,
+        ExportTarget::Archive { path, .. } => tar_into(&work.path, path)?,
     }
     drop(work);
     progress.finish();
@@ -337,9 +334,9 @@ fn rename(from: &Path, to: &Path) -> Result<()> {
 
 /// Tars the layout (its entries at the archive's top, as `oci-archive:` expects).
 fn tar_into(layout: &Path, archive: &Path) -> Result<()> {
-    let partial = partial_name(archive, "partial");
+    let partial = RemoveOnDrop::file(partial_name(archive, "partial"));
     let write = || -> std::io::Result<()> {
-        let f = std::fs::File::create(&partial)?;
+        let f = std::fs::File::create(&partial.path)?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(f));
         b.mode(tar::HeaderMode::Deterministic);
         b.append_dir_all(".", layout)?;
@@ -347,20 +344,10 @@ fn tar_into(layout: &Path, archive: &Path) -> Result<()> {
         w.flush()?;
         w.get_ref().sync_all()
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&partial);
-        return Err(ClientError::io(format!("writing {}", shown(archive)), e));
-    }
-    rename(&partial, archive)
-}
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    write().map_err(|e| ClientError::io(format!("writing {}", shown(archive)), e))?;
+    rename(&partial.path, archive)?;
+    partial.disarm();
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::error::{shown, ClientError, Result};
 use crate::progress::Progress;
 use crate::pull::{self, PullReport};
 use crate::remote::Remote;
+use crate::work_dir::RemoveOnDrop;
 
 /// The skeleton is read back into memory on export.
 const MAX_INDEX_BYTES: u64 = 256 << 20;
@@ -42,12 +43,9 @@ pub async fn pull_archive(
         repository: reference.repository.clone(),
         target: Target::Digest(digest),
     };
-    let tmp =
-        RemoveOnDrop::dir(parent.join(format!(".{name}.snapreg-export-{}", std::process::id())));
-    if tmp.path.exists() {
-        std::fs::remove_dir_all(&tmp.path)
-            .map_err(|e| ClientError::io(format!("removing stale {}", shown(&tmp.path)), e))?;
-    }
+    let tmp = RemoveOnDrop::fresh_dir(
+        parent.join(format!(".{name}.snapreg-export-{}", std::process::id())),
+    )?;
     let report = pull::pull_dir(remote, &pinned, &tmp.path, None, progress.clone()).await?;
 
     let index_path = tmp.path.join(INDEX_LAYER).join(INDEX_FILE);
@@ -276,43 +274,4 @@ fn write_trailer(index: &ArchiveIndex, out: &mut std::fs::File, out_path: &Path)
         left -= n as u64;
     }
     Ok(())
-}
-
-/// A temporary file or directory, removed on drop unless disarmed.
-struct RemoveOnDrop {
-    path: PathBuf,
-    is_dir: bool,
-    armed: bool,
-}
-
-impl RemoveOnDrop {
-    fn dir(path: PathBuf) -> Self {
-        RemoveOnDrop {
-            path,
-            is_dir: true,
-            armed: true,
-        }
-    }
-    fn file(path: PathBuf) -> Self {
-        RemoveOnDrop {
-            path,
-            is_dir: false,
-            armed: true,
-        }
-    }
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = if self.is_dir {
-                std::fs::remove_dir_all(&self.path)
-            } else {
-                std::fs::remove_file(&self.path)
-            };
-        }
-    }
 }

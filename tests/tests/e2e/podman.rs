@@ -315,24 +315,15 @@ fn kubelet_archive_imports_and_exports_as_an_oci_image_whose_layer_is_the_archiv
     }
 
     let dir = t.path().join("image");
-    let exported = snapctl(
+    let exported = export_manifest_digest(
         &reg.url,
-        &[
-            "export",
-            "k8s/worker:v1",
-            &format!("oci:{}:v1", dir.display()),
-        ],
-    )
-    .ok()
-    .json();
+        "k8s/worker:v1",
+        &format!("oci:{}:v1", dir.display()),
+    );
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    assert_eq!(index["manifests"][0]["digest"], exported["manifest_digest"]);
-    let manifest_hex = exported["manifest_digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string();
+    assert_eq!(index["manifests"][0]["digest"], exported);
+    let manifest_hex = exported.trim_start_matches("sha256:").to_string();
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("blobs/sha256").join(&manifest_hex)).unwrap(),
     )

@@ -919,3 +919,14 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// `snapctl export REF TARGET` (must succeed); the manifest digest it reports.
+pub fn export_manifest_digest(registry: &str, reference: &str, target: &str) -> String {
+    let report = snapctl(registry, &["export", reference, target])
+        .ok()
+        .json();
+    report["manifest_digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no manifest_digest: {report}"))
+        .to_string()
+}
