@@ -11,6 +11,8 @@
 #                         snapshot into a freshly started weights service (weights from the registry)
 #   separated, warm svc   the same with the weights still in the service (what a node that
 #                         already serves the model pays)
+#   transparent, warm     pull-restore from the node cache the first one filled (page
+#                         cache dropped; its report goes to restores.jsonl)
 #   checkpoint freeze     how long `checkpoint --cuda` keeps the worker frozen: by
 #                         default (`--spool auto`: dumped into /dev/shm, pushed after
 #                         release), and streamed (the restored worker checkpointed again
@@ -19,7 +21,11 @@
 #                         `pull-restore --lazy`: the first answer is asked while the pages
 #                         still arrive; also the time until every page is in (LAZY=0
 #                         leaves these out)
-# SEPARATED=0 stops after the transparent paths.
+#   arenas A/B            (RSS_AB=1) the transparent pull-restore again, into a fresh
+#                         cache, with MALLOC_ARENA_MAX=128 (glibc's own limit on 16
+#                         cores) instead of snapctl's cap of 4: the peak RSS either way
+# SEPARATED=0 stops after the transparent paths; STREAMED=0 leaves out the streamed
+# checkpoint.
 #
 # Every restore starts with the page cache dropped and must answer with exactly the
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
@@ -58,17 +64,28 @@ cp -p "$A.log" "$A.log.ck"
 say "pull-restore, transparent"
 timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
 
+if [ "${RSS_AB:-0}" = 1 ]; then
+  say "pull-restore, transparent, MALLOC_ARENA_MAX=128"
+  MALLOC_ARENA_MAX=128 timed_restore transparent_arenas128 "$A" "$A.log.ck" "$W/cache-a128" "hf/$PRESET:transparent"
+  rm -rf "$W/cache-a128"
+fi
+
 say "local criu restore + CUDA restore (baseline)"
 "$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
 local_restore local "$A" "$A.log.ck"
 rm -rf /dev/shm/local
 
-say "checkpoint --cuda --spool off (the freeze when the dump streams into the registry)"
-rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"
-timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 >/dev/null
-timeout 180 "$B/snapctl" --json checkpoint --cuda --spool off --pid "$PID" "hf/$PRESET:streamed" | tail -n 1 | tee "$OUT/ck-streamed.json"
-gone "$PID"
-result streamed_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-streamed.json')).get('freeze_ms'))")"
+say "pull-restore, transparent, warm node cache; then checkpoint --cuda --spool off (the freeze when the dump streams into the registry)"
+rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
+timeout 180 "$B/snapctl" --json --cache "$W/cache-a" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 | tee -a "$OUT/restores.jsonl" >/dev/null
+if [ "${STREAMED:-1}" = 1 ]; then
+  timeout 180 "$B/snapctl" --json checkpoint --cuda --spool off --pid "$PID" "hf/$PRESET:streamed" | tail -n 1 | tee "$OUT/ck-streamed.json"
+  gone "$PID"
+  result streamed_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-streamed.json')).get('freeze_ms'))")"
+else
+  answer "$A" >/dev/null && result transparent_warm_equal true || result transparent_warm_equal false
+  kill_worker
+fi
 
 if [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, transparent"

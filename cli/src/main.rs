@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod allocator;
 mod cmd;
 mod exit;
 mod global;
@@ -112,6 +113,7 @@ fn main() {
             }
         });
     }
+    allocator::cap_arenas();
     let cli = Cli::parse();
     snapreg_telemetry::log::init(cli.global.log_format, "SNAPCTL_LOG", "warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()

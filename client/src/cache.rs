@@ -144,6 +144,15 @@ impl ChunkCache {
         self.accept_read(d, &path, actual).then_some((file, len))
     }
 
+    /// The chunk's file without hashing it: only for a chunk this process verified
+    /// in memory and stored moments ago (a restore splicing what its own read-ahead
+    /// fetched). Inserts never write a file in place, so the file holds those bytes.
+    pub fn open_stored(&self, d: &Digest) -> Option<(File, u64)> {
+        let file = File::open(self.path(d)).ok()?;
+        let len = file.metadata().ok()?.len();
+        Some((file, len))
+    }
+
     /// After a read of `d`'s file hashed to `actual`: a rotten file is removed (and
     /// reported absent), an intact one marked used.
     fn accept_read(&self, d: &Digest, path: &Path, actual: Digest) -> bool {

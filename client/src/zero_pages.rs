@@ -71,6 +71,16 @@ pub struct ZeroPagePlan {
     pub pages: HashMap<String, Vec<Extent>>,
     /// Bytes of zero pages that will not cross the pipe.
     pub bytes_left_out: u64,
+    /// Pagemap entries (runs of pages CRIU reads with one read each) in the image,
+    /// and in the rewritten pagemap: cutting zero runs out splits entries.
+    pub runs: PageRuns,
+}
+
+/// Runs of pages in a pagemap, before and after the zero runs were cut out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PageRuns {
+    pub in_image: u64,
+    pub served: u64,
 }
 
 /// Plans the left-out zero pages of an image whose files are `files` (name →
@@ -194,6 +204,10 @@ fn plan_one(
     out.put_u32_le(head_bytes.len() as u32);
     out.put_slice(head_bytes);
     let mut c = 0;
+    let mut runs = PageRuns {
+        in_image: pm_entries.len() as u64,
+        served: 0,
+    };
     for (i, e) in pm_entries.iter().enumerate() {
         let (fs, fe) = (file_start[i], file_start[i] + page_count(e) * PAGE);
         let mut at = fs;
@@ -201,12 +215,14 @@ fn plan_one(
             let (s, t) = cut[c];
             if s > at {
                 put_entry(&mut out, e, e.vaddr + (at - fs), (s - at) / PAGE);
+                runs.served += 1;
             }
             at = t;
             c += 1;
         }
         if at < fe {
             put_entry(&mut out, e, e.vaddr + (at - fs), (fe - at) / PAGE);
+            runs.served += 1;
         }
     }
 
@@ -240,6 +256,7 @@ fn plan_one(
         pagemaps: HashMap::from([(pagemap_name.to_string(), out.freeze())]),
         pages: HashMap::from([(pages_name, served)]),
         bytes_left_out: left_out,
+        runs,
     })
 }
 
@@ -349,6 +366,13 @@ mod tests {
         let (files, small) = setup(VMA_AREA_REGULAR | VMA_ANON_PRIVATE);
         let p = plan(&files, &small);
         assert_eq!(p.bytes_left_out, 6 * PAGE);
+        assert_eq!(
+            p.runs,
+            PageRuns {
+                in_image: 1,
+                served: 2
+            }
+        );
         assert_eq!(
             p.pages["pages-3.img"],
             vec![

@@ -2,7 +2,7 @@
 //! chunk by where it came from (the transfer counters of DESIGN's JSON contract), and
 //! decrypts for readers that want file bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
@@ -137,6 +137,7 @@ impl Builder {
             progress,
             by_source: Arc::default(),
             by_peer: Arc::default(),
+            stored_here: Arc::default(),
             swarm,
         })
     }
@@ -154,6 +155,10 @@ pub struct Chunks {
     progress: Progress,
     by_source: Arc<Mutex<BTreeMap<String, u64>>>,
     by_peer: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Chunks this source fetched from below the node cache, which that layer
+    /// verified in memory and stored moments ago: their cache files are spliced
+    /// without hashing them again. Bounded by the snapshot's chunks.
+    stored_here: Arc<Mutex<HashSet<Digest>>>,
     swarm: Option<Arc<Swarm>>,
 }
 
@@ -297,6 +302,9 @@ impl Chunks {
     /// enough to warm the cache ahead of a restore.
     pub async fn stored(&self, digest: Digest, file: &str) -> Result<Bytes> {
         let fetched = self.fetch_one(digest, file).await?;
+        if self.cache.is_some() && !matches!(fetched.origin, Origin::NodeCache) {
+            self.stored_here.lock().unwrap().insert(digest);
+        }
         Ok(self.count(fetched))
     }
 
@@ -365,19 +373,33 @@ impl Chunks {
     /// The node cache's verified file of a chunk whose stored bytes are its file bytes
     /// (a plaintext snapshot), for splicing into CRIU's pipe without copying it through
     /// this process; `None` if not cached (or encrypted: then the bytes must be
-    /// decrypted here).
+    /// decrypted here). Counted as served by the node cache.
     pub async fn cached_file(&self, digest: Digest) -> Option<(std::fs::File, u64)> {
+        let file = self.cache_file(digest).await?;
+        self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
+        Some(file)
+    }
+
+    /// The same for a chunk just fetched through this source (and so counted
+    /// already): its bytes went into the node cache on their way up.
+    pub async fn stored_file(&self, digest: Digest) -> Option<(std::fs::File, u64)> {
+        self.cache_file(digest).await
+    }
+
+    async fn cache_file(&self, digest: Digest) -> Option<(std::fs::File, u64)> {
         let cache = self.cache.clone()?;
         // A stat on this thread: a restore from a cold cache asks this of every chunk.
         if self.key.is_some() || !cache.contains(&digest) {
             return None;
         }
-        let file = tokio::task::spawn_blocking(move || cache.open_verified(&digest))
-            .await
-            .ok()
-            .flatten()?;
-        self.progress.counters.chunks_cached.fetch_add(1, Relaxed);
-        Some(file)
+        let fresh = self.stored_here.lock().unwrap().contains(&digest);
+        tokio::task::spawn_blocking(move || match fresh {
+            true => cache.open_stored(&digest),
+            false => cache.open_verified(&digest),
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Chunks of `digests` the node cache lacks (all of them without a cache).
@@ -399,6 +421,7 @@ impl Chunks {
                 counters.chunks_cached.fetch_add(1, Relaxed);
                 return fetched.content;
             }
+            Origin::Joined => return fetched.content,
             Origin::Registry { url, object_bytes } => (url, object_bytes),
             Origin::DirectUrl { url, object_bytes } => {
                 counters.chunks_direct.fetch_add(1, Relaxed);

@@ -60,6 +60,9 @@ pub enum Origin {
     DirectUrl { url: Arc<str>, object_bytes: u64 },
     /// A sibling node's cache, through its agent ([`crate::peer`]).
     Peer { node: Arc<str>, object_bytes: u64 },
+    /// Another request's fetch of the same chunk, in flight when this one came
+    /// (the scheduler): counted once, by that request.
+    Joined,
 }
 
 /// One chunk a reader wants, with the file it belongs to (for error messages).

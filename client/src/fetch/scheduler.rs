@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use snapreg_proto::Digest;
 use tokio::sync::{oneshot, watch};
 
-use super::{ChunkFetch, Fetched};
+use super::{ChunkFetch, Fetched, Origin};
 use crate::error::Result;
 
 /// Who wants a chunk, most urgent first.
@@ -122,7 +122,10 @@ impl Scheduler {
             if let Ok(result) = done.wait_for(Option::is_some).await {
                 if let Some(Some(fetched)) = result.clone() {
                     self.joined.fetch_add(1, Relaxed);
-                    return Ok(fetched);
+                    return Ok(Fetched {
+                        origin: Origin::Joined,
+                        ..fetched
+                    });
                 }
             }
             // The fetch we waited for failed: ask again, and own the error.
@@ -303,7 +306,6 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::fetch::Origin;
 
     /// A bottom layer that records the order fetches reach it and holds each one until
     /// the test lets it go.
@@ -392,6 +394,9 @@ mod tests {
         assert_eq!(a.content, b.content);
         assert_eq!(below.order.lock().unwrap().len(), 1);
         assert_eq!(s.stats().joined, 1);
+        // Counted once: the joiner's copy says it came from another's fetch.
+        assert!(matches!(a.origin, Origin::Registry { .. }), "{a:?}");
+        assert!(matches!(b.origin, Origin::Joined), "{b:?}");
     }
 
     #[tokio::test]

@@ -48,6 +48,7 @@ use crate::remote::Remote;
 use crate::weights::FillReport;
 use crate::written_files::{self, PutBack};
 use crate::{encryption, pull, work_dir};
+pub use files::FileServing;
 pub use lazy::LazyReport;
 use plan::Plan;
 use serve::{CriuRestore, Image};
@@ -116,6 +117,9 @@ pub struct RestoreReport {
     pub weights: Option<FillReport>,
     /// Bytes of zero pages left out of the served pagemap (never crossed the pipe).
     pub zero_bytes_left_out: u64,
+    /// The pagemap's runs of pages (one read(2) each for CRIU) in the image and as
+    /// served, once zero runs were cut out; zero when nothing was cut.
+    pub page_runs: crate::zero_pages::PageRuns,
     /// Bytes of the image marked as device memory (their chunks fetched ahead).
     pub device_memory_bytes: u64,
     /// Files the tree writes, put back before CRIU: created, kept or moved aside.
@@ -128,6 +132,9 @@ pub struct RestoreReport {
     /// `--lazy`: what the page server served after the tree resumed, and when the
     /// last page was in (`restore_seconds` is when the tree resumed).
     pub lazy: Option<LazyReport>,
+    /// Where serving the largest image files to CRIU spent its time: waiting for
+    /// chunks (the fetch stack behind) or writing into CRIU's pipe (CRIU behind).
+    pub serving: Vec<FileServing>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -250,11 +257,12 @@ async fn restore(
         chunks: &chunks,
         window: opts.window,
     };
-    let served = criu_restore.serve(image, &progress).await?;
+    let mut served = criu_restore.serve(image, &progress).await?;
 
     at.reached(outcome::Phase::Weights, None);
     let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
     let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
+    let serving = std::mem::take(&mut served.timings);
     at.reached(outcome::Phase::CriuRestore, None);
     if let Err(e) = served.outcome(&log) {
         if let Some(l) = lazy {
@@ -299,11 +307,13 @@ async fn restore(
         cuda_restore_seconds,
         weights,
         zero_bytes_left_out: zero_plan.bytes_left_out + lazy_zero_bytes,
+        page_runs: zero_plan.runs,
         device_memory_bytes: plan.manifest.device_memory.iter().map(|s| s.len).sum(),
         written_files,
         outcome_recorded: false,
         scheduler: chunks.scheduler_stats(),
         lazy,
+        serving,
     })
 }
 

@@ -19,7 +19,7 @@ use snapreg_proto::manifest::Extent;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::files::FileServer;
+use super::files::{self, FileServer, FileServing};
 use crate::action::ActionServer;
 use crate::criu::{self, Criu};
 use crate::criu_stream;
@@ -47,6 +47,8 @@ pub(super) struct Served {
     pub files_served: usize,
     /// The first file that could not be served whole and verified.
     pub first_error: Option<ClientError>,
+    /// Where serving the largest files spent its time.
+    pub timings: Vec<FileServing>,
     pub stderr: String,
 }
 
@@ -98,6 +100,7 @@ impl CriuRestore {
     /// Serves every file CRIU asks for until it exits; answers its post-restore.
     pub async fn serve(mut self, image: Image<'_>, progress: &Progress) -> Result<Served> {
         let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
+        let timings: Arc<Mutex<Vec<FileServing>>> = Arc::default();
         let server = FileServer {
             files: image.files,
             inline: image.inline,
@@ -105,6 +108,7 @@ impl CriuRestore {
             chunks: image.chunks,
             progress,
             first_error: &first_error,
+            timings: &timings,
             window: image.window,
         };
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -147,11 +151,13 @@ impl CriuRestore {
         let _ = self.request_loop.await;
         let stderr = stderr_task.await.unwrap_or_default();
         let first_error = first_error.lock().unwrap().take();
+        let timings = files::largest(std::mem::take(&mut *timings.lock().unwrap()));
         Ok(Served {
             status,
             restore_seconds,
             files_served: served,
             first_error,
+            timings,
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     }

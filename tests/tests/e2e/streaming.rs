@@ -62,6 +62,14 @@ fn checkpoint_then_restore_continues_counting_and_second_restore_uses_the_cache(
         r["zero_bytes_left_out"].as_u64().unwrap() >= 31 << 20,
         "{r}"
     );
+    // The serving profile names the pages file first (the most bytes, all of the
+    // process's non-zero pages), and its waits fit inside its time.
+    let pages = &r["serving"][0];
+    assert!(pages["file"].as_str().unwrap().starts_with("pages-"), "{r}");
+    assert!(pages["bytes"].as_u64().unwrap() >= 48 << 20, "{r}");
+    let waits = pages["waiting_for_chunks_seconds"].as_f64().unwrap()
+        + pages["writing_to_criu_seconds"].as_f64().unwrap();
+    assert!(waits <= pages["seconds"].as_f64().unwrap() + 0.01, "{r}");
     let restored = Restored(pid);
     wait_counting(&dir, at_checkpoint + 5);
     assert!(
