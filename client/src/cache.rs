@@ -132,16 +132,15 @@ impl ChunkCache {
     /// place (inserts rename a finished file over nothing, eviction unlinks), so what
     /// was verified is what a splice reads. Marks it used.
     pub fn open_verified(&self, d: &Digest) -> Option<(File, u64)> {
-        let path = self.path(d);
-        let file = File::open(&path).ok()?;
-        let len = file.metadata().ok()?.len();
+        let (file, len) = self.open_stored(d)?;
         let actual = if len == 0 {
             Digest::of(b"")
         } else {
             let map = Mapping::of(&file, len as usize).ok()?;
             Digest::of(map.bytes())
         };
-        self.accept_read(d, &path, actual).then_some((file, len))
+        self.accept_read(d, &self.path(d), actual)
+            .then_some((file, len))
     }
 
     /// The chunk's file without hashing it: only for a chunk this process verified

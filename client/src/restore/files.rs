@@ -190,7 +190,7 @@ async fn serve_file(
     let started = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
     let feeder = tokio::task::spawn_blocking(move || feed(pipe, rx, &progress));
-    let fetch_times: Arc<Mutex<(Duration, Duration)>> = Arc::default();
+    let fetch_times: Arc<Mutex<FetchTimes>> = Arc::default();
     let mut pieces = futures::stream::iter(extents)
         .map(|span| piece(chunks.clone(), name.clone(), span, fetch_times.clone()))
         .buffered(window.max(1));
@@ -212,7 +212,7 @@ async fn serve_file(
     let fed = feeder
         .await
         .map_err(|e| ClientError::io(format!("serving {name}"), std::io::Error::other(e)))?;
-    let (checks, fetches) = *fetch_times.lock().unwrap();
+    let FetchTimes { checks, fetches } = *fetch_times.lock().unwrap();
     times.seconds = started.elapsed().as_secs_f64();
     times.cache_checks_seconds = checks.as_secs_f64();
     times.fetches_seconds = fetches.as_secs_f64();
@@ -225,6 +225,13 @@ async fn serve_file(
     Ok(())
 }
 
+/// The pieces' cache checks and fetches, summed over the window in flight.
+#[derive(Clone, Copy, Default)]
+struct FetchTimes {
+    checks: Duration,
+    fetches: Duration,
+}
+
 /// One span's bytes: a node-cache file to splice (checked, or stored by this
 /// restore moments ago), else the chunk's bytes, else zeros. Adds the time of the
 /// cache check and of the fetch to `fetch_times`.
@@ -232,7 +239,7 @@ async fn piece(
     chunks: Chunks,
     name: String,
     span: Span,
-    fetch_times: Arc<Mutex<(Duration, Duration)>>,
+    fetch_times: Arc<Mutex<FetchTimes>>,
 ) -> Result<Piece> {
     let (skip, take) = (span.skip, span.take);
     let Extent::Chunk { chunk, .. } = span.extent else {
@@ -246,8 +253,8 @@ async fn piece(
         None => fetched(&chunks, chunk, &name, skip, take).await,
     };
     let mut times = fetch_times.lock().unwrap();
-    times.0 += checked;
-    times.1 += checking.elapsed() - checked;
+    times.checks += checked;
+    times.fetches += checking.elapsed() - checked;
     piece
 }
 
