@@ -88,12 +88,10 @@ ceiling_restore() { # NAME CTL LOGCOPY: the same /dev/shm/local image through
 timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
   # pull-restore REF (page cache dropped), then the first answer; RESULT NAME_restore_s,
   # NAME_first_answer_s, NAME_equal. LOGCOPY: the worker log as it was at the checkpoint.
-  # PR_FLAGS: pull-restore flags (e.g. "--stage auto").
   local name=$1 ctl=$2 log=$3 cache=$4 ref=$5; shift 5
   rm -f "$ctl/done0.json"; cp -p "$log" "$ctl.log"; drop
   local t0 t1 t2; t0=$(now)
-  # shellcheck disable=SC2086 # PR_FLAGS is a list of words
-  timeout 180 "$B/snapctl" --json "$@" --cache "$cache" pull-restore --detach ${PR_FLAGS:-} "$ref" | tail -n 1 | tee -a "$OUT/restores.jsonl"
+  timeout 180 "$B/snapctl" --json "$@" --cache "$cache" pull-restore --detach "$ref" | tail -n 1 | tee -a "$OUT/restores.jsonl"
   t1=$(now)
   answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
   t2=$(now)

@@ -21,9 +21,6 @@
 #                         `pull-restore --lazy`: the first answer is asked while the pages
 #                         still arrive; also the time until every page is in (LAZY=0
 #                         leaves these out)
-#   staged                (STAGED=1, the default) transparent with `pull-restore --stage
-#                         auto`, cold and warm node cache, and separated (fresh
-#                         service) the same
 #   stream ceiling        (STREAM_CEILING=1, the default) the local image through
 #                         `criu restore --stream` fed by an ideal streamer
 #                         (bench/pipe/stream_ceiling.py) + CUDA restore: CRIU's
@@ -95,14 +92,6 @@ if [ "${STREAM_CEILING:-1}" = 1 ]; then
 fi
 rm -rf /dev/shm/local
 
-if [ "${STAGED:-1}" = 1 ]; then
-  say "pull-restore --stage auto, transparent, cold node cache"
-  PR_FLAGS="--stage auto" timed_restore transparent_staged "$A" "$A.log.ck" "$W/cache-s" "hf/$PRESET:transparent"
-  rm -rf "$W/cache-s"
-  say "pull-restore --stage auto, transparent, warm node cache (the first restore's)"
-  PR_FLAGS="--stage auto" timed_restore transparent_staged_warm "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
-fi
-
 if [ "${STREAMED:-1}" = 1 ]; then
   say "pull-restore, transparent, warm node cache; then checkpoint --cuda --spool off (the freeze when the dump streams into the registry)"
   rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
@@ -136,26 +125,18 @@ gone "$PID"
 cp -p "$Bc.log" "$Bc.log.ck"
 "$B/snapctl" --json inspect "hf/$PRESET:separated" | tail -n 1 | python3 -c "import json,sys; d=json.load(sys.stdin); d['criu'].pop('external_files'); print(json.dumps(d))" | tee "$OUT/inspect-separated.json"
 
-separated_restore() { # NAME CACHE [pull-restore flags...]: into a fresh weights service
-  local name=$1 cache=$2; shift 2
-  kill -9 "$WS"; gone "$WS"; start_service
-  rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
-  local t0 t1 t2; t0=$(now)
-  timeout 180 "$B/snapctl" --json --cache "$cache" pull-restore --detach --weights-service "$SOCK" "$@" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-$name.json"
-  t1=$(now)
-  waitfile "$Bc/resumed.json" 60 && cat "$Bc/resumed.json"; echo
-  answer "$Bc" && result "${name}_equal" true || result "${name}_equal" false
-  t2=$(now)
-  result "${name}_restore_s" "$(el "$t0" "$t1")"
-  result "${name}_first_answer_s" "$(el "$t0" "$t2")"
-  kill_worker
-}
 say "pull-restore, separated, fresh weights service (weights from the registry)"
-separated_restore separated "$W/cache-b"
-if [ "${STAGED:-1}" = 1 ]; then
-  say "pull-restore --stage auto, separated, fresh weights service"
-  separated_restore separated_staged "$W/cache-bs" --stage auto
-fi
+kill -9 "$WS"; gone "$WS"; start_service
+rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
+t0=$(now)
+timeout 180 "$B/snapctl" --json --cache "$W/cache-b" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-separated.json"
+t1=$(now)
+waitfile "$Bc/resumed.json" 60 && cat "$Bc/resumed.json"; echo
+answer "$Bc" && result separated_equal true || result separated_equal false
+t2=$(now)
+result separated_restore_s "$(el "$t0" "$t1")"
+result separated_first_answer_s "$(el "$t0" "$t2")"
+kill_worker
 
 say "pull-restore, separated, weights already in the service"
 rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop

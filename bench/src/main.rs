@@ -93,7 +93,7 @@ fn main() -> Result<()> {
                 .iter()
                 .position(|a| a == "--paths")
                 .and_then(|i| args.get(i + 1))
-                .map_or((0..8).collect(), |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+                .map_or((0..6).collect(), |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
             restore(gib, opt("--reps", 3), &rss, &paths)
         }
         Some("checkpoint") => {
@@ -653,8 +653,6 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
         "snapctl pull-restore, node cache warm",
         "snapctl pull-restore --lazy, node cache empty",
         "snapctl pull-restore --lazy, node cache warm",
-        "snapctl pull-restore --stage auto, node cache empty",
-        "snapctl pull-restore --stage auto, node cache warm",
     ];
     // Per path: seconds to the first answer, to the command's end; chunks fetched.
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
@@ -666,19 +664,21 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
             if i != 0 && !paths.contains(&i) {
                 continue;
             }
-            if i == 1 || i == 4 || i == 6 {
+            if i == 1 || i == 4 {
                 let _ = std::fs::remove_dir_all(&cache);
             }
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
-            let pull = |flags: &[&str]| -> Result<(u64, u64)> {
+            let pull = |lazy: bool| -> Result<(u64, u64)> {
                 let mut args = vec![
                     "--cache",
                     cache.to_str().unwrap(),
                     "pull-restore",
                     "--detach",
                 ];
-                args.extend(flags);
+                if lazy {
+                    args.push("--lazy");
+                }
                 args.push("bench/restore:a");
                 let j = snapctl(&reg.url, &args)?;
                 Ok((
@@ -692,9 +692,8 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
                     images.display()
                 ))
                 .map(|_| (0, 0)),
-                1 | 3 => pull(&[]),
-                4 | 5 => pull(&["--lazy"]),
-                6 | 7 => pull(&["--stage", "auto"]),
+                1 | 3 => pull(false),
+                4 | 5 => pull(true),
                 _ => {
                     std::fs::create_dir_all(&scratch)?;
                     sh(&format!(
@@ -731,7 +730,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
         let mut v = first[i].clone();
         let m = median(&mut v);
         let all = median(&mut done[i].clone()).max(m);
-        let (fetched, rss) = if [1, 3, 4, 5, 6, 7].contains(&i) {
+        let (fetched, rss) = if [1, 3, 4, 5].contains(&i) {
             (fetched[i].0.to_string(), fetched[i].1.to_string())
         } else {
             ("–".into(), "–".into())

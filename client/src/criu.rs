@@ -117,9 +117,19 @@ pub async fn start_streaming(
     action_socket: &Path,
     log: &Path,
 ) -> Result<(tokio::process::Child, std::os::unix::net::UnixStream)> {
-    let mut with_stream = args.to_vec();
-    with_stream.push("--stream".into());
-    let mut child = start(criu, &with_stream, action_socket)?;
+    let self_exe =
+        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
+    let mut child = tokio::process::Command::new(&criu.path)
+        .args(args)
+        .arg("--stream")
+        .arg("--action-script")
+        .arg(&self_exe)
+        .env(crate::action::ENV_SOCKET, action_socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     match crate::criu_stream::accept_from(listener, &mut child).await {
         Ok(Some(sock)) => Ok((child, sock)),
         Ok(None) => {
@@ -135,23 +145,6 @@ pub async fn start_streaming(
         }
         Err(e) => Err(ClientError::io("accepting CRIU's connection", e)),
     }
-}
-
-/// Starts `criu <args>` (images read from its `-D` directory) with snapctl as its
-/// action script, answering on `action_socket`; stderr piped, for the error.
-pub fn start(criu: &Criu, args: &[String], action_socket: &Path) -> Result<tokio::process::Child> {
-    let self_exe =
-        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
-    tokio::process::Command::new(&criu.path)
-        .args(args)
-        .arg("--action-script")
-        .arg(&self_exe)
-        .env(crate::action::ENV_SOCKET, action_socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))
 }
 
 /// The lines of a CRIU log worth showing: its last `Error` lines (without the

@@ -70,9 +70,6 @@
 //!     // Fetch what sibling nodes hold from them (this node's agent is "gpu-node-7").
 //!     peers: Some(PeerConfig::new(Some("gpu-node-7".into()), Credentials::default())),
 //!     lazy: false,
-//!     // Write the image into /dev/shm first when it fits (restore/stage.rs).
-//!     stage: restore::Stage::Auto,
-//!     memory_stage_dir: "/dev/shm".into(),
 //! };
 //! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
 //! restore::become_subreaper();
@@ -100,7 +97,6 @@ pub mod fetch;
 pub mod host;
 pub mod inspect;
 pub mod lazy_pages;
-pub mod memory_dir;
 pub mod node_reports;
 pub mod oci_image;
 pub mod peer;

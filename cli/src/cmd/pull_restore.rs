@@ -37,15 +37,6 @@ pub struct Args {
     /// Needs userfaultfd (`criu check --feature uffd-noncoop`).
     #[arg(long)]
     lazy: bool,
-    /// Write the image into DIR (a tmpfs) first, all chunks at once, and let CRIU
-    /// read it as a local image instead of streaming it through a pipe; `auto`:
-    /// into /dev/shm when the image fits there and twice in free memory, else
-    /// stream; `off`: stream. Ignored with --lazy.
-    #[arg(long, value_name = "DIR|auto|off", default_value = "off")]
-    stage: restore::Stage,
-    /// The tmpfs `--stage auto` writes into.
-    #[arg(long, value_name = "DIR", env = "SNAPCTL_MEMORY_STAGE_DIR", default_value = snapreg_client::memory_dir::MEMORY_DIR)]
-    memory_stage_dir: PathBuf,
     /// Extra CRIU arguments, after `--`.
     #[arg(last = true)]
     criu_args: Vec<String>,
@@ -68,8 +59,6 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         gpu_map: a.gpu_map.clone(),
         peers: g.peers()?,
         lazy: a.lazy,
-        stage: a.stage.clone(),
-        memory_stage_dir: a.memory_stage_dir.clone(),
     };
     // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
     restore::become_subreaper();
@@ -96,11 +85,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
                 ))
                 .unwrap_or_default(),
             put_back_lines(&r.written_files)
-        ) + &r
-            .stage
-            .as_ref()
-            .map(|s| format!("\nstage: {}", s.reason))
-            .unwrap_or_default(),
+        ),
         json: serde_json::to_value(&r)?,
     })
 }

@@ -17,20 +17,22 @@
 //!
 //! "Fits", decided after the CUDA checkpoint moved device memory into host memory: the
 //! tree's resident memory (the sum of `Rss` in each task's `smaps_rollup`, an upper
-//! bound of what CRIU writes) must fit the memory directory, `MemAvailable` (the tasks
-//! still hold their memory while the dump is written) and the cgroup headroom, with
-//! the margin [`crate::memory_dir`] adds.
+//! bound of what CRIU writes) plus an eighth and 256 MiB must be below each of
+//! - the memory directory's free space (it must be a tmpfs: a disk would be slower
+//!   than the registry);
+//! - `MemAvailable` (the tasks still hold their memory while the dump is written);
+//! - the headroom (`memory.max - memory.current`) of snapctl's cgroup and each of its
+//!   ancestors, since CRIU, its child, is charged for the tmpfs pages.
 //!
 //! Separated mode (`--weights-service`) always streams: its weights are not in the
 //! dump, which is small and fast to stream. A tree holding huge pages cannot stream;
 //! `auto` then spools or refuses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::CheckpointOptions;
 use crate::error::{ClientError, Result};
-use crate::memory_dir::{self, Need};
 use crate::process;
 
 /// The `--spool` choice.
@@ -55,7 +57,7 @@ impl FromStr for Spool {
 }
 
 /// Where `auto` spools unless told otherwise.
-pub const MEMORY_DIR: &str = memory_dir::MEMORY_DIR;
+pub const MEMORY_DIR: &str = "/dev/shm";
 
 /// The route a dump took, and why (in the report).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -63,6 +65,14 @@ pub struct Route {
     /// The directory the images were dumped into; `None` when streamed.
     pub spooled_to: Option<PathBuf>,
     pub reason: String,
+}
+
+/// What `auto` compares the tree against, in bytes.
+#[derive(Clone, Copy, Debug)]
+struct Room {
+    tmpfs_free: u64,
+    mem_available: u64,
+    cgroup_headroom: Option<u64>,
 }
 
 /// Picks the route for the tree `pids` (after any CUDA checkpoint).
@@ -82,13 +92,7 @@ pub(super) fn choose(opts: &CheckpointOptions, pids: &[u32]) -> Result<Route> {
         }),
         Spool::Auto => {
             let tree = resident_bytes(pids);
-            let what = format!("the tree's {} resident", memory_dir::gb(tree));
-            let need = Need {
-                in_dir: tree,
-                in_memory: tree,
-            };
-            let verdict = memory_dir::room(&opts.memory_spool_dir)
-                .and_then(|room| memory_dir::fits(&what, need, room));
+            let verdict = room(&opts.memory_spool_dir).and_then(|r| fits(tree, r));
             match verdict {
                 Ok(why) => Ok(Route {
                     spooled_to: Some(opts.memory_spool_dir.join("snapctl-spool")),
@@ -111,18 +115,116 @@ pub(super) fn choose(opts: &CheckpointOptions, pids: &[u32]) -> Result<Route> {
     }
 }
 
+/// Whether a tree of `tree` resident bytes fits in `room`: Ok(why) or Err(why not).
+fn fits(tree: u64, room: Room) -> std::result::Result<String, String> {
+    let need = tree + tree / 8 + (256 << 20);
+    let limits = [
+        ("free in the memory directory", Some(room.tmpfs_free)),
+        ("MemAvailable", Some(room.mem_available)),
+        ("cgroup headroom", room.cgroup_headroom),
+    ];
+    for (what, limit) in limits {
+        if let Some(have) = limit.filter(|&have| have < need) {
+            return Err(format!(
+                "the tree's {} resident needs {}, {what} is {}",
+                gb(tree),
+                gb(need),
+                gb(have)
+            ));
+        }
+    }
+    Ok(format!(
+        "the tree's {} resident fits in {} free",
+        gb(tree),
+        gb(room.tmpfs_free)
+    ))
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
 /// Sum of `Rss` over the tasks' `smaps_rollup` (shared pages count once per task:
 /// an overestimate, which is the safe side).
 fn resident_bytes(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
-        .filter_map(|s| memory_dir::kib_field(&s, "Rss:"))
+        .filter_map(|s| kib_field(&s, "Rss:"))
         .sum()
+}
+
+/// A `Name:  123 kB` field of a /proc file, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kib| kib << 10)
+}
+
+fn room(dir: &Path) -> std::result::Result<Room, String> {
+    let fs = nix::sys::statfs::statfs(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Err(format!("{} is not a tmpfs", dir.display()));
+    }
+    let vfs = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Ok(Room {
+        tmpfs_free: vfs.blocks_available() * vfs.fragment_size(),
+        mem_available: kib_field(&meminfo, "MemAvailable:").ok_or("no MemAvailable")?,
+        cgroup_headroom: cgroup_headroom(),
+    })
+}
+
+/// The least `memory.max - memory.current` of this process's cgroup (v2) and its
+/// ancestors; `None` where no limit is set or cgroup v2 is not mounted.
+fn cgroup_headroom() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let mut least: Option<u64> = None;
+    loop {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
+            if let (Ok(max), Ok(current)) = (max.trim().parse::<u64>(), current.trim().parse()) {
+                let headroom = max.saturating_sub(current);
+                least = Some(least.map_or(headroom, |l| l.min(headroom)));
+            }
+        }
+        if dir == Path::new("/sys/fs/cgroup") || !dir.pop() {
+            return least;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    fn room(tmpfs: u64, mem: u64, cg: Option<u64>) -> Room {
+        Room {
+            tmpfs_free: tmpfs,
+            mem_available: mem,
+            cgroup_headroom: cg,
+        }
+    }
+
+    #[test]
+    fn a_tree_fits_only_below_every_limit_with_headroom() {
+        assert!(fits(11 * GB, room(64 * GB, 100 * GB, None)).is_ok());
+        let why = fits(11 * GB, room(12 * GB, 100 * GB, None)).unwrap_err();
+        assert!(
+            why.contains("free in the memory directory is 12.00 GB"),
+            "{why}"
+        );
+        let why = fits(11 * GB, room(64 * GB, 10 * GB, None)).unwrap_err();
+        assert!(why.contains("MemAvailable"), "{why}");
+        let why = fits(11 * GB, room(64 * GB, 100 * GB, Some(12 * GB))).unwrap_err();
+        assert!(why.contains("cgroup headroom"), "{why}");
+        assert!(fits(11 * GB, room(64 * GB, 100 * GB, Some(20 * GB))).is_ok());
+    }
 
     #[test]
     fn spool_values_parse() {
@@ -135,7 +237,11 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_resident_memory() {
+    fn this_process_has_resident_memory_and_dev_shm_is_measured() {
         assert!(resident_bytes(&[std::process::id()]) > 0);
+        if let Ok(r) = super::room(Path::new(MEMORY_DIR)) {
+            assert!(r.mem_available > 0);
+        }
+        assert!(super::room(Path::new("/proc")).is_err());
     }
 }

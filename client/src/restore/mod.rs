@@ -17,6 +17,14 @@
 //! Every restore that got as far as its manifest reports how it went to the registry
 //! ([`outcome`]): Resolve stops offering a snapshot that keeps failing.
 //!
+//! Why streamed, and not written into a directory for a plain `criu restore -D`: fed
+//! by an ideal streamer, CRIU's streamed restore is as fast as its restore from
+//! /dev/shm (7.11 and 7.83 s against 7.05 and 7.76 s for 11 GB on the H200 machine),
+//! and a restore staged
+//! into memory first lost 1.9–4.8 s in every case measured, because CRIU cannot start
+//! reading before the last chunk is written (bench/RESULTS.md, "Is the pipe the
+//! limit?"; the staged restore is in commit 95e4528).
+//!
 //! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
 //! Small files come first because CRIU asks for them first; pages last, per task.
 //! A chunk that fails verification is never written to a pipe: its file is cut short,
@@ -29,10 +37,9 @@ mod lazy;
 mod outcome;
 mod plan;
 mod serve;
-mod stage;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use snapreg_proto::manifest::annotations;
@@ -48,14 +55,11 @@ use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 use crate::weights::FillReport;
 use crate::written_files::{self, PutBack};
-use crate::zero_pages::ZeroPagePlan;
 use crate::{encryption, pull, work_dir};
 pub use files::FileServing;
 pub use lazy::LazyReport;
 use plan::Plan;
 use serve::{CriuRestore, Image};
-use stage::Staged;
-pub use stage::{Stage, StageReport};
 
 /// Default window: enough fetches in flight to cover a loopback or rack RTT at
 /// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
@@ -92,11 +96,6 @@ pub struct RestoreOptions {
     /// Resume the tree before every page is back: CRIU's lazy restore, with the
     /// missing pages served from the chunk stack ([`lazy`]).
     pub lazy: bool,
-    /// Stream the image into CRIU, or write it into a memory directory first
-    /// ([`stage`]).
-    pub stage: Stage,
-    /// The tmpfs `--stage auto` writes into.
-    pub memory_stage_dir: PathBuf,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -144,10 +143,6 @@ pub struct RestoreReport {
     /// Where serving the largest image files to CRIU spent its time: waiting for
     /// chunks (the fetch stack behind) or writing into CRIU's pipe (CRIU behind).
     pub serving: Vec<FileServing>,
-    /// `--stage`: whether the image was staged in a memory directory, why, and the
-    /// time it took before CRIU started (absent with `--stage off`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stage: Option<StageReport>,
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -213,23 +208,38 @@ async fn restore(
     at.reached(outcome::Phase::CriuRestore, None);
     let dir = work_dir::create("rs")?;
     let cuda_init = finish::start_cuda_init(&plan);
-    let mut stage = stage::choose(&opts.stage, opts.lazy, &plan.files, &opts.memory_stage_dir);
+    let mut args = plan.criu_args(&dir, opts);
+    let names = plan.files.keys().cloned().collect();
     let source = ChunkSource {
         remotes,
         key,
         reference,
         digest,
     };
-    let (second, chunks, lazy, zero_plan) = match stage.as_ref().and_then(|s| s.staged_in.clone()) {
-        Some(base) => {
-            let staged = Staged::create(&base)?;
-            let chunks = source.build(&plan, opts, &progress).await?;
-            let zero_plan = plan
-                .zero_pages(&chunks, opts.keep_zero_pages, &progress)
-                .await?;
-            (Second::Staged(staged), chunks, None, zero_plan)
+    let (criu_restore, chunks, lazy, zero_plan) = if opts.lazy {
+        // The daemon must listen before CRIU starts, and reads images snapctl writes;
+        // its pagemaps build on the zero-page plan's.
+        let chunks = source.build(&plan, opts, &progress).await?;
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+            .await?;
+        let lazy = lazy::begin(criu, &plan, &zero_plan, &chunks, &dir, &progress).await?;
+        args.push("--lazy-pages".into());
+        match CriuRestore::start(criu, &args, &dir, names).await {
+            Ok(c) => (c, chunks, Some(lazy), zero_plan),
+            Err(e) => {
+                lazy.daemon.abort().await;
+                return Err(e);
+            }
         }
-        None => start_streamed(criu, &mut plan, &source, opts, &dir, &progress).await?,
+    } else {
+        let criu_restore = CriuRestore::start(criu, &args, &dir, names).await?;
+        // Built while CRIU starts: asking for presigned URLs is a round trip.
+        let chunks = source.build(&plan, opts, &progress).await?;
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
+            .await?;
+        (criu_restore, chunks, None, zero_plan)
     };
     let lazy_zero_bytes = lazy.as_ref().map_or(0, |l| l.plan.zero_bytes_left_out);
     progress.advance(lazy_zero_bytes);
@@ -237,18 +247,14 @@ async fn restore(
         .counters
         .bytes_total
         .fetch_add(lazy_zero_bytes, std::sync::atomic::Ordering::Relaxed);
-    let ahead = match second {
-        Second::Streamed(_) => read_ahead(&plan, &chunks),
-        // Staging fetches every chunk itself, as fast as it can.
-        Second::Staged(_) => Vec::new(),
-    };
+    let ahead = read_ahead(&plan, &chunks);
     let weights_fill = finish::start_weights_fill(
         &plan,
         opts.weights_service.as_deref(),
         &chunks.at(Priority::Weights),
         &progress,
     );
-    let log = dir.join("restore.log");
+    let log = criu_restore.log.clone();
     let no_cuts = HashMap::new();
     let image = Image {
         files: &plan.files,
@@ -259,13 +265,7 @@ async fn restore(
         chunks: &chunks,
         window: opts.window,
     };
-    let mut served = match second {
-        Second::Streamed(criu_restore) => criu_restore.serve(image, &progress).await?,
-        Second::Staged(staged) => {
-            let report = stage.as_mut().expect("staged by choice");
-            run_staged(criu, &plan, opts, &dir, staged, image, &progress, report).await?
-        }
-    };
+    let mut served = criu_restore.serve(image, &progress).await?;
 
     at.reached(outcome::Phase::Weights, None);
     let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
@@ -322,86 +322,7 @@ async fn restore(
         scheduler: chunks.scheduler_stats(),
         lazy,
         serving,
-        stage,
     })
-}
-
-/// How stage 2 runs: CRIU started on its streamer, or the image to stage first.
-enum Second {
-    Streamed(Box<CriuRestore>),
-    Staged(Staged),
-}
-
-/// Starts `criu restore --stream` (with `--lazy`, its page server first) and builds
-/// the chunk stack and the zero-page plan meanwhile.
-async fn start_streamed(
-    criu: &Criu,
-    plan: &mut Plan,
-    source: &ChunkSource<'_>,
-    opts: &RestoreOptions,
-    dir: &Path,
-    progress: &Progress,
-) -> Result<(Second, Chunks, Option<lazy::Lazy>, ZeroPagePlan)> {
-    let mut args = plan.criu_args(dir, opts);
-    let names = plan.files.keys().cloned().collect();
-    if !opts.lazy {
-        let criu_restore = CriuRestore::start(criu, &args, dir, names).await?;
-        // Built while CRIU starts: asking for presigned URLs is a round trip.
-        let chunks = source.build(plan, opts, progress).await?;
-        let zero_plan = plan
-            .zero_pages(&chunks, opts.keep_zero_pages, progress)
-            .await?;
-        return Ok((
-            Second::Streamed(Box::new(criu_restore)),
-            chunks,
-            None,
-            zero_plan,
-        ));
-    }
-    // The daemon must listen before CRIU starts, and reads images snapctl writes;
-    // its pagemaps build on the zero-page plan's.
-    let chunks = source.build(plan, opts, progress).await?;
-    let zero_plan = plan
-        .zero_pages(&chunks, opts.keep_zero_pages, progress)
-        .await?;
-    let lazy = lazy::begin(criu, plan, &zero_plan, &chunks, dir, progress).await?;
-    args.push("--lazy-pages".into());
-    match CriuRestore::start(criu, &args, dir, names).await {
-        Ok(c) => Ok((Second::Streamed(Box::new(c)), chunks, Some(lazy), zero_plan)),
-        Err(e) => {
-            lazy.daemon.abort().await;
-            Err(e)
-        }
-    }
-}
-
-/// Stage 2, staged: the image written into `staged`, then `criu restore` on it (its
-/// log in the work directory `dir`); the staging directory is gone on return.
-#[allow(clippy::too_many_arguments)]
-async fn run_staged(
-    criu: &Criu,
-    plan: &Plan,
-    opts: &RestoreOptions,
-    dir: &Path,
-    staged: Staged,
-    image: Image<'_>,
-    progress: &Progress,
-    report: &mut StageReport,
-) -> Result<serve::Served> {
-    let started = Instant::now();
-    report.bytes = staged
-        .write(image.files, image.inline, image.chunks, progress)
-        .await?;
-    report.seconds = started.elapsed().as_secs_f64();
-    report.staged_in = Some(staged.dir.path.clone());
-    tracing::info!(
-        bytes = report.bytes,
-        seconds = report.seconds,
-        "image staged"
-    );
-    let mut args = plan.criu_args(&staged.dir.path, opts);
-    args.extend(["--work-dir".into(), dir.display().to_string()]);
-    stage::restore(criu, &args, dir).await
 }
 
 /// What the restore's chunk stack is built from.

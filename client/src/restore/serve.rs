@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -35,6 +35,7 @@ pub(super) struct CriuRestore {
     /// The streamer connection, shut down once CRIU exits to end the request loop.
     connection: UnixStream,
     actions: ActionServer,
+    pub log: PathBuf,
     started: Instant,
 }
 
@@ -91,6 +92,7 @@ impl CriuRestore {
             request_loop,
             connection,
             actions,
+            log,
             started,
         })
     }
@@ -111,7 +113,7 @@ impl CriuRestore {
         };
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut served = 0usize;
-        let stderr_task = collect_stderr(&mut self.child);
+        let stderr_task = self.collect_stderr();
         let status = loop {
             tokio::select! {
                 Some((name, fd)) = self.requests.recv() => {
@@ -159,18 +161,18 @@ impl CriuRestore {
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     }
-}
 
-/// CRIU's stderr, read to its end on a task of its own (a full pipe would stall it).
-pub(super) fn collect_stderr(child: &mut tokio::process::Child) -> JoinHandle<Vec<u8>> {
-    let mut stderr = child.stderr.take();
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = tokio::io::AsyncReadExt::read_to_end(s, &mut buf).await;
-        }
-        buf
-    })
+    /// CRIU's stderr, read to its end on a task of its own (a full pipe would stall it).
+    fn collect_stderr(&mut self) -> JoinHandle<Vec<u8>> {
+        let mut stderr = self.child.stderr.take();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(s, &mut buf).await;
+            }
+            buf
+        })
+    }
 }
 
 impl Served {

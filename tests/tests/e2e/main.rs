@@ -22,7 +22,6 @@ mod restore_outcomes;
 mod retention;
 mod s3;
 mod scheduler;
-mod staged;
 mod streaming;
 mod weights;
 mod writable_files;
