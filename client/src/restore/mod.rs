@@ -18,12 +18,11 @@
 //! ([`outcome`]): Resolve stops offering a snapshot that keeps failing.
 //!
 //! Why streamed, and not written into a directory for a plain `criu restore -D`: fed
-//! by an ideal streamer, CRIU's streamed restore is as fast as its restore from
-//! /dev/shm (7.11 and 7.83 s against 7.05 and 7.76 s for 11 GB on the H200 machine),
-//! and a restore staged
-//! into memory first lost 1.9–4.8 s in every case measured, because CRIU cannot start
-//! reading before the last chunk is written (bench/RESULTS.md, "Is the pipe the
-//! limit?"; the staged restore is in commit 95e4528).
+//! by an ideal streamer, CRIU's streamed restore of an 11 GB image on the H200
+//! machine took 0–15% longer than its restore from /dev/shm, and a restore staged
+//! into memory first lost 1.9–4.8 s in every case measured, because CRIU cannot
+//! start reading before the last chunk is written (bench/RESULTS.md, "Is the pipe
+//! the limit?"; the staged restore is in commit 95e4528).
 //!
 //! Memory: at most `window` chunks per file in flight (≤ 2 MiB each), never the image.
 //! Small files come first because CRIU asks for them first; pages last, per task.
