@@ -51,12 +51,13 @@ answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are eq
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
 }
 kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
-local_restore() { # NAME CTL LOGCOPY: the baseline, criu restore from /dev/shm/local
-  # (or LOCAL_DIR) + CUDA restore
-  local name=$1 ctl=$2 log=$3 dir=${LOCAL_DIR:-/dev/shm/local}
+restore_then_answer() { # NAME CTL LOGCOPY CMD...: CMD (a criu restore of the worker)
+  # + CUDA restore, to the first answer; RESULT NAME_criu_restore_s, NAME_cuda_restore_s,
+  # NAME_restore_s, NAME_first_answer_s, NAME_equal
+  local name=$1 ctl=$2 log=$3; shift 3
   rm -f "$ctl/done0.json"; cp -p "$log" "$ctl.log"; drop
   local t0 t1 t2 t3; t0=$(now)
-  "$CRIU" restore -D "$dir" -d -o restore.log || tail -20 "$dir/restore.log"
+  "$@"
   t1=$(now)
   python3 bench/gpu/cuda_ckpt.py restore "$PID"
   t2=$(now)
@@ -68,22 +69,18 @@ local_restore() { # NAME CTL LOGCOPY: the baseline, criu restore from /dev/shm/l
   result "${name}_first_answer_s" "$(el "$t0" "$t3")"
   kill_worker
 }
+criu_from_dir() { "$CRIU" restore -D "$1" -d -o restore.log || tail -20 "$1/restore.log"; }
+criu_from_ideal_streamer() { # DIR NAME: bench/pipe/stream_ceiling.py serving DIR
+  python3 bench/pipe/stream_ceiling.py --images "$1" --work "/run/sc-$2" -- "$CRIU" restore -d -o restore.log | tee "$OUT/$2.json" || tail -20 "/run/sc-$2/restore.log"
+}
+local_restore() { # NAME CTL LOGCOPY: the baseline, criu restore from /dev/shm/local
+  # (or LOCAL_DIR) + CUDA restore
+  restore_then_answer "$1" "$2" "$3" criu_from_dir "${LOCAL_DIR:-/dev/shm/local}"
+}
 ceiling_restore() { # NAME CTL LOGCOPY: the same /dev/shm/local image through
   # `criu restore --stream` fed by an ideal streamer (bench/pipe/stream_ceiling.py,
   # every file spliced from /dev/shm) + CUDA restore: CRIU's streamed restore at best
-  local name=$1 ctl=$2 log=$3
-  rm -f "$ctl/done0.json"; cp -p "$log" "$ctl.log"; drop
-  local t0 t1 t2 t3; t0=$(now)
-  python3 bench/pipe/stream_ceiling.py --images /dev/shm/local --work "/run/sc-$name" -- "$CRIU" restore -d -o restore.log | tee "$OUT/$name.json" || tail -20 "/run/sc-$name/restore.log"
-  t1=$(now)
-  python3 bench/gpu/cuda_ckpt.py restore "$PID"
-  t2=$(now)
-  answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
-  t3=$(now)
-  result "${name}_criu_restore_s" "$(el "$t0" "$t1")"
-  result "${name}_cuda_restore_s" "$(el "$t1" "$t2")"
-  result "${name}_first_answer_s" "$(el "$t0" "$t3")"
-  kill_worker
+  restore_then_answer "$1" "$2" "$3" criu_from_ideal_streamer /dev/shm/local "$1"
 }
 timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
   # pull-restore REF (page cache dropped), then the first answer; RESULT NAME_restore_s,
