@@ -20,7 +20,7 @@
 //! Why streamed, and not written into a directory for a plain `criu restore -D`: fed
 //! by an ideal streamer, CRIU's streamed restore of an 11 GB image on the H200
 //! machine took 0–15% longer than its restore from /dev/shm, and a restore staged
-//! into memory first lost 1.9–4.8 s in every case measured, because CRIU cannot
+//! into memory first lost 1.9–4.1 s in every case measured, because CRIU cannot
 //! start reading before the last chunk is written (bench/RESULTS.md, "Is the pipe
 //! the limit?"; the staged restore is in commit 95e4528).
 //!
