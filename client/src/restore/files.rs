@@ -165,10 +165,7 @@ impl FileServer<'_> {
                 file: name,
                 ..FileServing::default()
             };
-            let served = serve_file(chunks, progress, extents, pipe, window, &mut times).await;
-            if let Err(e) = served {
-                errs.lock().unwrap().get_or_insert(e);
-            }
+            serve_file(chunks, progress, extents, pipe, window, &errs, &mut times).await;
             timings.lock().unwrap().push(times);
         });
     }
@@ -178,28 +175,43 @@ impl FileServer<'_> {
 /// pieces are made here, a window ahead, and written by a thread of their own
 /// ([`feed`]). EPIPE means CRIU closed the file early: not an error here; CRIU's
 /// exit code decides.
+///
+/// An error goes into `first_error` before the pipe closes: the short file makes
+/// CRIU exit, and the serving loop stops every file task once it has, so an error
+/// kept any later could be lost and the restore reported as CRIU's failure instead
+/// of the corrupt chunk's.
 async fn serve_file(
     chunks: Chunks,
     progress: Progress,
     extents: Vec<Span>,
     pipe: OwnedFd,
     window: usize,
+    first_error: &Arc<Mutex<Option<ClientError>>>,
     times: &mut FileServing,
-) -> Result<()> {
+) {
     let name = times.file.clone();
     let started = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
-    let feeder = tokio::task::spawn_blocking(move || feed(pipe, rx, &progress));
+    let (errs, file) = (first_error.clone(), name.clone());
+    let feeder = tokio::task::spawn_blocking(move || {
+        let pipe = std::fs::File::from(pipe);
+        match blocking(&pipe).and_then(|()| feed(&pipe, rx, &progress)) {
+            Ok(fed) => Some(fed),
+            Err(e) => {
+                keep_first(&errs, ClientError::io(format!("serving {file} to CRIU"), e));
+                None
+            }
+        }
+    });
     let fetch_times: Arc<Mutex<FetchTimes>> = Arc::default();
     let mut pieces = futures::stream::iter(extents)
         .map(|span| piece(chunks.clone(), name.clone(), span, fetch_times.clone()))
         .buffered(window.max(1));
-    let mut made = Ok(());
     while let Some(piece) = pieces.next().await {
         let piece = match piece {
             Ok(piece) => piece,
             Err(e) => {
-                made = Err(e);
+                keep_first(first_error, e);
                 break;
             }
         };
@@ -209,20 +221,26 @@ async fn serve_file(
         }
     }
     drop(tx);
-    let fed = feeder
-        .await
-        .map_err(|e| ClientError::io(format!("serving {name}"), std::io::Error::other(e)))?;
+    let fed = feeder.await.unwrap_or_else(|e| {
+        let e = ClientError::io(format!("serving {name}"), std::io::Error::other(e));
+        keep_first(first_error, e);
+        None
+    });
     let FetchTimes { checks, fetches } = *fetch_times.lock().unwrap();
     times.seconds = started.elapsed().as_secs_f64();
     times.cache_checks_seconds = checks.as_secs_f64();
     times.fetches_seconds = fetches.as_secs_f64();
-    made?;
-    let fed = fed.map_err(|e| ClientError::io(format!("serving {name} to CRIU"), e))?;
-    times.bytes = fed.bytes;
-    times.waiting_for_chunks_seconds = fed.waiting.as_secs_f64();
-    times.writing_to_criu_seconds = fed.writing.as_secs_f64();
+    if let Some(fed) = fed {
+        times.bytes = fed.bytes;
+        times.waiting_for_chunks_seconds = fed.waiting.as_secs_f64();
+        times.writing_to_criu_seconds = fed.writing.as_secs_f64();
+    }
     tracing::debug!(?times, "served");
-    Ok(())
+}
+
+/// Keeps `e` unless an earlier error was kept.
+fn keep_first(first_error: &Mutex<Option<ClientError>>, e: ClientError) {
+    first_error.lock().unwrap().get_or_insert(e);
 }
 
 /// The pieces' cache checks and fetches, summed over the window in flight.
@@ -276,6 +294,7 @@ async fn fetched(
 }
 
 /// What one feeder wrote, and where its time went.
+#[derive(Default)]
 struct Fed {
     /// Bytes written or spliced (zero runs not counted).
     bytes: u64,
@@ -285,25 +304,20 @@ struct Fed {
     writing: Duration,
 }
 
-/// Writes `pieces` into CRIU's pipe with blocking calls on this (blocking-pool)
-/// thread, until they end or CRIU closes the pipe (EPIPE: a clean stop).
+/// Writes `pieces` into CRIU's pipe (made blocking) with blocking calls on this
+/// (blocking-pool) thread, until they end or CRIU closes the pipe (EPIPE: a clean
+/// stop). The caller keeps the pipe open until it has kept an error.
 ///
 /// Why a thread and blocking calls: CRIU reads each pagemap run whole, and a pipe
 /// moves at most its size per wake-up; a blocked splice is woken by the kernel the
 /// moment CRIU frees room, where a non-blocking one waited for the async reactor
 /// to notice readiness and schedule the task again.
 fn feed(
-    pipe: OwnedFd,
+    mut pipe: &std::fs::File,
     mut pieces: tokio::sync::mpsc::Receiver<Piece>,
     progress: &Progress,
 ) -> std::io::Result<Fed> {
-    blocking(&pipe)?;
-    let mut pipe = std::fs::File::from(pipe);
-    let mut fed = Fed {
-        bytes: 0,
-        waiting: Duration::ZERO,
-        writing: Duration::ZERO,
-    };
+    let mut fed = Fed::default();
     loop {
         let asked = Instant::now();
         let Some(piece) = pieces.blocking_recv() else {
@@ -313,8 +327,8 @@ fn feed(
         fed.waiting += got - asked;
         let res = match &piece {
             Piece::Bytes(data) => pipe.write_all(data),
-            Piece::File(file, off, len) => splice_all(&pipe, file, *off, *len),
-            Piece::Zeros(n) => write_zeros(&mut pipe, *n),
+            Piece::File(file, off, len) => splice_all(pipe, file, *off, *len),
+            Piece::Zeros(n) => write_zeros(pipe, *n),
         };
         fed.writing += got.elapsed();
         match res {
@@ -335,7 +349,7 @@ fn feed(
 }
 
 /// Clears O_NONBLOCK on CRIU's pipe, for [`feed`]'s blocking calls.
-fn blocking(pipe: &OwnedFd) -> std::io::Result<()> {
+fn blocking(pipe: &std::fs::File) -> std::io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = OFlag::from_bits_truncate(fcntl(pipe, FcntlArg::F_GETFL)?);
     fcntl(pipe, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
@@ -378,7 +392,7 @@ fn splice_all(
     Ok(())
 }
 
-fn write_zeros(pipe: &mut std::fs::File, mut n: u64) -> std::io::Result<()> {
+fn write_zeros(mut pipe: &std::fs::File, mut n: u64) -> std::io::Result<()> {
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
         pipe.write_all(&ZEROS[..k])?;
@@ -401,7 +415,8 @@ mod tests {
         let file = || std::fs::File::open(&path).unwrap();
         let (reader, writer) = nix::unistd::pipe().unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let feeder = std::thread::spawn(move || feed(writer, rx, &Progress::hidden()));
+        let feeder =
+            std::thread::spawn(move || feed(&std::fs::File::from(writer), rx, &Progress::hidden()));
         tx.blocking_send(Piece::Bytes(Bytes::from_static(b"ab")))
             .unwrap();
         tx.blocking_send(Piece::File(file(), 3, 4)).unwrap();
@@ -420,7 +435,8 @@ mod tests {
         let (reader, writer) = nix::unistd::pipe().unwrap();
         drop(reader);
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let feeder = std::thread::spawn(move || feed(writer, rx, &Progress::hidden()));
+        let feeder =
+            std::thread::spawn(move || feed(&std::fs::File::from(writer), rx, &Progress::hidden()));
         tx.blocking_send(Piece::Zeros(1 << 20)).unwrap();
         let _ = tx.blocking_send(Piece::Zeros(1));
         drop(tx);
