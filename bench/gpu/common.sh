@@ -24,13 +24,23 @@ export SNAPCTL_CRIU="$CRIU"
 "$CRIU" --version >/dev/null 2>&1 || { echo "CRIU did not install; nothing measured"; exit 1; }
 B=$PWD/.carry/bin
 W="${W:-/var/tmp/snapreg-gpu}"
-rm -rf "$W" /dev/shm/local; mkdir -p "$W"
+rm -rf "$W" /dev/shm/local /dev/shm/reg /dev/shm/cache-mem; mkdir -p "$W"
 : >"$OUT/summary.env"
 
-"$B/snapreg" serve --anonymous admin --listen 127.0.0.1:0 --data "$W/reg" >"$W/reg.out" 2>"$W/reg.log" &
-REG=$!
-waitfile "$W/reg.out" 10
-export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"
+start_registry() { # DATA: a registry on DATA, at a free loopback port; sets REG and SNAPCTL_REGISTRY
+  "$B/snapreg" serve --anonymous admin --listen 127.0.0.1:0 --data "$1" >"$W/reg.out" 2>>"$W/reg.log" &
+  REG=$!
+  waitfile "$W/reg.out" 10
+  export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"
+}
+registry_into_memory() { # the registry stopped, its data (index and store) copied into
+  # /dev/shm/reg and served from there: a registry whose snapshot is hot in memory, as
+  # one serving a fleet holds it (drop_caches on the node cannot evict it)
+  kill -TERM "$REG"; gone "$REG"; rm -f "$W/reg.out"
+  rm -rf /dev/shm/reg; cp -a "$W/reg" /dev/shm/reg
+  start_registry /dev/shm/reg
+}
+start_registry "$W/reg"
 python3 bench/gpu/hf/mkmodel.py "$W/model" --preset "$PRESET" 2>&1 | grep -v "Writing model shards" | tail -2
 export TORCHINDUCTOR_CACHE_DIR="$W/ind" TRITON_CACHE_DIR="$W/ind/triton"
 

@@ -28,11 +28,22 @@
 #   local, own disk       (LOCAL_DISK=1, the default) the local restore again from a copy
 #                         of the image on this machine's disk, page cache dropped: what
 #                         "restore from its own disk" costs here
+#   registry in memory    (REG_MEM=1) after the first transparent restore the registry
+#                         moves into /dev/shm (registry_into_memory) and the transparent
+#                         pull-restore runs again into an empty node cache: the same
+#                         footing as the local baseline, whose image is in /dev/shm
+#   node cache in memory  (MEM_CACHE=1) the warm transparent restore again from a copy of
+#                         its node cache in /dev/shm
+#   THP A/B               (THP_AB=1) the local restore and the in-memory node cache restore
+#                         again with transparent huge pages set to `always` (the machine's
+#                         setting is put back after)
 #   arenas A/B            (RSS_AB=1) the transparent pull-restore again, into a fresh
 #                         cache, with MALLOC_ARENA_MAX=128 (glibc's own limit on 16
 #                         cores) instead of snapctl's cap of 4: the peak RSS either way
-# SEPARATED=0 stops after the transparent paths; STREAMED=0 leaves out the streamed
-# checkpoint.
+# THP=always|madvise|never sets transparent huge pages for the whole run (put back at
+# the end). SEPARATED=0 stops after the transparent paths; STREAMED=0 leaves out the
+# streamed checkpoint. With REG_MEM=1 the later restores (the local baseline's pull and
+# separated mode) are served from the registry in memory too.
 #
 # Every restore starts with the page cache dropped and must answer with exactly the
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
@@ -49,7 +60,11 @@ start_service() {
   waitfile "$W/ws.out" 30 || { echo "weights service did not start"; cat "$W/ws.log"; }
 }
 start_service
-trap 'kill -9 $REG $WS 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
+THP_FILE=/sys/kernel/mm/transparent_hugepage/enabled
+THP_WAS=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP_FILE")
+result thp "${THP:-$THP_WAS}"
+[ -n "${THP:-}" ] && echo "$THP" >"$THP_FILE"
+trap 'kill -9 $REG $WS 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null; echo "$THP_WAS" >"$THP_FILE"' EXIT
 
 # ---- transparent
 say "cold start ($PRESET)"
@@ -77,6 +92,13 @@ if [ "${RSS_AB:-0}" = 1 ]; then
   rm -rf "$W/cache-a128"
 fi
 
+if [ "${REG_MEM:-0}" = 1 ]; then
+  say "pull-restore, transparent, registry in memory, empty node cache"
+  registry_into_memory
+  timed_restore transparent_regmem "$A" "$A.log.ck" "$W/cache-rm" "hf/$PRESET:transparent"
+  rm -rf "$W/cache-rm"
+fi
+
 say "local criu restore + CUDA restore (baseline)"
 "$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
 local_restore local "$A" "$A.log.ck"
@@ -102,6 +124,26 @@ if [ "${STREAMED:-1}" = 1 ]; then
 else
   say "pull-restore, transparent, warm node cache (the first restore's)"
   timed_restore transparent_warm "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
+fi
+
+if [ "${MEM_CACHE:-0}" = 1 ]; then
+  say "pull-restore, transparent, the warm node cache copied into /dev/shm"
+  rm -rf /dev/shm/cache-mem; cp -a "$W/cache-a" /dev/shm/cache-mem
+  timed_restore transparent_memcache "$A" "$A.log.ck" /dev/shm/cache-mem "hf/$PRESET:transparent"
+  rm -rf /dev/shm/cache-mem
+fi
+
+if [ "${THP_AB:-0}" = 1 ]; then
+  echo always >"$THP_FILE"
+  say "THP always: local criu restore + CUDA restore"
+  "$B/snapctl" --json pull "hf/$PRESET:transparent" /dev/shm/local | tail -n 1 >/dev/null
+  local_restore local_thp "$A" "$A.log.ck"
+  rm -rf /dev/shm/local
+  say "THP always: pull-restore, transparent, node cache in /dev/shm"
+  cp -a "$W/cache-a" /dev/shm/cache-mem
+  timed_restore transparent_memcache_thp "$A" "$A.log.ck" /dev/shm/cache-mem "hf/$PRESET:transparent"
+  rm -rf /dev/shm/cache-mem
+  echo "${THP:-$THP_WAS}" >"$THP_FILE"
 fi
 
 if [ "${LAZY:-1}" = 1 ]; then
