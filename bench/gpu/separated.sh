@@ -37,6 +37,9 @@
 #   THP A/B               (THP_AB=1) the local restore and the in-memory node cache restore
 #                         again with transparent huge pages set to `always` (the machine's
 #                         setting is put back after)
+#   plain spool           (PLAIN_SPOOL=1) the restored worker checkpointed again with
+#                         `--spool /dev/shm/plain-spool`: the freeze into a directory of
+#                         /dev/shm (small pages) against the default's huge-page spool
 #   arenas A/B            (RSS_AB=1) the transparent pull-restore again, into a fresh
 #                         cache, with MALLOC_ARENA_MAX=128 (glibc's own limit on 16
 #                         cores) instead of snapctl's cap of 4: the peak RSS either way
@@ -85,6 +88,15 @@ cp -p "$A.log" "$A.log.ck"
 
 say "pull-restore, transparent"
 timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
+
+if [ "${PLAIN_SPOOL:-0}" = 1 ]; then
+  say "pull-restore, transparent; then checkpoint --cuda --spool /dev/shm/plain-spool (the freeze on small pages)"
+  rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
+  timeout 180 "$B/snapctl" --json --cache "$W/cache-p" pull-restore --detach "hf/$PRESET:transparent" | tail -n 1 >/dev/null
+  timeout 180 "$B/snapctl" --json checkpoint --cuda --spool /dev/shm/plain-spool --pid "$PID" "hf/$PRESET:plain-spool" | tail -n 1 | tee "$OUT/ck-plain-spool.json"
+  gone "$PID"; rm -rf /dev/shm/plain-spool "$W/cache-p"
+  result plain_spool_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-plain-spool.json')).get('freeze_ms'))")"
+fi
 
 if [ "${RSS_AB:-0}" = 1 ]; then
   say "pull-restore, transparent, MALLOC_ARENA_MAX=128"

@@ -33,6 +33,7 @@
 //! ([`route`] says when, and why).
 
 mod capture;
+mod huge_spool;
 mod plan;
 mod route;
 mod spool;
@@ -65,6 +66,8 @@ pub struct CheckpointOptions {
     pub spool: Spool,
     /// The tmpfs `--spool auto` dumps into.
     pub memory_spool_dir: PathBuf,
+    /// `--spool auto` mounts a tmpfs of huge pages for its spool (huge_spool.rs).
+    pub spool_huge_pages: bool,
     /// No byte read from CRIU and none uploaded for this long aborts the dump.
     pub stall_timeout: Duration,
     /// Checkpoint the tree's CUDA state into host memory first (and put it back if

@@ -5,12 +5,12 @@
 //! |---|---|
 //! | `off` (default without `--cuda`) | streamed |
 //! | `DIR` | spooled to DIR |
-//! | `auto` (default with `--cuda`) | spooled to the memory directory (`/dev/shm`) when the tree fits, else streamed |
+//! | `auto` (default with `--cuda`) | spooled to `snapctl-spool` in the memory directory (`/dev/shm`), a tmpfs of huge pages (huge_spool.rs), when the tree fits, else streamed |
 //!
 //! Why `auto` exists: a streamed dump keeps the tasks frozen until every chunk is
 //! hashed, compressed and durable in the registry (so a failed push resumes them and
 //! loses nothing); a CUDA worker's dump carries its device memory (11 GB for the
-//! medium preset) and stays frozen 15 s that way, against under 6 s into memory
+//! medium preset) and stays frozen 15 s that way, against 5–9 s into memory
 //! (bench/RESULTS.md). A spooled dump is pushed after CRIU killed the tasks: if that
 //! push fails, the images stay in the spool directory and the error says how to push
 //! them, so still nothing is lost.
@@ -18,8 +18,8 @@
 //! "Fits", decided after the CUDA checkpoint moved device memory into host memory: the
 //! tree's resident memory (the sum of `Rss` in each task's `smaps_rollup`, an upper
 //! bound of what CRIU writes) plus an eighth and 256 MiB must be below each of
-//! - the memory directory's free space (it must be a tmpfs: a disk would be slower
-//!   than the registry);
+//! - the spool's free space (it must be a tmpfs: a disk would be slower than the
+//!   registry);
 //! - `MemAvailable` (the tasks still hold their memory while the dump is written);
 //! - the headroom (`memory.max - memory.current`) of snapctl's cgroup and each of its
 //!   ancestors, since CRIU, its child, is charged for the tmpfs pages.
@@ -31,7 +31,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::CheckpointOptions;
+use super::{huge_spool, CheckpointOptions};
 use crate::error::{ClientError, Result};
 use crate::process;
 
@@ -92,14 +92,12 @@ pub(super) fn choose(opts: &CheckpointOptions, pids: &[u32]) -> Result<Route> {
         }),
         Spool::Auto => {
             let tree = resident_bytes(pids);
-            let verdict = room(&opts.memory_spool_dir).and_then(|r| fits(tree, r));
+            let (spool, pages) = huge_spool::prepare(&opts.memory_spool_dir, opts.spool_huge_pages);
+            let verdict = room(&spool).and_then(|r| fits(tree, r));
             match verdict {
                 Ok(why) => Ok(Route {
-                    spooled_to: Some(opts.memory_spool_dir.join("snapctl-spool")),
-                    reason: format!(
-                        "spooled to {} (auto: {why})",
-                        opts.memory_spool_dir.display()
-                    ),
+                    reason: format!("spooled to {} (auto: {why}; {pages})", spool.display()),
+                    spooled_to: Some(spool),
                 }),
                 Err(why) => {
                     process::refuse_huge_pages(pids).map_err(|e| {

@@ -168,11 +168,44 @@ fn spooled_checkpoint_restores_too() {
 }
 
 /// A memory directory of its own on /dev/shm (a tmpfs), removed at the end.
-fn memory_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("snapreg-e2e-spool-")
-        .tempdir_in("/dev/shm")
-        .unwrap()
+fn memory_dir() -> MemoryDir {
+    MemoryDir(
+        tempfile::Builder::new()
+            .prefix("snapreg-e2e-spool-")
+            .tempdir_in("/dev/shm")
+            .unwrap(),
+    )
+}
+
+/// A memory directory in /dev/shm for `--memory-spool-dir`. On drop the huge-page
+/// tmpfs that `--spool auto` mounts in it is unmounted, then the directory removed.
+struct MemoryDir(tempfile::TempDir);
+
+impl MemoryDir {
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for MemoryDir {
+    fn drop(&mut self) {
+        let spool = self.0.path().join("snapctl-spool");
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(spool)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The super options of the topmost mount at `path`, if one is there.
+fn mount_options(path: &std::path::Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_str().unwrap();
+    mountinfo.lines().rev().find_map(|l| {
+        let (fields, rest) = l.split_once(" - ")?;
+        (fields.split(' ').nth(4)? == path).then(|| rest.split(' ').nth(2).unwrap_or("").into())
+    })
 }
 
 /// `*.img` files in the checkpoint directories under `spool`.
@@ -214,7 +247,7 @@ fn restores_and_counts_on(registry: &str, p: &mut TestProc, tag: &str) {
 }
 
 #[test]
-fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
+fn auto_spool_dumps_into_huge_pages_in_memory_when_the_tree_fits_and_keeps_nothing_there() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let memory = memory_dir();
@@ -229,13 +262,72 @@ fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
             .is_some_and(|d| d.starts_with(memory.path().to_str().unwrap())),
         "{ck}"
     );
-    assert!(route["reason"].as_str().unwrap().contains("fits"), "{ck}");
-    let left = spooled_images(&memory.path().join("snapctl-spool"));
+    let reason = route["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("fits") && reason.contains("huge pages"),
+        "{ck}"
+    );
+    // The spool is a tmpfs of huge pages that snapctl mounted (huge_spool.rs).
+    let spool = memory.path().join("snapctl-spool");
+    let options = mount_options(&spool).unwrap_or_else(|| panic!("no mount at the spool: {ck}"));
+    assert!(options.contains("huge=always"), "{options}");
+    let left = spooled_images(&spool);
     assert!(
         left.is_empty(),
         "images left in memory after the push: {left:?}"
     );
     restores_and_counts_on(&reg.url, &mut p, "t/auto:v1");
+}
+
+/// An operator's own mount at the spool (here without huge pages) is used as it is:
+/// snapctl mounts nothing over it, and says so.
+#[test]
+fn auto_spool_uses_a_mount_already_at_the_spool_as_it_is() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let memory = memory_dir();
+    let spool = memory.path().join("snapctl-spool");
+    let _unmount = Tmpfs::mount(&spool, "512m");
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 64, 25, 0, 0);
+    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/own:v1");
+    let reason = ck["route"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("fits") && reason.contains("the tmpfs mounted there, without huge pages"),
+        "{ck}"
+    );
+    let options = mount_options(&spool).unwrap();
+    assert!(!options.contains("huge="), "{options}");
+    restores_and_counts_on(&reg.url, &mut p, "t/own:v1");
+}
+
+/// `--spool-small-pages`: the spool is a plain directory of the memory directory.
+#[test]
+fn auto_spool_with_small_pages_mounts_nothing() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let memory = memory_dir();
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 64, 26, 0, 0);
+    let pid = p.pid().to_string();
+    let dir = memory.path().to_str().unwrap();
+    let args = [
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--spool",
+        "auto",
+        "--spool-small-pages",
+    ];
+    let args = [&args[..], &["--memory-spool-dir", dir, "t/small:v1"]].concat();
+    let ck = snapctl(&reg.url, &args).ok().json();
+    let reason = ck["route"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("fits") && reason.contains("small pages"),
+        "{ck}"
+    );
+    assert_eq!(mount_options(&memory.path().join("snapctl-spool")), None);
+    restores_and_counts_on(&reg.url, &mut p, "t/small:v1");
 }
 
 /// CRIU fails halfway (the spool directory fills up): the tasks resume with their
