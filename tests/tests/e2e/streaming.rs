@@ -220,17 +220,18 @@ fn spooled_images(spool: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// `snapctl checkpoint --spool auto --memory-spool-dir DIR`; its JSON report.
+/// `snapctl checkpoint --spool auto --memory-spool-dir DIR [extra...]`; its JSON report.
 fn checkpoint_auto(
     registry: &str,
     pid: u32,
     dir: &std::path::Path,
     tag: &str,
+    extra: &[&str],
 ) -> serde_json::Value {
     let pid = pid.to_string();
     let dir = dir.to_str().unwrap();
     let args = ["checkpoint", "--pid", &pid, "--spool", "auto"];
-    let args = [&args[..], &["--memory-spool-dir", dir, tag]].concat();
+    let args = [&args[..], extra, &["--memory-spool-dir", dir, tag]].concat();
     snapctl(registry, &args).ok().json()
 }
 
@@ -254,7 +255,7 @@ fn auto_spool_dumps_into_huge_pages_in_memory_when_the_tree_fits_and_keeps_nothi
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 21, 0, 16);
     let pid = p.pid();
-    let ck = checkpoint_auto(&reg.url, pid, memory.path(), "t/auto:v1");
+    let ck = checkpoint_auto(&reg.url, pid, memory.path(), "t/auto:v1", &[]);
     let route = &ck["route"];
     assert!(
         route["spooled_to"]
@@ -290,7 +291,7 @@ fn auto_spool_uses_a_mount_already_at_the_spool_as_it_is() {
     let _unmount = Tmpfs::mount(&spool, "512m");
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 25, 0, 0);
-    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/own:v1");
+    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/own:v1", &[]);
     let reason = ck["route"]["reason"].as_str().unwrap();
     assert!(
         reason.contains("fits") && reason.contains("the tmpfs mounted there, without huge pages"),
@@ -309,18 +310,8 @@ fn auto_spool_with_small_pages_mounts_nothing() {
     let memory = memory_dir();
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 26, 0, 0);
-    let pid = p.pid().to_string();
-    let dir = memory.path().to_str().unwrap();
-    let args = [
-        "checkpoint",
-        "--pid",
-        &pid,
-        "--spool",
-        "auto",
-        "--spool-small-pages",
-    ];
-    let args = [&args[..], &["--memory-spool-dir", dir, "t/small:v1"]].concat();
-    let ck = snapctl(&reg.url, &args).ok().json();
+    let small = ["--spool-small-pages"];
+    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/small:v1", &small);
     let reason = ck["route"]["reason"].as_str().unwrap();
     assert!(
         reason.contains("fits") && reason.contains("small pages"),
@@ -371,7 +362,7 @@ fn auto_spool_streams_when_the_memory_directory_is_too_small() {
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 22, 0, 0);
     let pid = p.pid();
-    let ck = checkpoint_auto(&reg.url, pid, &tiny, "t/auto:v2");
+    let ck = checkpoint_auto(&reg.url, pid, &tiny, "t/auto:v2", &[]);
     let route = &ck["route"];
     assert!(route["spooled_to"].is_null(), "{ck}");
     let reason = route["reason"].as_str().unwrap();
