@@ -33,8 +33,8 @@ pub struct Args {
     /// snapctl mounts a tmpfs of huge pages (they take the tree in faster).
     #[arg(long, value_name = "DIR", env = "SNAPCTL_MEMORY_SPOOL_DIR", default_value = checkpoint::MEMORY_DIR)]
     memory_spool_dir: PathBuf,
-    /// `--spool auto` dumps into a plain directory of --memory-spool-dir (small pages)
-    /// instead of mounting a tmpfs of huge pages there.
+    /// `--spool auto` dumps into a plain directory of --memory-spool-dir
+    /// (`snapctl-spool-small`: small pages) instead of a tmpfs of huge pages.
     #[arg(long, env = "SNAPCTL_SPOOL_SMALL_PAGES")]
     spool_small_pages: bool,
     /// Abort the dump (and release the process) after this long without progress.

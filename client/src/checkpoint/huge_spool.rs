@@ -8,9 +8,9 @@
 //! against 6.8–6.9 s into /dev/shm (bench/RESULTS.md, "The spool on huge pages").
 //!
 //! - A mount already at that path (snapctl's from an earlier checkpoint, or the
-//!   operator's) is used as it is. `--spool-small-pages` mounts nothing; the spool is
-//!   then a directory of the memory directory's own tmpfs (or whatever is mounted
-//!   there).
+//!   operator's) is used as it is.
+//! - `--spool-small-pages` mounts nothing: the spool is then `snapctl-spool-small`, a
+//!   plain directory of the memory directory's own tmpfs.
 //! - Where snapctl cannot mount (not root, no CAP_SYS_ADMIN in a container), it spools
 //!   into a plain directory there, as before, and the route's reason says why.
 //! - The mount outlives snapctl on purpose: empty, a tmpfs holds no memory, and a
@@ -22,14 +22,16 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-/// The spool's directory under `memory_dir`.
+/// The spool's directory under `memory_dir`: the huge-page mount.
 const SPOOL_NAME: &str = "snapctl-spool";
+/// With `--spool-small-pages`: a plain directory, apart from the mount.
+const SMALL_SPOOL_NAME: &str = "snapctl-spool-small";
 
 /// The spool directory under `memory_dir`, on a huge-page tmpfs where one is mounted
 /// or can be (and `huge`): the directory and a note on its pages for the route's
 /// reason.
 pub(super) fn prepare(memory_dir: &Path, huge: bool) -> (PathBuf, String) {
-    let spool = memory_dir.join(SPOOL_NAME);
+    let spool = memory_dir.join(if huge { SPOOL_NAME } else { SMALL_SPOOL_NAME });
     // A failure shows when the route measures the spool's room.
     let _ = std::fs::create_dir_all(&spool);
     let note = match huge {

@@ -302,7 +302,8 @@ fn auto_spool_uses_a_mount_already_at_the_spool_as_it_is() {
     restores_and_counts_on(&reg.url, &mut p, "t/own:v1");
 }
 
-/// `--spool-small-pages`: the spool is a plain directory of the memory directory.
+/// `--spool-small-pages`: the spool is a plain directory of the memory directory,
+/// apart from where the huge-page tmpfs is mounted.
 #[test]
 fn auto_spool_with_small_pages_mounts_nothing() {
     let _lock = criu_lock();
@@ -317,7 +318,9 @@ fn auto_spool_with_small_pages_mounts_nothing() {
         reason.contains("fits") && reason.contains("small pages"),
         "{ck}"
     );
-    assert_eq!(mount_options(&memory.path().join("snapctl-spool")), None);
+    let spool = memory.path().join("snapctl-spool-small");
+    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
+    assert_eq!(mount_options(&spool), None);
     restores_and_counts_on(&reg.url, &mut p, "t/small:v1");
 }
 
