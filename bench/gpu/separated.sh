@@ -39,7 +39,8 @@
 #                         setting is put back after)
 #   plain spool           (PLAIN_SPOOL=1) the restored worker checkpointed again with
 #                         `--spool /dev/shm/plain-spool`: the freeze into a directory of
-#                         /dev/shm (small pages) against the default's huge-page spool
+#                         /dev/shm (small pages), against the first checkpoint's spool
+#                         (a tmpfs of huge pages with HUGE_SPOOL=1)
 #   arenas A/B            (RSS_AB=1) the transparent pull-restore again, into a fresh
 #                         cache, with MALLOC_ARENA_MAX=128 (glibc's own limit on 16
 #                         cores) instead of snapctl's cap of 4: the peak RSS either way
@@ -63,6 +64,7 @@ start_service() {
   waitfile "$W/ws.out" 30 || { echo "weights service did not start"; cat "$W/ws.log"; }
 }
 start_service
+[ "${HUGE_SPOOL:-0}" = 1 ] && export SNAPCTL_SPOOL_HUGE_PAGES=1
 THP_FILE=/sys/kernel/mm/transparent_hugepage/enabled
 THP_WAS=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP_FILE")
 result thp "${THP:-$THP_WAS}"

@@ -4,10 +4,10 @@
 //!
 //! 0. `criu dump` into a directory on local disk (the baseline: no registry);
 //! 1. `snapctl checkpoint --spool off`: streamed, frozen until the registry has it all;
-//! 2. `snapctl checkpoint --spool auto`: dumped into /dev/shm (the tmpfs of huge pages
-//!    snapctl mounts at /dev/shm/snapctl-spool), pushed after release;
+//! 2. `snapctl checkpoint --spool auto`: dumped into /dev/shm, pushed after release;
 //! 3. `snapctl checkpoint --spool DIR` with DIR on local disk;
-//! 4. `snapctl checkpoint --spool auto --spool-small-pages`: a directory of /dev/shm.
+//! 4. `snapctl checkpoint --spool auto --spool-huge-pages`: into the tmpfs of huge
+//!    pages snapctl mounts at /dev/shm/snapctl-spool-huge.
 //!
 //! Every snapshot of the first rep is restored (`pull-restore`) and the process checks
 //! its whole memory, so a route that commits a broken snapshot fails the bench.
@@ -25,9 +25,9 @@ use crate::{
 const ROUTES: [&str; 5] = [
     "criu dump to local disk (no registry)",
     "snapctl checkpoint, streamed (--spool off)",
-    "snapctl checkpoint --spool auto (into /dev/shm on huge pages, pushed after release)",
+    "snapctl checkpoint --spool auto (into /dev/shm, pushed after release)",
     "snapctl checkpoint --spool DIR on local disk",
-    "snapctl checkpoint --spool auto --spool-small-pages (into /dev/shm)",
+    "snapctl checkpoint --spool auto --spool-huge-pages (a tmpfs of huge pages)",
 ];
 
 pub fn run(gib: f64, reps: usize) -> Result<()> {
@@ -69,13 +69,9 @@ pub fn run(gib: f64, reps: usize) -> Result<()> {
                     };
                     let pid_s = pid.to_string();
                     let args = ["checkpoint", "--pid", &pid_s, "--spool", &how, &tag];
-                    let small: &[&str] = if i == 4 {
-                        &["--spool-small-pages"]
-                    } else {
-                        &[]
-                    };
+                    let huge: &[&str] = if i == 4 { &["--spool-huge-pages"] } else { &[] };
                     let j =
-                        snapctl(&reg.url, &[&args[..], small].concat()).with_context(|| *route)?;
+                        snapctl(&reg.url, &[&args[..], huge].concat()).with_context(|| *route)?;
                     let spooled = j["route"]["spooled_to"].is_string();
                     if spooled != (i != 1) {
                         bail!("{route}: took the route {}", j["route"]);

@@ -29,14 +29,14 @@ pub struct Args {
     /// chunk). Default: `auto` with --cuda, `off` without.
     #[arg(long, value_name = "DIR|auto|off")]
     spool: Option<checkpoint::Spool>,
-    /// The tmpfs `--spool auto` dumps into, in its `snapctl-spool` directory, where
-    /// snapctl mounts a tmpfs of huge pages (they take the tree in faster).
+    /// The tmpfs `--spool auto` dumps into (in its `snapctl-spool` directory).
     #[arg(long, value_name = "DIR", env = "SNAPCTL_MEMORY_SPOOL_DIR", default_value = checkpoint::MEMORY_DIR)]
     memory_spool_dir: PathBuf,
-    /// `--spool auto` dumps into a plain directory of --memory-spool-dir
-    /// (`snapctl-spool-small`: small pages) instead of a tmpfs of huge pages.
-    #[arg(long, env = "SNAPCTL_SPOOL_SMALL_PAGES")]
-    spool_small_pages: bool,
+    /// `--spool auto` dumps into a tmpfs of huge pages that snapctl mounts at
+    /// `snapctl-spool-huge` in --memory-spool-dir. Faster on the H200 machine, slower
+    /// on the 2-core test VM: measure a node with bench/spool/huge_tmpfs_ab.sh.
+    #[arg(long, env = "SNAPCTL_SPOOL_HUGE_PAGES")]
+    spool_huge_pages: bool,
     /// Abort the dump (and release the process) after this long without progress.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
@@ -79,7 +79,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             checkpoint::Spool::Off
         }),
         memory_spool_dir: a.memory_spool_dir.clone(),
-        spool_huge_pages: !a.spool_small_pages,
+        spool_huge_pages: a.spool_huge_pages,
         stall_timeout: a.stall_timeout,
         cuda: a.cuda,
         weights_service: a.weights_service.clone(),

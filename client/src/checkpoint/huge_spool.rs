@@ -1,18 +1,26 @@
-//! The memory spool on huge pages: `--spool auto` dumps into
-//! `<memory directory>/snapctl-spool`, and snapctl mounts a tmpfs of transparent huge
-//! pages there the first time (`huge=always`, mode 0700, no devices, no exec, the
-//! memory directory's size as its cap).
+//! The memory spool on huge pages, `--spool-huge-pages`: `--spool auto` then dumps into
+//! `<memory directory>/snapctl-spool-huge`, where snapctl mounts a tmpfs of
+//! transparent huge pages the first time (`huge=always`, mode 0700, no devices, no
+//! exec, the memory directory's size as its cap). Without it the spool is
+//! `<memory directory>/snapctl-spool`, a plain directory.
 //!
-//! Why: a spooled dump's freeze is CRIU writing the tree into the tmpfs. On the H200
-//! GPU machine, dumping an 11.8 GB process took 3.7–4.7 s into a huge-page tmpfs
-//! against 6.8–6.9 s into /dev/shm (bench/RESULTS.md, "The spool on huge pages").
+//! Why, and why not by default: a spooled dump's freeze is CRIU writing the tree into
+//! the tmpfs (bench/RESULTS.md, "The spool on huge pages").
+//! - On the H200 GPU machine, an 11.8 GB process dumped in 3.7–4.7 s on huge pages
+//!   against 6.8–6.9 s into /dev/shm.
+//! - On the 2-core test VM, a 2 GiB process stayed frozen 5.1–5.3 s on huge pages
+//!   against 1.0–1.1 s. There, writing 2 GB into a fresh huge-page tmpfs took 5.0 s the
+//!   first time and 0.3 s the fourth, against 0.6 s on small pages, which points at
+//!   memory the VM's host backs lazily.
+//!
+//! So it is the operator's choice per machine kind; the chart turns it on for GPU
+//! nodes, and bench/spool/huge_tmpfs_ab.sh measures a node.
 //!
 //! - A mount already at that path (snapctl's from an earlier checkpoint, or the
 //!   operator's) is used as it is.
-//! - `--spool-small-pages` mounts nothing: the spool is then `snapctl-spool-small`, a
-//!   plain directory of the memory directory's own tmpfs.
-//! - Where snapctl cannot mount (not root, no CAP_SYS_ADMIN in a container), it spools
-//!   into a plain directory there, as before, and the route's reason says why.
+//! - Where snapctl cannot mount (not root, no CAP_SYS_ADMIN in a container, a memory
+//!   directory that is not a tmpfs), it spools into the plain directory, and the
+//!   route's reason says why.
 //! - The mount outlives snapctl on purpose: empty, a tmpfs holds no memory, and a
 //!   failed push's images stay in it to be pushed by hand.
 //! - Two snapctl processes spooling at once mount once: the check and the mount run
@@ -22,26 +30,33 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-/// The spool's directory under `memory_dir`: the huge-page mount.
+/// The spool's directory under `memory_dir`: a plain directory.
 const SPOOL_NAME: &str = "snapctl-spool";
-/// With `--spool-small-pages`: a plain directory, apart from the mount.
-const SMALL_SPOOL_NAME: &str = "snapctl-spool-small";
+/// With `--spool-huge-pages`: the huge-page mount, apart from the plain directory.
+const HUGE_SPOOL_NAME: &str = "snapctl-spool-huge";
 
-/// The spool directory under `memory_dir`, on a huge-page tmpfs where one is mounted
-/// or can be (and `huge`): the directory and a note on its pages for the route's
-/// reason.
+/// The spool directory under `memory_dir`: with `huge`, a huge-page tmpfs where one is
+/// mounted or can be, else the plain directory; and a note on its pages for the
+/// route's reason.
 pub(super) fn prepare(memory_dir: &Path, huge: bool) -> (PathBuf, String) {
-    let spool = memory_dir.join(if huge { SPOOL_NAME } else { SMALL_SPOOL_NAME });
+    let plain = memory_dir.join(SPOOL_NAME);
+    let (spool, note) = match huge {
+        false => (plain, "small pages".to_string()),
+        true => {
+            let spool = memory_dir.join(HUGE_SPOOL_NAME);
+            match mount_huge(memory_dir, &spool) {
+                Ok(note) => (spool, note),
+                Err(why) => (plain, format!("small pages: {why}")),
+            }
+        }
+    };
     // A failure shows when the route measures the spool's room.
     let _ = std::fs::create_dir_all(&spool);
-    let note = match huge {
-        false => "small pages (--spool-small-pages)".to_string(),
-        true => mount_huge(memory_dir, &spool).unwrap_or_else(|why| format!("small pages: {why}")),
-    };
     (spool, note)
 }
 
 fn mount_huge(memory_dir: &Path, spool: &Path) -> Result<String, String> {
+    std::fs::create_dir_all(spool).map_err(|e| format!("creating {}: {e}", spool.display()))?;
     let lock_path = memory_dir.join(".snapctl-spool.lock");
     let lock = std::fs::File::create(&lock_path)
         .map_err(|e| format!("creating {}: {e}", lock_path.display()))?;
@@ -144,14 +159,14 @@ mod tests {
     const MOUNTINFO: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
 30 22 0:25 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw,size=65536k
-41 30 0:40 / /dev/shm/snapctl-spool rw,nosuid,nodev,noexec - tmpfs snapctl-spool rw,size=65536k,mode=700,huge=always
+41 30 0:40 / /dev/shm/snapctl-spool-huge rw,nosuid,nodev,noexec - tmpfs snapctl-spool rw,size=65536k,mode=700,huge=always
 42 22 0:41 / /mnt/my\\040spool rw - tmpfs none rw,size=1024k
 43 42 0:42 / /mnt/my\\040spool rw - tmpfs none rw,size=2048k,huge=within_size
 ";
 
     #[test]
     fn finds_the_topmost_mount_at_a_path_and_whether_it_has_huge_pages() {
-        let spool = mount_at(MOUNTINFO, Path::new("/dev/shm/snapctl-spool")).unwrap();
+        let spool = mount_at(MOUNTINFO, Path::new("/dev/shm/snapctl-spool-huge")).unwrap();
         assert!(spool.huge(), "{spool:?}");
         let shm = mount_at(MOUNTINFO, Path::new("/dev/shm")).unwrap();
         assert!(!shm.huge(), "{shm:?}");

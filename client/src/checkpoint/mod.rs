@@ -66,7 +66,7 @@ pub struct CheckpointOptions {
     pub spool: Spool,
     /// The tmpfs `--spool auto` dumps into.
     pub memory_spool_dir: PathBuf,
-    /// `--spool auto` mounts a tmpfs of huge pages for its spool (huge_spool.rs).
+    /// `--spool auto` spools into a tmpfs of huge pages it mounts (huge_spool.rs).
     pub spool_huge_pages: bool,
     /// No byte read from CRIU and none uploaded for this long aborts the dump.
     pub stall_timeout: Duration,

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `off` (default without `--cuda`) | streamed |
 //! | `DIR` | spooled to DIR |
-//! | `auto` (default with `--cuda`) | spooled to `snapctl-spool` in the memory directory (`/dev/shm`), a tmpfs of huge pages (huge_spool.rs), when the tree fits, else streamed |
+//! | `auto` (default with `--cuda`) | spooled to `snapctl-spool` in the memory directory (`/dev/shm`; `snapctl-spool-huge`, a tmpfs of huge pages, with `--spool-huge-pages`: huge_spool.rs) when the tree fits, else streamed |
 //!
 //! Why `auto` exists: a streamed dump keeps the tasks frozen until every chunk is
 //! hashed, compressed and durable in the registry (so a failed push resumes them and

@@ -178,7 +178,8 @@ fn memory_dir() -> MemoryDir {
 }
 
 /// A memory directory in /dev/shm for `--memory-spool-dir`. On drop the huge-page
-/// tmpfs that `--spool auto` mounts in it is unmounted, then the directory removed.
+/// tmpfs that `--spool-huge-pages` mounts in it is unmounted, then the directory
+/// removed.
 struct MemoryDir(tempfile::TempDir);
 
 impl MemoryDir {
@@ -189,7 +190,7 @@ impl MemoryDir {
 
 impl Drop for MemoryDir {
     fn drop(&mut self) {
-        let spool = self.0.path().join("snapctl-spool");
+        let spool = self.0.path().join("snapctl-spool-huge");
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(spool)
@@ -248,7 +249,7 @@ fn restores_and_counts_on(registry: &str, p: &mut TestProc, tag: &str) {
 }
 
 #[test]
-fn auto_spool_dumps_into_huge_pages_in_memory_when_the_tree_fits_and_keeps_nothing_there() {
+fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let memory = memory_dir();
@@ -257,21 +258,15 @@ fn auto_spool_dumps_into_huge_pages_in_memory_when_the_tree_fits_and_keeps_nothi
     let pid = p.pid();
     let ck = checkpoint_auto(&reg.url, pid, memory.path(), "t/auto:v1", &[]);
     let route = &ck["route"];
-    assert!(
-        route["spooled_to"]
-            .as_str()
-            .is_some_and(|d| d.starts_with(memory.path().to_str().unwrap())),
-        "{ck}"
-    );
+    let spool = memory.path().join("snapctl-spool");
+    assert_eq!(route["spooled_to"], spool.to_str().unwrap(), "{ck}");
     let reason = route["reason"].as_str().unwrap();
     assert!(
-        reason.contains("fits") && reason.contains("huge pages"),
+        reason.contains("fits") && reason.contains("small pages"),
         "{ck}"
     );
-    // The spool is a tmpfs of huge pages that snapctl mounted (huge_spool.rs).
-    let spool = memory.path().join("snapctl-spool");
-    let options = mount_options(&spool).unwrap_or_else(|| panic!("no mount at the spool: {ck}"));
-    assert!(options.contains("huge=always"), "{options}");
+    // By default snapctl mounts nothing: the spool is a plain directory.
+    assert_eq!(mount_options(&spool), None);
     let left = spooled_images(&spool);
     assert!(
         left.is_empty(),
@@ -280,18 +275,45 @@ fn auto_spool_dumps_into_huge_pages_in_memory_when_the_tree_fits_and_keeps_nothi
     restores_and_counts_on(&reg.url, &mut p, "t/auto:v1");
 }
 
-/// An operator's own mount at the spool (here without huge pages) is used as it is:
-/// snapctl mounts nothing over it, and says so.
+/// `--spool-huge-pages`: the dump goes into a tmpfs of huge pages that snapctl mounts
+/// (huge_spool.rs), and the snapshot restores.
 #[test]
-fn auto_spool_uses_a_mount_already_at_the_spool_as_it_is() {
+fn auto_spool_with_huge_pages_dumps_into_a_huge_page_tmpfs_it_mounts() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let memory = memory_dir();
-    let spool = memory.path().join("snapctl-spool");
+    let reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 64, 26, 0, 16);
+    let huge = ["--spool-huge-pages"];
+    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/huge:v1", &huge);
+    let spool = memory.path().join("snapctl-spool-huge");
+    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
+    let reason = ck["route"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("fits") && reason.contains("huge pages"),
+        "{ck}"
+    );
+    let options = mount_options(&spool).unwrap_or_else(|| panic!("no mount at the spool: {ck}"));
+    assert!(options.contains("huge=always"), "{options}");
+    let left = spooled_images(&spool);
+    assert!(left.is_empty(), "images left after the push: {left:?}");
+    restores_and_counts_on(&reg.url, &mut p, "t/huge:v1");
+}
+
+/// An operator's own mount where the huge-page spool goes (here without huge pages)
+/// is used as it is: snapctl mounts nothing over it, and says so.
+#[test]
+fn auto_spool_with_huge_pages_uses_a_mount_already_there_as_it_is() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let memory = memory_dir();
+    let spool = memory.path().join("snapctl-spool-huge");
     let _unmount = Tmpfs::mount(&spool, "512m");
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 25, 0, 0);
-    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/own:v1", &[]);
+    let huge = ["--spool-huge-pages"];
+    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/own:v1", &huge);
+    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
     let reason = ck["route"]["reason"].as_str().unwrap();
     assert!(
         reason.contains("fits") && reason.contains("the tmpfs mounted there, without huge pages"),
@@ -300,28 +322,6 @@ fn auto_spool_uses_a_mount_already_at_the_spool_as_it_is() {
     let options = mount_options(&spool).unwrap();
     assert!(!options.contains("huge="), "{options}");
     restores_and_counts_on(&reg.url, &mut p, "t/own:v1");
-}
-
-/// `--spool-small-pages`: the spool is a plain directory of the memory directory,
-/// apart from where the huge-page tmpfs is mounted.
-#[test]
-fn auto_spool_with_small_pages_mounts_nothing() {
-    let _lock = criu_lock();
-    let t = tempfile::tempdir().unwrap();
-    let memory = memory_dir();
-    let reg = Registry::start(&t.path().join("reg"));
-    let mut p = TestProc::hold(&t.path().join("proc"), 64, 26, 0, 0);
-    let small = ["--spool-small-pages"];
-    let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/small:v1", &small);
-    let reason = ck["route"]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("fits") && reason.contains("small pages"),
-        "{ck}"
-    );
-    let spool = memory.path().join("snapctl-spool-small");
-    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
-    assert_eq!(mount_options(&spool), None);
-    restores_and_counts_on(&reg.url, &mut p, "t/small:v1");
 }
 
 /// CRIU fails halfway (the spool directory fills up): the tasks resume with their

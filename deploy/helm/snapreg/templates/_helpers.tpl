@@ -92,6 +92,10 @@ grpc:
   value: "{{ $a.weights.socketDir }}/weights.sock"
 - name: TMPDIR
   value: {{ $a.workDir | quote }}
+{{- if and $a.memorySpool.enabled $a.memorySpool.hugePages }}
+- name: SNAPCTL_SPOOL_HUGE_PAGES
+  value: "true"
+{{- end }}
 {{- with $a.zone }}
 - name: SNAPCTL_ZONE
   value: {{ . | quote }}
