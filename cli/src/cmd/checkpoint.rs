@@ -35,7 +35,8 @@ pub struct Args {
     /// `--spool auto` dumps into a tmpfs of huge pages that snapctl mounts at
     /// `snapctl-spool-huge` in --memory-spool-dir. Faster on the H200 machine, slower
     /// on the 2-core test VM: measure a node with bench/spool/huge_tmpfs_ab.sh.
-    #[arg(long, env = "SNAPCTL_SPOOL_HUGE_PAGES")]
+    #[arg(long, env = "SNAPCTL_SPOOL_HUGE_PAGES",
+          value_parser = clap::builder::FalseyValueParser::new())]
     spool_huge_pages: bool,
     /// Abort the dump (and release the process) after this long without progress.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
