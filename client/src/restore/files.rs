@@ -146,9 +146,7 @@ impl FileServer<'_> {
                 let written = async { Sender::from_owned_fd(pipe)?.write_all(&bytes).await }.await;
                 match written {
                     Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                        errs.lock()
-                            .unwrap()
-                            .get_or_insert(ClientError::io(format!("serving {name} to CRIU"), e));
+                        keep_first(&errs, ClientError::io(format!("serving {name} to CRIU"), e));
                     }
                     _ => {}
                 }

@@ -236,6 +236,14 @@ fn checkpoint_auto(
     snapctl(registry, &args).ok().json()
 }
 
+/// The checkpoint report `ck` spooled into `spool`, its tree fitting there, with
+/// `pages` in the route's reason.
+fn assert_spooled_to(ck: &serde_json::Value, spool: &std::path::Path, pages: &str) {
+    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
+    let reason = ck["route"]["reason"].as_str().unwrap();
+    assert!(reason.contains("fits") && reason.contains(pages), "{ck}");
+}
+
 /// Once the checkpoint killed `p`: `pull-restore TAG`, then the restored process counts
 /// on and verifies its memory.
 fn restores_and_counts_on(registry: &str, p: &mut TestProc, tag: &str) {
@@ -257,14 +265,8 @@ fn auto_spool_dumps_into_memory_when_the_tree_fits_and_keeps_nothing_there() {
     let mut p = TestProc::hold(&t.path().join("proc"), 64, 21, 0, 16);
     let pid = p.pid();
     let ck = checkpoint_auto(&reg.url, pid, memory.path(), "t/auto:v1", &[]);
-    let route = &ck["route"];
     let spool = memory.path().join("snapctl-spool");
-    assert_eq!(route["spooled_to"], spool.to_str().unwrap(), "{ck}");
-    let reason = route["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("fits") && reason.contains("small pages"),
-        "{ck}"
-    );
+    assert_spooled_to(&ck, &spool, "small pages");
     // By default snapctl mounts nothing: the spool is a plain directory.
     assert_eq!(mount_options(&spool), None);
     let left = spooled_images(&spool);
@@ -287,12 +289,7 @@ fn auto_spool_with_huge_pages_dumps_into_a_huge_page_tmpfs_it_mounts() {
     let huge = ["--spool-huge-pages"];
     let ck = checkpoint_auto(&reg.url, p.pid(), memory.path(), "t/huge:v1", &huge);
     let spool = memory.path().join("snapctl-spool-huge");
-    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
-    let reason = ck["route"]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("fits") && reason.contains("huge pages"),
-        "{ck}"
-    );
+    assert_spooled_to(&ck, &spool, "huge pages");
     let options = mount_options(&spool).unwrap_or_else(|| panic!("no mount at the spool: {ck}"));
     assert!(options.contains("huge=always"), "{options}");
     let left = spooled_images(&spool);
@@ -330,12 +327,7 @@ fn auto_spool_with_huge_pages_uses_a_mount_already_there_as_it_is() {
         .output()
         .unwrap();
     let ck = Out::from(ck).ok().json();
-    assert_eq!(ck["route"]["spooled_to"], spool.to_str().unwrap(), "{ck}");
-    let reason = ck["route"]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("fits") && reason.contains("the tmpfs mounted there, without huge pages"),
-        "{ck}"
-    );
+    assert_spooled_to(&ck, &spool, "the tmpfs mounted there, without huge pages");
     let options = mount_options(&spool).unwrap();
     assert!(!options.contains("huge="), "{options}");
     restores_and_counts_on(&reg.url, &mut p, "t/own:v1");
