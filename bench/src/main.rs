@@ -24,6 +24,10 @@
 //!   (fresh random data each) to A, one every I ms; per push: the push time and the lag
 //!   until B serves the tag (polled through B's API), and replication throughput.
 //!
+//! `snapreg-bench fill [--gib G] [--reps R] [--threads 1,2]`
+//!   G GiB of fresh anonymous memory filled from memory three ways: read(2) from a pipe
+//!   (CRIU's streamed restore), UFFDIO_COPY and memcpy from T threads (fill.rs).
+//!
 //! `snapreg-bench s3 [--mib N] [--reps R] [--requests K]`
 //!   the registry on s3s-fs: objects per GiB, request latency, and pull through the
 //!   registry vs straight from the store by presigned URL (s3.rs).
@@ -65,6 +69,7 @@ mod checkpoint;
 mod cost;
 mod encryption;
 mod fanout;
+mod fill;
 mod load;
 mod oci;
 mod s3;
@@ -126,9 +131,18 @@ fn main() -> Result<()> {
             cost::run(&sizes, args.iter().any(|a| a == "--json"))
         }
         Some("oci-dedup") => oci::run(opt("--mib", 256)),
+        Some("fill") => {
+            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            let threads: Vec<usize> = args
+                .iter()
+                .position(|a| a == "--threads")
+                .and_then(|i| args.get(i + 1))
+                .map_or(vec![1, 2], |v| v.split(',').filter_map(|x| x.parse().ok()).filter(|&t| t > 0).collect());
+            fill::run(gib, opt("--reps", 3), &threads)
+        }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2]"
         ),
     }
 }
