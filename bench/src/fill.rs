@@ -33,7 +33,7 @@ use super::{median, save_run};
 
 const PIPE_SIZE: libc::c_int = 1 << 20;
 /// The largest request CRIU's lazy-pages daemon makes while filling (criu/uffd.c).
-const STEP: usize = 4 << 20;
+pub const STEP: usize = 4 << 20;
 
 pub fn run(gib: f64, reps: usize, threads: &[usize]) -> Result<()> {
     let len = ((gib * (1u64 << 30) as f64) as usize) & !(STEP - 1);
@@ -232,13 +232,28 @@ struct UffdioCopy {
     mode: u64,
     copy: i64,
 }
-/// _IOWR(0xAA, nr, T): the userfaultfd ioctl numbers.
-const fn uffd_iowr<T>(nr: u64) -> u64 {
-    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xAA << 8) | nr
+#[repr(C)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
 }
-const UFFDIO_API: u64 = uffd_iowr::<UffdioApi>(0x3F);
-const UFFDIO_REGISTER: u64 = uffd_iowr::<UffdioRegister>(0x00);
-const UFFDIO_COPY: u64 = uffd_iowr::<UffdioCopy>(0x03);
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+/// _IOC(dir, 0xAA, nr, T): the userfaultfd ioctl numbers (dir 3: read-write, 2: read).
+const fn uffd_ioc<T>(dir: u64, nr: u64) -> u64 {
+    (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xAA << 8) | nr
+}
+const UFFDIO_API: u64 = uffd_ioc::<UffdioApi>(3, 0x3F);
+const UFFDIO_REGISTER: u64 = uffd_ioc::<UffdioRegister>(3, 0x00);
+const UFFDIO_WAKE: u64 = uffd_ioc::<UffdioRange>(2, 0x02);
+const UFFDIO_COPY: u64 = uffd_ioc::<UffdioCopy>(3, 0x03);
+const UFFDIO_ZEROPAGE: u64 = uffd_ioc::<UffdioZeropage>(3, 0x04);
+const PAGE: u64 = 4096;
 
 fn uffd_for(dest: &Mapping) -> Result<OwnedFd> {
     // SAFETY: userfaultfd(2) takes flags only; it returns a new descriptor or -1.
@@ -280,7 +295,19 @@ fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
             .into_iter()
             .map(|(off, n)| {
                 let uffd = &uffd;
-                s.spawn(move || uffd_copy_range(uffd, source, dest, off, n))
+                s.spawn(move || -> Result<()> {
+                    for at in (off..off + n).step_by(STEP) {
+                        let len = STEP.min(off + n - at);
+                        uffd_copy(
+                            uffd,
+                            dest.addr as u64 + at as u64,
+                            source[at..].as_ptr(),
+                            len as u64,
+                        )
+                        .context("UFFDIO_COPY")?;
+                    }
+                    Ok(())
+                })
             })
             .collect();
         workers
@@ -290,42 +317,64 @@ fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// UFFDIO_COPY of [off, off + n) from `source` into `dest`, STEP bytes per call; a
-/// partial copy (the kernel says how much in `copy`) continues where it stopped.
-fn uffd_copy_range(
-    uffd: &OwnedFd,
-    source: &[u8],
-    dest: &Mapping,
-    off: usize,
-    n: usize,
-) -> Result<()> {
-    let (mut at, end) = (off, off + n);
-    let mut retries = 0;
-    while at < end {
-        let len = STEP.min(end - at);
+/// UFFDIO_COPY of `len` bytes from `src` to `dst` (an address registered with
+/// `uffd`), continuing after a partial copy. A page already there (EEXIST: someone
+/// else filled it) is skipped. Returns the bytes this call copied.
+pub fn uffd_copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Result<u64> {
+    let (mut at, mut copied, mut retries) = (0u64, 0u64, 0);
+    while at < len {
         let mut c = UffdioCopy {
-            dst: dest.addr as u64 + at as u64,
-            src: source[at..].as_ptr() as u64,
-            len: len as u64,
+            dst: dst + at,
+            src: src as u64 + at,
+            len: len - at,
             mode: 0,
             copy: 0,
         };
-        // SAFETY: dst lies inside the registered mapping and src inside `source`, both
-        // `len` bytes long and alive for the call; the kernel writes only `c.copy`.
+        // SAFETY: the caller passes dst inside a registered range and src readable for
+        // `len` bytes, both alive for the call; the kernel writes only `c.copy`.
         let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
         if c.copy > 0 {
-            at += c.copy as usize;
+            at += c.copy as u64;
+            copied += c.copy as u64;
             continue;
         }
+        if rc == 0 {
+            break;
+        }
         let e = std::io::Error::last_os_error();
-        // EAGAIN: the mapping changed under the copy; nothing here changes it, so a
-        // few retries are plenty.
-        retries += 1;
-        if rc == 0 || e.raw_os_error() != Some(libc::EAGAIN) || retries > 100 {
-            return Err(e).context("UFFDIO_COPY");
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => at += PAGE,
+            // The mapping changed under the copy; bounded retries.
+            Some(libc::EAGAIN) if retries < 100 => retries += 1,
+            _ => return Err(e),
         }
     }
-    Ok(())
+    Ok(copied)
+}
+
+/// UFFDIO_ZEROPAGE: maps the zero page over [dst, dst + len) and wakes its waiters.
+pub fn uffd_zeropage(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<()> {
+    let mut z = UffdioZeropage {
+        start: dst,
+        len,
+        mode: 0,
+        zeropage: 0,
+    };
+    // SAFETY: the ioctl takes a pointer to this struct, alive for the call.
+    match unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// UFFDIO_WAKE: wakes threads waiting on faults in [dst, dst + len).
+pub fn uffd_wake(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<()> {
+    let mut r = UffdioRange { start: dst, len };
+    // SAFETY: the ioctl takes a pointer to this struct, alive for the call.
+    match unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE as _, &mut r) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@
 //!   G GiB of fresh anonymous memory filled from memory three ways: read(2) from a pipe
 //!   (CRIU's streamed restore), UFFDIO_COPY and memcpy from T threads (fill.rs).
 //!
+//! `snapreg-bench lazy-fill [--gib G] [--reps R] [--threads T]`
+//!   a process restored eager, lazy with CRIU's daemon, and lazy with its pages filled
+//!   by UFFDIO_COPY from T threads (a prototype daemon, lazy_fill.rs).
+//!
 //! `snapreg-bench s3 [--mib N] [--reps R] [--requests K]`
 //!   the registry on s3s-fs: objects per GiB, request latency, and pull through the
 //!   registry vs straight from the store by presigned URL (s3.rs).
@@ -70,6 +74,7 @@ mod cost;
 mod encryption;
 mod fanout;
 mod fill;
+mod lazy_fill;
 mod load;
 mod oci;
 mod s3;
@@ -140,9 +145,13 @@ fn main() -> Result<()> {
                 .map_or(vec![1, 2], |v| v.split(',').filter_map(|x| x.parse().ok()).filter(|&t| t > 0).collect());
             fill::run(gib, opt("--reps", 3), &threads)
         }
+        Some("lazy-fill") => {
+            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            lazy_fill::run(gib, opt("--reps", 3), opt("--threads", 2).max(1))
+        }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T]"
         ),
     }
 }

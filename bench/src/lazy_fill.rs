@@ -1,0 +1,471 @@
+//! `snapreg-bench lazy-fill [--gib G] [--reps R] [--threads T]`: would a lazy restore
+//! whose pages are filled from many threads beat CRIU's eager restore?
+//!
+//! A G GiB process (bench restore's thirds: random, pattern, zeros) is dumped by CRIU
+//! into /dev/shm, then restored three ways, interleaved, each verified by the process
+//! itself (SIGUSR1: it checks its whole pattern):
+//!
+//! 1. `criu restore -D` (eager: CRIU reads every page into the tree, one reader);
+//! 2. `criu restore --lazy-pages` with CRIU's own `criu lazy-pages` daemon (faults
+//!    first, then a background fill from one thread);
+//! 3. `criu restore --lazy-pages` with this bench as the daemon: it takes the tree's
+//!    userfaultfd over CRIU's lazy-pages socket (an i32 pid, then the fd by
+//!    SCM_RIGHTS, per task; then the u32 0x52535446 "restore finished", criu/uffd.c),
+//!    and fills every lazy range by `UFFDIO_COPY` from T threads, 4 MiB per call,
+//!    straight from the mapped pages file, while one more thread answers the tree's
+//!    page faults.
+//!
+//! Timed per route: CRIU's exit (the tree runs), the first answer (its counter moves)
+//! and every page in (the daemon done). Raw: bench/runs/lazy-fill-<unix seconds>.json.
+//!
+//! A prototype to decide whether to build this into `pull-restore`, not that build:
+//! one task only, and any userfaultfd event other than a page fault (fork, remap,
+//! madvise, munmap, which the held process never makes) stops the rep with an error.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use prost::Message;
+use snapreg_client::criu_image::{entries, page_count, MmEntry, PagemapEntry, PagemapHead};
+
+use super::fill::{uffd_copy, uffd_wake, uffd_zeropage, STEP};
+use super::{
+    counter, criu_path, dump_process, median, save_run, sh, timed_restore, verify_restored,
+    wait_gone,
+};
+
+const PAGE: u64 = 4096;
+const PE_LAZY: u32 = 1 << 1;
+const PE_PRESENT: u32 = 1 << 2;
+const RESTORE_FINISHED: u32 = 0x5253_5446;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_MSG_LEN: usize = 32;
+
+/// A piece of a lazy range: `len` bytes at `vaddr` in the tree, at `offset` in the
+/// pages file; never crosses a VMA (UFFDIO_COPY works inside one).
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    vaddr: u64,
+    len: u64,
+    offset: u64,
+}
+
+pub fn run(gib: f64, reps: usize, threads: usize) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("snapreg-bench-lazyfill-")
+        .tempdir_in("/dev/shm")?;
+    let w = work.path();
+    let images = w.join("images");
+    let pid = dump_process(w, &images, gib)?;
+    let state = w.join("proc-images");
+    let at = counter(&state).context("the dumped process left no state")?;
+    let (pages_file, pieces) = lazy_pieces(&images, pid)?;
+    let lazy_bytes: u64 = pieces.iter().map(|p| p.len).sum();
+    let names = [
+        "criu restore -D (eager)".to_string(),
+        "criu restore --lazy-pages + criu lazy-pages (one thread)".to_string(),
+        format!("criu restore --lazy-pages + UFFDIO_COPY from {threads} threads"),
+    ];
+    // Per route: CRIU's exit, the first answer, every page in (seconds).
+    let mut secs = vec![[Vec::new(), Vec::new(), Vec::new()]; names.len()];
+    for _ in 0..reps {
+        for (i, s) in secs.iter_mut().enumerate() {
+            let wd = w.join(format!("w{i}"));
+            let _ = std::fs::remove_dir_all(&wd);
+            std::fs::create_dir_all(&wd)?;
+            let (first, (_, (all_in, criu_exit))) = timed_restore(&state, at, || match i {
+                0 => {
+                    let t = Instant::now();
+                    criu_restore(&images, &wd, false)?;
+                    let e = t.elapsed().as_secs_f64();
+                    Ok((e, e))
+                }
+                1 => with_criu_daemon(&images, &wd),
+                _ => with_parallel_fill(&images, &wd, &pages_file, &pieces, threads),
+            })
+            .with_context(|| names[i].clone())?;
+            verify_restored(&state, pid, 120).with_context(|| names[i].clone())?;
+            wait_gone(pid);
+            s[0].push(criu_exit);
+            s[1].push(first);
+            s[2].push(all_in);
+        }
+    }
+    println!(
+        "### Restoring a {gib} GiB process from /dev/shm: eager, lazy with CRIU's daemon, lazy with a parallel fill ({:.2} GB lazy)\n\n\
+         | route | CRIU exits, median s | first answer, median s | every page in, median s (min–max) | ratio to eager |\n|---|---|---|---|---|",
+        lazy_bytes as f64 / 1e9
+    );
+    let base = median(&mut secs[0][2].clone());
+    for (name, s) in names.iter().zip(secs.iter_mut()) {
+        let (lo, hi) = s[2]
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        let all = median(&mut s[2].clone());
+        println!(
+            "| {name} | {:.2} | {:.2} | {all:.2} ({lo:.2}–{hi:.2}) | {:.2} |",
+            median(&mut s[0].clone()),
+            median(&mut s[1].clone()),
+            all / base
+        );
+    }
+    save_run(
+        "lazy-fill",
+        &serde_json::json!({ "gib": gib, "reps": reps, "threads": threads, "lazy_bytes": lazy_bytes,
+            "routes": names, "criu_exit_s": secs.iter().map(|s| &s[0]).collect::<Vec<_>>(),
+            "first_answer_s": secs.iter().map(|s| &s[1]).collect::<Vec<_>>(),
+            "all_in_s": secs.iter().map(|s| &s[2]).collect::<Vec<_>>() }),
+    )
+}
+
+fn criu_restore(images: &Path, wd: &Path, lazy: bool) -> Result<()> {
+    let lazy = if lazy { "--lazy-pages" } else { "" };
+    sh(&format!(
+        "{} restore -D {} -W {} -d {lazy} -o restore.log",
+        criu_path(),
+        images.display(),
+        wd.display()
+    ))
+    .with_context(|| format!("criu restore failed; see {}/restore.log", wd.display()))
+}
+
+/// Route 2. Returns (every page in, CRIU's exit), seconds from the start.
+fn with_criu_daemon(images: &Path, wd: &Path) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut daemon = Command::new(criu_path())
+        .args(["lazy-pages", "-D"])
+        .arg(images)
+        .arg("-W")
+        .arg(wd)
+        .args(["-o", "lazy-pages.log"])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let sock = wd.join("lazy-pages.socket");
+    for _ in 0..1000 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let restored = criu_restore(images, wd, true);
+    let criu_exit = t.elapsed().as_secs_f64();
+    if let Err(e) = restored {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(e);
+    }
+    let st = daemon.wait()?;
+    if !st.success() {
+        bail!(
+            "criu lazy-pages failed; see {}/lazy-pages.log",
+            wd.display()
+        );
+    }
+    Ok((t.elapsed().as_secs_f64(), criu_exit))
+}
+
+/// Route 3. Returns (every page in, CRIU's exit), seconds from the start.
+fn with_parallel_fill(
+    images: &Path,
+    wd: &Path,
+    pages_file: &Path,
+    pieces: &[Piece],
+    threads: usize,
+) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let listener = UnixListener::bind(wd.join("lazy-pages.socket"))?;
+    let mut criu = Command::new(criu_path())
+        .args(["restore", "-D"])
+        .arg(images)
+        .arg("-W")
+        .arg(wd)
+        .args(["-d", "--lazy-pages", "-o", "restore.log"])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let (uffd, mut conn) = match take_uffd(&listener) {
+        Ok(taken) => taken,
+        Err(e) => {
+            let _ = criu.kill();
+            let _ = criu.wait();
+            return Err(e.context(format!("see {}/restore.log", wd.display())));
+        }
+    };
+    let source = MappedFile::open(pages_file)?;
+    let next = AtomicUsize::new(0);
+    let filled = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<(f64, f64)> {
+        let exit = s.spawn(|| {
+            let st = criu.wait();
+            (st, t.elapsed().as_secs_f64())
+        });
+        // Faults come before "restore finished" (CRIU's last steps touch the tree's
+        // memory): served from the start; the fill waits for the message, as CRIU's
+        // daemon does.
+        let faults = s.spawn(|| serve_faults(&uffd, &source, pieces, &filled));
+        let finished = restore_finished(&mut conn);
+        if let Err(e) = finished {
+            filled.store(true, Ordering::Relaxed);
+            let _ = faults.join();
+            let _ = exit.join();
+            return Err(e.context(format!("see {}/restore.log", wd.display())));
+        }
+        let fillers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return Ok(());
+                        };
+                        let src = source.at(p.offset, p.len)?;
+                        uffd_copy(&uffd, p.vaddr, src, p.len)?;
+                    }
+                })
+            })
+            .collect();
+        let filling: Result<()> = fillers
+            .into_iter()
+            .try_for_each(|f| f.join().expect("filler"));
+        let all_in = t.elapsed().as_secs_f64();
+        filled.store(true, Ordering::Relaxed);
+        let served = faults.join().expect("fault thread");
+        let (st, criu_exit) = exit.join().expect("criu waiter");
+        if !st?.success() {
+            bail!(
+                "criu restore --lazy-pages failed; see {}/restore.log",
+                wd.display()
+            );
+        }
+        filling?;
+        served?;
+        Ok((all_in, criu_exit))
+    })
+}
+
+/// Accepts CRIU's connection and reads one task's pid and userfaultfd. Bounded: CRIU
+/// connects within 30 s or the rep fails.
+fn take_uffd(listener: &UnixListener) -> Result<(OwnedFd, UnixStream)> {
+    listener.set_nonblocking(true)?;
+    let mut conn = None;
+    for _ in 0..3000 {
+        match listener.accept() {
+            Ok((c, _)) => {
+                conn = Some(c);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut conn = conn.context("criu restore never connected to the lazy-pages socket")?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut word = [0u8; 4];
+    conn.read_exact(&mut word)?;
+    if i32::from_ne_bytes(word) <= 0 {
+        bail!(
+            "prototype: a zombie task in the tree ({})",
+            i32::from_ne_bytes(word)
+        );
+    }
+    let fd = recv_fd(conn.as_raw_fd())?;
+    Ok((fd, conn))
+}
+
+/// Waits (at most 60 s) for CRIU's "restore finished"; anything else means another
+/// task, which the prototype does not take.
+fn restore_finished(conn: &mut UnixStream) -> Result<()> {
+    let mut word = [0u8; 4];
+    conn.read_exact(&mut word)
+        .context("waiting for CRIU's \"restore finished\"")?;
+    if u32::from_ne_bytes(word) != RESTORE_FINISHED {
+        bail!("prototype: more than one task in the tree");
+    }
+    Ok(())
+}
+
+/// One descriptor passed with SCM_RIGHTS alongside CRIU's one dummy byte.
+fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel just installed this descriptor for us; nothing
+                // else owns it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    bail!("no userfaultfd arrived with the task's pid")
+}
+
+/// Answers page faults until the fill is done: a lazy page from the pages file, any
+/// other page of a registered VMA as zeros. A page a filler already copied only needs
+/// its waiter woken.
+fn serve_faults(
+    uffd: &OwnedFd,
+    source: &MappedFile,
+    pieces: &[Piece],
+    filled: &AtomicBool,
+) -> Result<()> {
+    let mut buf = [0u8; UFFD_MSG_LEN * 16];
+    while !filled.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        if unsafe { libc::poll(&mut pfd, 1, 5) } <= 0 {
+            continue;
+        }
+        // SAFETY: reads into `buf`, which outlives the call; the fd is non-blocking.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            continue;
+        }
+        for msg in buf[..n as usize].chunks_exact(UFFD_MSG_LEN) {
+            if msg[0] != UFFD_EVENT_PAGEFAULT {
+                bail!("prototype: userfaultfd event {:#x} is not handled", msg[0]);
+            }
+            let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !(PAGE - 1);
+            let i = pieces.partition_point(|p| p.vaddr <= addr);
+            let hit = i
+                .checked_sub(1)
+                .map(|i| pieces[i])
+                .filter(|p| addr < p.vaddr + p.len);
+            // Nothing copied (a filler got there first) or EEXIST: the page is in,
+            // and the faulting thread only needs waking.
+            let woken = match hit {
+                Some(p) => {
+                    uffd_copy(
+                        uffd,
+                        addr,
+                        source.at(p.offset + (addr - p.vaddr), PAGE)?,
+                        PAGE,
+                    )? > 0
+                }
+                None => match uffd_zeropage(uffd, addr, PAGE) {
+                    Ok(()) => true,
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                    Err(e) => return Err(e).context("UFFDIO_ZEROPAGE"),
+                },
+            };
+            if !woken {
+                uffd_wake(uffd, addr, PAGE).context("UFFDIO_WAKE")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The lazy ranges of the tree's one task, cut at VMA boundaries and into STEP-sized
+/// pieces, sorted by address; and its pages file.
+fn lazy_pieces(images: &Path, pid: u32) -> Result<(std::path::PathBuf, Vec<Piece>)> {
+    let pagemap = std::fs::read(images.join(format!("pagemap-{pid}.img")))?;
+    let mm = std::fs::read(images.join(format!("mm-{pid}.img")))?;
+    let (_, records) = entries(&pagemap).context("pagemap: not a CRIU image")?;
+    let head = PagemapHead::decode(*records.first().context("pagemap: empty")?)?;
+    let (_, mm_records) = entries(&mm).context("mm: not a CRIU image")?;
+    let vmas: Vec<(u64, u64)> = MmEntry::decode(*mm_records.first().context("mm: empty")?)?
+        .vmas
+        .iter()
+        .map(|v| (v.start, v.end))
+        .collect();
+    let (mut pieces, mut offset) = (Vec::new(), 0u64);
+    for raw in &records[1..] {
+        let e = PagemapEntry::decode(*raw)?;
+        let flags = e.flags.unwrap_or(PE_PRESENT);
+        let len = page_count(&e) * PAGE;
+        if flags & PE_LAZY != 0 && flags & PE_PRESENT != 0 {
+            cut(e.vaddr, len, offset, &vmas, &mut pieces);
+        }
+        if flags & PE_PRESENT != 0 {
+            offset += len;
+        }
+    }
+    pieces.sort_by_key(|p| p.vaddr);
+    Ok((images.join(format!("pages-{}.img", head.pages_id)), pieces))
+}
+
+fn cut(mut vaddr: u64, len: u64, mut offset: u64, vmas: &[(u64, u64)], out: &mut Vec<Piece>) {
+    let end = vaddr + len;
+    while vaddr < end {
+        let vma_end = vmas
+            .iter()
+            .find(|&&(s, e)| s <= vaddr && vaddr < e)
+            .map_or(end, |&(_, e)| e);
+        let n = (end.min(vma_end) - vaddr).min(STEP as u64);
+        out.push(Piece {
+            vaddr,
+            len: n,
+            offset,
+        });
+        vaddr += n;
+        offset += n;
+    }
+}
+
+/// A file mapped read-only, unmapped on drop.
+struct MappedFile {
+    addr: *const u8,
+    len: u64,
+}
+
+// SAFETY: a read-only mapping of a file nobody writes during the bench.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path)?;
+        let len = f.metadata()?.len();
+        // SAFETY: a fresh read-only shared mapping of the whole file; the fd may close
+        // after (the mapping keeps the file).
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the pages file");
+        }
+        Ok(Self {
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    /// The address of [offset, offset + len), checked against the file's size.
+    fn at(&self, offset: u64, len: u64) -> Result<*const u8> {
+        if offset + len > self.len {
+            bail!("pages file shorter than its pagemap says");
+        }
+        // SAFETY: inside the mapping (checked above).
+        Ok(unsafe { self.addr.add(offset as usize) })
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `open` mapped; no pointer from `at` outlives the
+        // fill that used it.
+        unsafe { libc::munmap(self.addr as *mut _, self.len as usize) };
+    }
+}
