@@ -226,9 +226,12 @@ fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
         .tempdir_in("/var/tmp")?)
 }
 
-/// Writes a run's raw timings to bench/runs/<name>-<unix seconds>.json.
+/// Writes a run's raw timings to bench/runs/<name>-<unix seconds>.json, or under
+/// `SNAPREG_BENCH_RUNS` (a bench run away from its checkout, as on the device machine).
 fn save_run(name: &str, raw: &serde_json::Value) -> Result<()> {
-    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("runs");
+    let runs = std::env::var_os("SNAPREG_BENCH_RUNS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("runs"));
     std::fs::create_dir_all(&runs)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
