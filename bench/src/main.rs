@@ -81,33 +81,19 @@ mod s3;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let opt = |name: &str, default: usize| -> usize { arg(&args, name, default) };
     match args.get(1).map(String::as_str) {
         Some("core") => core(opt("--mib", 1024), opt("--reps", 3)),
         Some("restore") => {
-            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
-            let rss: Vec<f64> = args
-                .iter()
-                .position(|a| a == "--rss-gib")
-                .and_then(|i| args.get(i + 1))
-                .map_or(vec![0.5, 1.0, 2.0, 4.0], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            let gib: f64 = arg(&args, "--gib", 2.0);
+            let rss: Vec<f64> = arg_list(&args, "--rss-gib", vec![0.5, 1.0, 2.0, 4.0]);
             // Which restore paths to run (indexes into the table; the local baseline,
             // 0, always runs): all by default.
-            let paths: Vec<usize> = args
-                .iter()
-                .position(|a| a == "--paths")
-                .and_then(|i| args.get(i + 1))
-                .map_or((0..6).collect(), |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            let paths: Vec<usize> = arg_list(&args, "--paths", (0..6).collect());
             restore(gib, opt("--reps", 3), &rss, &paths)
         }
         Some("checkpoint") => {
-            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            let gib: f64 = arg(&args, "--gib", 2.0);
             checkpoint::run(gib, opt("--reps", 3))
         }
         Some("replication") => replication(opt("--pushes", 20), opt("--mib", 64), opt("--interval-ms", 500)),
@@ -128,25 +114,18 @@ fn main() -> Result<()> {
             args.iter().any(|a| a == "--json"),
         ),
         Some("cost") => {
-            let sizes: Vec<u64> = args
-                .iter()
-                .position(|a| a == "--chunks")
-                .and_then(|i| args.get(i + 1))
-                .map_or(vec![100_000, 1_000_000], |v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+            let sizes: Vec<u64> = arg_list(&args, "--chunks", vec![100_000, 1_000_000]);
             cost::run(&sizes, args.iter().any(|a| a == "--json"))
         }
         Some("oci-dedup") => oci::run(opt("--mib", 256)),
         Some("fill") => {
-            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
-            let threads: Vec<usize> = args
-                .iter()
-                .position(|a| a == "--threads")
-                .and_then(|i| args.get(i + 1))
-                .map_or(vec![1, 2], |v| v.split(',').filter_map(|x| x.parse().ok()).filter(|&t| t > 0).collect());
+            let gib: f64 = arg(&args, "--gib", 2.0);
+            let mut threads: Vec<usize> = arg_list(&args, "--threads", vec![1, 2]);
+            threads.retain(|&t| t > 0);
             fill::run(gib, opt("--reps", 3), &threads)
         }
         Some("lazy-fill") => {
-            let gib: f64 = args.iter().position(|a| a == "--gib").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(2.0);
+            let gib: f64 = arg(&args, "--gib", 2.0);
             lazy_fill::run(gib, opt("--reps", 3), opt("--threads", 2).max(1))
         }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
@@ -154,6 +133,26 @@ fn main() -> Result<()> {
             "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T]"
         ),
     }
+}
+
+/// The value after `name` in `args`, parsed; `default` when absent or unparsable.
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The comma-separated list after `name` in `args` (unparsable items left out);
+/// `default` when absent.
+fn arg_list<T: std::str::FromStr>(args: &[String], name: &str, default: Vec<T>) -> Vec<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| {
+            v.split(',').filter_map(|x| x.parse().ok()).collect()
+        })
 }
 
 fn bin(name: &str) -> PathBuf {
