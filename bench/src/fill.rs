@@ -96,7 +96,7 @@ fn print_table(len: usize, routes: &[(String, usize)], secs: &mut [Vec<f64>]) {
 }
 
 /// Non-zero bytes, cheap to make: a xorshift stream.
-fn pattern(len: usize) -> Vec<u8> {
+pub fn pattern(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for w in v.chunks_exact_mut(8) {
@@ -109,9 +109,9 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 /// A private anonymous mapping, never touched until a fill writes it; unmapped on drop.
-struct Mapping {
-    addr: *mut u8,
-    len: usize,
+pub struct Mapping {
+    pub addr: *mut u8,
+    pub len: usize,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; threads write disjoint
@@ -119,7 +119,7 @@ struct Mapping {
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(len: usize) -> Result<Self> {
+    pub fn new(len: usize) -> Result<Self> {
         // SAFETY: a fresh anonymous mapping at an address the kernel picks; nothing
         // else refers to it.
         let addr = unsafe {
@@ -141,7 +141,7 @@ impl Mapping {
         })
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: `len` bytes mapped readable for the life of `self`; called only with
         // no fill running.
         unsafe { std::slice::from_raw_parts(self.addr, self.len) }
@@ -255,7 +255,9 @@ const UFFDIO_COPY: u64 = uffd_ioc::<UffdioCopy>(3, 0x03);
 const UFFDIO_ZEROPAGE: u64 = uffd_ioc::<UffdioZeropage>(3, 0x04);
 const PAGE: u64 = 4096;
 
-fn uffd_for(dest: &Mapping) -> Result<OwnedFd> {
+/// A userfaultfd asking for `features` (UFFD_FEATURE_*), with `dest` registered for
+/// missing pages.
+pub fn uffd_for(dest: &Mapping, features: u64) -> Result<OwnedFd> {
     // SAFETY: userfaultfd(2) takes flags only; it returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) } as libc::c_int;
     if fd < 0 {
@@ -266,7 +268,7 @@ fn uffd_for(dest: &Mapping) -> Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut api = UffdioApi {
         api: UFFD_API,
-        features: 0,
+        features,
         ioctls: 0,
     };
     let mut reg = UffdioRegister {
@@ -288,7 +290,7 @@ fn uffd_for(dest: &Mapping) -> Result<OwnedFd> {
 }
 
 fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
-    let uffd = uffd_for(dest)?;
+    let uffd = uffd_for(dest, 0)?;
     let t0 = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let workers: Vec<_> = parts(dest.len, t)
@@ -319,9 +321,11 @@ fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
 
 /// UFFDIO_COPY of `len` bytes from `src` to `dst` (an address registered with
 /// `uffd`), continuing after a partial copy. A page already there (EEXIST: someone
-/// else filled it) is skipped. Returns the bytes this call copied.
+/// else filled it) is skipped. Returns the bytes this call copied. EAGAIN (an event
+/// such as a remove is waiting to be read) is returned at once: the caller must let
+/// the event be read before it tries again.
 pub fn uffd_copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Result<u64> {
-    let (mut at, mut copied, mut retries) = (0u64, 0u64, 0);
+    let (mut at, mut copied) = (0u64, 0u64);
     while at < len {
         let mut c = UffdioCopy {
             dst: dst + at,
@@ -344,8 +348,6 @@ pub fn uffd_copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io:
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EEXIST) => at += PAGE,
-            // The mapping changed under the copy; bounded retries.
-            Some(libc::EAGAIN) if retries < 100 => retries += 1,
             _ => return Err(e),
         }
     }

@@ -28,6 +28,10 @@
 //!   G GiB of fresh anonymous memory filled from memory three ways: read(2) from a pipe
 //!   (CRIU's streamed restore), UFFDIO_COPY and memcpy from T threads (fill.rs).
 //!
+//! `snapreg-bench fill-events [--rounds N]`
+//!   many threads filling memory by UFFDIO_COPY while the process drops ranges of it:
+//!   which scheme never puts a dropped page back (fill_events.rs).
+//!
 //! `snapreg-bench lazy-fill [--gib G] [--reps R] [--threads T]`
 //!   a process restored eager, lazy with CRIU's daemon, and lazy with its pages filled
 //!   by UFFDIO_COPY from T threads (a prototype daemon, lazy_fill.rs).
@@ -74,6 +78,7 @@ mod cost;
 mod encryption;
 mod fanout;
 mod fill;
+mod fill_events;
 mod lazy_fill;
 mod load;
 mod oci;
@@ -124,13 +129,14 @@ fn main() -> Result<()> {
             threads.retain(|&t| t > 0);
             fill::run(gib, opt("--reps", 3), &threads)
         }
+        Some("fill-events") => fill_events::run(opt("--rounds", 20)),
         Some("lazy-fill") => {
             let gib: f64 = arg(&args, "--gib", 2.0);
             lazy_fill::run(gib, opt("--reps", 3), opt("--threads", 2).max(1))
         }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T] | fill-events [--rounds N]"
         ),
     }
 }
