@@ -18,18 +18,16 @@
 //! Every fill is compared byte for byte with its source. Raw timings go to
 //! bench/runs/fill-<unix seconds>.json.
 //!
-//! userfaultfd is driven through libc with the kernel's uapi structs written out below
-//! (linux/userfaultfd.h): the `userfaultfd` crate generates its bindings with bindgen
-//! at build time, a second bindgen for three ioctls of one bench.
+//! userfaultfd goes through uffd.rs.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::{median, save_run};
+use super::{median, save_run, uffd};
 
 const PIPE_SIZE: libc::c_int = 1 << 20;
 /// The largest request CRIU's lazy-pages daemon makes while filling (criu/uffd.c).
@@ -208,89 +206,8 @@ fn fill_by_memcpy(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-// linux/userfaultfd.h
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-struct UffdioZeropage {
-    start: u64,
-    len: u64,
-    mode: u64,
-    zeropage: i64,
-}
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-/// _IOC(dir, 0xAA, nr, T): the userfaultfd ioctl numbers (dir 3: read-write, 2: read).
-const fn uffd_ioc<T>(dir: u64, nr: u64) -> u64 {
-    (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xAA << 8) | nr
-}
-const UFFDIO_API: u64 = uffd_ioc::<UffdioApi>(3, 0x3F);
-const UFFDIO_REGISTER: u64 = uffd_ioc::<UffdioRegister>(3, 0x00);
-const UFFDIO_WAKE: u64 = uffd_ioc::<UffdioRange>(2, 0x02);
-const UFFDIO_COPY: u64 = uffd_ioc::<UffdioCopy>(3, 0x03);
-const UFFDIO_ZEROPAGE: u64 = uffd_ioc::<UffdioZeropage>(3, 0x04);
-const PAGE: u64 = 4096;
-
-/// A userfaultfd asking for `features` (UFFD_FEATURE_*), with `dest` registered for
-/// missing pages.
-pub fn uffd_for(dest: &Mapping, features: u64) -> Result<OwnedFd> {
-    // SAFETY: userfaultfd(2) takes flags only; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) } as libc::c_int;
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("userfaultfd(2): run as root, or set vm.unprivileged_userfaultfd=1");
-    }
-    // SAFETY: a descriptor just returned, owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    let mut reg = UffdioRegister {
-        start: dest.addr as u64,
-        len: dest.len as u64,
-        mode: UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: both ioctls take a pointer to the struct named in their number, alive
-    // for the call; REGISTER covers exactly the mapping.
-    unsafe {
-        if libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) != 0
-            || libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("UFFDIO_API / UFFDIO_REGISTER");
-        }
-    }
-    Ok(fd)
-}
-
 fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
-    let uffd = uffd_for(dest, 0)?;
+    let uffd = uffd::open(dest.addr as u64, dest.len as u64, 0)?;
     let t0 = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let workers: Vec<_> = parts(dest.len, t)
@@ -300,7 +217,7 @@ fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
                 s.spawn(move || -> Result<()> {
                     for at in (off..off + n).step_by(STEP) {
                         let len = STEP.min(off + n - at);
-                        uffd_copy(
+                        uffd::copy(
                             uffd,
                             dest.addr as u64 + at as u64,
                             source[at..].as_ptr(),
@@ -317,66 +234,6 @@ fn fill_by_uffd(source: &[u8], dest: &Mapping, t: usize) -> Result<f64> {
             .try_for_each(|w| w.join().expect("uffd thread"))
     })?;
     Ok(t0.elapsed().as_secs_f64())
-}
-
-/// UFFDIO_COPY of `len` bytes from `src` to `dst` (an address registered with
-/// `uffd`), continuing after a partial copy. A page already there (EEXIST: someone
-/// else filled it) is skipped. Returns the bytes this call copied. EAGAIN (an event
-/// such as a remove is waiting to be read) is returned at once: the caller must let
-/// the event be read before it tries again.
-pub fn uffd_copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Result<u64> {
-    let (mut at, mut copied) = (0u64, 0u64);
-    while at < len {
-        let mut c = UffdioCopy {
-            dst: dst + at,
-            src: src as u64 + at,
-            len: len - at,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: the caller passes dst inside a registered range and src readable for
-        // `len` bytes, both alive for the call; the kernel writes only `c.copy`.
-        let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
-        if c.copy > 0 {
-            at += c.copy as u64;
-            copied += c.copy as u64;
-            continue;
-        }
-        if rc == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EEXIST) => at += PAGE,
-            _ => return Err(e),
-        }
-    }
-    Ok(copied)
-}
-
-/// UFFDIO_ZEROPAGE: maps the zero page over [dst, dst + len) and wakes its waiters.
-pub fn uffd_zeropage(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<()> {
-    let mut z = UffdioZeropage {
-        start: dst,
-        len,
-        mode: 0,
-        zeropage: 0,
-    };
-    // SAFETY: the ioctl takes a pointer to this struct, alive for the call.
-    match unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
-}
-
-/// UFFDIO_WAKE: wakes threads waiting on faults in [dst, dst + len).
-pub fn uffd_wake(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<()> {
-    let mut r = UffdioRange { start: dst, len };
-    // SAFETY: the ioctl takes a pointer to this struct, alive for the call.
-    match unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE as _, &mut r) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
 }
 
 #[cfg(test)]

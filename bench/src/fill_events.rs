@@ -21,19 +21,17 @@
 //! `MADV_DONTNEED` promises) and every other page its source. Prints, per scheme, the
 //! rounds and pages that broke that.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::RwLock;
 
 use anyhow::{Context, Result};
 
-use super::fill::{pattern, uffd_copy, uffd_for, Mapping, STEP};
+use super::fill::{pattern, Mapping, STEP};
 use super::save_run;
+use super::uffd::{self, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMOVE};
 
 const PAGE: usize = 4096;
-const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const UFFD_EVENT_REMOVE: u8 = 0x15;
-const UFFD_MSG_LEN: usize = 32;
 /// The mapping each round fills: 32 pieces of STEP bytes.
 const LEN: usize = 32 * STEP;
 /// Bytes the dropping thread drops at a time, and how many drops per round.
@@ -98,10 +96,7 @@ struct Round<'a> {
 /// One round; returns the pages that broke the promise and the ranges dropped.
 fn round(scheme: Scheme, source: &[u8]) -> Result<(usize, usize)> {
     let dest = Mapping::new(LEN)?;
-    let uffd = uffd_for(&dest, UFFD_FEATURE_EVENT_REMOVE)?;
-    // Non-blocking: poll can report a uffd readable with nothing left to read.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let uffd = uffd::open(dest.addr as u64, LEN as u64, UFFD_FEATURE_EVENT_REMOVE)?;
     let r = Round {
         uffd,
         dest: &dest,
@@ -168,7 +163,7 @@ fn fill_piece(r: &Round, piece: usize) -> Result<bool> {
     };
     for (a, b) in parts {
         let dst = r.dest.addr as u64 + a as u64;
-        match uffd_copy(&r.uffd, dst, r.source[a..].as_ptr(), (b - a) as u64) {
+        match uffd::copy(&r.uffd, dst, r.source[a..].as_ptr(), (b - a) as u64) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
             Err(e) => return Err(e).context("UFFDIO_COPY"),
@@ -224,32 +219,19 @@ fn drop_ahead(r: &Round) -> Vec<(usize, usize)> {
 
 /// Reads events until both the fill and the drops are done; records REMOVE ranges.
 fn read_events(r: &Round) -> Result<()> {
-    let mut buf = [0u8; UFFD_MSG_LEN * 16];
     while !(r.fill_done.load(Ordering::SeqCst) && r.drops_done.load(Ordering::SeqCst)) {
-        let mut pfd = libc::pollfd {
-            fd: r.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call.
-        if unsafe { libc::poll(&mut pfd, 1, 1) } <= 0 {
+        if !uffd::readable(&r.uffd, 1) {
             continue;
         }
         // Locked: no copy is in flight while the event is read (the read is what
         // lets the process go on and zap), and none starts before it is recorded.
         let mut held = (r.scheme == Scheme::Locked).then(|| r.dropped.write().unwrap());
-        // SAFETY: reads into `buf`, which outlives the call; the fd is non-blocking.
-        let n = unsafe { libc::read(r.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            continue;
-        }
-        for msg in buf[..n as usize].chunks_exact(UFFD_MSG_LEN) {
-            if msg[0] != UFFD_EVENT_REMOVE || r.scheme == Scheme::Untracked {
+        for msg in uffd::read(&r.uffd) {
+            if msg.event != UFFD_EVENT_REMOVE || r.scheme == Scheme::Untracked {
                 continue;
             }
-            let at = |i: usize| u64::from_ne_bytes(msg[i..i + 8].try_into().unwrap()) as usize;
-            let base = r.dest.addr as usize;
-            let range = (at(8) - base, at(16) - base);
+            let base = r.dest.addr as u64;
+            let range = ((msg.arg[0] - base) as usize, (msg.arg[1] - base) as usize);
             match held.as_mut() {
                 Some(d) => d.push(range),
                 None => r.dropped.write().unwrap().push(range),

@@ -35,18 +35,17 @@ use anyhow::{bail, Context, Result};
 use prost::Message;
 use snapreg_client::criu_image::{entries, page_count, MmEntry, PagemapEntry, PagemapHead};
 
-use super::fill::{uffd_copy, uffd_wake, uffd_zeropage, STEP};
+use super::fill::STEP;
+use super::uffd;
 use super::{
     counter, criu_path, dump_process, median, save_run, sh, timed_restore, verify_restored,
     wait_gone,
 };
 
-const PAGE: u64 = 4096;
+use snapreg_client::lazy_pages::PAGE;
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
 const RESTORE_FINISHED: u32 = 0x5253_5446;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_MSG_LEN: usize = 32;
 
 /// A piece of a lazy range: `len` bytes at `vaddr` in the tree, at `offset` in the
 /// pages file; never crosses a VMA (UFFDIO_COPY works inside one).
@@ -224,7 +223,7 @@ fn with_parallel_fill(
                             return Ok(());
                         };
                         let src = source.at(p.offset, p.len)?;
-                        uffd_copy(&uffd, p.vaddr, src, p.len)?;
+                        uffd::copy(&uffd, p.vaddr, src, p.len)?;
                     }
                 })
             })
@@ -320,27 +319,18 @@ fn serve_faults(
     pieces: &[Piece],
     filled: &AtomicBool,
 ) -> Result<()> {
-    let mut buf = [0u8; UFFD_MSG_LEN * 16];
     while !filled.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call.
-        if unsafe { libc::poll(&mut pfd, 1, 5) } <= 0 {
+        if !uffd::readable(uffd, 5) {
             continue;
         }
-        // SAFETY: reads into `buf`, which outlives the call; the fd is non-blocking.
-        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            continue;
-        }
-        for msg in buf[..n as usize].chunks_exact(UFFD_MSG_LEN) {
-            if msg[0] != UFFD_EVENT_PAGEFAULT {
-                bail!("prototype: userfaultfd event {:#x} is not handled", msg[0]);
+        for msg in uffd::read(uffd) {
+            if msg.event != uffd::UFFD_EVENT_PAGEFAULT {
+                bail!(
+                    "prototype: userfaultfd event {:#x} is not handled",
+                    msg.event
+                );
             }
-            let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !(PAGE - 1);
+            let addr = msg.fault_page();
             let i = pieces.partition_point(|p| p.vaddr <= addr);
             let hit = i
                 .checked_sub(1)
@@ -350,21 +340,21 @@ fn serve_faults(
             // and the faulting thread only needs waking.
             let woken = match hit {
                 Some(p) => {
-                    uffd_copy(
+                    uffd::copy(
                         uffd,
                         addr,
                         source.at(p.offset + (addr - p.vaddr), PAGE)?,
                         PAGE,
                     )? > 0
                 }
-                None => match uffd_zeropage(uffd, addr, PAGE) {
+                None => match uffd::zeropage(uffd, addr, PAGE) {
                     Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
                     Err(e) => return Err(e).context("UFFDIO_ZEROPAGE"),
                 },
             };
             if !woken {
-                uffd_wake(uffd, addr, PAGE).context("UFFDIO_WAKE")?;
+                uffd::wake(uffd, addr, PAGE).context("UFFDIO_WAKE")?;
             }
         }
     }

@@ -83,6 +83,7 @@ mod lazy_fill;
 mod load;
 mod oci;
 mod s3;
+mod uffd;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
