@@ -226,7 +226,7 @@ fn read_events(r: &Round) -> Result<()> {
         // Locked: no copy is in flight while the event is read (the read is what
         // lets the process go on and zap), and none starts before it is recorded.
         let mut held = (r.scheme == Scheme::Locked).then(|| r.dropped.write().unwrap());
-        for msg in uffd::read(&r.uffd) {
+        for msg in uffd::read(&r.uffd)? {
             if msg.event != UFFD_EVENT_REMOVE || r.scheme == Scheme::Untracked {
                 continue;
             }

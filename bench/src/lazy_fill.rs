@@ -323,7 +323,7 @@ fn serve_faults(
         if !uffd::readable(uffd, 5) {
             continue;
         }
-        for msg in uffd::read(uffd) {
+        for msg in uffd::read(uffd)? {
             if msg.event != uffd::UFFD_EVENT_PAGEFAULT {
                 bail!(
                     "prototype: userfaultfd event {:#x} is not handled",
@@ -347,11 +347,7 @@ fn serve_faults(
                         PAGE,
                     )? > 0
                 }
-                None => match uffd::zeropage(uffd, addr, PAGE) {
-                    Ok(()) => true,
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
-                    Err(e) => return Err(e).context("UFFDIO_ZEROPAGE"),
-                },
+                None => uffd::zeropage(uffd, addr, PAGE).context("UFFDIO_ZEROPAGE")? > 0,
             };
             if !woken {
                 uffd::wake(uffd, addr, PAGE).context("UFFDIO_WAKE")?;

@@ -83,7 +83,7 @@ mod lazy_fill;
 mod load;
 mod oci;
 mod s3;
-mod uffd;
+use snapreg_client::uffd;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -108,6 +108,7 @@ pub mod pull;
 pub mod push;
 pub mod remote;
 pub mod restore;
+pub mod uffd;
 pub mod verify;
 pub mod weights;
 pub mod work_dir;

@@ -78,9 +78,12 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.lazy
                 .as_ref()
                 .map(|l| format!(
-                    "\nlazy: running after {:.2}s; {} MiB of pages served after it resumed, the last at {:.2}s",
+                    "\nlazy: running after {:.2}s; {} MiB of pages filled by {} workers and {} MiB on {} page faults, the last at {:.2}s",
                     r.restore_seconds,
-                    l.bytes_served >> 20,
+                    l.bytes_filled >> 20,
+                    l.fillers,
+                    l.bytes_on_fault >> 20,
+                    l.faults,
                     l.all_present_seconds
                 ))
                 .unwrap_or_default(),

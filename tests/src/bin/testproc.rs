@@ -15,6 +15,17 @@
 //! keeps its counter in a scratch file it holds open read-write (4 KiB, counter at
 //! offset 0); DIR/state as in `hold`.
 //!
+//! `snapreg-testproc churn --out DIR --mib N --seed S`: `hold`'s pattern (N MiB) and
+//! counter, and an 8 MiB scratch region (seed S + 1) it keeps changing, as a process
+//! whose memory is still coming back (a lazy restore) may: every 20 ms it drops 256 KiB
+//! of the scratch (`MADV_DONTNEED`: must read zeros, then is written again), moves the
+//! scratch elsewhere (`mremap`: must hold its bytes), and forks a child that checks a
+//! page of every 64 of the pattern and all of the scratch. DIR/verify on SIGUSR1 as
+//! `hold`'s, "bad <what>" if any round ever failed. SIGUSR2 stops the churn after the
+//! round under way (DIR/quiet appears: no child is alive, so a checkpoint has one
+//! task); it starts again once a tick comes 300 ms late (the process was frozen and
+//! restored).
+//!
 //! `snapreg-testproc serve --out DIR`: a TCP server on 127.0.0.1 (port in DIR/port)
 //! that answers each line with `<n> <line>`, n counting requests since it started.
 //!
@@ -141,11 +152,15 @@ fn log_worker(args: &[String]) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str);
-    if !matches!(mode, Some("hold" | "serve" | "weights" | "log")) {
-        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S | log --out DIR --log FILE [--scratch FILE]");
+    if !matches!(mode, Some("hold" | "churn" | "serve" | "weights" | "log")) {
+        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | churn --out DIR --mib N --seed S | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S | log --out DIR --log FILE [--scratch FILE]");
         std::process::exit(2);
     }
     close_inherited_fds();
+    if mode == Some("churn") {
+        churn::run(&args);
+        return;
+    }
     if mode == Some("log") {
         log_worker(&args);
         return;
@@ -297,5 +312,158 @@ fn weights_worker(args: &[String]) {
         }
         std::hint::black_box(&state);
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `churn` mode: memory that forks, drops and moves while it is checked.
+mod churn {
+    use super::*;
+
+    static QUIET: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_usr2(_: libc::c_int) {
+        QUIET.store(true, Ordering::SeqCst);
+    }
+
+    const SCRATCH: usize = 8 << 20;
+    const DROP: usize = 256 << 10;
+
+    /// A private anonymous mapping of `len` bytes: writable, or (`prot` 0) a place
+    /// held for the next move, so that no allocation lands there. At `at` if given.
+    fn map(len: usize, prot: i32, at: Option<*mut u8>) -> *mut u8 {
+        let fixed = at.map_or(0, |_| libc::MAP_FIXED);
+        // SAFETY: anonymous memory at an address the kernel picks, or at `at`, which
+        // only ever holds our own scratch place.
+        let p = unsafe {
+            libc::mmap(
+                at.unwrap_or(std::ptr::null_mut()).cast(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        p.cast()
+    }
+
+    /// One round; `Err` names what was wrong.
+    fn round(
+        data: &[u8],
+        samples: &[u8],
+        expect: &[u8],
+        scratch: &mut *mut u8,
+        other: &mut *mut u8,
+        n: usize,
+    ) -> Result<(), String> {
+        // Drop 256 KiB: zeros, then the pattern again.
+        let at = (n * DROP) % SCRATCH;
+        // SAFETY: [at, at + DROP) lies inside the scratch mapping.
+        unsafe {
+            libc::madvise(scratch.add(at).cast(), DROP, libc::MADV_DONTNEED);
+            let s = std::slice::from_raw_parts_mut(*scratch, SCRATCH);
+            if s[at..at + DROP].iter().any(|&b| b != 0) {
+                return Err(format!("dropped bytes at {at} came back"));
+            }
+            s[at..at + DROP].copy_from_slice(&expect[at..at + DROP]);
+        }
+        // Move it onto the held place, and hold the one it leaves.
+        // SAFETY: moves our own mapping onto our own held place.
+        let moved = unsafe {
+            libc::mremap(
+                (*scratch).cast(),
+                SCRATCH,
+                SCRATCH,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                (*other).cast::<libc::c_void>(),
+            )
+        };
+        assert_ne!(moved, libc::MAP_FAILED, "mremap");
+        map(SCRATCH, libc::PROT_NONE, Some(*scratch));
+        std::mem::swap(scratch, other);
+        // SAFETY: the scratch mapping now lives at `*scratch`.
+        let s = unsafe { std::slice::from_raw_parts(*scratch, SCRATCH) };
+        if s != expect {
+            return Err("moved bytes differ".into());
+        }
+        // A child checks what it inherited.
+        // SAFETY: the child only reads memory and calls _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: `*scratch` maps SCRATCH bytes (this process's own mapping).
+            let s = unsafe { std::slice::from_raw_parts(*scratch, SCRATCH) };
+            let data_ok = (0..data.len() / 4096)
+                .step_by(64)
+                .zip(samples.chunks(4096))
+                .all(|(i, page)| data[i * 4096..(i + 1) * 4096] == *page);
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(i32::from(!data_ok) + 2 * i32::from(s != expect)) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            return Err(format!("fork (child status {status:#x})"));
+        }
+        Ok(())
+    }
+
+    pub fn run(args: &[String]) {
+        let out = std::path::PathBuf::from(arg(args, "--out").expect("--out"));
+        let mib: usize = arg(args, "--mib").map_or(16, |v| v.parse().unwrap());
+        let seed: u64 = arg(args, "--seed").map_or(1, |v| v.parse().unwrap());
+        // The scratch first: mappings grow down, so it lies above the pattern.
+        let mut scratch = map(SCRATCH, libc::PROT_READ | libc::PROT_WRITE, None);
+        let mut expect = vec![0u8; SCRATCH];
+        fill(seed + 1, &mut expect);
+        // SAFETY: a fresh mapping of SCRATCH bytes.
+        unsafe { std::slice::from_raw_parts_mut(scratch, SCRATCH) }.copy_from_slice(&expect);
+        let mut other = map(SCRATCH, libc::PROT_NONE, None);
+        let mut data = vec![0u8; mib << 20];
+        fill(seed, &mut data);
+        // A page of every 64, kept apart: what a forked child compares against.
+        let samples: Vec<u8> = data.chunks(4096).step_by(64).flatten().copied().collect();
+        // SAFETY: the handlers only store to atomics, which is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+        }
+        let (mut counter, mut failed) = (0u64, None::<String>);
+        let mut last = std::time::Instant::now();
+        loop {
+            counter += 1;
+            write_atomic(
+                &out.join("state"),
+                &format!("{counter} {}\n", std::process::id()),
+            );
+            let quiet = QUIET.load(Ordering::SeqCst);
+            if quiet && last.elapsed() > Duration::from_millis(300) {
+                QUIET.store(false, Ordering::SeqCst);
+            } else if quiet {
+                write_atomic(&out.join("quiet"), "");
+            }
+            last = std::time::Instant::now();
+            if failed.is_none() && !quiet {
+                failed = round(
+                    &data,
+                    &samples,
+                    &expect,
+                    &mut scratch,
+                    &mut other,
+                    counter as usize,
+                )
+                .err();
+            }
+            if VERIFY.swap(false, Ordering::SeqCst) {
+                let verdict = match (&failed, first_bad_page(seed, &data)) {
+                    (Some(what), _) => format!("bad {what}\n"),
+                    (None, Some(p)) => format!("bad {p}\n"),
+                    (None, None) => format!("ok {counter}\n"),
+                };
+                write_atomic(&out.join("verify"), &verdict);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

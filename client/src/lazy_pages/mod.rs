@@ -1,34 +1,32 @@
-//! CRIU's lazy restore with snapctl as the page server: the restored tree runs before
-//! its memory is all back, and each missing page comes from the chunk stack when the
-//! tree touches it, or sooner, from CRIU's background fill.
+//! CRIU's lazy restore with snapctl as the lazy-pages daemon: the restored tree runs
+//! before its memory is all back; each missing page comes from the chunk stack when
+//! the tree touches it, and the rest is filled by many workers at once (restore/lazy).
 //!
-//! Validated here with CRIU 4.2.1 (source read at tag v4.2: criu/uffd.c, page-xfer.c,
-//! pagemap.c, mem.c), in CRIU-STREAM.md's manner:
+//! Validated here with CRIU 4.2.1 (source read at tag v4.2: criu/uffd.c, cr-restore.c,
+//! pagemap.c, mem.c), in CRIU-STREAM.md's manner. CRIU's own `criu lazy-pages` daemon
+//! is not used: it copies pages in from one thread, at a third of what copies from two
+//! threads reach (`snapreg-bench lazy-fill`, bench/RESULTS.md).
 //!
 //! ```text
-//! snapctl                       criu lazy-pages -D <dir>/lazy -W <dir>            criu restore --stream --lazy-pages -D <dir>
-//!  │ writes inventory, pstree,   │ reads inventory + pstree; listens on            │
-//!  │ ids, mm, pagemap (rewritten)│ <dir>/lazy-pages.socket; "ready" on --status-fd │
-//!  │ into <dir>/lazy             │◀── per task: i32 pid + its userfaultfd (SCM) ───│ connects once, no retry:
-//!  │                             │◀── u32 0x52535446 "restore finished" ───────────│ the daemon must listen first
-//!  │◀─ PS_IOV_GET {pid, vaddr, n}│ (only after every uffd arrived)                 │ tree resumes, criu exits
-//!  │── header + n × 4 KiB ──────▶│ UFFDIO_COPY at the run-time address             │
-//!  │◀─ PS_IOV_FORCE_CLOSE ───────│ every lazy page copied                          │
-//!  │── i32 0 ───────────────────▶│ exits 0
+//! snapctl (the daemon)                                  criu restore --stream --lazy-pages -W <dir>
+//!  │ binds <dir>/lazy-pages.socket before CRIU starts     │
+//!  │◀── connect, once, no retry ──────────────────────────│ at the restore's start
+//!  │◀── per task of the pstree: i32 pid (as in the image),│ a zombie sends -pid and no descriptor
+//!  │    then its userfaultfd by SCM_RIGHTS with one byte  │
+//!  │  faults come from here on and are served at once:    │ each restorer registers the task's private
+//!  │  CRIU's last steps touch the tree's memory before    │ anonymous VMAs for missing pages
+//!  │  it says it is done                                  │
+//!  │◀── u32 0x52535446 "restore finished" ────────────────│ the tree resumes; criu exits
+//!  │  fills every lazy page (UFFDIO_COPY, many workers);  │
+//!  │  closes each task's userfaultfd once it has them all │
 //! ```
 //!
-//! Page-server records (`struct page_server_iov`, host byte order, 32 bytes): `u32 cmd`,
-//! 4 bytes of padding, `u64 nr_pages`, `u64 vaddr`, `u64 dst_id`. The daemon only sends
-//! `PS_IOV_GET` (7) with `dst_id` = the task's pid in the image and `vaddr` its address
-//! at dump time, always inside one lazy pagemap entry, then a close (`0x1023`, or
-//! `0x1024` over `--ps-socket`) answered by an `i32` 0. Requests are pipelined on the one
-//! socket and answers are matched strictly in order: each is the request's header echoed
-//! (`vaddr` and `dst_id` exactly; the daemon silently drops a reply it cannot match and
-//! the faulting thread then waits forever) with `1 ≤ nr_pages ≤ asked`, then that many
-//! pages. A short answer is fine (the rest is asked again); 0 pages is fatal to it.
-//! Faults ask for 1 page; after "restore finished" the daemon also fills the rest by
-//! itself, lowest address first, 64 KiB growing to 4 MiB per request. A task forked
-//! after the restore asks again with its parent's pid, so answers must be repeatable.
+//! The descriptors ask for `UFFD_FEATURE_EVENT_FORK | REMAP | REMOVE | UNMAP` (checked
+//! with `criu check --feature uffd-noncoop` before a lazy restore): a task that forks,
+//! moves, drops or unmaps memory waits until the daemon reads the event, and a copy
+//! fails with EAGAIN while one is unread. [`missing`] keeps what is still missing
+//! under those events; restore/lazy has the locking that keeps a copy from putting
+//! back a page the tree has just dropped.
 //!
 //! Which pages are lazy: an ordinary `criu dump` marks the pages of private anonymous
 //! VMAs `PE_LAZY|PE_PRESENT` (not mlocked memory, vdso, hugetlb, shared or file-backed
@@ -41,9 +39,9 @@
 //! device memory of a CUDA image are made eager (`PE_PRESENT` only): the CUDA restore
 //! copies all of it at once, and page faults of 4 KiB would be far slower.
 //!
-//! If a lazy page cannot be served (a chunk that does not verify, a registry gone) the
-//! daemon would exit and the kernel would hand the tree zero pages: the restore kills
-//! the tree instead (restore/lazy.rs).
+//! If a lazy page cannot be served (a chunk that does not verify, a registry gone),
+//! closing the descriptors would have the kernel hand the tree zero pages: the restore
+//! kills the tree instead (restore/lazy).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,57 +52,14 @@ use snapreg_proto::manifest::Extent;
 
 use crate::criu_image::{entries, page_count, put_entry, PagemapEntry, PagemapHead};
 
+pub mod missing;
+pub mod socket;
+
 pub const PAGE: u64 = 4096;
-pub const PS_IOV_GET: u32 = 7;
-pub const PS_IOV_CLOSE: u32 = 0x1023;
-pub const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-/// CRIU's reply header command: `PS_IOV_ADD_F | PE_PRESENT << 16` (ignored by the
-/// daemon; sent as CRIU's own page server does).
-const PS_IOV_REPLY: u32 = 6 | (PE_PRESENT << 16);
-pub const IOV_LEN: usize = 32;
 /// Pagemap entry flags (criu/include/pagemap.h).
 const PE_PARENT: u32 = 1 << 0;
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
-
-/// One page-server record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Iov {
-    pub cmd: u32,
-    pub nr_pages: u64,
-    pub vaddr: u64,
-    pub dst_id: u64,
-}
-
-impl Iov {
-    pub fn decode(b: &[u8; IOV_LEN]) -> Iov {
-        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        Iov {
-            cmd: u32::from_ne_bytes(b[..4].try_into().expect("4 bytes")),
-            nr_pages: u64_at(8),
-            vaddr: u64_at(16),
-            dst_id: u64_at(24),
-        }
-    }
-
-    pub fn encode(&self) -> [u8; IOV_LEN] {
-        let mut b = [0u8; IOV_LEN];
-        b[..4].copy_from_slice(&self.cmd.to_ne_bytes());
-        b[8..16].copy_from_slice(&self.nr_pages.to_ne_bytes());
-        b[16..24].copy_from_slice(&self.vaddr.to_ne_bytes());
-        b[24..32].copy_from_slice(&self.dst_id.to_ne_bytes());
-        b
-    }
-
-    /// The answer's header for `pages` pages of this request.
-    pub fn reply(&self, pages: u64) -> Iov {
-        Iov {
-            cmd: PS_IOV_REPLY,
-            nr_pages: pages,
-            ..*self
-        }
-    }
-}
 
 /// One lazy pagemap entry: its pages at dump-time `vaddr`, at `offset` in the task's
 /// pages file.
@@ -120,24 +75,6 @@ pub struct LazyRun {
 pub struct LazyTask {
     pub pages_file: Arc<str>,
     pub runs: Vec<LazyRun>,
-}
-
-impl LazyTask {
-    /// Where the pages from `vaddr` lie in the pages file, and how many of the `asked`
-    /// are in the same run (a request never crosses a run; clamped if it would).
-    pub fn locate(&self, vaddr: u64, asked: u64) -> Option<(u64, u64)> {
-        let i = self
-            .runs
-            .partition_point(|r| r.vaddr <= vaddr)
-            .checked_sub(1)?;
-        let r = self.runs[i];
-        let end = r.vaddr + r.pages * PAGE;
-        if vaddr >= end || !(vaddr - r.vaddr).is_multiple_of(PAGE) || asked == 0 {
-            return None;
-        }
-        let pages = asked.min((end - vaddr) / PAGE);
-        Some((r.offset + (vaddr - r.vaddr), pages))
-    }
 }
 
 /// What a lazy restore serves differently.
@@ -358,15 +295,15 @@ mod tests {
         );
         assert_eq!(plan.left_out["pages-1.img"], vec![(2 * PAGE, 6 * PAGE)]);
         assert_eq!(plan.lazy_bytes, 4 * PAGE);
-        let task = &plan.tasks[&42];
-        assert_eq!(task.locate(0x1000_0000 + PAGE, 8), Some((3 * PAGE, 3)));
-        assert_eq!(task.locate(0x1000_0000, 1), Some((2 * PAGE, 1)));
+        // The device-memory entry is not a lazy run.
         assert_eq!(
-            task.locate(0x2000_0000, 1),
-            None,
-            "eager: not served lazily"
+            plan.tasks[&42].runs,
+            vec![LazyRun {
+                vaddr: 0x1000_0000,
+                pages: 4,
+                offset: 2 * PAGE
+            }]
         );
-        assert_eq!(task.locate(0x1000_0001, 1), None, "unaligned");
     }
 
     #[test]
@@ -408,12 +345,6 @@ mod tests {
             flags_of(&planned.pagemaps["pagemap-9.img"]),
             vec![PE_LAZY, PE_LAZY]
         );
-        assert_eq!(
-            planned.tasks[&9].locate(0x4000_0000 + 2 * PAGE, 1),
-            None,
-            "a hole"
-        );
-
         // A second task: the zeros stay (served), as one run.
         let mut two = pagemaps.clone();
         two.insert(
@@ -442,22 +373,5 @@ mod tests {
             e.contains("pagemap-7.img") && e.contains("pages-1.img"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn iov_round_trips_in_criu_layout() {
-        let iov = Iov {
-            cmd: PS_IOV_GET,
-            nr_pages: 16,
-            vaddr: 0x7f00_0000_1000,
-            dst_id: 4242,
-        };
-        let b = iov.encode();
-        assert_eq!(&b[..4], &7u32.to_ne_bytes());
-        assert_eq!(&b[4..8], &[0; 4], "padding after cmd");
-        assert_eq!(&b[16..24], &0x7f00_0000_1000u64.to_ne_bytes());
-        assert_eq!(Iov::decode(&b), iov);
-        assert_eq!(iov.reply(3).nr_pages, 3);
-        assert_eq!(iov.reply(3).vaddr, iov.vaddr);
     }
 }

@@ -1,0 +1,386 @@
+//! What of one restored task's memory is still missing, at the addresses it has now,
+//! and where each piece's bytes come from; kept true under the task's userfaultfd
+//! events (fork, remap, remove, unmap).
+//!
+//! A piece lies inside one VMA (a copy cannot cross one) and inside one extent of the
+//! pages file, so its bytes are one slice of one chunk, or zeros. The fill claims
+//! pieces in address order; a claim is (address, claim id), and any event that touches
+//! a claimed piece releases the claim, so the worker holding it finds nothing to copy
+//! and the moved or cut remainder is claimed again. Events are rare, claims many.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use snapreg_proto::manifest::Extent;
+use snapreg_proto::Digest;
+
+use super::{LazyTask, PAGE};
+
+/// Where a piece's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `chunk`'s bytes from `skip` on.
+    Chunk {
+        chunk: Digest,
+        skip: u64,
+    },
+    Zero,
+}
+
+impl Source {
+    /// The same source `by` bytes further on.
+    fn advanced(self, by: u64) -> Source {
+        match self {
+            Source::Chunk { chunk, skip } => Source::Chunk {
+                chunk,
+                skip: skip + by,
+            },
+            Source::Zero => Source::Zero,
+        }
+    }
+}
+
+/// `len` bytes at `vaddr` in the task, from `source`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub vaddr: u64,
+    pub len: u64,
+    pub source: Source,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    len: u64,
+    source: Source,
+    claim: Option<u64>,
+}
+
+/// One task's missing memory.
+#[derive(Clone, Debug)]
+pub struct Missing {
+    /// The pages file the chunks belong to (named in errors and fetches).
+    pub pages_file: Arc<str>,
+    /// Pieces by address; none overlap.
+    entries: BTreeMap<u64, Entry>,
+    /// Where the next claim starts looking.
+    cursor: u64,
+}
+
+impl Missing {
+    /// `task`'s lazy runs, cut at the VMAs `vmas` ([start, end), at dump time, where
+    /// CRIU restores them) and at the extents of its pages file.
+    pub fn new(task: &LazyTask, vmas: &[(u64, u64)], extents: &[Extent]) -> Missing {
+        let mut placed = Vec::with_capacity(extents.len());
+        let mut at = 0;
+        for e in extents {
+            placed.push((at, *e));
+            at += e.len();
+        }
+        let mut entries = BTreeMap::new();
+        for run in &task.runs {
+            let (mut vaddr, end) = (run.vaddr, run.vaddr + run.pages * PAGE);
+            let mut offset = run.offset;
+            while vaddr < end {
+                let vma_end = vmas
+                    .iter()
+                    .find(|&&(s, e)| s <= vaddr && vaddr < e)
+                    .map_or(end, |&(_, e)| e);
+                // The plan checked that every run lies inside the pages file.
+                let Some(i) = placed
+                    .partition_point(|(at, _)| *at <= offset)
+                    .checked_sub(1)
+                else {
+                    break;
+                };
+                let (at, extent) = placed[i];
+                let in_extent = (at + extent.len()).saturating_sub(offset);
+                let len = (end.min(vma_end) - vaddr).min(in_extent);
+                if len == 0 {
+                    break;
+                }
+                let source = match extent {
+                    Extent::Chunk { chunk, .. } => Source::Chunk {
+                        chunk,
+                        skip: offset - at,
+                    },
+                    Extent::Zero { .. } => Source::Zero,
+                };
+                entries.insert(
+                    vaddr,
+                    Entry {
+                        len,
+                        source,
+                        claim: None,
+                    },
+                );
+                vaddr += len;
+                offset += len;
+            }
+        }
+        Missing {
+            pages_file: task.pages_file.clone(),
+            entries,
+            cursor: 0,
+        }
+    }
+
+    /// Nothing missing (a task with no lazy pages, or one that is gone).
+    pub fn none() -> Missing {
+        Missing {
+            pages_file: "".into(),
+            entries: BTreeMap::new(),
+            cursor: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes still missing.
+    pub fn bytes(&self) -> u64 {
+        self.entries.values().map(|e| e.len).sum()
+    }
+
+    /// The lowest unclaimed piece from the cursor on (then from the start), now
+    /// claimed as `id`.
+    pub fn claim(&mut self, id: u64) -> Option<Piece> {
+        let found = self
+            .entries
+            .range(self.cursor..)
+            .chain(self.entries.range(..self.cursor))
+            .find(|(_, e)| e.claim.is_none())
+            .map(|(&vaddr, _)| vaddr)?;
+        let e = self.entries.get_mut(&found).expect("just found");
+        e.claim = Some(id);
+        self.cursor = found + e.len;
+        Some(Piece {
+            vaddr: found,
+            len: e.len,
+            source: e.source,
+        })
+    }
+
+    /// The piece claimed as `id` at `vaddr`, unless an event released it.
+    pub fn claimed(&self, vaddr: u64, id: u64) -> Option<Piece> {
+        self.entries
+            .get(&vaddr)
+            .filter(|e| e.claim == Some(id))
+            .map(|e| Piece {
+                vaddr,
+                len: e.len,
+                source: e.source,
+            })
+    }
+
+    /// The piece claimed as `id` at `vaddr` is in the task.
+    pub fn done(&mut self, vaddr: u64, id: u64) {
+        if self.claimed(vaddr, id).is_some() {
+            self.entries.remove(&vaddr);
+        }
+    }
+
+    /// The page at `addr`, if it is missing: its one-page piece.
+    pub fn page(&self, addr: u64) -> Option<Piece> {
+        let (&vaddr, e) = self.entries.range(..=addr).next_back()?;
+        (addr < vaddr + e.len).then(|| Piece {
+            vaddr: addr,
+            len: PAGE,
+            source: e.source.advanced(addr - vaddr),
+        })
+    }
+
+    /// [start, end) is gone or reads zeros now (a remove or an unmap): nothing there
+    /// is missing any more.
+    pub fn forget(&mut self, start: u64, end: u64) {
+        self.split_at(start);
+        self.split_at(end);
+        let gone: Vec<u64> = self.entries.range(start..end).map(|(&a, _)| a).collect();
+        for a in gone {
+            self.entries.remove(&a);
+        }
+    }
+
+    /// `mremap` moved [from, from + len) to `to` (whatever was at `to` is gone).
+    pub fn remap(&mut self, from: u64, to: u64, len: u64) {
+        self.split_at(from);
+        self.split_at(from + len);
+        let moved: Vec<(u64, Entry)> = self
+            .entries
+            .range(from..from + len)
+            .map(|(&a, e)| (a, *e))
+            .collect();
+        for (a, _) in &moved {
+            self.entries.remove(a);
+        }
+        self.forget(to, to + len);
+        for (a, e) in moved {
+            self.entries
+                .insert(a - from + to, Entry { claim: None, ..e });
+        }
+    }
+
+    /// What a child forked now misses: the same, unclaimed.
+    pub fn forked(&self) -> Missing {
+        let mut child = self.clone();
+        for e in child.entries.values_mut() {
+            e.claim = None;
+        }
+        child.cursor = 0;
+        child
+    }
+
+    /// Cuts the piece holding `addr` (if any, and not at its start) in two; both
+    /// halves lose any claim.
+    fn split_at(&mut self, addr: u64) {
+        let Some((&vaddr, &e)) = self.entries.range(..addr).next_back() else {
+            return;
+        };
+        if addr >= vaddr + e.len {
+            return;
+        }
+        let head = addr - vaddr;
+        self.entries.insert(
+            vaddr,
+            Entry {
+                len: head,
+                claim: None,
+                ..e
+            },
+        );
+        self.entries.insert(
+            addr,
+            Entry {
+                len: e.len - head,
+                source: e.source.advanced(head),
+                claim: None,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lazy_pages::LazyRun;
+
+    const A: u64 = 0x1000_0000;
+
+    /// One run of 8 pages at A (file offset 0) over two chunks of 4 pages; a VMA
+    /// boundary after page 6.
+    fn missing() -> (Missing, Digest, Digest) {
+        let (c1, c2) = (Digest::of(b"one"), Digest::of(b"two"));
+        let task = LazyTask {
+            pages_file: "pages-1.img".into(),
+            runs: vec![LazyRun {
+                vaddr: A,
+                pages: 8,
+                offset: 0,
+            }],
+        };
+        let extents = [
+            Extent::Chunk {
+                chunk: c1,
+                len: 4 * PAGE,
+            },
+            Extent::Chunk {
+                chunk: c2,
+                len: 4 * PAGE,
+            },
+        ];
+        let vmas = [(A, A + 6 * PAGE), (A + 6 * PAGE, A + 16 * PAGE)];
+        (Missing::new(&task, &vmas, &extents), c1, c2)
+    }
+
+    fn claim_all(m: &mut Missing) -> Vec<Piece> {
+        std::iter::from_fn(|| m.claim(1)).collect()
+    }
+
+    #[test]
+    fn pieces_are_cut_at_extents_and_vmas_and_claimed_in_order() {
+        let (mut m, c1, c2) = missing();
+        let pieces = claim_all(&mut m);
+        let at = |vaddr, len, chunk, skip| Piece {
+            vaddr,
+            len: len * PAGE,
+            source: Source::Chunk { chunk, skip },
+        };
+        assert_eq!(
+            pieces,
+            vec![
+                at(A, 4, c1, 0),
+                at(A + 4 * PAGE, 2, c2, 0),
+                at(A + 6 * PAGE, 2, c2, 2 * PAGE),
+            ]
+        );
+        assert!(m.claim(2).is_none(), "every piece is claimed");
+        assert_eq!(
+            m.page(A + 5 * PAGE).unwrap().source,
+            Source::Chunk {
+                chunk: c2,
+                skip: PAGE
+            }
+        );
+        m.done(A, 1);
+        assert!(m.page(A).is_none(), "done: no longer missing");
+        assert_eq!(m.bytes(), 4 * PAGE);
+    }
+
+    #[test]
+    fn a_remove_inside_a_claimed_piece_releases_it_and_keeps_the_rest() {
+        let (mut m, c1, _) = missing();
+        let first = m.claim(7).unwrap();
+        m.forget(A + PAGE, A + 2 * PAGE);
+        assert!(m.claimed(A, 7).is_none(), "the claim is released");
+        assert!(m.page(A + PAGE).is_none(), "the removed page reads zeros");
+        let mut again: Vec<Piece> = claim_all(&mut m);
+        // Claims go on from the cursor, then come back for what was released.
+        assert_eq!(again[0].vaddr, A + 4 * PAGE);
+        again.sort_by_key(|p| p.vaddr);
+        assert_eq!(again[0].vaddr, A);
+        assert_eq!(again[0].len, PAGE);
+        assert_eq!(
+            again[1],
+            Piece {
+                vaddr: A + 2 * PAGE,
+                len: 2 * PAGE,
+                source: Source::Chunk {
+                    chunk: c1,
+                    skip: 2 * PAGE
+                }
+            }
+        );
+        m.done(first.vaddr, 7);
+        assert_eq!(m.bytes(), 7 * PAGE, "a released claim completes nothing");
+    }
+
+    #[test]
+    fn a_remap_moves_the_missing_pages_with_their_sources() {
+        let (mut m, _, c2) = missing();
+        let to = 0x7000_0000;
+        // Pages 3..7 move; whatever was missing at the target is gone.
+        m.remap(A + 3 * PAGE, to, 4 * PAGE);
+        assert!(m.page(A + 4 * PAGE).is_none());
+        assert_eq!(
+            m.page(to + PAGE).unwrap().source,
+            Source::Chunk { chunk: c2, skip: 0 }
+        );
+        assert!(m.page(A + 2 * PAGE).is_some() && m.page(A + 7 * PAGE).is_some());
+        assert_eq!(m.bytes(), 8 * PAGE);
+    }
+
+    #[test]
+    fn a_forked_child_misses_what_its_parent_misses_unclaimed() {
+        let (mut m, _, _) = missing();
+        let p = m.claim(3).unwrap();
+        m.done(p.vaddr, 3);
+        m.claim(4).unwrap();
+        let mut child = m.forked();
+        assert_eq!(child.bytes(), m.bytes());
+        assert_eq!(
+            claim_all(&mut child).len(),
+            2,
+            "the parent's claim is not the child's"
+        );
+    }
+}
