@@ -18,8 +18,9 @@
 //! Timed per route: CRIU's exit (the tree runs), the first answer (its counter moves)
 //! and every page in (the daemon done). Raw: bench/runs/lazy-fill-<unix seconds>.json.
 //!
-//! A prototype to decide whether to build this into `pull-restore`, not that build:
-//! one task only, and any userfaultfd event other than a page fault (fork, remap,
+//! The prototype that decided to build this into `pull-restore --lazy` (which now
+//! fills from verified chunks: client/src/restore/lazy/daemon.rs); kept as the
+//! measurement against CRIU's own daemon. One task only, and any userfaultfd event other than a page fault (fork, remap,
 //! madvise, munmap, which the held process never makes) stops the rep with an error.
 
 use std::fs::File;
