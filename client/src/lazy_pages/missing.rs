@@ -180,14 +180,23 @@ impl Missing {
         }
     }
 
-    /// The page at `addr`, if it is missing: its one-page piece.
-    pub fn page(&self, addr: u64) -> Option<Piece> {
+    /// The missing piece that holds `addr`, if any.
+    pub fn piece_at(&self, addr: u64) -> Option<Piece> {
         let (&vaddr, e) = self.entries.range(..=addr).next_back()?;
-        (addr < vaddr + e.len).then(|| Piece {
-            vaddr: addr,
-            len: PAGE,
-            source: e.source.advanced(addr - vaddr),
+        (addr < vaddr + e.len).then_some(Piece {
+            vaddr,
+            len: e.len,
+            source: e.source,
         })
+    }
+
+    /// `piece` went in for a fault: no worker need fill it, unless one has claimed it.
+    pub fn served(&mut self, piece: Piece) {
+        if let Some(e) = self.entries.get(&piece.vaddr) {
+            if e.claim.is_none() && e.len == piece.len && e.source == piece.source {
+                self.entries.remove(&piece.vaddr);
+            }
+        }
     }
 
     /// [start, end) is gone or reads zeros now (a remove or an unmap): nothing there
@@ -314,15 +323,14 @@ mod tests {
             ]
         );
         assert!(m.claim(2).is_none(), "every piece is claimed");
-        assert_eq!(
-            m.page(A + 5 * PAGE).unwrap().source,
-            Source::Chunk {
-                chunk: c2,
-                skip: PAGE
-            }
+        assert_eq!(m.piece_at(A + 5 * PAGE), Some(pieces[1]));
+        m.served(pieces[1]);
+        assert!(
+            m.piece_at(A + 5 * PAGE).is_some(),
+            "claimed: the fill finishes it"
         );
         m.done(A, 1);
-        assert!(m.page(A).is_none(), "done: no longer missing");
+        assert!(m.piece_at(A).is_none(), "done: no longer missing");
         assert_eq!(m.bytes(), 4 * PAGE);
     }
 
@@ -332,7 +340,10 @@ mod tests {
         let first = m.claim(7).unwrap();
         m.forget(A + PAGE, A + 2 * PAGE);
         assert!(m.claimed(A, 7).is_none(), "the claim is released");
-        assert!(m.page(A + PAGE).is_none(), "the removed page reads zeros");
+        assert!(
+            m.piece_at(A + PAGE).is_none(),
+            "the removed page reads zeros"
+        );
         let mut again: Vec<Piece> = claim_all(&mut m);
         // Claims go on from the cursor, then come back for what was released.
         assert_eq!(again[0].vaddr, A + 4 * PAGE);
@@ -360,13 +371,21 @@ mod tests {
         let to = 0x7000_0000;
         // Pages 3..7 move; whatever was missing at the target is gone.
         m.remap(A + 3 * PAGE, to, 4 * PAGE);
-        assert!(m.page(A + 4 * PAGE).is_none());
+        assert!(m.piece_at(A + 4 * PAGE).is_none());
         assert_eq!(
-            m.page(to + PAGE).unwrap().source,
-            Source::Chunk { chunk: c2, skip: 0 }
+            m.piece_at(to + 2 * PAGE),
+            Some(Piece {
+                vaddr: to + PAGE,
+                len: 2 * PAGE,
+                source: Source::Chunk { chunk: c2, skip: 0 }
+            })
         );
-        assert!(m.page(A + 2 * PAGE).is_some() && m.page(A + 7 * PAGE).is_some());
+        assert!(m.piece_at(A + 2 * PAGE).is_some() && m.piece_at(A + 7 * PAGE).is_some());
         assert_eq!(m.bytes(), 8 * PAGE);
+        // Served for a fault while unclaimed: gone from the fill's work.
+        let moved = m.piece_at(to).unwrap();
+        m.served(moved);
+        assert!(m.piece_at(to).is_none());
     }
 
     #[test]

@@ -59,9 +59,10 @@ impl Plan {
             crate::weights::resume_list(manifest.annotations.get(annotations::WEIGHTS_RESUME));
         let mut warnings = warnings;
         if opts.lazy && !cuda_pids.is_empty() {
-            // Measured on an H200 (bench/RESULTS.md): correct, but slower to answer.
+            // Measured on an H200 (bench/RESULTS.md) when CRIU's own daemon served the
+            // pages: correct, but slower to answer. snapctl's daemon is untried there.
             warnings.push(format!(
-                "--lazy on a CUDA snapshot: the CUDA restore reads the host memory it staged one page fault at a time, which made the first answer slower, not faster (13 s against 8.5 s on the GPU stand-in); restore {reference} without --lazy"
+                "--lazy on a CUDA snapshot: the CUDA restore touched thousands of pages one fault at a time, which made the first answer slower, not faster (13 s against 8.5 s on the GPU stand-in, with CRIU's own lazy-pages daemon; snapctl's has not been measured on a GPU yet); restore {reference} without --lazy"
             ));
         }
         Ok(Plan {

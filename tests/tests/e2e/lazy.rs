@@ -40,7 +40,7 @@ fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     assert!(lazy_bytes >= 60 << 20, "{r}");
     let copied = lazy["bytes_filled"].as_u64().unwrap() + lazy["bytes_on_fault"].as_u64().unwrap();
     assert_eq!(copied, lazy_bytes, "{r}");
-    assert!(lazy["fillers"].as_u64().unwrap() >= 4, "{r}");
+    assert!(lazy["fillers"].as_u64().unwrap() >= 16, "{r}");
     assert!(
         r["zero_bytes_left_out"].as_u64().unwrap() >= 15 << 20,
         "{r}"
