@@ -7,9 +7,10 @@
 //!                     and events, applies events to each task's Missing, hands faults
 //!                     on; notes "restore finished"; closes a task's uffd once it
 //!                     misses nothing; ends when every uffd is closed
-//! fault server        per fault: the page's chunk (Demand priority), one page copied;
-//!                     a page not missing gets the zero page (never dumped, or dropped)
-//! fillers (N tasks)   after "restore finished": claim the lowest unclaimed piece,
+//! fault server        per fault: the missing piece around the page, from its chunk
+//!                     (Demand priority), copied whole; a page not missing gets the
+//!                     zero page (never dumped, or dropped since)
+//! fillers (≥ 16)      after "restore finished": claim the lowest unclaimed piece,
 //!                     fetch its chunk (verified), copy it in; until nothing is missing
 //! ```
 //!
