@@ -114,8 +114,7 @@ pub fn open(addr: u64, len: u64, features: u64) -> std::io::Result<OwnedFd> {
 /// such as a remove is waiting to be read) is returned at once: the caller must let
 /// the event be read before it tries again.
 pub fn copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Result<u64> {
-    let (mut at, mut copied) = (0u64, 0u64);
-    while at < len {
+    past_existing(len, |at| {
         let mut c = UffdioCopy {
             dst: dst + at,
             src: src as u64 + at,
@@ -126,29 +125,15 @@ pub fn copy(uffd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Resu
         // SAFETY: the caller passes dst inside a registered range and src readable for
         // `len` bytes, both alive for the call; the kernel writes only `c.copy`.
         let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
-        if c.copy > 0 {
-            at += c.copy as u64;
-            copied += c.copy as u64;
-            continue;
-        }
-        if rc == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EEXIST) => at += PAGE,
-            _ => return Err(e),
-        }
-    }
-    Ok(copied)
+        (rc, c.copy)
+    })
 }
 
 /// UFFDIO_ZEROPAGE: maps the zero page over [dst, dst + len) and wakes its waiters,
 /// continuing past pages already there (EEXIST). Returns the bytes this call mapped;
 /// EAGAIN as [`copy`].
 pub fn zeropage(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<u64> {
-    let (mut at, mut mapped) = (0u64, 0u64);
-    while at < len {
+    past_existing(len, |at| {
         let mut z = UffdioZeropage {
             start: dst + at,
             len: len - at,
@@ -158,9 +143,23 @@ pub fn zeropage(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<u64> {
         // SAFETY: the ioctl takes a pointer to this struct, alive for the call; the
         // kernel writes only `z.zeropage`.
         let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) };
-        if z.zeropage > 0 {
-            at += z.zeropage as u64;
-            mapped += z.zeropage as u64;
+        (rc, z.zeropage)
+    })
+}
+
+/// Runs `fill` (one ioctl from offset `at` on, returning its result and the bytes it
+/// did, or a negative errno) until `len` bytes are done, stepping over a page already
+/// there (EEXIST); any other error ends it. Returns the bytes the ioctls did.
+fn past_existing(
+    len: u64,
+    mut fill: impl FnMut(u64) -> (libc::c_int, i64),
+) -> std::io::Result<u64> {
+    let (mut at, mut done) = (0u64, 0u64);
+    while at < len {
+        let (rc, n) = fill(at);
+        if n > 0 {
+            at += n as u64;
+            done += n as u64;
             continue;
         }
         if rc == 0 {
@@ -172,7 +171,7 @@ pub fn zeropage(uffd: &OwnedFd, dst: u64, len: u64) -> std::io::Result<u64> {
             _ => return Err(e),
         }
     }
-    Ok(mapped)
+    Ok(done)
 }
 
 /// UFFDIO_WAKE: wakes threads waiting on faults in [dst, dst + len).

@@ -437,9 +437,11 @@ mod churn {
                 &out.join("state"),
                 &format!("{counter} {}\n", std::process::id()),
             );
-            let quiet = QUIET.load(Ordering::SeqCst);
+            let mut quiet = QUIET.load(Ordering::SeqCst);
             if quiet && last.elapsed() > Duration::from_millis(300) {
+                // Restored: churn at once, while pages are still missing.
                 QUIET.store(false, Ordering::SeqCst);
+                quiet = false;
             } else if quiet {
                 write_atomic(&out.join("quiet"), "");
             }
