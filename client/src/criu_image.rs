@@ -6,7 +6,7 @@
 //! `optional` ones are `Option`s. An image file frames these records as two u32 LE
 //! magics, then per record a u32 LE length and the message (pages-*.img excepted: raw
 //! pages); the helpers below read and write that framing for pagemaps (zero_pages.rs,
-//! lazy_pages.rs), and the streamer socket's stays beside its protocol (criu_stream.rs).
+//! lazy_pages/), and the streamer socket's stays beside its protocol (criu_stream.rs).
 
 use bytes::{BufMut, BytesMut};
 use prost::Message;

@@ -86,7 +86,7 @@ pub struct LazyPlan {
     pub left_out: HashMap<String, Vec<(u64, u64)>>,
     /// Lazy runs by the task's pid in the image.
     pub tasks: HashMap<u64, LazyTask>,
-    /// Bytes served by the page server instead of the pipe.
+    /// Bytes the lazy-pages daemon puts in instead of the pipe.
     pub lazy_bytes: u64,
     /// Bytes of zero pages in lazy runs left out of the pagemap: never served, the
     /// daemon maps a zero page where the tree touches one.

@@ -1,5 +1,5 @@
 //! Serving one image file into the pipe CRIU handed over for it: its extents in
-//! order (less the byte ranges a lazy restore leaves to the page server), a window of
+//! order (less the byte ranges a lazy restore leaves to the lazy-pages daemon), a window of
 //! chunk fetches ahead, node-cache files spliced instead of copied, zero runs written
 //! from a static page of zeros.
 //!
@@ -127,7 +127,7 @@ pub(super) struct FileServer<'a> {
     pub files: &'a HashMap<String, Vec<Extent>>,
     /// Files served from memory instead of their extents (rewritten pagemaps).
     pub inline: &'a HashMap<String, Bytes>,
-    /// Byte ranges of files left to the page server (a lazy restore), sorted.
+    /// Byte ranges of files left to the lazy-pages daemon (a lazy restore), sorted.
     pub left_out: &'a HashMap<String, Vec<(u64, u64)>>,
     pub chunks: &'a Chunks,
     pub progress: &'a Progress,

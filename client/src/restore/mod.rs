@@ -136,7 +136,7 @@ pub struct RestoreReport {
     /// What the fetch scheduler did: fetches, requests that joined one in flight,
     /// the most in flight at once.
     pub scheduler: Option<SchedulerStats>,
-    /// `--lazy`: what the page server served after the tree resumed, and when the
+    /// `--lazy`: what the lazy-pages daemon put in after the tree resumed, and when the
     /// last page was in (`restore_seconds` is when the tree resumed).
     pub lazy: Option<LazyReport>,
     /// Where serving the largest image files to CRIU spent its time: waiting for

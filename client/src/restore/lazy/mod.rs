@@ -77,7 +77,7 @@ pub(super) struct Tree {
     pub tasks: usize,
 }
 
-/// Checks the kernel, plans, writes the daemon's images and starts it: call before
+/// Checks the kernel, plans, and starts the daemon on its socket: call before
 /// `criu restore`, whose arguments then take `--lazy-pages`.
 pub(super) async fn begin(
     criu: &Criu,
