@@ -93,6 +93,31 @@ pub struct LazyPlan {
     pub zero_bytes_left_out: u64,
 }
 
+impl LazyPlan {
+    /// The chunks whose every byte lies in a lazy run: the daemon fetches them (and so
+    /// puts them in the node cache), nothing else needs to read them ahead.
+    pub fn lazy_only_chunks(
+        &self,
+        files: &HashMap<String, Vec<Extent>>,
+    ) -> std::collections::HashSet<snapreg_proto::Digest> {
+        let mut out = std::collections::HashSet::new();
+        for (file, ranges) in &self.left_out {
+            let mut at = 0;
+            for e in files.get(file).map_or(&[][..], Vec::as_slice) {
+                let (s, t) = (at, at + e.len());
+                at = t;
+                if let Extent::Chunk { chunk, .. } = e {
+                    let i = ranges.partition_point(|&(_, end)| end <= s);
+                    if ranges.get(i).is_some_and(|&(a, b)| a <= s && t <= b) {
+                        out.insert(*chunk);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Address ranges (at dump time) of each pages file's task that must stay eager
 /// (device memory).
 pub type Eager = HashMap<String, Vec<(u64, u64)>>;
@@ -303,6 +328,24 @@ mod tests {
                 pages: 4,
                 offset: 2 * PAGE
             }]
+        );
+    }
+
+    #[test]
+    fn only_chunks_wholly_inside_lazy_runs_are_lazy_only() {
+        let c = |i: u8| Extent::Chunk {
+            chunk: Digest::of(&[i]),
+            len: 2 * PAGE,
+        };
+        let files = HashMap::from([("pages-1.img".to_string(), vec![c(1), c(2), c(3)])]);
+        let plan = LazyPlan {
+            left_out: HashMap::from([("pages-1.img".to_string(), vec![(PAGE, 4 * PAGE)])]),
+            ..LazyPlan::default()
+        };
+        // Chunk 1 straddles the run's start, chunk 3 lies past its end.
+        assert_eq!(
+            plan.lazy_only_chunks(&files),
+            std::collections::HashSet::from([Digest::of(&[2])])
         );
     }
 

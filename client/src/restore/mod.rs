@@ -246,7 +246,12 @@ async fn restore(
         .counters
         .bytes_total
         .fetch_add(lazy_zero_bytes, std::sync::atomic::Ordering::Relaxed);
-    let ahead = read_ahead(&plan, &chunks);
+    // Under --lazy the daemon's fill fetches the lazy chunks itself: read ahead the rest.
+    let lazy_only = lazy
+        .as_ref()
+        .map(|l| l.plan.lazy_only_chunks(&plan.files))
+        .unwrap_or_default();
+    let ahead = read_ahead(&plan, &chunks, &lazy_only);
     let weights_fill = finish::start_weights_fill(
         &plan,
         opts.weights_service.as_deref(),
@@ -392,12 +397,18 @@ pub fn become_subreaper() {
 /// The image fetched into the node cache ahead of CRIU, through the restore's
 /// scheduler: device memory first (the bulk of a GPU image, which the CUDA restore
 /// needs), then every file in the order CRIU asks for them (plan.rs,
-/// [`Plan::criu_order`]). CRIU's own reads go first whenever they wait.
+/// [`Plan::criu_order`]), less `skip`: under `--lazy`, the chunks only the daemon's
+/// fill reads (it fetches them itself, into the node cache, and one decode each is
+/// enough). CRIU's own reads go first whenever they wait.
 ///
 /// With peers, only device memory is read ahead: the swarm decides which node brings
 /// which chunk from the registry (fetch/peers.rs), and a read-ahead of the whole image
 /// would take from the registry what siblings are about to deliver.
-fn read_ahead(plan: &Plan, chunks: &Chunks) -> Vec<JoinHandle<()>> {
+fn read_ahead(
+    plan: &Plan,
+    chunks: &Chunks,
+    skip: &std::collections::HashSet<snapreg_proto::Digest>,
+) -> Vec<JoinHandle<()>> {
     let device: Vec<_> = crate::device_memory::chunks(&plan.manifest, plan.process_layer())
         .into_iter()
         .map(|d| (d, std::sync::Arc::from("device memory")))
@@ -407,7 +418,9 @@ fn read_ahead(plan: &Plan, chunks: &Chunks) -> Vec<JoinHandle<()>> {
         tasks.push(chunks.at(Priority::DeviceMemory).read_ahead(device));
     }
     if !chunks.has_peers() {
-        tasks.push(chunks.at(Priority::ReadAhead).read_ahead(plan.criu_order()));
+        let mut wants = plan.criu_order();
+        wants.retain(|(d, _)| !skip.contains(d));
+        tasks.push(chunks.at(Priority::ReadAhead).read_ahead(wants));
     }
     tasks
 }
