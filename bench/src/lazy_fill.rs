@@ -9,8 +9,7 @@
 //! 2. `criu restore --lazy-pages` with CRIU's own `criu lazy-pages` daemon (faults
 //!    first, then a background fill from one thread);
 //! 3. `criu restore --lazy-pages` with this bench as the daemon: it takes the tree's
-//!    userfaultfd over CRIU's lazy-pages socket (an i32 pid, then the fd by
-//!    SCM_RIGHTS, per task; then the u32 0x52535446 "restore finished", criu/uffd.c),
+//!    userfaultfd over CRIU's lazy-pages socket (snapreg_client::lazy_pages::socket),
 //!    and fills every lazy range by `UFFDIO_COPY` from T threads, 4 MiB per call,
 //!    straight from the mapped pages file, while one more thread answers the tree's
 //!    page faults.
@@ -24,8 +23,7 @@
 //! madvise, munmap, which the held process never makes) stops the rep with an error.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -43,10 +41,9 @@ use super::{
     wait_gone,
 };
 
-use snapreg_client::lazy_pages::PAGE;
+use snapreg_client::lazy_pages::{socket, PAGE};
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
-const RESTORE_FINISHED: u32 = 0x5253_5446;
 
 /// A piece of a lazy range: `len` bytes at `vaddr` in the tree, at `offset` in the
 /// pages file; never crosses a VMA (UFFDIO_COPY works inside one).
@@ -180,7 +177,7 @@ fn with_parallel_fill(
     threads: usize,
 ) -> Result<(f64, f64)> {
     let t = Instant::now();
-    let listener = UnixListener::bind(wd.join("lazy-pages.socket"))?;
+    let listener = socket::bind(wd)?;
     let mut criu = Command::new(criu_path())
         .args(["restore", "-D"])
         .arg(images)
@@ -248,67 +245,26 @@ fn with_parallel_fill(
     })
 }
 
-/// Accepts CRIU's connection and reads one task's pid and userfaultfd. Bounded: CRIU
-/// connects within 30 s or the rep fails.
+/// Accepts CRIU's connection and takes its one task's userfaultfd
+/// (snapreg_client::lazy_pages::socket). Bounded: CRIU connects within 30 s and
+/// sends within 60 s, or the rep fails.
 fn take_uffd(listener: &UnixListener) -> Result<(OwnedFd, UnixStream)> {
-    listener.set_nonblocking(true)?;
-    let mut conn = None;
-    for _ in 0..3000 {
-        match listener.accept() {
-            Ok((c, _)) => {
-                conn = Some(c);
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let mut conn = conn.context("criu restore never connected to the lazy-pages socket")?;
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut word = [0u8; 4];
-    conn.read_exact(&mut word)?;
-    if i32::from_ne_bytes(word) <= 0 {
-        bail!(
-            "prototype: a zombie task in the tree ({})",
-            i32::from_ne_bytes(word)
-        );
-    }
-    let fd = recv_fd(conn.as_raw_fd())?;
-    Ok((fd, conn))
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = socket::accept(listener, deadline, || true)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = socket::take_uffds(&mut conn, 1, || Instant::now() < deadline)?;
+    let task = tasks
+        .pop()
+        .context("prototype: the tree's one task is a zombie")?;
+    Ok((task.uffd, conn))
 }
 
 /// Waits (at most 60 s) for CRIU's "restore finished"; anything else means another
 /// task, which the prototype does not take.
 fn restore_finished(conn: &mut UnixStream) -> Result<()> {
-    let mut word = [0u8; 4];
-    conn.read_exact(&mut word)
-        .context("waiting for CRIU's \"restore finished\"")?;
-    if u32::from_ne_bytes(word) != RESTORE_FINISHED {
-        bail!("prototype: more than one task in the tree");
-    }
-    Ok(())
-}
-
-/// One descriptor passed with SCM_RIGHTS alongside CRIU's one dummy byte.
-fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut byte = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!(RawFd);
-    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel just installed this descriptor for us; nothing
-                // else owns it.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    bail!("no userfaultfd arrived with the task's pid")
+    let deadline = Instant::now() + Duration::from_secs(60);
+    socket::restore_finished(conn, || Instant::now() < deadline)
+        .context("prototype: waiting for CRIU's \"restore finished\" (one task only)")
 }
 
 /// Answers page faults until the fill is done: a lazy page from the pages file, any

@@ -124,20 +124,23 @@ pub fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
     sock.write_all(&frame)
 }
 
-/// Receives the pipe end CRIU sends after a request (or a "true" reply): one data
-/// byte with one SCM_RIGHTS descriptor, read with exactly one `recvmsg` so the byte
-/// and its descriptor cannot be split or merged with the next request.
+/// Receives the pipe end CRIU sends after a request (or a "true" reply), grown.
 pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
+    let fd = recv_criu_fd(sock.as_raw_fd())?;
+    grow_pipe(&fd);
+    Ok(fd)
+}
+
+/// Receives one descriptor as CRIU's `send_fd` sends it (also on the lazy-pages
+/// socket): one data byte with one SCM_RIGHTS descriptor, read with exactly one
+/// `recvmsg` so the byte and its descriptor cannot be split or merged with the next
+/// message. A read timeout on `sock` comes back as WouldBlock.
+pub fn recv_criu_fd(sock: RawFd) -> io::Result<OwnedFd> {
     let mut data = [0u8; 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(&mut data)];
     let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(Errno::EINTR) => {}
             other => break other.map_err(io::Error::from)?,
         }
@@ -145,7 +148,7 @@ pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
     if msg.bytes == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            "CRIU closed the socket before sending the pipe",
+            "CRIU closed the socket before sending a descriptor",
         ));
     }
     let mut fds = Vec::new();
@@ -160,14 +163,12 @@ pub fn recv_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
         }
     }
     // More than one descriptor is not CRIU's protocol: the extra ones close on drop.
-    let fd = fds.into_iter().next().ok_or_else(|| {
+    fds.into_iter().next().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            "expected a pipe fd (SCM_RIGHTS) from CRIU",
+            "expected a descriptor (SCM_RIGHTS) from CRIU",
         )
-    })?;
-    grow_pipe(&fd);
-    Ok(fd)
+    })
 }
 
 /// Best effort: 1 MiB, else whatever the kernel allows.

@@ -3,10 +3,12 @@
 //! each task's pid and userfaultfd, then "restore finished". Blocking, with deadlines.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use crate::criu_stream::recv_criu_fd;
 
 /// The socket's name in CRIU's work dir (criu/uffd.c, LAZY_PAGES_SOCK_NAME).
 pub const NAME: &str = "lazy-pages.socket";
@@ -68,7 +70,7 @@ pub fn take_uffds(
         if pid <= 0 {
             continue;
         }
-        let uffd = retry(&go_on, || recv_fd(conn.as_raw_fd()))?;
+        let uffd = retry(&go_on, || recv_criu_fd(conn.as_raw_fd()))?;
         out.push(TaskUffd {
             pid: pid as u64,
             uffd,
@@ -123,35 +125,6 @@ fn retry<T>(
             other => return other,
         }
     }
-}
-
-/// One descriptor passed with SCM_RIGHTS alongside CRIU's one byte.
-fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut byte = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!(RawFd);
-    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(got) = c {
-            fds.extend(got);
-        }
-    }
-    // SAFETY: the kernel just installed these descriptors for us; nothing else owns
-    // them. Any beyond the first (never sent by CRIU) are closed on drop.
-    let mut owned: Vec<OwnedFd> = fds
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    if owned.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "no userfaultfd arrived with the task's pid",
-        ));
-    }
-    Ok(owned.swap_remove(0))
 }
 
 #[cfg(test)]

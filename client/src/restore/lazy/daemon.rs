@@ -89,8 +89,6 @@ struct Shared {
     /// Shared by every check-and-copy, exclusive while events are read and applied.
     events: RwLock<()>,
     slots: Mutex<Vec<Slot>>,
-    /// Set once every uffd arrived (slots hold them all).
-    taken: AtomicBool,
     /// CRIU said "restore finished": the fill may start.
     finished: tokio::sync::Notify,
     finished_flag: AtomicBool,
@@ -136,7 +134,6 @@ impl LazyDaemon {
         let shared = Arc::new(Shared {
             events: RwLock::new(()),
             slots: Mutex::new(Vec::new()),
-            taken: AtomicBool::new(false),
             finished: tokio::sync::Notify::new(),
             finished_flag: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -314,7 +311,6 @@ fn event_thread(
             });
         }
     }
-    shared.taken.store(true, Ordering::SeqCst);
     let mut finished = false;
     while go_on() {
         let open = close_complete(shared);
@@ -516,14 +512,15 @@ fn claim(shared: &Shared, id: u64) -> Option<(usize, Piece, Arc<str>)> {
     })
 }
 
+/// Whether every open task has all its pages. Workers only ask after "restore
+/// finished", when every uffd has long arrived (CRIU sends them before it restores).
 fn nothing_missing(shared: &Shared) -> bool {
-    shared.taken.load(Ordering::SeqCst)
-        && shared
-            .slots
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|s| s.uffd.is_none() || s.missing.is_empty())
+    shared
+        .slots
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.uffd.is_none() || s.missing.is_empty())
 }
 
 /// Copies the piece claimed as `id` at `vaddr` (zeros when `bytes` is None), if it is
@@ -592,11 +589,12 @@ async fn serve_fault(shared: &Shared, slot: usize, addr: u64) -> Result<()> {
             }
             (s.missing.piece_at(addr), s.missing.pages_file.clone())
         };
-        let bytes = match piece.map(|p| p.source) {
-            Some(Source::Chunk { chunk, skip }) => {
-                let len = piece.map_or(PAGE, |p| p.len);
-                Some(slice(shared, &shared.demand, chunk, skip, len, &file).await?)
-            }
+        let bytes = match piece {
+            Some(Piece {
+                len,
+                source: Source::Chunk { chunk, skip },
+                ..
+            }) => Some(slice(shared, &shared.demand, chunk, skip, len, &file).await?),
             _ => None,
         };
         match copy_fault(shared, slot, addr, piece, bytes.as_deref())? {
