@@ -121,6 +121,17 @@ lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   t2=$(now)
   result "${name}_first_answer_s" "$(el "$t0" "$t1")"
   result "${name}_all_present_s" "$(el "$t0" "$t2")"
+  # snapctl's own account: CRIU's restore, device memory in (the fill puts it first),
+  # the CUDA restore after it
+  python3 - "$OUT/rs-$name.json" "$name" >>"$OUT/summary.env" <<'PY' || true
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); n = sys.argv[2]
+l = r.get("lazy") or {}
+for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s", l.get("device_memory_seconds")),
+             ("cuda_restore_s", r.get("cuda_restore_seconds")), ("lazy_gb", round(l.get("lazy_bytes", 0) / 1e9, 2)),
+             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20)):
+    print(f"{n}_{k}={v}")
+PY
   kill_worker
 }
 trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT

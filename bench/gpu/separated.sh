@@ -17,10 +17,11 @@
 #                         default (`--spool auto`: dumped into /dev/shm, pushed after
 #                         release), and streamed (the restored worker checkpointed again
 #                         with `--spool off`)
-#   --lazy                transparent and separated (fresh service) again with
-#                         `pull-restore --lazy`: the first answer is asked while the pages
-#                         still arrive; also the time until every page is in (LAZY=0
-#                         leaves these out)
+#   --lazy                transparent (right after the first transparent restore) and
+#                         separated (fresh service) again with `pull-restore --lazy`:
+#                         the first answer is asked while the pages still arrive; also
+#                         the time until every page is in, and snapctl's account (device
+#                         memory in, CUDA restore) (LAZY=0 leaves these out)
 #   stream ceiling        (STREAM_CEILING=1, the default) the local image through
 #                         `criu restore --stream` fed by an ideal streamer
 #                         (bench/pipe/stream_ceiling.py) + CUDA restore: CRIU's
@@ -91,6 +92,11 @@ cp -p "$A.log" "$A.log.ck"
 say "pull-restore, transparent"
 timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
 
+if [ "${LAZY:-1}" = 1 ]; then
+  say "pull-restore --lazy, transparent"
+  lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
+fi
+
 if [ "${PLAIN_SPOOL:-0}" = 1 ]; then
   say "pull-restore, transparent; then checkpoint --cuda --spool /dev/shm/plain-spool (the freeze on small pages)"
   rm -f "$A/done0.json"; cp -p "$A.log.ck" "$A.log"; drop
@@ -158,11 +164,6 @@ if [ "${THP_AB:-0}" = 1 ]; then
   timed_restore transparent_memcache_thp "$A" "$A.log.ck" /dev/shm/cache-mem "hf/$PRESET:transparent"
   rm -rf /dev/shm/cache-mem
   echo "${THP:-$THP_WAS}" >"$THP_FILE"
-fi
-
-if [ "${LAZY:-1}" = 1 ]; then
-  say "pull-restore --lazy, transparent"
-  lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
 fi
 
 if [ "${SEPARATED:-1}" != 1 ]; then say "done (SEPARATED=0)"; cat "$OUT/summary.env"; exit 0; fi

@@ -78,13 +78,19 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.lazy
                 .as_ref()
                 .map(|l| format!(
-                    "\nlazy: running after {:.2}s; {} MiB of pages filled by {} workers and {} MiB on {} page faults, the last at {:.2}s",
+                    "\nlazy: running after {:.2}s; {} MiB of pages filled by {} workers and {} MiB on {} page faults, the last at {:.2}s{}",
                     r.restore_seconds,
                     l.bytes_filled >> 20,
                     l.fillers,
                     l.bytes_on_fault >> 20,
                     l.faults,
-                    l.all_present_seconds
+                    l.all_present_seconds,
+                    l.device_memory_seconds
+                        .map(|s| format!(
+                            "; device memory ({} MiB) first, in at {s:.2}s",
+                            l.device_memory_bytes >> 20
+                        ))
+                        .unwrap_or_default()
                 ))
                 .unwrap_or_default(),
             put_back_lines(&r.written_files)

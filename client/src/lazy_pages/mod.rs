@@ -35,9 +35,14 @@
 //! advances a counter), so under `--stream` their bytes must not be in the served
 //! `pages-<id>.img`: [`plan`] rewrites each pagemap with lazy entries `PE_LAZY` only
 //! (as `criu dump --lazy-pages` writes them) and names the byte ranges to leave out of
-//! the pages file. The same rewritten pagemap goes to the daemon. Entries holding
-//! device memory of a CUDA image are made eager (`PE_PRESENT` only): the CUDA restore
-//! copies all of it at once, and page faults of 4 KiB would be far slower.
+//! the pages file. The same rewritten pagemap goes to the daemon.
+//!
+//! Device memory of a CUDA image is lazy too, and *first*: NVIDIA's checkpoint keeps
+//! it in private anonymous mappings of the process, which the CUDA restore (after
+//! CRIU, by snapctl) reads all at once. Served through CRIU's pipe it went through
+//! one reader at ~1 GB/s; served on fault it went 4 KiB at a time (CRIU's own daemon:
+//! 13 s against 8.5 s eager). So the fill puts the device-memory pieces in before any
+//! other, from every worker, and the CUDA restore waits until they are all in.
 //!
 //! If a lazy page cannot be served (a chunk that does not verify, a registry gone),
 //! closing the descriptors would have the kernel hand the tree zero pages: the restore
@@ -75,6 +80,8 @@ pub struct LazyRun {
 pub struct LazyTask {
     pub pages_file: Arc<str>,
     pub runs: Vec<LazyRun>,
+    /// Address ranges of the runs the fill puts in first (device memory).
+    pub first: Vec<(u64, u64)>,
 }
 
 /// What a lazy restore serves differently.
@@ -88,6 +95,8 @@ pub struct LazyPlan {
     pub tasks: HashMap<u64, LazyTask>,
     /// Bytes the lazy-pages daemon puts in instead of the pipe.
     pub lazy_bytes: u64,
+    /// Of those, bytes of device memory (filled first).
+    pub first_bytes: u64,
     /// Bytes of zero pages in lazy runs left out of the pagemap: never served, the
     /// daemon maps a zero page where the tree touches one.
     pub zero_bytes_left_out: u64,
@@ -118,9 +127,9 @@ impl LazyPlan {
     }
 }
 
-/// Address ranges (at dump time) of each pages file's task that must stay eager
-/// (device memory).
-pub type Eager = HashMap<String, Vec<(u64, u64)>>;
+/// Address ranges (at dump time) of each pages file's task that the fill puts in
+/// first (device memory).
+pub type First = HashMap<String, Vec<(u64, u64)>>;
 
 /// Plans the lazy restore of an image whose files are `files`, given the bytes of its
 /// `pagemap-<pid>.img` files (`pagemaps`). Refuses, saying why, an image it cannot
@@ -128,7 +137,7 @@ pub type Eager = HashMap<String, Vec<(u64, u64)>>;
 pub fn plan(
     files: &HashMap<String, Vec<Extent>>,
     pagemaps: &HashMap<String, Bytes>,
-    eager: &Eager,
+    first: &First,
 ) -> Result<LazyPlan, String> {
     let mut out = LazyPlan::default();
     // A child's private memory may be restored copy-on-write from its parent's, where
@@ -142,8 +151,9 @@ pub fn plan(
         let Some(pid) = task_pagemap_pid(name) else {
             continue;
         };
-        let task = plan_task(name, image, files, eager, tasks == 1)?;
+        let task = plan_task(name, image, files, first, tasks == 1)?;
         out.lazy_bytes += task.runs.iter().map(|r| r.pages * PAGE).sum::<u64>();
+        out.first_bytes += task.first.iter().map(|(s, t)| t - s).sum::<u64>();
         out.zero_bytes_left_out += task.zero_bytes;
         out.left_out
             .insert(task.runs_file.to_string(), task.left_out);
@@ -153,6 +163,7 @@ pub fn plan(
             LazyTask {
                 pages_file: task.runs_file,
                 runs: task.runs,
+                first: task.first,
             },
         );
     }
@@ -171,6 +182,7 @@ struct TaskPlan {
     pagemap: Bytes,
     runs_file: Arc<str>,
     runs: Vec<LazyRun>,
+    first: Vec<(u64, u64)>,
     /// Byte ranges of the pages file CRIU's restore does not read (lazy entries).
     left_out: Vec<(u64, u64)>,
     zero_bytes: u64,
@@ -195,7 +207,7 @@ fn plan_task(
     name: &str,
     image: &[u8],
     files: &HashMap<String, Vec<Extent>>,
-    eager: &Eager,
+    first: &First,
     drop_zeros: bool,
 ) -> Result<TaskPlan, String> {
     let (magics, records) = entries(image).ok_or(format!("{name}: not a CRIU image"))?;
@@ -209,12 +221,12 @@ fn plan_task(
     } else {
         Vec::new()
     };
-    let eager = eager.get(&pages_file).map(Vec::as_slice).unwrap_or(&[]);
+    let device = first.get(&pages_file).map(Vec::as_slice).unwrap_or(&[]);
     let mut pagemap = BytesMut::new();
     pagemap.put_slice(magics);
     pagemap.put_u32_le(head_bytes.len() as u32);
     pagemap.put_slice(head_bytes);
-    let (mut runs, mut offset) = (Vec::new(), 0u64);
+    let (mut runs, mut first_runs, mut offset) = (Vec::new(), Vec::new(), 0u64);
     let (mut left_out, mut zero_bytes) = (Vec::new(), 0u64);
     for raw in &records[1..] {
         let mut e = PagemapEntry::decode(*raw).map_err(|e| format!("{name}: entry: {e}"))?;
@@ -232,8 +244,7 @@ fn plan_task(
         }
         let (start, end) = (offset, offset + len);
         offset = end;
-        let holds_eager = eager.iter().any(|&(s, t)| s < e.vaddr + len && e.vaddr < t);
-        if flags & PE_LAZY == 0 || holds_eager {
+        if flags & PE_LAZY == 0 {
             e.flags = Some(flags & !PE_LAZY);
             put_entry(&mut pagemap, &e, e.vaddr, pages);
             continue;
@@ -243,9 +254,15 @@ fn plan_task(
         e.flags = Some(PE_LAZY);
         let kept = crate::device_memory::new_ranges(&zeros, &[(start, end)]);
         zero_bytes += len - kept.iter().map(|(s, t)| t - s).sum::<u64>();
+        let is_device = device
+            .iter()
+            .any(|&(s, t)| s < e.vaddr + len && e.vaddr < t);
         for (s, t) in kept {
             let (vaddr, pages) = (e.vaddr + (s - start), (t - s) / PAGE);
             put_entry(&mut pagemap, &e, vaddr, pages);
+            if is_device {
+                first_runs.push((vaddr, vaddr + pages * PAGE));
+            }
             runs.push(LazyRun {
                 vaddr,
                 pages,
@@ -259,10 +276,12 @@ fn plan_task(
         ));
     }
     runs.sort_by_key(|r| r.vaddr);
+    first_runs.sort_unstable();
     Ok(TaskPlan {
         pagemap: pagemap.freeze(),
         runs_file: pages_file.into(),
         runs,
+        first: first_runs,
         left_out,
         zero_bytes,
     })
@@ -288,7 +307,8 @@ mod tests {
 
     #[test]
     fn lazy_entries_lose_present_and_their_bytes_leave_the_stream() {
-        // Three entries: 2 pages eager (stack), 4 lazy, 3 lazy holding device memory.
+        // Three entries: 2 pages eager (stack), 4 lazy, 3 lazy holding device memory
+        // (lazy too, and first).
         let pm = pagemap(
             1,
             &[
@@ -304,31 +324,43 @@ mod tests {
                 len: 9 * PAGE,
             }],
         )]);
-        let eager = HashMap::from([(
+        let device = HashMap::from([(
             "pages-1.img".to_string(),
             vec![(0x2000_0000 + PAGE, 0x2000_0000 + PAGE + 1)],
         )]);
         let plan = plan(
             &files,
             &HashMap::from([("pagemap-42.img".to_string(), pm)]),
-            &eager,
+            &device,
         )
         .unwrap();
         assert_eq!(
             flags_of(&plan.pagemaps["pagemap-42.img"]),
-            vec![PE_PRESENT, PE_LAZY, PE_PRESENT]
+            vec![PE_PRESENT, PE_LAZY, PE_LAZY]
         );
-        assert_eq!(plan.left_out["pages-1.img"], vec![(2 * PAGE, 6 * PAGE)]);
-        assert_eq!(plan.lazy_bytes, 4 * PAGE);
-        // The device-memory entry is not a lazy run.
         assert_eq!(
-            plan.tasks[&42].runs,
-            vec![LazyRun {
-                vaddr: 0x1000_0000,
-                pages: 4,
-                offset: 2 * PAGE
-            }]
+            plan.left_out["pages-1.img"],
+            vec![(2 * PAGE, 6 * PAGE), (6 * PAGE, 9 * PAGE)]
         );
+        assert_eq!((plan.lazy_bytes, plan.first_bytes), (7 * PAGE, 3 * PAGE));
+        let task = &plan.tasks[&42];
+        assert_eq!(
+            task.runs,
+            vec![
+                LazyRun {
+                    vaddr: 0x1000_0000,
+                    pages: 4,
+                    offset: 2 * PAGE
+                },
+                LazyRun {
+                    vaddr: 0x2000_0000,
+                    pages: 3,
+                    offset: 6 * PAGE
+                }
+            ]
+        );
+        // The whole device-memory entry is filled first.
+        assert_eq!(task.first, vec![(0x2000_0000, 0x2000_0000 + 3 * PAGE)]);
     }
 
     #[test]

@@ -283,6 +283,11 @@ async fn restore(
         return Err(e);
     }
     at.reached(outcome::Phase::CudaRestore, None);
+    // Under --lazy the CUDA restore reads device memory the fill is putting in.
+    let lazy = match lazy {
+        Some(l) if !plan.cuda_pids.is_empty() => Some(l.device_memory_in(started).await?),
+        l => l,
+    };
     let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
@@ -290,7 +295,7 @@ async fn restore(
     // The tree runs (and answers) from here; with --lazy its last pages come now.
     at.reached(outcome::Phase::LazyPages, None);
     let lazy = match lazy {
-        Some(l) => Some(l.daemon.finish(l.plan.lazy_bytes, started).await?),
+        Some(l) => Some(l.daemon.finish(&l.plan, started).await?),
         None => None,
     };
     for a in ahead {

@@ -11,7 +11,8 @@
 //!                     (Demand priority), copied whole; a page not missing gets the
 //!                     zero page (never dumped, or dropped since)
 //! fillers (≥ 16)      after "restore finished": claim the lowest unclaimed piece,
-//!                     fetch its chunk (verified), copy it in; until nothing is missing
+//!                     device memory's before the rest, fetch its chunk (verified),
+//!                     copy it in; until nothing is missing
 //! ```
 //!
 //! **Copies against events.** A task that drops memory (`madvise`, `munmap`) goes on
@@ -44,6 +45,7 @@ use super::{LazyReport, Tree};
 use crate::error::{ClientError, Result};
 use crate::fetch::{Chunks, Priority};
 use crate::lazy_pages::missing::{Missing, Piece, Source};
+use crate::lazy_pages::LazyPlan;
 use crate::lazy_pages::{socket, PAGE};
 use crate::progress::Progress;
 use crate::uffd::{self, Event};
@@ -65,6 +67,7 @@ pub(in crate::restore) struct LazyDaemon {
     work: JoinHandle<Result<()>>,
     pids: Vec<u64>,
     fillers: usize,
+    device_memory_seconds: Option<f64>,
 }
 
 /// One task's uffd and what it misses; closed (None) once it misses nothing.
@@ -95,6 +98,7 @@ struct Shared {
     stop: AtomicBool,
     next_claim: AtomicU64,
     fill: Chunks,
+    fill_first: Chunks,
     demand: Chunks,
     kept: Mutex<VecDeque<(Digest, Bytes)>>,
     counters: Counters,
@@ -139,6 +143,7 @@ impl LazyDaemon {
             stop: AtomicBool::new(false),
             next_claim: AtomicU64::new(1),
             fill: chunks.at(Priority::ReadAhead),
+            fill_first: chunks.at(Priority::DeviceMemory),
             demand: chunks.at(Priority::Demand),
             kept: Mutex::default(),
             counters: Counters::default(),
@@ -180,7 +185,29 @@ impl LazyDaemon {
             work,
             pids,
             fillers,
+            device_memory_seconds: None,
         })
+    }
+
+    /// Waits until nothing the fill puts in first (device memory) is missing; false if
+    /// the daemon stopped before (`finish` says why). Notes when it was.
+    pub async fn first_in(&mut self, started: Instant) -> bool {
+        let deadline = Instant::now() + CRIU_WAIT;
+        // Bounded by the deadline; the fill ends (or stops) long before.
+        while Instant::now() < deadline {
+            // Every uffd has arrived once CRIU said "restore finished".
+            let finished = self.shared.finished_flag.load(Ordering::SeqCst);
+            if finished && !self.shared.stop.load(Ordering::SeqCst) && !first_missing(&self.shared)
+            {
+                self.device_memory_seconds = Some(started.elapsed().as_secs_f64());
+                return true;
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
     }
 
     /// CRIU's restore failed: nothing is coming.
@@ -194,7 +221,7 @@ impl LazyDaemon {
 
     /// Waits until every lazy page is in the tree. If the pages cannot all come back,
     /// kills the tree (it would read zeros) and fails.
-    pub async fn finish(mut self, lazy_bytes: u64, started: Instant) -> Result<LazyReport> {
+    pub async fn finish(mut self, plan: &LazyPlan, started: Instant) -> Result<LazyReport> {
         let work = match (&mut self.work).await {
             Ok(r) => r,
             Err(e) => Err(ClientError::io(
@@ -225,7 +252,9 @@ impl LazyDaemon {
         let c = &self.shared.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Ok(LazyReport {
-            lazy_bytes,
+            lazy_bytes: plan.lazy_bytes,
+            device_memory_bytes: plan.first_bytes,
+            device_memory_seconds: self.device_memory_seconds,
             bytes_filled: n(&c.bytes_filled),
             bytes_on_fault: n(&c.bytes_on_fault),
             faults: n(&c.faults),
@@ -473,7 +502,7 @@ enum Copied {
 async fn fill_worker(shared: &Shared) -> Result<()> {
     while !shared.stop.load(Ordering::SeqCst) {
         let id = shared.next_claim.fetch_add(1, Ordering::Relaxed);
-        let Some((slot, piece, file)) = claim(shared, id) else {
+        let Some((slot, piece, file, first)) = claim(shared, id) else {
             if nothing_missing(shared) {
                 return Ok(());
             }
@@ -483,7 +512,12 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
         };
         let bytes = match piece.source {
             Source::Chunk { chunk, skip } => {
-                Some(slice(shared, &shared.fill, chunk, skip, piece.len, &file).await?)
+                let at = if first {
+                    &shared.fill_first
+                } else {
+                    &shared.fill
+                };
+                Some(slice(shared, at, chunk, skip, piece.len, &file).await?)
             }
             Source::Zero => None,
         };
@@ -502,14 +536,35 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// The lowest unclaimed piece of the first open task that has one.
-fn claim(shared: &Shared, id: u64) -> Option<(usize, Piece, Arc<str>)> {
+/// The lowest unclaimed piece of the first open task that has one, device memory
+/// of any task first; whether it was device memory.
+fn claim(shared: &Shared, id: u64) -> Option<(usize, Piece, Arc<str>, bool)> {
     let mut slots = shared.slots.lock().unwrap();
-    slots.iter_mut().enumerate().find_map(|(i, s)| {
-        s.uffd.as_ref()?;
-        let p = s.missing.claim(id)?;
-        Some((i, p, s.missing.pages_file.clone()))
-    })
+    for first in [true, false] {
+        let found = slots.iter_mut().enumerate().find_map(|(i, s)| {
+            s.uffd.as_ref()?;
+            let p = if first {
+                s.missing.claim_first(id)
+            } else {
+                s.missing.claim(id)
+            }?;
+            Some((i, p, s.missing.pages_file.clone(), first))
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// Whether any open task still misses device memory.
+fn first_missing(shared: &Shared) -> bool {
+    shared
+        .slots
+        .lock()
+        .unwrap()
+        .iter_mut()
+        .any(|s| s.uffd.is_some() && s.missing.first_missing())
 }
 
 /// Whether every open task has all its pages. Workers only ask after "restore

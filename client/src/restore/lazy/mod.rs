@@ -10,7 +10,8 @@
 //!         each task's userfaultfd reaches the daemon, which serves faults from here
 //!      ─▶ "restore finished": the tree resumes          ◀── first answer possible here
 //!      ─▶ the fill: many workers copy every missing piece in, from verified chunks
-//!         (through the restore's scheduler), while faults jump the queue
+//!         (through the restore's scheduler), device memory first, while faults jump
+//!         the queue; a CUDA image's CUDA restore starts once its device memory is in
 //!      ─▶ each task's userfaultfd closed once it has every page ◀── all pages present
 //! ```
 //!
@@ -46,6 +47,11 @@ const SMALL_FILES_AT_ONCE: usize = 16;
 pub struct LazyReport {
     /// Bytes of pages left to the daemon instead of CRIU's pipe.
     pub lazy_bytes: u64,
+    /// Of those, device memory of a CUDA image: filled first.
+    pub device_memory_bytes: u64,
+    /// From the command's start until the device memory was in (the CUDA restore
+    /// waited for it); none without device memory.
+    pub device_memory_seconds: Option<f64>,
     /// Bytes copied into the tree: by the fill, and for the tree's page faults.
     pub bytes_filled: u64,
     pub bytes_on_fault: u64,
@@ -68,6 +74,23 @@ pub struct LazyReport {
 pub(super) struct Lazy {
     pub plan: LazyPlan,
     pub daemon: LazyDaemon,
+}
+
+impl Lazy {
+    /// Before the CUDA restore, which reads the device memory all at once: waits
+    /// until the fill has put every device-memory piece in. If the daemon failed
+    /// meanwhile, its error (the tree killed).
+    pub async fn device_memory_in(mut self, started: std::time::Instant) -> Result<Lazy> {
+        if self.daemon.first_in(started).await {
+            return Ok(self);
+        }
+        match self.daemon.finish(&self.plan, started).await {
+            Err(e) => Err(e),
+            Ok(_) => Err(ClientError::Criu(
+                "lazy restore: the device memory did not come back; restore again, or without --lazy".into(),
+            )),
+        }
+    }
 }
 
 /// What the daemon serves: each task's missing pieces by its pid in the image, and
@@ -133,11 +156,11 @@ async fn prepare(
     .buffer_unordered(SMALL_FILES_AT_ONCE)
     .try_collect()
     .await?;
-    let (mut pagemaps, mut eager) = (HashMap::new(), lazy_pages::Eager::new());
+    let (mut pagemaps, mut device) = (HashMap::new(), lazy_pages::First::new());
     let (mut vmas, mut tasks) = (HashMap::new(), 0);
     for (name, bytes) in small {
         if lazy_pages::task_pagemap_pid(&name).is_some() {
-            device_memory_addresses(plan, &bytes, &mut eager);
+            device_memory_addresses(plan, &bytes, &mut device);
             let served = zero_plan.pagemaps.get(&name).cloned().unwrap_or(bytes);
             pagemaps.insert(name, served);
         } else if let Some(pid) = mm_pid(&name) {
@@ -151,7 +174,7 @@ async fn prepare(
             "this snapshot cannot be restored lazily: {why}; restore without --lazy"
         ))
     };
-    let lazy = lazy_pages::plan(&plan.files, &pagemaps, &eager).map_err(unfit)?;
+    let lazy = lazy_pages::plan(&plan.files, &pagemaps, &device).map_err(unfit)?;
     if tasks == 0 {
         return Err(unfit("its pstree.img lists no task".into()));
     }
@@ -189,9 +212,9 @@ fn vmas_of(name: &str, image: &[u8]) -> Result<Vec<(u64, u64)>> {
 }
 
 /// The device memory of a CUDA image in the task whose original pagemap is
-/// `pagemap`, as dump-time addresses by pages file: served eagerly. (Addresses, not
+/// `pagemap`, as dump-time addresses by pages file: filled first. (Addresses, not
 /// file offsets: the zero-page plan may have cut the pages file since.)
-fn device_memory_addresses(plan: &Plan, pagemap: &[u8], eager: &mut lazy_pages::Eager) {
+fn device_memory_addresses(plan: &Plan, pagemap: &[u8], device: &mut lazy_pages::First) {
     let Some((pages_id, runs)) = zero_pages::page_runs(pagemap) else {
         return;
     };
@@ -206,7 +229,7 @@ fn device_memory_addresses(plan: &Plan, pagemap: &[u8], eager: &mut lazy_pages::
         for &(vaddr, len, off) in &runs {
             let (a, b) = (s.max(off), t.min(off + len));
             if a < b {
-                eager
+                device
                     .entry(file.clone())
                     .or_default()
                     .push((vaddr + (a - off), vaddr + (b - off)));
