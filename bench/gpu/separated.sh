@@ -21,7 +21,9 @@
 #                         separated (fresh service) again with `pull-restore --lazy`:
 #                         the first answer is asked while the pages still arrive; also
 #                         the time until every page is in, and snapctl's account (device
-#                         memory in, CUDA restore) (LAZY=0 leaves these out)
+#                         memory in, CUDA restore); the transparent one twice, the
+#                         second from the node cache the first filled (LAZY=0 leaves
+#                         these out)
 #   stream ceiling        (STREAM_CEILING=1, the default) the local image through
 #                         `criu restore --stream` fed by an ideal streamer
 #                         (bench/pipe/stream_ceiling.py) + CUDA restore: CRIU's
@@ -95,6 +97,8 @@ timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
 if [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, transparent"
   lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
+  say "pull-restore --lazy, transparent, warm node cache (the lazy restore's): the fill without the registry"
+  lazy_restore transparent_lazy_warm "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
 fi
 
 if [ "${PLAIN_SPOOL:-0}" = 1 ]; then

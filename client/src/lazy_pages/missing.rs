@@ -70,8 +70,9 @@ pub struct Missing {
     /// `mremap` moves out of one lose the priority, not their bytes.)
     first: Vec<(u64, u64)>,
     /// Every first range before this index misses nothing. A device-memory image has
-    /// ~10^4 ranges: each claim looking at all of them took 1-2 ms under the daemon's
-    /// lock, a fill of 0.17 GB/s on the H200 (bench/RESULTS.md).
+    /// ~10^4 ranges: with every claim looking at all of them (under the daemon's lock)
+    /// device memory went in at 0.17 GB/s on the H200, against 0.9-1.2 GB/s since
+    /// (bench/RESULTS.md).
     first_from: usize,
 }
 

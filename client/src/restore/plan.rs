@@ -59,10 +59,11 @@ impl Plan {
             crate::weights::resume_list(manifest.annotations.get(annotations::WEIGHTS_RESUME));
         let mut warnings = warnings;
         if opts.lazy && !cuda_pids.is_empty() {
-            // Measured on an H200 (bench/RESULTS.md) when CRIU's own daemon served the
-            // pages: correct, but slower to answer. snapctl's daemon is untried there.
+            // Measured on an H200 (bench/RESULTS.md, 2026-12-05): device memory is lazy
+            // and filled first, and the CUDA restore waits for it, so a CUDA worker
+            // cannot answer before it is back.
             warnings.push(format!(
-                "--lazy on a CUDA snapshot: the CUDA restore touched thousands of pages one fault at a time, which made the first answer slower, not faster (13 s against 8.5 s on the GPU stand-in, with CRIU's own lazy-pages daemon; snapctl's has not been measured on a GPU yet); restore {reference} without --lazy"
+                "--lazy on a CUDA snapshot: the worker answers only once its device memory is back, so --lazy gains little (first answer 0.93-0.98x of an eager pull-restore in transparent mode on an H200) and loses with a weights service (1.03-1.11x); restore {reference} without --lazy in separated mode"
             ));
         }
         Ok(Plan {
