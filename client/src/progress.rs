@@ -116,6 +116,13 @@ impl Progress {
         }
     }
 
+    /// `n` bytes of an image are in place without passing the counted fetches (a lazy
+    /// restore's fill, zero pages never sent): on the bar and in `bytes_total`.
+    pub fn placed(&self, n: u64) {
+        self.advance(n);
+        self.counters.bytes_total.fetch_add(n, Relaxed);
+    }
+
     pub fn message(&self, m: impl Into<String>) {
         if let Some(o) = &self.observer {
             o.working_on(&m.into());

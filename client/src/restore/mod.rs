@@ -241,11 +241,7 @@ async fn restore(
         (criu_restore, chunks, None, zero_plan)
     };
     let lazy_zero_bytes = lazy.as_ref().map_or(0, |l| l.plan.zero_bytes_left_out);
-    progress.advance(lazy_zero_bytes);
-    progress
-        .counters
-        .bytes_total
-        .fetch_add(lazy_zero_bytes, std::sync::atomic::Ordering::Relaxed);
+    progress.placed(lazy_zero_bytes);
     // Under --lazy the daemon's fill fetches the lazy chunks itself: read ahead the rest.
     let lazy_only = lazy
         .as_ref()

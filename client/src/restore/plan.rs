@@ -172,11 +172,7 @@ impl Plan {
                 bytes = plan.bytes_left_out,
                 "zero pages left out of the pagemap"
             );
-            progress.advance(plan.bytes_left_out);
-            progress
-                .counters
-                .bytes_total
-                .fetch_add(plan.bytes_left_out, Relaxed);
+            progress.placed(plan.bytes_left_out);
         }
         Ok(plan)
     }

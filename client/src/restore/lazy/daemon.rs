@@ -116,11 +116,7 @@ impl Shared {
 
     /// `n` more bytes of the image are in the tree.
     fn copied(&self, n: u64) {
-        self.progress.advance(n);
-        self.progress
-            .counters
-            .bytes_total
-            .fetch_add(n, Ordering::Relaxed);
+        self.progress.placed(n);
     }
 }
 
