@@ -122,14 +122,17 @@ lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   result "${name}_first_answer_s" "$(el "$t0" "$t1")"
   result "${name}_all_present_s" "$(el "$t0" "$t2")"
   # snapctl's own account: CRIU's restore, device memory in (the fill puts it first),
-  # the CUDA restore after it
+  # the CUDA restore after it; when the fill began, and its workers' seconds waiting
+  # for chunks and copying them in
   python3 - "$OUT/rs-$name.json" "$name" >>"$OUT/summary.env" <<'PY' || true
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); n = sys.argv[2]
 l = r.get("lazy") or {}
 for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s", l.get("device_memory_seconds")),
              ("cuda_restore_s", r.get("cuda_restore_seconds")), ("lazy_gb", round(l.get("lazy_bytes", 0) / 1e9, 2)),
-             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20)):
+             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
+             ("fill_started_s", l.get("fill_started_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
+             ("fill_copy_worker_s", l.get("fill_copy_seconds"))):
     print(f"{n}_{k}={v}")
 PY
   kill_worker

@@ -34,7 +34,8 @@
 #   registry in memory    (REG_MEM=1) after the first transparent restore the registry
 #                         moves into /dev/shm (registry_into_memory) and the transparent
 #                         pull-restore runs again into an empty node cache: the same
-#                         footing as the local baseline, whose image is in /dev/shm
+#                         footing as the local baseline, whose image is in /dev/shm;
+#                         with LAZY=1 the lazy one too
 #   node cache in memory  (MEM_CACHE=1) the warm transparent restore again from a copy of
 #                         its node cache in /dev/shm
 #   THP A/B               (THP_AB=1) the local restore and the in-memory node cache restore
@@ -121,6 +122,11 @@ if [ "${REG_MEM:-0}" = 1 ]; then
   registry_into_memory
   timed_restore transparent_regmem "$A" "$A.log.ck" "$W/cache-rm" "hf/$PRESET:transparent"
   rm -rf "$W/cache-rm"
+  if [ "${LAZY:-1}" = 1 ]; then
+    say "pull-restore --lazy, transparent, registry in memory, empty node cache"
+    lazy_restore transparent_lazy_regmem "$A" "$A.log.ck" "$W/cache-lrm" "hf/$PRESET:transparent"
+    rm -rf "$W/cache-lrm"
+  fi
 fi
 
 say "local criu restore + CUDA restore (baseline)"

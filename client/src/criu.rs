@@ -107,6 +107,26 @@ mod tests {
     }
 }
 
+/// `criu <args>` with snapctl as its action script, answering on `action_socket`
+/// ([`crate::action`]); stdin and stdout null, stderr piped for the error.
+pub fn with_action_script(
+    criu: &Criu,
+    args: &[String],
+    action_socket: &Path,
+) -> Result<tokio::process::Command> {
+    let self_exe =
+        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
+    let mut cmd = tokio::process::Command::new(&criu.path);
+    cmd.args(args)
+        .arg("--action-script")
+        .arg(&self_exe)
+        .env(crate::action::ENV_SOCKET, action_socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    Ok(cmd)
+}
+
 /// Starts `criu <args> --stream` with snapctl as its action script (answering on
 /// `action_socket`) and waits for its one connection to the streamer `listener`.
 /// If CRIU exits first, the error carries its stderr and log tail.
@@ -117,17 +137,8 @@ pub async fn start_streaming(
     action_socket: &Path,
     log: &Path,
 ) -> Result<(tokio::process::Child, std::os::unix::net::UnixStream)> {
-    let self_exe =
-        std::env::current_exe().map_err(|e| ClientError::io("finding snapctl's own path", e))?;
-    let mut child = tokio::process::Command::new(&criu.path)
-        .args(args)
+    let mut child = with_action_script(criu, args, action_socket)?
         .arg("--stream")
-        .arg("--action-script")
-        .arg(&self_exe)
-        .env(crate::action::ENV_SOCKET, action_socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     match crate::criu_stream::accept_from(listener, &mut child).await {

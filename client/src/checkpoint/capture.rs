@@ -12,7 +12,7 @@ use snapreg_proto::manifest::{Extent, File, Layer, LayerKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::plan::{build_manifest, dump_args};
+use super::plan::{build_manifest, dump_args, OpenFiles};
 use super::{layer_bytes, DumpJob, Dumped};
 use crate::action::ActionServer;
 use crate::chunker::ChunkerConfig;
@@ -322,15 +322,22 @@ async fn commit(
     }
     layers.insert(0, layer);
     // The tasks are frozen: the files they hold open now are those CRIU reopens, as
-    // it recorded them (a file opened since the listing before the dump included).
+    // it recorded them.
+    let open = OpenFiles::of_frozen_tree(&job.facts, job.opts.pid);
     let written = written_files::capture(
         &captured.uploader,
-        &written_files::written(&job.facts.pids),
+        &open.written,
         &job.opts.capture_files,
         None,
     )
     .await?;
-    let mut manifest = build_manifest(&captured.uploader, layers.clone(), job.opts, &job.facts);
+    let mut manifest = build_manifest(
+        &captured.uploader,
+        layers.clone(),
+        job.opts,
+        &job.facts,
+        &open,
+    );
     written.record(&mut manifest);
     manifest.device_memory = crate::device_memory::manifest_segments(
         &job.facts.device_ranges,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use snapreg_proto::manifest::{annotations, Layer, Manifest};
+use snapreg_proto::manifest::{annotations, ExternalFile, Layer, Manifest};
 
 use super::{CheckpointOptions, Spool};
 use crate::cuda::Checkpointed;
@@ -12,6 +12,7 @@ use crate::error::{ClientError, Result};
 use crate::process;
 use crate::push::Uploader;
 use crate::weights::WeightsPlan;
+use crate::written_files::WrittenFile;
 
 /// CRIU options that a restore must repeat when they were given to the dump.
 const SYMMETRIC_OPTIONS: &[&str] = &[
@@ -43,18 +44,15 @@ pub(super) fn check_tree(
     }
 }
 
-/// What the manifest records about the dumped tree besides its images.
+/// What the manifest records about the dumped tree besides its images and its open
+/// files ([`OpenFiles`]), known before CRIU starts.
 pub(super) struct TreeFacts {
-    pub external: Vec<snapreg_proto::manifest::ExternalFile>,
     pub cuda_pids: Vec<u32>,
     pub gpu: Option<snapreg_proto::compat::GpuRecord>,
     /// Separated mode: the buffers the tree released, uploaded as the weights layer.
     pub weights: Option<Arc<WeightsPlan>>,
     /// Address ranges the CUDA checkpoint added, per PID (device memory in host pages).
     pub device_ranges: std::collections::HashMap<u32, Vec<(u64, u64)>>,
-    /// Files the tree held open for writing before the dump (a spooled dump reads
-    /// these; a streamed one looks again at post-dump, with the tasks frozen).
-    pub written: Vec<crate::written_files::WrittenFile>,
     pub pids: Vec<u32>,
 }
 
@@ -65,13 +63,33 @@ impl TreeFacts {
         weights: Option<Arc<WeightsPlan>>,
     ) -> Self {
         TreeFacts {
-            external: process::external_files(pids),
             cuda_pids: cuda.map(|g| g.pids.clone()).unwrap_or_default(),
             gpu: crate::cuda::host_gpu(),
             weights,
             device_ranges: cuda.map(|g| g.device_ranges.clone()).unwrap_or_default(),
-            written: crate::written_files::written(pids),
             pids: pids.to_vec(),
+        }
+    }
+}
+
+/// The regular files the tree holds open or mapped, which CRIU reopens by path, and
+/// those of them it writes: listed at CRIU's post-dump, while the tasks are frozen.
+/// Listed any earlier, a file the tree opens and renames or removes (a state file
+/// rewritten through `NAME.tmp`) can be open in the list and gone from the image, and
+/// the restore then refuses the missing file.
+pub(super) struct OpenFiles {
+    pub external: Vec<ExternalFile>,
+    pub written: Vec<WrittenFile>,
+}
+
+impl OpenFiles {
+    /// Call only while CRIU holds the tree frozen. The tree is walked again from its
+    /// root: a child forked before the freeze is in the image too.
+    pub fn of_frozen_tree(facts: &TreeFacts, root: u32) -> Self {
+        let pids = process::tree(root).unwrap_or_else(|_| facts.pids.clone());
+        OpenFiles {
+            external: process::external_files(&pids),
+            written: crate::written_files::written(&pids),
         }
     }
 }
@@ -126,11 +144,12 @@ pub(super) fn build_manifest(
     layers: Vec<Layer>,
     opts: &CheckpointOptions,
     facts: &TreeFacts,
+    open: &OpenFiles,
 ) -> Manifest {
     let mut m = uploader.new_manifest(layers, true);
     if let Some(c) = m.criu.as_mut() {
         c.restore_options = restore_options(opts);
-        c.external_files = facts.external.clone();
+        c.external_files = open.external.clone();
     }
     m.annotations
         .insert(annotations::ROOT_PID.into(), opts.pid.to_string());

@@ -1,16 +1,18 @@
 //! `--spool DIR` (or `auto`, a directory in memory: route.rs): CRIU dumps to a local
 //! directory first (the tasks are released at CRIU's speed), then the images are
 //! pushed; they stay in DIR if the push fails. A failed dump leaves only CRIU's log.
+//! snapctl is CRIU's action script here too, but only to list the files the frozen
+//! tree holds open at post-dump (the push comes after the tasks are gone).
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Instant;
 
 use snapreg_proto::manifest::{Extent, File, Layer, LayerKind};
 
-use super::plan::{build_manifest, dump_args};
+use super::plan::{build_manifest, dump_args, OpenFiles};
 use super::{DumpJob, Dumped};
+use crate::action::ActionServer;
 use crate::chunker::ChunkerConfig;
 use crate::criu;
 use crate::error::{ClientError, Result};
@@ -20,21 +22,13 @@ use crate::written_files;
 pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Dumped> {
     let DumpJob {
         remote,
-        criu,
         reference,
         opts,
         ..
     } = *job;
     let dir = crate::work_dir::create_in(spool, &format!("ck-{}", opts.pid))?;
     let t = Instant::now();
-    let status = tokio::process::Command::new(&criu.path)
-        .args(dump_args(opts, &dir))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
+    let (status, open) = dump_listing_open_files(job, &dir).await?;
     let dump_seconds = t.elapsed().as_secs_f64();
     if !status.status.success() {
         // CRIU resumed the tasks: a partial image is of no use, and in memory it
@@ -46,6 +40,12 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
             &String::from_utf8_lossy(&status.stderr),
         ));
     }
+    let open = open.ok_or_else(|| {
+        let e = ClientError::Criu(
+            "CRIU dumped without running its post-dump action, so the files the tree holds open were not listed".into(),
+        );
+        kept_note(e, &dir)
+    })?;
     // The tasks are released; the push can take its time.
     let uploader = Uploader::begin(
         remote,
@@ -91,15 +91,11 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
     let kept_running = opts
         .leave_running
         .then_some("the tree kept running after a spooled dump, writing past the freeze");
-    let written = written_files::capture(
-        &uploader,
-        &job.facts.written,
-        &opts.capture_files,
-        kept_running,
-    )
-    .await
-    .map_err(|e| kept_note(e, &dir))?;
-    let mut manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts);
+    let written =
+        written_files::capture(&uploader, &open.written, &opts.capture_files, kept_running)
+            .await
+            .map_err(|e| kept_note(e, &dir))?;
+    let mut manifest = build_manifest(&uploader, vec![layer.clone()], opts, &job.facts, &open);
     written.record(&mut manifest);
     // Where the CUDA checkpoint put device memory in the pages files, as a streamed
     // dump records it: a restore fetches those chunks first.
@@ -124,6 +120,38 @@ pub(super) async fn dump_then_push(job: &DumpJob<'_>, spool: &Path) -> Result<Du
         weights_bytes: 0,
         written_files: written.report,
     })
+}
+
+/// `criu dump` into `dir` with snapctl as its action script: at post-dump, with the
+/// tasks frozen, the files they hold open are listed (none if CRIU failed before).
+async fn dump_listing_open_files(
+    job: &DumpJob<'_>,
+    dir: &Path,
+) -> Result<(std::process::Output, Option<OpenFiles>)> {
+    let socket = dir.join("action.sock");
+    let mut actions = ActionServer::bind(&socket)
+        .map_err(|e| ClientError::io(format!("binding {}", socket.display()), e))?;
+    let criu = job.criu;
+    let child = criu::with_action_script(criu, &dump_args(job.opts, dir), &socket)?
+        .spawn()
+        .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
+    let exit = child.wait_with_output();
+    tokio::pin!(exit);
+    let mut open = None;
+    // Bounded by CRIU's exit: it runs post-dump once, then kills the tasks and exits.
+    let status = loop {
+        tokio::select! {
+            out = &mut exit => break out.map_err(|e| ClientError::io("waiting for CRIU", e))?,
+            Some(req) = actions.next() => {
+                if req.action == "post-dump" {
+                    open = Some(OpenFiles::of_frozen_tree(&job.facts, job.opts.pid));
+                }
+                req.answer(Ok(())).await;
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    Ok((status, open))
 }
 
 /// The `pagemap-*.img` files among `names`, by name.

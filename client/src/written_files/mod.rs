@@ -18,11 +18,13 @@
 //! absolute path less its leading `/`, with the mode CRIU checks on restore, chunked
 //! and deduplicated like every other layer.
 //!
-//! When the files are listed and read: while the tasks are frozen (CRIU's post-dump,
-//! before they are killed or resumed), so the list is what CRIU reopens (a file a task
-//! opened a moment before the freeze included) and each content is exactly the size
-//! CRIU recorded in its image. With `--spool`, from the list taken before the dump,
-//! after CRIU killed the tasks (the same bytes: nothing of the tree ran since).
+//! When the files are listed: while the tasks are frozen (CRIU's post-dump, before
+//! they are killed or resumed), streamed or spooled, so the list is what CRIU reopens:
+//! a file a task opened a moment before the freeze is in it, and one it closed and
+//! renamed then is not (listed before the dump, such a file made the restore refuse
+//! it as missing). When they are read: streamed, at post-dump too, so each content is
+//! exactly the size CRIU recorded in its image; spooled, after CRIU killed the tasks
+//! (the same bytes: nothing of the tree ran since).
 //! It is read through the process's own descriptor, so a file renamed since it was
 //! opened (a rotated log) is still the file the process writes.
 //!

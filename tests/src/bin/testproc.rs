@@ -2,9 +2,11 @@
 //! a counter, and reports both through files it opens and closes each time (so it
 //! holds no file CRIU would have to reopen).
 //!
-//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--pattern-mib T] [--huge-mib H]`
+//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--pattern-mib T] [--huge-mib H] [--cycle-files]`
 //!   DIR/state   "<counter> <pid>", rewritten every 20 ms (write + rename)
 //!   DIR/verify  written on SIGUSR1: "ok <counter>" when the pattern is intact, "bad <page>"
+//!   DIR/cycle/N.tmp  with --cycle-files: a new file every 20 ms, open for writing
+//!               18 ms, then closed and removed (a thread of its own)
 //! The pad (P MiB, pid-derived content) goes in before the pattern, so two runs hold
 //! the same data at different addresses and page-file offsets. Z MiB of touched
 //! zero pages stand in for a pre-allocated KV cache; H MiB of hugetlb memory is what
@@ -112,6 +114,24 @@ fn serve(out: &std::path::Path) {
     }
 }
 
+/// `hold --cycle-files`: every 20 ms a new file `cycle/N.tmp`, held open for writing
+/// 18 ms, then closed and removed. Whenever a checkpoint lists the files its tree
+/// holds open, the one open then is gone by a freeze 20 ms later.
+fn cycle_files(dir: &std::path::Path) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).expect("create the cycle directory");
+    for n in 0..u64::MAX {
+        let path = dir.join(format!("{n}.tmp"));
+        if let Ok(mut f) = std::fs::File::create(&path) {
+            let _ = writeln!(f, "{n}");
+            std::thread::sleep(Duration::from_millis(18));
+            drop(f);
+            let _ = std::fs::remove_file(&path);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The `log` mode: appends to a log it holds open, keeps a scratch file open too.
 fn log_worker(args: &[String]) {
     use std::io::Write;
@@ -216,6 +236,10 @@ fn main() {
     let mut zeros = vec![1u8; zero_mib << 20];
     zeros.iter_mut().for_each(|b| *b = 0);
 
+    if args.iter().any(|a| a == "--cycle-files") {
+        let dir = out.join("cycle");
+        std::thread::spawn(move || cycle_files(&dir));
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
     let mut counter: u64 = 0;

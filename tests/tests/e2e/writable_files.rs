@@ -569,3 +569,83 @@ fn a_restore_while_the_original_still_writes_moves_nothing_aside() {
     })
     .expect("the restored worker logs");
 }
+
+/// The highest N of the `cycle/N.tmp` files there now.
+fn last_cycle(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir.join("cycle"))
+        .ok()?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".tmp")?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
+/// A tree that opens a file for writing and removes it every 20 ms restores, spooled
+/// and streamed, twice each: the files it holds open are listed while CRIU holds it
+/// frozen. Listed before the dump (as they were until this test), the file open then
+/// was gone at the freeze, and the restore refused it as missing ("files the image
+/// reopens by path: …/cycle/N.tmp is missing") in most rounds.
+#[test]
+fn files_opened_and_removed_until_the_freeze_do_not_stop_the_restore() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let spool = t.path().join("spool");
+    for round in 0..4u64 {
+        let route = if round % 2 == 0 {
+            spool.to_str().unwrap()
+        } else {
+            "off"
+        };
+        let dir = t.path().join(format!("proc{round}"));
+        let mut p = TestProc::spawn(
+            &dir,
+            &[
+                "hold",
+                "--mib",
+                "16",
+                "--seed",
+                &(40 + round).to_string(),
+                "--cycle-files",
+            ],
+        );
+        p.wait_counter_above(5);
+        let pid = p.pid();
+        let tag = format!("t/cycle:r{round}");
+        let ck = snapctl(
+            &reg.url,
+            &[
+                "checkpoint",
+                "--pid",
+                &pid.to_string(),
+                "--spool",
+                route,
+                &tag,
+            ],
+        )
+        .ok()
+        .json();
+        let _ = p.child.wait();
+        let r = snapctl(&reg.url, &["pull-restore", "--detach", &tag]);
+        assert_eq!(
+            r.code, 0,
+            "round {round} (--spool {route}): {}\n{ck}",
+            r.stderr
+        );
+        let _restored = Restored(pid);
+        let at = p.counter();
+        p.wait_counter_above(at + 3);
+        assert!(p.verify(pid).starts_with("ok"), "round {round}");
+        // The restored file thread goes on too: a later file than any there now.
+        let last = last_cycle(&dir).unwrap_or(0);
+        wait_for(Duration::from_secs(10), || {
+            (last_cycle(&dir)? > last).then_some(())
+        })
+        .unwrap_or_else(|| panic!("round {round}: no new cycle file after {last}"));
+    }
+}

@@ -86,6 +86,8 @@ struct Counters {
     remaps: AtomicU64,
     removes: AtomicU64,
     unmaps: AtomicU64,
+    fetch_nanos: AtomicU64,
+    copy_nanos: AtomicU64,
 }
 
 struct Shared {
@@ -95,6 +97,8 @@ struct Shared {
     /// CRIU said "restore finished": the fill may start.
     finished: tokio::sync::Notify,
     finished_flag: AtomicBool,
+    /// When the fill began (after "restore finished").
+    fill_started: Mutex<Option<Instant>>,
     stop: AtomicBool,
     next_claim: AtomicU64,
     fill: Chunks,
@@ -136,6 +140,7 @@ impl LazyDaemon {
             slots: Mutex::new(Vec::new()),
             finished: tokio::sync::Notify::new(),
             finished_flag: AtomicBool::new(false),
+            fill_started: Mutex::new(None),
             stop: AtomicBool::new(false),
             next_claim: AtomicU64::new(1),
             fill: chunks.at(Priority::ReadAhead),
@@ -260,6 +265,14 @@ impl LazyDaemon {
             removes: n(&c.removes),
             unmaps: n(&c.unmaps),
             fillers: self.fillers,
+            fill_started_seconds: self
+                .shared
+                .fill_started
+                .lock()
+                .unwrap()
+                .map(|t| t.saturating_duration_since(started).as_secs_f64()),
+            fill_fetch_seconds: n(&c.fetch_nanos) as f64 / 1e9,
+            fill_copy_seconds: n(&c.copy_nanos) as f64 / 1e9,
             all_present_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -464,6 +477,7 @@ async fn serve(
         if !shared.finished_flag.load(Ordering::SeqCst) {
             wait.await;
         }
+        *shared.fill_started.lock().unwrap() = Some(Instant::now());
         let workers = (0..fillers).map(|_| {
             let shared = shared.clone();
             tokio::spawn(async move { shared.stop_on_error(fill_worker(&shared).await) })
@@ -506,6 +520,7 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         };
+        let fetching = Instant::now();
         let bytes = match piece.source {
             Source::Chunk { chunk, skip } => {
                 let at = if first {
@@ -517,8 +532,12 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
             }
             Source::Zero => None,
         };
+        add_nanos(&shared.counters.fetch_nanos, fetching.elapsed());
         for _ in 0..COPY_TRIES {
-            match copy_claimed(shared, slot, piece.vaddr, id, bytes.as_deref())? {
+            let copying = Instant::now();
+            let copied = copy_claimed(shared, slot, piece.vaddr, id, bytes.as_deref())?;
+            add_nanos(&shared.counters.copy_nanos, copying.elapsed());
+            match copied {
                 Copied::Done(n) => {
                     shared.counters.bytes_filled.fetch_add(n, Ordering::Relaxed);
                     shared.copied(n);
@@ -530,6 +549,10 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn add_nanos(counter: &AtomicU64, d: Duration) {
+    counter.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// The lowest unclaimed piece of the first open task that has one, device memory

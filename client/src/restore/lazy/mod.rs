@@ -66,6 +66,13 @@ pub struct LazyReport {
     pub unmaps: u64,
     /// Workers filling at once.
     pub fillers: usize,
+    /// From the command's start until CRIU said "restore finished" and the fill began.
+    pub fill_started_seconds: Option<f64>,
+    /// The fill's workers together: seconds waiting for chunks (the fetch stack:
+    /// node cache, registry, verification), and seconds copying them in. Which one
+    /// dominates says what limits the fill.
+    pub fill_fetch_seconds: f64,
+    pub fill_copy_seconds: f64,
     /// From the command's start until every lazy page was in the tree.
     pub all_present_seconds: f64,
 }
