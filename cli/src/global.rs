@@ -37,6 +37,12 @@ pub struct Global {
     #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT",
           value_parser = clap::builder::FalseyValueParser::new())]
     pub no_direct: bool,
+    /// Connections to each registry that chunk downloads take turns over (more can
+    /// help where one HTTP/2 connection is the limit: a fast registry, a long link).
+    #[arg(long, global = true, env = "SNAPCTL_CHUNK_CONNECTIONS",
+          default_value_t = snapreg_client::remote::DEFAULT_CHUNK_CONNECTIONS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub chunk_connections: u16,
     /// Access token for the registries (`snapreg token issue` prints one).
     #[arg(long, global = true, env = "SNAPCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -165,6 +171,7 @@ impl Global {
         let url = urls.first().ok_or(ClientError::NoRegistry)?;
         Ok(Remote::connect_with(url, &self.credentials()?)
             .await?
+            .with_chunk_connections(self.chunk_connections.into())
             .with_direct(!self.no_direct)
             .with_tenant_key(self.tenant_key()?))
     }
@@ -178,7 +185,11 @@ impl Global {
         let key = self.tenant_key()?;
         for url in self.registry_urls()? {
             match Remote::connect_with(url, &creds).await {
-                Ok(r) => out.push(r.with_direct(!self.no_direct).with_tenant_key(key.clone())),
+                Ok(r) => out.push(
+                    r.with_chunk_connections(self.chunk_connections.into())
+                        .with_direct(!self.no_direct)
+                        .with_tenant_key(key.clone()),
+                ),
                 Err(e) => {
                     eprintln!("snapctl: warning: skipping {url}: {e}{}", exit::advice(&e));
                     last = Some(e);

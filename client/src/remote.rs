@@ -3,6 +3,7 @@
 //! call; for `https://` URLs the CA to trust and, for mutual TLS, a client certificate).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,10 +78,27 @@ impl Credentials {
     }
 }
 
+type Client = RegistryClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connections a remote downloads chunks over by default (`with_chunk_connections`).
+/// One HTTP/2 connection carries every frame through one task and one flow-control
+/// window on each side. On the H200 host the lazy fill from a registry in memory
+/// waited on its fetches 96% of its workers' time, at 2.1 GB/s over one connection
+/// (bench/RESULTS.md, "`--lazy` from a registry in memory"). Whether more connections
+/// lift that is not measured yet (bench/gpu/connections.sh); on 2 cores 4 made no
+/// difference. So one stays the default until a measurement says otherwise.
+pub const DEFAULT_CHUNK_CONNECTIONS: usize = 1;
+
 #[derive(Clone)]
 pub struct Remote {
     url: String,
-    client: RegistryClient<InterceptedService<Channel, BearerToken>>,
+    client: Client,
+    /// Chunk downloads (GetChunks) take these in turn: `client` first, then further
+    /// connections to the same registry, opened at their first call.
+    chunk_clients: Arc<[Client]>,
+    next_chunk_client: Arc<AtomicUsize>,
+    /// How to open those connections; none over an in-process link.
+    endpoint: Option<(Endpoint, BearerToken)>,
     /// Whether chunk downloads may use the presigned URLs the registry offers
     /// (direct.rs); on unless `--no-direct`.
     direct: bool,
@@ -108,30 +126,54 @@ impl Remote {
     /// Connects now, so an unreachable registry (or a failed TLS handshake) fails
     /// here with its address.
     pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Self> {
-        let channel = connect_channel(url, creds, "registry", Duration::from_secs(5)).await?;
-        let client = RegistryClient::with_interceptor(channel, creds.token.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let endpoint = endpoint(url, creds, "registry", Duration::from_secs(5))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| connect_failed(url, error_chain(&e)))?;
+        let client = client(channel, creds.token.clone());
         Ok(Remote {
             url: url.to_string(),
             tls_without_identity: url.starts_with("https://") && !creds.client_identity,
+            chunk_clients: Arc::new([client.clone()]),
             client,
+            next_chunk_client: Arc::default(),
+            endpoint: Some((endpoint, creds.token.clone())),
             direct: true,
             tenant_key: None,
-        })
+        }
+        .with_chunk_connections(DEFAULT_CHUNK_CONNECTIONS))
+    }
+
+    /// Downloads chunks over `n` connections (at least one; the first is the one
+    /// every other call uses). The others open at their first call, so an
+    /// unreachable registry still fails at `connect_with`.
+    pub fn with_chunk_connections(mut self, n: usize) -> Self {
+        if let Some((endpoint, token)) = &self.endpoint {
+            let more = (1..n.max(1)).map(|_| client(endpoint.connect_lazy(), token.clone()));
+            self.chunk_clients = std::iter::once(self.client.clone()).chain(more).collect();
+        }
+        self
+    }
+
+    /// The next connection for a chunk download, in turn.
+    fn chunk_client(&self) -> Client {
+        let i = self.next_chunk_client.fetch_add(1, Ordering::Relaxed);
+        self.chunk_clients[i % self.chunk_clients.len()].clone()
     }
 
     /// A remote over a channel made elsewhere (a registry's in-process link,
     /// `snapreg_registry::server::LocalLink`), calling with `token`; `label` names it
     /// in messages. Cheap: a gateway makes one per request with that request's token.
     pub fn over_channel(label: &str, channel: Channel, token: BearerToken) -> Remote {
-        let client = RegistryClient::with_interceptor(channel, token)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client = client(channel, token);
         Remote {
             url: label.to_string(),
             tls_without_identity: false,
+            chunk_clients: Arc::new([client.clone()]),
             client,
+            next_chunk_client: Arc::default(),
+            endpoint: None,
             direct: false,
             tenant_key: None,
         }
@@ -268,8 +310,7 @@ impl Remote {
                 .collect(),
         };
         Ok(self
-            .client
-            .clone()
+            .chunk_client()
             .get_chunks(req)
             .await
             .map_err(|s| self.status(s))?
@@ -589,6 +630,25 @@ pub(crate) async fn connect_channel(
     what: &str,
     connect_timeout: Duration,
 ) -> Result<Channel> {
+    endpoint(url, creds, what, connect_timeout)?
+        .connect()
+        .await
+        .map_err(|e| connect_failed(url, error_chain(&e)))
+}
+
+fn client(channel: Channel, token: BearerToken) -> Client {
+    RegistryClient::with_interceptor(channel, token)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The endpoint `connect_channel` connects to: `creds`' TLS, keep-alives, windows.
+fn endpoint(
+    url: &str,
+    creds: &Credentials,
+    what: &str,
+    connect_timeout: Duration,
+) -> Result<Endpoint> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ClientError::Usage(format!(
             "{what} {url:?} needs a scheme: http://{url} or https://{url}"
@@ -625,10 +685,7 @@ pub(crate) async fn connect_channel(
     if creds.token.is_set() && url.starts_with("http://") && !is_loopback(url) {
         tracing::warn!("sending a token to {url} over plain HTTP: anyone on the path can read it; serve TLS (snapreg serve --tls-cert) and use https://");
     }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| connect_failed(url, error_chain(&e)))
+    Ok(endpoint)
 }
 
 fn is_loopback(url: &str) -> bool {
