@@ -128,20 +128,34 @@ async fn dump_listing_open_files(
     job: &DumpJob<'_>,
     dir: &Path,
 ) -> Result<(std::process::Output, Option<OpenFiles>)> {
-    let socket = dir.join("action.sock");
-    let mut actions = ActionServer::bind(&socket)
+    // Not in the spool: DIR may be longer than a socket path may be (108 bytes).
+    let socket_dir = crate::work_dir::create("ck-action")?;
+    let dumped = dump_answering_actions(job, dir, &socket_dir.join("action.sock")).await;
+    let _ = std::fs::remove_dir_all(&socket_dir);
+    dumped
+}
+
+async fn dump_answering_actions(
+    job: &DumpJob<'_>,
+    dir: &Path,
+    socket: &Path,
+) -> Result<(std::process::Output, Option<OpenFiles>)> {
+    let mut actions = ActionServer::bind(socket)
         .map_err(|e| ClientError::io(format!("binding {}", socket.display()), e))?;
     let criu = job.criu;
-    let child = criu::with_action_script(criu, &dump_args(job.opts, dir), &socket)?
+    let child = criu::with_action_script(criu, &dump_args(job.opts, dir), socket)?
         .spawn()
         .map_err(|e| ClientError::Criu(format!("cannot run {}: {e}", criu.path.display())))?;
     let exit = child.wait_with_output();
     tokio::pin!(exit);
     let mut open = None;
     // Bounded by CRIU's exit: it runs post-dump once, then kills the tasks and exits.
-    let status = loop {
+    loop {
         tokio::select! {
-            out = &mut exit => break out.map_err(|e| ClientError::io("waiting for CRIU", e))?,
+            out = &mut exit => {
+                let out = out.map_err(|e| ClientError::io("waiting for CRIU", e))?;
+                return Ok((out, open));
+            }
             Some(req) = actions.next() => {
                 if req.action == "post-dump" {
                     open = Some(OpenFiles::of_frozen_tree(&job.facts, job.opts.pid));
@@ -149,9 +163,7 @@ async fn dump_listing_open_files(
                 req.answer(Ok(())).await;
             }
         }
-    };
-    let _ = std::fs::remove_file(&socket);
-    Ok((status, open))
+    }
 }
 
 /// The `pagemap-*.img` files among `names`, by name.
