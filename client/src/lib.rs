@@ -63,6 +63,7 @@
 //!     force: false,
 //!     cache: ChunkCache::open("/var/cache/snapctl".as_ref(), 50 << 30)?,
 //!     window: restore::DEFAULT_WINDOW,
+//!     fetch_memory: restore::DEFAULT_FETCH_MEMORY,
 //!     fallbacks: Vec::new(),
 //!     weights_service: None,
 //!     keep_zero_pages: false,

@@ -19,6 +19,12 @@ pub struct Args {
     /// Chunk fetches in flight ahead of CRIU, per file.
     #[arg(long, default_value_t = restore::DEFAULT_WINDOW)]
     window: usize,
+    /// Memory the restore's chunk fetches may hold in flight, all together (default
+    /// 64M: 32 fetches of the largest chunks): more lets more fetches run at once,
+    /// which helps where each takes long (a distant or busy registry) and the link
+    /// is not yet full.
+    #[arg(long, env = "SNAPCTL_FETCH_MEMORY", value_name = "SIZE", value_parser = parse_fetch_memory)]
+    fetch_memory: Option<u64>,
     /// Separated mode: fill the weights layer into this weights service while
     /// CRIU restores the process, then signal the worker to re-attach.
     #[arg(long, value_name = "SOCKET")]
@@ -53,6 +59,7 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         force: a.force,
         cache: g.open_cache()?,
         window: a.window,
+        fetch_memory: a.fetch_memory.unwrap_or(restore::DEFAULT_FETCH_MEMORY),
         fallbacks: remotes,
         weights_service: a.weights_service.clone(),
         keep_zero_pages: a.keep_zero_pages,
@@ -112,4 +119,13 @@ fn put_back_lines(files: &[PutBack]) -> String {
             _ => format!("\n  written file {}: already identical, kept", f.path),
         })
         .collect()
+}
+
+/// A size of at least one largest chunk (2M by default) and at most 4G.
+fn parse_fetch_memory(s: &str) -> Result<u64, String> {
+    let n = crate::global::parse_size(s)?;
+    if !(2 << 20..=4 << 30).contains(&n) {
+        return Err(format!("{s}: give between 2M and 4G"));
+    }
+    Ok(n)
 }

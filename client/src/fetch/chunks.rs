@@ -199,6 +199,11 @@ impl Chunks {
         self.swarm.is_some()
     }
 
+    /// The scheduler's budget, if fetches go through one.
+    pub fn budget(&self) -> Option<Budget> {
+        self.scheduler.as_ref().map(|s| s.budget())
+    }
+
     /// What the scheduler did, if there is one.
     pub fn scheduler_stats(&self) -> Option<SchedulerStats> {
         self.scheduler.as_ref().map(|s| s.stats())

@@ -63,11 +63,12 @@ use serve::{CriuRestore, Image};
 /// Default window: enough fetches in flight to cover a loopback or rack RTT at
 /// ~1 GB/s with 0.5 MiB chunks, at ≤ 32 MiB of memory per file.
 pub const DEFAULT_WINDOW: usize = 16;
-/// The fetch scheduler's budget for one restore: fetches in flight, all readers
-/// together (CRIU's files, device memory, the weights fill, the read-ahead), and the
-/// bytes they may hold at most.
-const SCHEDULER_REQUESTS: usize = 64;
-const SCHEDULER_BYTES: u64 = 64 << 20;
+/// The fetch scheduler's budget for one restore, all readers together (CRIU's files,
+/// device memory, the weights fill, the read-ahead): the bytes its fetches may hold
+/// at most (`RestoreOptions::fetch_memory`; with the default chunker's 2 MiB chunks
+/// at most, 32 fetches in flight), and a cap on the fetches however small chunks are.
+pub const DEFAULT_FETCH_MEMORY: u64 = 64 << 20;
+const SCHEDULER_REQUESTS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -78,6 +79,10 @@ pub struct RestoreOptions {
     pub cache: ChunkCache,
     /// Chunk fetches in flight ahead of CRIU, per file.
     pub window: usize,
+    /// Bytes the restore's chunk fetches may hold in flight, all readers together
+    /// ([`DEFAULT_FETCH_MEMORY`]): more fetches in flight where the registry answers
+    /// each slowly but many at once, at this much more memory.
+    pub fetch_memory: u64,
     /// Registries to fall back to, in preference order, for the manifest and for
     /// each chunk the first registry lacks.
     pub fallbacks: Vec<Remote>,
@@ -348,7 +353,7 @@ impl ChunkSource<'_> {
     ) -> Result<Chunks> {
         let budget = Budget::for_chunks(
             SCHEDULER_REQUESTS,
-            SCHEDULER_BYTES,
+            opts.fetch_memory,
             plan.manifest.chunker.max_size.into(),
         );
         Chunks::builder(self.remotes.clone())

@@ -131,9 +131,12 @@ impl LazyDaemon {
         let listener =
             socket::bind(dir).map_err(|e| ClientError::io("binding the lazy-pages socket", e))?;
         // A worker mostly waits on its fetch: 16 in flight filled a 2 GiB process
-        // 0.4-0.5 s sooner than 4 on 2 cores (bench/RESULTS.md).
-        let fillers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
-        let fillers = fillers.clamp(16, 64);
+        // 0.4-0.5 s sooner than 4 on 2 cores (bench/RESULTS.md). At least as many
+        // as the scheduler lets fetch at once, so a larger budget is used.
+        let per_core = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        let fillers = per_core
+            .clamp(16, 64)
+            .max(chunks.budget().map_or(0, |b| b.requests));
         let pids: Vec<u64> = tree.missing.keys().copied().collect();
         let shared = Arc::new(Shared {
             events: RwLock::new(()),
