@@ -48,6 +48,11 @@
 #   arenas A/B            (RSS_AB=1) the transparent pull-restore again, into a fresh
 #                         cache, with MALLOC_ARENA_MAX=128 (glibc's own limit on 16
 #                         cores) instead of snapctl's cap of 4: the peak RSS either way
+#   tuned                 (TUNED="SNAPCTL_CHUNK_CONNECTIONS=4 SNAPCTL_FETCH_MEMORY=256M", say)
+#                         each restore from the registry in memory (transparent eager and
+#                         --lazy with REG_MEM=1; separated eager and --lazy, fresh
+#                         service) again right after itself with these settings:
+#                         connections and fetch budget against the defaults, in one run
 # THP=always|madvise|never sets transparent huge pages for the whole run (put back at
 # the end). SEPARATED=0 stops after the transparent paths; STREAMED=0 leaves out the
 # streamed checkpoint. With REG_MEM=1 the later restores (the local baseline's pull and
@@ -68,6 +73,11 @@ start_service() {
   waitfile "$W/ws.out" 30 || { echo "weights service did not start"; cat "$W/ws.log"; }
 }
 start_service
+fresh_service() { kill -9 "$WS"; gone "$WS"; start_service; }
+TUNED="${TUNED:-}"
+# TUNED's settings exported for what runs between tuned_on and tuned_off
+tuned_on() { local kv; for kv in $TUNED; do export "$kv"; done; }
+tuned_off() { local kv; for kv in $TUNED; do unset "${kv%%=*}"; done; }
 [ "${HUGE_SPOOL:-0}" = 1 ] && export SNAPCTL_SPOOL_HUGE_PAGES=1
 THP_FILE=/sys/kernel/mm/transparent_hugepage/enabled
 THP_WAS=$(sed 's/.*\[\(.*\)\].*/\1/' "$THP_FILE")
@@ -126,6 +136,14 @@ if [ "${REG_MEM:-0}" = 1 ]; then
     say "pull-restore --lazy, transparent, registry in memory, empty node cache"
     lazy_restore transparent_lazy_regmem "$A" "$A.log.ck" "$W/cache-lrm" "hf/$PRESET:transparent"
     rm -rf "$W/cache-lrm"
+  fi
+  if [ -n "$TUNED" ]; then
+    say "the same two with $TUNED"
+    tuned_on
+    timed_restore transparent_regmem_tuned "$A" "$A.log.ck" "$W/cache-rmt" "hf/$PRESET:transparent"
+    [ "${LAZY:-1}" = 1 ] && lazy_restore transparent_lazy_regmem_tuned "$A" "$A.log.ck" "$W/cache-lrmt" "hf/$PRESET:transparent"
+    tuned_off
+    rm -rf "$W/cache-rmt" "$W/cache-lrmt"
   fi
 fi
 
@@ -192,18 +210,28 @@ gone "$PID"
 cp -p "$Bc.log" "$Bc.log.ck"
 "$B/snapctl" --json inspect "hf/$PRESET:separated" | tail -n 1 | python3 -c "import json,sys; d=json.load(sys.stdin); d['criu'].pop('external_files'); print(json.dumps(d))" | tee "$OUT/inspect-separated.json"
 
+separated_fresh() { # NAME CACHE: pull-restore of the separated snapshot into a freshly
+  # started weights service (its weights from the registry), to the first answer
+  local name=$1 cache=$2 t0 t1 t2
+  fresh_service
+  rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
+  t0=$(now)
+  timeout 180 "$B/snapctl" --json --cache "$cache" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-$name.json"
+  t1=$(now)
+  waitfile "$Bc/resumed.json" 60 && cat "$Bc/resumed.json"; echo
+  answer "$Bc" && result "${name}_equal" true || result "${name}_equal" false
+  t2=$(now)
+  result "${name}_restore_s" "$(el "$t0" "$t1")"
+  result "${name}_first_answer_s" "$(el "$t0" "$t2")"
+  kill_worker
+}
 say "pull-restore, separated, fresh weights service (weights from the registry)"
-kill -9 "$WS"; gone "$WS"; start_service
-rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
-t0=$(now)
-timeout 180 "$B/snapctl" --json --cache "$W/cache-b" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-separated.json"
-t1=$(now)
-waitfile "$Bc/resumed.json" 60 && cat "$Bc/resumed.json"; echo
-answer "$Bc" && result separated_equal true || result separated_equal false
-t2=$(now)
-result separated_restore_s "$(el "$t0" "$t1")"
-result separated_first_answer_s "$(el "$t0" "$t2")"
-kill_worker
+separated_fresh separated "$W/cache-b"
+if [ -n "$TUNED" ]; then
+  say "the same with $TUNED"
+  tuned_on; separated_fresh separated_tuned "$W/cache-bt"; tuned_off
+  rm -rf "$W/cache-bt"
+fi
 
 say "pull-restore, separated, weights already in the service"
 rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
@@ -219,8 +247,15 @@ kill_worker
 
 if [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, separated, fresh weights service"
-  kill -9 "$WS"; gone "$WS"; start_service
+  fresh_service
   lazy_restore separated_lazy "$Bc" "$Bc.log.ck" "$W/cache-lb" "hf/$PRESET:separated" --weights-service "$SOCK"
+  if [ -n "$TUNED" ]; then
+    say "the same with $TUNED"
+    fresh_service
+    tuned_on
+    lazy_restore separated_lazy_tuned "$Bc" "$Bc.log.ck" "$W/cache-lbt" "hf/$PRESET:separated" --weights-service "$SOCK"
+    tuned_off
+  fi
 fi
 
 cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null
