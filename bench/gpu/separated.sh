@@ -210,10 +210,10 @@ gone "$PID"
 cp -p "$Bc.log" "$Bc.log.ck"
 "$B/snapctl" --json inspect "hf/$PRESET:separated" | tail -n 1 | python3 -c "import json,sys; d=json.load(sys.stdin); d['criu'].pop('external_files'); print(json.dumps(d))" | tee "$OUT/inspect-separated.json"
 
-separated_fresh() { # NAME CACHE: pull-restore of the separated snapshot into a freshly
-  # started weights service (its weights from the registry), to the first answer
+separated_restore() { # NAME CACHE: pull-restore of the separated snapshot into the
+  # weights service as it is (fresh_service first for one that must fill it from the
+  # registry), to the first answer; the report goes to rs-NAME.json
   local name=$1 cache=$2 t0 t1 t2
-  fresh_service
   rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
   t0=$(now)
   timeout 180 "$B/snapctl" --json --cache "$cache" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-$name.json"
@@ -226,24 +226,15 @@ separated_fresh() { # NAME CACHE: pull-restore of the separated snapshot into a 
   kill_worker
 }
 say "pull-restore, separated, fresh weights service (weights from the registry)"
-separated_fresh separated "$W/cache-b"
+fresh_service; separated_restore separated "$W/cache-b"
 if [ -n "$TUNED" ]; then
   say "the same with $TUNED"
-  tuned_on; separated_fresh separated_tuned "$W/cache-bt"; tuned_off
+  fresh_service; tuned_on; separated_restore separated_tuned "$W/cache-bt"; tuned_off
   rm -rf "$W/cache-bt"
 fi
 
 say "pull-restore, separated, weights already in the service"
-rm -f "$Bc/done0.json" "$Bc/resumed.json"; cp -p "$Bc.log.ck" "$Bc.log"; drop
-t0=$(now)
-timeout 180 "$B/snapctl" --json --cache "$W/cache-c" pull-restore --detach --weights-service "$SOCK" "hf/$PRESET:separated" | tail -n 1 | tee "$OUT/rs-separated-warm.json"
-t1=$(now)
-waitfile "$Bc/resumed.json" 60
-answer "$Bc" && result separated_warm_equal true || result separated_warm_equal false
-t2=$(now)
-result separated_warm_restore_s "$(el "$t0" "$t1")"
-result separated_warm_first_answer_s "$(el "$t0" "$t2")"
-kill_worker
+separated_restore separated_warm "$W/cache-c"
 
 if [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, separated, fresh weights service"
