@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     counter, criu_path, drop_caches, hold_process, median, save_run, scratch, snapctl,
-    verify_restored, wait_gone, Registry,
+    verify_restored, wait_gone, Registry, Shape,
 };
 
 const ROUTES: [&str; 5] = [
@@ -39,7 +39,7 @@ pub fn run(gib: f64, reps: usize) -> Result<()> {
     let mut total: Vec<Vec<f64>> = vec![Vec::new(); ROUTES.len()];
     for rep in 0..reps {
         for (i, route) in ROUTES.iter().enumerate() {
-            let (child, state) = hold_process(w, &format!("ck{i}"), gib, 0)?;
+            let (child, state) = hold_process(w, &format!("ck{i}"), Shape::of(gib))?;
             let mut child = KillOnDrop(child);
             let pid = child.0.id();
             drop_caches();

@@ -7,12 +7,14 @@
 //!   2. push and pull over loopback vs `cp -r` and `tar | zstd` (pack) / `zstd -d | tar`
 //!      (unpack) of the same directory, page cache dropped before each run.
 //!
-//! `snapreg-bench restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4]`
+//! `snapreg-bench restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] [--paths 0,1,4] [--holes-kib K]`
 //!   the image of a G GiB process (1/3 random, 1/3 repeated pattern, 1/3 zeros):
 //!   `snapctl pull-restore` from a loopback registry (node cache empty) vs `criu restore`
 //!   from a local directory vs the archive path (HTTP download of a tar.zst, extract,
 //!   `criu restore`), then pull-restore with a warm node cache; page cache dropped
-//!   before each, interleaved; then snapctl's peak RSS against image size.
+//!   before each, interleaved; then snapctl's peak RSS against image size. With K,
+//!   every other K KiB of the random third is zeros: zero runs cut the image into
+//!   pieces smaller than a chunk, as in a GPU worker's device memory.
 //!
 //! `snapreg-bench checkpoint [--gib G] [--reps R]`
 //!   how long a checkpoint of a G GiB process keeps it frozen, and until the snapshot
@@ -96,7 +98,11 @@ fn main() -> Result<()> {
             // Which restore paths to run (indexes into the table; the local baseline,
             // 0, always runs): all by default.
             let paths: Vec<usize> = arg_list(&args, "--paths", (0..6).collect());
-            restore(gib, opt("--reps", 3), &rss, &paths)
+            let shape = Shape {
+                holes_kib: opt("--holes-kib", 0),
+                ..Shape::of(gib)
+            };
+            restore(shape, opt("--reps", 3), &rss, &paths)
         }
         Some("checkpoint") => {
             let gib: f64 = arg(&args, "--gib", 2.0);
@@ -137,7 +143,7 @@ fn main() -> Result<()> {
         }
         Some("registry-stats") => fanout::print_registry_stats(args.get(2).map_or("", String::as_str)),
         _ => bail!(
-            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T] | fill-events [--rounds N]"
+            "usage: snapreg-bench core [--mib N] [--reps R] | restore [--gib G] [--reps R] [--rss-gib 0.5,1,2,4] [--paths 0,1,4] [--holes-kib K] | checkpoint [--gib G] [--reps R] | replication [--pushes N] [--mib M] [--interval-ms I] | s3 [--mib N] [--reps R] [--requests K] | encryption [--mib N] [--reps R] | fanout --nodes N [--mib M] [--mbit B] [--peers-only] [--json] | load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json] | cost [--chunks N1,N2] [--json] | oci-dedup [--mib M] | fill [--gib G] [--reps R] [--threads 1,2] | lazy-fill [--gib G] [--reps R] [--threads T] | fill-events [--rounds N]"
         ),
     }
 }
@@ -557,17 +563,37 @@ fn verify_restored(state_dir: &Path, pid: u32, seconds: u64) -> Result<()> {
     bail!("the restored process did not verify its memory within {seconds} s")
 }
 
+/// What a test process holds: `gib` GiB in thirds (random, pattern, zeros), after
+/// `pad_mib` MiB of per-process content (two runs with different pads hold the same
+/// data at different offsets: siblings); with `holes_kib`, every other `holes_kib`
+/// KiB of the random third is zeros (memory cut into pieces smaller than a chunk).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    gib: f64,
+    pad_mib: usize,
+    holes_kib: usize,
+}
+
+impl Shape {
+    fn of(gib: f64) -> Shape {
+        Shape {
+            gib,
+            pad_mib: 0,
+            holes_kib: 0,
+        }
+    }
+}
+
 /// Starts a process of `gib` GiB (thirds: random, pattern, zeros), dumps it with CRIU
 /// into `images` (which kills it) and returns its PID.
 fn dump_process(work: &Path, images: &Path, gib: f64) -> Result<u32> {
-    dump_sibling(work, images, gib, 0)
+    dump_shaped(work, images, Shape::of(gib))
 }
 
-/// [`dump_process`] with `pad_mib` MiB of per-process content before the pattern: two
-/// runs with different pads hold the same data at different offsets (siblings).
-fn dump_sibling(work: &Path, images: &Path, gib: f64, pad_mib: usize) -> Result<u32> {
+/// [`dump_process`] of a process of `shape`.
+fn dump_shaped(work: &Path, images: &Path, shape: Shape) -> Result<u32> {
     let name = images.file_name().unwrap().to_string_lossy();
-    let (mut child, _) = hold_process(work, &name, gib, pad_mib)?;
+    let (mut child, _) = hold_process(work, &name, shape)?;
     let pid = child.id();
     std::fs::create_dir_all(images)?;
     let st = Command::new(criu_path())
@@ -582,14 +608,14 @@ fn dump_sibling(work: &Path, images: &Path, gib: f64, pad_mib: usize) -> Result<
     Ok(pid)
 }
 
-/// Starts a test process of `gib` GiB (thirds: random, pattern, zeros) writing its
-/// state under `work/proc-<name>`; returns it once it counts, and that directory.
-fn hold_process(
-    work: &Path,
-    name: &str,
-    gib: f64,
-    pad_mib: usize,
-) -> Result<(std::process::Child, PathBuf)> {
+/// Starts a test process of `shape` writing its state under `work/proc-<name>`;
+/// returns it once it counts, and that directory.
+fn hold_process(work: &Path, name: &str, shape: Shape) -> Result<(std::process::Child, PathBuf)> {
+    let Shape {
+        gib,
+        pad_mib,
+        holes_kib,
+    } = shape;
     let third = ((gib * 1024.0) / 3.0).round() as usize;
     let out = work.join(format!("proc-{name}"));
     std::fs::create_dir_all(&out)?;
@@ -611,6 +637,8 @@ fn hold_process(
             "9",
             "--pad-mib",
             &pad_mib.to_string(),
+            "--holes-kib",
+            &holes_kib.to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -657,12 +685,13 @@ fn serve_archive(w: &Path, images: &Path) -> Result<(Option<std::process::Child>
     Ok((Some(http), url))
 }
 
-fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<()> {
+fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<()> {
+    let gib = shape.gib;
     let work = scratch("snapreg-bench-")?;
     let w = work.path();
     let reg = Registry::start(&w.join("registry"))?;
     let images = w.join("images");
-    let pid = dump_process(w, &images, gib)?;
+    let pid = dump_shaped(w, &images, shape)?;
     let image_bytes = dir_bytes(&images);
     snapctl(
         &reg.url,
@@ -691,6 +720,8 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     let mut done: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     // Per path: chunks fetched from the registry, snapctl's peak RSS (MiB), last rep.
     let mut fetched = vec![(0u64, 0u64); names.len()];
+    // Per path: the fetch scheduler's and the lazy daemon's account, last rep.
+    let mut accounts = vec![serde_json::Value::Null; names.len()];
     for rep in 0..reps {
         for (i, _) in names.iter().enumerate() {
             if i != 0 && !paths.contains(&i) {
@@ -701,7 +732,8 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
             }
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
-            let pull = |lazy: bool| -> Result<(u64, u64)> {
+            let mut account = serde_json::Value::Null;
+            let mut pull = |lazy: bool| -> Result<(u64, u64)> {
                 let mut args = vec![
                     "--cache",
                     cache.to_str().unwrap(),
@@ -713,6 +745,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
                 }
                 args.push("bench/restore:a");
                 let j = snapctl(&reg.url, &args)?;
+                account = serde_json::json!({ "scheduler": j["scheduler"], "lazy": j["lazy"] });
                 Ok((
                     j["chunks_transferred"].as_u64().unwrap_or(0),
                     j["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
@@ -737,6 +770,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
             })
             .with_context(|| names[i])?;
             fetched[i] = d.1;
+            accounts[i] = account;
             first[i].push(f);
             done[i].push(d.0);
             // Checking 1 GiB takes seconds on this machine.
@@ -750,8 +784,12 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
         let _ = h.kill();
     }
     let local = median(&mut first[0].clone());
+    let holes = match shape.holes_kib {
+        0 => String::new(),
+        k => format!(" with every other {k} KiB zeros"),
+    };
     let mut report = format!(
-        "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each; every restored process verified its whole memory)\n\n\
+        "### Restore of a {gib} GiB process ({:.2} GiB image: 1/3 random{holes}, 1/3 pattern, 1/3 zeros; {reps} reps interleaved, page cache dropped before each; every restored process verified its whole memory)\n\n\
          | restore path | first answer, median s | min–max s | ratio to local criu restore | all pages present, median s | ratio | chunks fetched from the registry | snapctl peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
         image_bytes as f64 / (1u64 << 30) as f64
     );
@@ -807,7 +845,7 @@ fn restore(gib: f64, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Result<
     println!("{report}");
     save_run(
         "restore",
-        &serde_json::json!({ "gib": gib, "image_bytes": image_bytes, "reps": reps, "names": names, "first_answer_seconds": first, "command_seconds": done }),
+        &serde_json::json!({ "gib": gib, "holes_kib": shape.holes_kib, "image_bytes": image_bytes, "reps": reps, "names": names, "first_answer_seconds": first, "command_seconds": done, "accounts": accounts }),
     )?;
     drop(reg);
     Ok(())

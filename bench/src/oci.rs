@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{dir_bytes, dump_sibling, save_run, scratch, Registry};
+use crate::{dir_bytes, dump_shaped, save_run, scratch, Registry, Shape};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
@@ -95,8 +95,22 @@ pub fn run(mib: usize) -> Result<()> {
     let w = work.path();
     let gib = mib as f64 * 3.0 / 1024.0;
     let dumps = [w.join("a/images"), w.join("b/images")];
-    dump_sibling(w, &dumps[0], gib, 1)?;
-    dump_sibling(w, &dumps[1], gib, 7)?;
+    dump_shaped(
+        w,
+        &dumps[0],
+        Shape {
+            pad_mib: 1,
+            ..Shape::of(gib)
+        },
+    )?;
+    dump_shaped(
+        w,
+        &dumps[1],
+        Shape {
+            pad_mib: 7,
+            ..Shape::of(gib)
+        },
+    )?;
     let dump_bytes: u64 = dumps.iter().map(|d| dir_bytes(d)).sum();
     let layouts = [w.join("a/layout"), w.join("b/layout")];
     for (d, l) in dumps.iter().zip(&layouts) {

@@ -9,6 +9,14 @@
 //! claim id), and any event that touches a claimed piece releases the claim, so the
 //! worker holding it finds nothing to copy and the moved or cut remainder is claimed
 //! again. Events are rare, claims many.
+//!
+//! **One claim, one chunk.** Zero runs cut an image's memory into pieces smaller than
+//! a chunk (the medium GPU preset: ~10^4 device-memory runs, several pieces per 2 MiB
+//! chunk). Claimed one piece at a time, 32 workers in address order asked for the same
+//! few chunks, and most of them waited on a fetch another had begun (10-14 thousand
+//! joined requests per H200 restore). So a claim takes the lowest unclaimed piece and
+//! every unclaimed piece after it from the same chunk: each worker fetches a chunk of
+//! its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -158,22 +166,24 @@ impl Missing {
         self.entries.values().map(|e| e.len).sum()
     }
 
-    /// The lowest unclaimed piece from the cursor on (then from the start), now
-    /// claimed as `id`.
-    pub fn claim(&mut self, id: u64) -> Option<Piece> {
+    /// The lowest unclaimed piece from the cursor on (then from the start) and those
+    /// after it from its chunk, in address order, now claimed as `id`.
+    pub fn claim(&mut self, id: u64) -> Option<Vec<Piece>> {
         let found = self
             .entries
             .range(self.cursor..)
             .chain(self.entries.range(..self.cursor))
             .find(|(_, e)| e.claim.is_none())
             .map(|(&vaddr, _)| vaddr)?;
-        let piece = self.take_claim(found, id);
-        self.cursor = found + piece.len;
-        Some(piece)
+        let pieces = self.take_claim(found, id);
+        let last = pieces[pieces.len() - 1];
+        self.cursor = last.vaddr + last.len;
+        Some(pieces)
     }
 
-    /// The lowest unclaimed piece inside the first ranges, now claimed as `id`.
-    pub fn claim_first(&mut self, id: u64) -> Option<Piece> {
+    /// The lowest unclaimed piece inside the first ranges and those after it from its
+    /// chunk, now claimed as `id`.
+    pub fn claim_first(&mut self, id: u64) -> Option<Vec<Piece>> {
         self.skip_done_first();
         let entries = &self.entries;
         // Claims go in address order, so what lies between the done prefix and the
@@ -204,7 +214,28 @@ impl Missing {
         }
     }
 
-    fn take_claim(&mut self, vaddr: u64, id: u64) -> Piece {
+    /// Claims the piece at `vaddr` and the unclaimed pieces right after it that come
+    /// from the same chunk (a zero piece goes alone).
+    fn take_claim(&mut self, vaddr: u64, id: u64) -> Vec<Piece> {
+        let first = self.claim_piece(vaddr, id);
+        let Source::Chunk { chunk, .. } = first.source else {
+            return vec![first];
+        };
+        let same_chunk: Vec<u64> = self
+            .entries
+            .range(vaddr + 1..)
+            .take_while(|(_, e)| {
+                e.claim.is_none()
+                    && matches!(e.source, Source::Chunk { chunk: c, .. } if c == chunk)
+            })
+            .map(|(&a, _)| a)
+            .collect();
+        let mut pieces = vec![first];
+        pieces.extend(same_chunk.into_iter().map(|a| self.claim_piece(a, id)));
+        pieces
+    }
+
+    fn claim_piece(&mut self, vaddr: u64, id: u64) -> Piece {
         let e = self.entries.get_mut(&vaddr).expect("a missing piece");
         e.claim = Some(id);
         Piece {
@@ -356,13 +387,19 @@ mod tests {
     }
 
     fn claim_all(m: &mut Missing) -> Vec<Piece> {
-        std::iter::from_fn(|| m.claim(1)).collect()
+        std::iter::from_fn(|| m.claim(1)).flatten().collect()
     }
 
     #[test]
     fn pieces_are_cut_at_extents_and_vmas_and_claimed_in_order() {
         let (mut m, c1, c2) = missing();
-        let pieces = claim_all(&mut m);
+        let claims: Vec<Vec<Piece>> = std::iter::from_fn(|| m.claim(1)).collect();
+        assert_eq!(
+            claims.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![1, 2],
+            "one claim per chunk, across the VMA boundary"
+        );
+        let pieces = claims.concat();
         let at = |vaddr, len, chunk, skip| Piece {
             vaddr,
             len: len * PAGE,
@@ -391,7 +428,7 @@ mod tests {
     #[test]
     fn a_remove_inside_a_claimed_piece_releases_it_and_keeps_the_rest() {
         let (mut m, c1, _) = missing();
-        let first = m.claim(7).unwrap();
+        let first = m.claim(7).unwrap()[0];
         m.forget(A + PAGE, A + 2 * PAGE);
         assert!(m.claimed(A, 7).is_none(), "the claim is released");
         assert!(
@@ -445,7 +482,7 @@ mod tests {
     #[test]
     fn a_forked_child_misses_what_its_parent_misses_unclaimed() {
         let (mut m, _, _) = missing();
-        let p = m.claim(3).unwrap();
+        let p = m.claim(3).unwrap()[0];
         m.done(p.vaddr, 3);
         m.claim(4).unwrap();
         let mut child = m.forked();
@@ -467,20 +504,52 @@ mod tests {
         };
         assert!(m.first_missing());
         let a = m.claim_first(1).unwrap();
-        let b = m.claim_first(2).unwrap();
-        assert_eq!((a.vaddr, b.vaddr), (A + 4 * PAGE, A + 6 * PAGE));
+        assert_eq!(
+            a.iter().map(|p| p.vaddr).collect::<Vec<_>>(),
+            vec![A + 4 * PAGE, A + 6 * PAGE],
+            "both pieces of the chunk in one claim"
+        );
         assert!(m.claim_first(3).is_none(), "both are in flight");
         assert!(m.first_missing(), "claimed is not in");
-        m.done(a.vaddr, 1);
+        m.done(a[0].vaddr, 1);
         // A released claim is claimed first again.
         m.forget(A + 7 * PAGE, A + 8 * PAGE);
         assert_eq!(
-            m.claim_first(4).map(|p| (p.vaddr, p.len)),
-            Some((A + 6 * PAGE, PAGE))
+            m.claim_first(4).map(|c| (c[0].vaddr, c[0].len, c.len())),
+            Some((A + 6 * PAGE, PAGE, 1))
         );
         m.done(A + 6 * PAGE, 4);
         assert!(!m.first_missing(), "every first piece is in");
         assert!(m.claim_first(5).is_none());
-        assert_eq!(m.claim(6).map(|p| p.vaddr), Some(A), "then the rest");
+        assert_eq!(m.claim(6).map(|c| c[0].vaddr), Some(A), "then the rest");
+    }
+
+    #[test]
+    fn a_claim_stops_at_a_piece_another_worker_holds() {
+        let (mut m, _, c2) = missing();
+        // c2's last page is a piece of its own (an event cut it), claimed alone.
+        m.split_at(A + 7 * PAGE);
+        assert_eq!(m.claim_piece(A + 7 * PAGE, 9).len, PAGE);
+        let claims: Vec<Vec<Piece>> = std::iter::from_fn(|| m.claim(1)).collect();
+        assert_eq!(claims.len(), 2);
+        assert_eq!(
+            claims[1],
+            vec![
+                Piece {
+                    vaddr: A + 4 * PAGE,
+                    len: 2 * PAGE,
+                    source: Source::Chunk { chunk: c2, skip: 0 }
+                },
+                Piece {
+                    vaddr: A + 6 * PAGE,
+                    len: PAGE,
+                    source: Source::Chunk {
+                        chunk: c2,
+                        skip: 2 * PAGE
+                    }
+                },
+            ],
+            "c2's pieces up to the one claimed as 9"
+        );
     }
 }

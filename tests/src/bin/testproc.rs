@@ -2,7 +2,7 @@
 //! a counter, and reports both through files it opens and closes each time (so it
 //! holds no file CRIU would have to reopen).
 //!
-//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--pattern-mib T] [--huge-mib H] [--cycle-files]`
+//! `snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--pattern-mib T] [--holes-kib K] [--huge-mib H] [--cycle-files]`
 //!   DIR/state   "<counter> <pid>", rewritten every 20 ms (write + rename)
 //!   DIR/verify  written on SIGUSR1: "ok <counter>" when the pattern is intact, "bad <page>"
 //!   DIR/cycle/N.tmp  with --cycle-files: a new file every 20 ms, open for writing
@@ -10,7 +10,8 @@
 //! The pad (P MiB, pid-derived content) goes in before the pattern, so two runs hold
 //! the same data at different addresses and page-file offsets. Z MiB of touched
 //! zero pages stand in for a pre-allocated KV cache; H MiB of hugetlb memory is what
-//! a checkpoint must refuse.
+//! a checkpoint must refuse. With K, every other K KiB of the N MiB is zeros: the
+//! zero runs cut it into pieces smaller than a chunk, as in a GPU worker's image.
 //!
 //! `snapreg-testproc log --out DIR --log FILE [--scratch FILE]`: a worker that logs to a
 //! file it keeps open (O_APPEND), one line `tick <counter> <pid>` every 20 ms, and
@@ -58,9 +59,21 @@ fn fill(seed: u64, buf: &mut [u8]) {
     }
 }
 
-fn first_bad_page(seed: u64, buf: &[u8]) -> Option<usize> {
+/// Zeros every other `kib` KiB of `buf` (0: none): memory that zero runs cut into
+/// many small pieces, as a GPU worker's device memory is.
+fn punch_holes(buf: &mut [u8], kib: usize) {
+    if kib > 0 {
+        buf.chunks_mut(kib << 10)
+            .skip(1)
+            .step_by(2)
+            .for_each(|hole| hole.fill(0));
+    }
+}
+
+fn first_bad_page(seed: u64, holes_kib: usize, buf: &[u8]) -> Option<usize> {
     let mut expect = vec![0u8; buf.len()];
     fill(seed, &mut expect);
+    punch_holes(&mut expect, holes_kib);
     buf.chunks(4096)
         .zip(expect.chunks(4096))
         .position(|(a, b)| a != b)
@@ -173,7 +186,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str);
     if !matches!(mode, Some("hold" | "churn" | "serve" | "weights" | "log")) {
-        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--huge-mib H] | churn --out DIR --mib N --seed S | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S | log --out DIR --log FILE [--scratch FILE]");
+        eprintln!("usage: snapreg-testproc hold --out DIR --mib N --seed S [--pad-mib P] [--zero-mib Z] [--holes-kib K] [--huge-mib H] | churn --out DIR --mib N --seed S | serve --out DIR | weights --socket S --out DIR --name W --mib N --state-mib M --seed S | log --out DIR --log FILE [--scratch FILE]");
         std::process::exit(2);
     }
     close_inherited_fds();
@@ -198,6 +211,7 @@ fn main() {
     let seed: u64 = arg(&args, "--seed").map_or(1, |v| v.parse().unwrap());
     let pad_mib: usize = arg(&args, "--pad-mib").map_or(0, |v| v.parse().unwrap());
     let zero_mib: usize = arg(&args, "--zero-mib").map_or(0, |v| v.parse().unwrap());
+    let holes_kib: usize = arg(&args, "--holes-kib").map_or(0, |v| v.parse().unwrap());
     // Compressible, repeated text: heap metadata, strings, code.
     let pattern_mib: usize = arg(&args, "--pattern-mib").map_or(0, |v| v.parse().unwrap());
     let pattern: Vec<u8> = b"model.layers.17.mlp.down_proj.weight fp16[8192,8192] "
@@ -232,6 +246,7 @@ fn main() {
     fill(std::process::id() as u64, &mut pad);
     let mut data = vec![0u8; mib << 20];
     fill(seed, &mut data);
+    punch_holes(&mut data, holes_kib);
     // Touched zero pages: resident, so CRIU dumps them as pages of zeros.
     let mut zeros = vec![1u8; zero_mib << 20];
     zeros.iter_mut().for_each(|b| *b = 0);
@@ -250,7 +265,7 @@ fn main() {
             &format!("{counter} {}\n", std::process::id()),
         );
         if VERIFY.swap(false, Ordering::SeqCst) {
-            let verdict = match first_bad_page(seed, &data) {
+            let verdict = match first_bad_page(seed, holes_kib, &data) {
                 None if zeros.iter().all(|&b| b == 0) && pad.len() == pad_mib << 20 => {
                     format!("ok {counter}\n")
                 }
@@ -482,7 +497,7 @@ mod churn {
                 .err();
             }
             if VERIFY.swap(false, Ordering::SeqCst) {
-                let verdict = match (&failed, first_bad_page(seed, &data)) {
+                let verdict = match (&failed, first_bad_page(seed, 0, &data)) {
                     (Some(what), _) => format!("bad {what}\n"),
                     (None, Some(p)) => format!("bad {p}\n"),
                     (None, None) => format!("ok {counter}\n"),

@@ -12,8 +12,12 @@ fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::start(&t.path().join("reg"));
-    // 64 MiB of seeded pattern, 16 MiB of zeros.
-    let mut p = TestProc::hold(&t.path().join("proc"), 64, 21, 0, 16);
+    // 64 MiB of seeded pattern with every other 64 KiB zeros (zero extents cut it into
+    // pieces smaller than a chunk, as in a GPU worker's device memory), 16 MiB of zeros.
+    let dir = t.path().join("proc");
+    let args = ["hold", "--mib", "64", "--seed", "21", "--zero-mib", "16"];
+    let mut p = TestProc::spawn(&dir, &[&args[..], &["--holes-kib", "64"]].concat());
+    p.wait_counter_above(2);
     let pid = p.pid();
     snapctl(
         &reg.url,
@@ -65,6 +69,13 @@ fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     assert_eq!(copied, lazy_bytes, "{r}");
     assert!(
         r["zero_bytes_left_out"].as_u64().unwrap() >= 15 << 20,
+        "{r}"
+    );
+    // A claim took every piece of its chunk: each fill worker fetched a chunk of its
+    // own instead of waiting on another's.
+    let (claims, pieces) = (lazy["fill_claims"].as_u64(), lazy["fill_pieces"].as_u64());
+    assert!(
+        claims.unwrap() > 0 && pieces.unwrap() > claims.unwrap(),
         "{r}"
     );
     let resumed = r["restore_seconds"].as_f64().unwrap();
@@ -150,7 +161,16 @@ fn a_tree_that_forks_drops_and_moves_memory_while_pages_are_missing_keeps_every_
     let r = snapctl_cached(
         &reg.url,
         &t.path().join("cache"),
-        &["pull-restore", "--detach", "--lazy", "t/churn:v1"],
+        // One fetch at a time: the fill must last for several rounds of the churn
+        // (with the default budget it is in before the first fork, on 2 cores).
+        &[
+            "pull-restore",
+            "--detach",
+            "--lazy",
+            "--fetch-memory",
+            "2M",
+            "t/churn:v1",
+        ],
     )
     .ok()
     .json();

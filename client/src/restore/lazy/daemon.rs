@@ -88,6 +88,8 @@ struct Counters {
     unmaps: AtomicU64,
     fetch_nanos: AtomicU64,
     copy_nanos: AtomicU64,
+    fill_claims: AtomicU64,
+    fill_pieces: AtomicU64,
 }
 
 struct Shared {
@@ -276,6 +278,8 @@ impl LazyDaemon {
                 .map(|t| t.saturating_duration_since(started).as_secs_f64()),
             fill_fetch_seconds: n(&c.fetch_nanos) as f64 / 1e9,
             fill_copy_seconds: n(&c.copy_nanos) as f64 / 1e9,
+            fill_claims: n(&c.fill_claims),
+            fill_pieces: n(&c.fill_pieces),
             all_present_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -511,11 +515,12 @@ enum Copied {
     TaskGone,
 }
 
-/// One fill worker: claims pieces in address order until nothing is missing.
+/// One fill worker: claims pieces in address order, a chunk's at a time, until
+/// nothing is missing.
 async fn fill_worker(shared: &Shared) -> Result<()> {
     while !shared.stop.load(Ordering::SeqCst) {
         let id = shared.next_claim.fetch_add(1, Ordering::Relaxed);
-        let Some((slot, piece, file, first)) = claim(shared, id) else {
+        let Some((slot, pieces, file, first)) = claim(shared, id) else {
             if nothing_missing(shared) {
                 return Ok(());
             }
@@ -524,31 +529,56 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
             continue;
         };
         let fetching = Instant::now();
-        let bytes = match piece.source {
-            Source::Chunk { chunk, skip } => {
+        // Every piece of a claim comes from this one chunk (or is zeros).
+        let chunk = match pieces[0].source {
+            Source::Chunk { chunk, .. } => {
                 let at = if first {
                     &shared.fill_first
                 } else {
                     &shared.fill
                 };
-                Some(slice(shared, at, chunk, skip, piece.len, &file).await?)
+                let c = &shared.counters;
+                c.fill_claims.fetch_add(1, Ordering::Relaxed);
+                c.fill_pieces
+                    .fetch_add(pieces.len() as u64, Ordering::Relaxed);
+                Some((chunk, kept_chunk(shared, at, chunk, &file).await?))
             }
             Source::Zero => None,
         };
         add_nanos(&shared.counters.fetch_nanos, fetching.elapsed());
-        for _ in 0..COPY_TRIES {
-            let copying = Instant::now();
-            let copied = copy_claimed(shared, slot, piece.vaddr, id, bytes.as_deref())?;
-            add_nanos(&shared.counters.copy_nanos, copying.elapsed());
-            match copied {
-                Copied::Done(n) => {
-                    shared.counters.bytes_filled.fetch_add(n, Ordering::Relaxed);
-                    shared.copied(n);
-                    break;
+        for piece in &pieces {
+            let bytes = match (piece.source, &chunk) {
+                (Source::Chunk { skip, .. }, Some((digest, bytes))) => {
+                    Some(cut(bytes, *digest, skip, piece.len, &file)?)
                 }
-                Copied::Again => tokio::time::sleep(Duration::from_millis(1)).await,
-                _ => break,
+                _ => None,
+            };
+            fill_piece(shared, slot, piece.vaddr, id, bytes.as_deref()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one claimed piece in, trying again while events keep the kernel busy.
+async fn fill_piece(
+    shared: &Shared,
+    slot: usize,
+    vaddr: u64,
+    id: u64,
+    bytes: Option<&[u8]>,
+) -> Result<()> {
+    for _ in 0..COPY_TRIES {
+        let copying = Instant::now();
+        let copied = copy_claimed(shared, slot, vaddr, id, bytes)?;
+        add_nanos(&shared.counters.copy_nanos, copying.elapsed());
+        match copied {
+            Copied::Done(n) => {
+                shared.counters.bytes_filled.fetch_add(n, Ordering::Relaxed);
+                shared.copied(n);
+                return Ok(());
             }
+            Copied::Again => tokio::time::sleep(Duration::from_millis(1)).await,
+            _ => return Ok(()),
         }
     }
     Ok(())
@@ -558,9 +588,10 @@ fn add_nanos(counter: &AtomicU64, d: Duration) {
     counter.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
 }
 
-/// The lowest unclaimed piece of the first open task that has one, device memory
-/// of any task first; whether it was device memory.
-fn claim(shared: &Shared, id: u64) -> Option<(usize, Piece, Arc<str>, bool)> {
+/// The lowest unclaimed piece of the first open task that has one, with the pieces
+/// after it from the same chunk, device memory of any task first; whether it was
+/// device memory.
+fn claim(shared: &Shared, id: u64) -> Option<(usize, Vec<Piece>, Arc<str>, bool)> {
     let mut slots = shared.slots.lock().unwrap();
     for first in [true, false] {
         let found = slots.iter_mut().enumerate().find_map(|(i, s)| {
@@ -746,6 +777,12 @@ async fn slice(
     len: u64,
     file: &str,
 ) -> Result<Bytes> {
+    let bytes = kept_chunk(shared, chunks, chunk, file).await?;
+    cut(&bytes, chunk, skip, len, file)
+}
+
+/// `chunk`'s bytes, verified: from the chunks kept, else fetched and kept.
+async fn kept_chunk(shared: &Shared, chunks: &Chunks, chunk: Digest, file: &str) -> Result<Bytes> {
     let kept = shared
         .kept
         .lock()
@@ -753,18 +790,20 @@ async fn slice(
         .iter()
         .find(|(d, _)| *d == chunk)
         .map(|(_, b)| b.clone());
-    let bytes = match kept {
-        Some(b) => b,
-        None => {
-            let b = chunks.get(chunk, file).await?;
-            let mut kept = shared.kept.lock().unwrap();
-            if kept.len() == CHUNKS_KEPT {
-                kept.pop_front();
-            }
-            kept.push_back((chunk, b.clone()));
-            b
-        }
-    };
+    if let Some(b) = kept {
+        return Ok(b);
+    }
+    let b = chunks.get(chunk, file).await?;
+    let mut kept = shared.kept.lock().unwrap();
+    if kept.len() == CHUNKS_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back((chunk, b.clone()));
+    Ok(b)
+}
+
+/// `len` bytes of `chunk`'s `bytes` from `skip`.
+fn cut(bytes: &Bytes, chunk: Digest, skip: u64, len: u64, file: &str) -> Result<Bytes> {
     let (s, t) = (skip as usize, (skip + len) as usize);
     if t > bytes.len() {
         return Err(ClientError::Criu(format!(

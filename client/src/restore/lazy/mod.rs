@@ -73,6 +73,10 @@ pub struct LazyReport {
     /// dominates says what limits the fill.
     pub fill_fetch_seconds: f64,
     pub fill_copy_seconds: f64,
+    /// The fill's claims of chunk data (each one chunk asked for once, its pieces
+    /// copied from it), and the pieces they held.
+    pub fill_claims: u64,
+    pub fill_pieces: u64,
     /// From the command's start until every lazy page was in the tree.
     pub all_present_seconds: f64,
 }
