@@ -106,6 +106,26 @@ timed_restore() { # NAME CTL LOGCOPY CACHE REF [snapctl global flags...]
   result "${name}_first_answer_s" "$(el "$t0" "$t2")"
   kill_worker
 }
+account() { # NAME: snapctl's own account of rs-NAME.json into summary.env: CRIU's
+  # restore, device memory in (a lazy fill puts it first), the CUDA restore after it,
+  # the weights in (separated mode); when a lazy fill began, its workers' seconds
+  # waiting for chunks and copying them in, its claims (one chunk each) and their
+  # pieces; fetches that joined one in flight
+  python3 - "$OUT/rs-$1.json" "$1" >>"$OUT/summary.env" <<'PY' || true
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); n = sys.argv[2]
+l = r.get("lazy") or {}
+for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s", l.get("device_memory_seconds")),
+             ("cuda_restore_s", r.get("cuda_restore_seconds")), ("weights_in_s", (r.get("weights") or {}).get("in_at_seconds")),
+             ("lazy_gb", round(l.get("lazy_bytes", 0) / 1e9, 2)),
+             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
+             ("fill_started_s", l.get("fill_started_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
+             ("fill_copy_worker_s", l.get("fill_copy_seconds")), ("fill_claims", l.get("fill_claims")),
+             ("fill_pieces", l.get("fill_pieces")), ("joined", (r.get("scheduler") or {}).get("joined"))):
+    if v is not None:
+        print(f"{n}_{k}={v}")
+PY
+}
 lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   # pull-restore --lazy REF in the background while the first answer is asked at once:
   # the tree answers before its last page is in. RESULT NAME_first_answer_s,
@@ -121,20 +141,7 @@ lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   t2=$(now)
   result "${name}_first_answer_s" "$(el "$t0" "$t1")"
   result "${name}_all_present_s" "$(el "$t0" "$t2")"
-  # snapctl's own account: CRIU's restore, device memory in (the fill puts it first),
-  # the CUDA restore after it; when the fill began, and its workers' seconds waiting
-  # for chunks and copying them in
-  python3 - "$OUT/rs-$name.json" "$name" >>"$OUT/summary.env" <<'PY' || true
-import json, sys
-r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); n = sys.argv[2]
-l = r.get("lazy") or {}
-for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s", l.get("device_memory_seconds")),
-             ("cuda_restore_s", r.get("cuda_restore_seconds")), ("lazy_gb", round(l.get("lazy_bytes", 0) / 1e9, 2)),
-             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
-             ("fill_started_s", l.get("fill_started_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
-             ("fill_copy_worker_s", l.get("fill_copy_seconds"))):
-    print(f"{n}_{k}={v}")
-PY
+  account "$name"
   kill_worker
 }
 trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT

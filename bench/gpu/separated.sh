@@ -223,6 +223,7 @@ separated_restore() { # NAME CACHE: pull-restore of the separated snapshot into 
   t2=$(now)
   result "${name}_restore_s" "$(el "$t0" "$t1")"
   result "${name}_first_answer_s" "$(el "$t0" "$t2")"
+  account "$name"
   kill_worker
 }
 say "pull-restore, separated, fresh weights service (weights from the registry)"

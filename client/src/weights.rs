@@ -227,6 +227,8 @@ pub struct FillReport {
     pub buffers_reused: usize,
     pub bytes_filled: u64,
     pub seconds: f64,
+    /// From the restore's start until every buffer was filled and sealed.
+    pub in_at_seconds: Option<f64>,
 }
 
 /// Fills the service's buffers with the weights layer (its chunks encrypted under

@@ -16,42 +16,56 @@ use crate::progress::Progress;
 use crate::weights::{self, FillReport};
 
 /// Separated mode: fills the weights layer into the service at `socket` while CRIU
-/// restores the process, so the restore takes max(process, weights), not the sum.
+/// restores the process and the CUDA state comes back, so the restore takes
+/// max(process, weights), not the sum. The workers need their weights only when they
+/// are resumed: a worker quiesced before its checkpoint holds no mapping of a weights
+/// buffer, so its CUDA restore reads nothing the fill writes.
 pub(super) fn start_weights_fill(
     plan: &Plan,
     socket: Option<&Path>,
     chunks: &Chunks,
     progress: &Progress,
-) -> Option<JoinHandle<Result<FillReport>>> {
+    started: Instant,
+) -> Option<WeightsFill> {
     let (layer, socket): (Layer, _) = (plan.weights_layer.clone()?, socket?.to_path_buf());
     let key_id = plan.manifest.encryption.as_ref().map(|e| e.key_id.clone());
     progress.add_total(layer.files.iter().map(|f| f.size).sum());
     let chunks = chunks.clone();
-    Some(tokio::spawn(async move {
-        weights::fill_layer(&socket, &layer, key_id, chunks).await
-    }))
+    Some(WeightsFill(tokio::spawn(async move {
+        let mut filled = weights::fill_layer(&socket, &layer, key_id, chunks).await;
+        if let Ok(r) = &mut filled {
+            r.in_at_seconds = Some(started.elapsed().as_secs_f64());
+        }
+        filled
+    })))
 }
 
-/// Waits for the weights fill; if it failed after CRIU restored the tree, the
-/// workers waiting for those weights are killed (they would wait forever).
+/// The weights fill under way; stopped if the restore gives up before waiting for it.
+pub(super) struct WeightsFill(JoinHandle<Result<FillReport>>);
+
+impl Drop for WeightsFill {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits for the weights fill, after the CUDA restore; if it failed, the workers
+/// waiting for those weights are killed (they would wait forever).
 pub(super) async fn weights_filled(
-    fill: Option<JoinHandle<Result<FillReport>>>,
+    fill: Option<WeightsFill>,
     plan: &Plan,
-    criu_succeeded: bool,
 ) -> Result<Option<FillReport>> {
-    let Some(task) = fill else {
+    let Some(mut fill) = fill else {
         return Ok(None);
     };
-    let filled = task
+    let filled = (&mut fill.0)
         .await
         .map_err(|e| ClientError::Weights(e.to_string()))
         .and_then(|r| r);
     match filled {
         Ok(r) => Ok(Some(r)),
         Err(e) => {
-            if criu_succeeded {
-                kill(plan.resume.iter().map(|(p, _)| *p));
-            }
+            kill(plan.resume.iter().map(|(p, _)| *p));
             Err(e)
         }
     }

@@ -258,6 +258,7 @@ async fn restore(
         opts.weights_service.as_deref(),
         &chunks.at(Priority::Weights),
         &progress,
+        started,
     );
     let log = criu_restore.log.clone();
     let no_cuts = HashMap::new();
@@ -271,9 +272,6 @@ async fn restore(
         window: opts.window,
     };
     let mut served = criu_restore.serve(image, &progress).await?;
-
-    at.reached(outcome::Phase::Weights, None);
-    let weights = finish::weights_filled(weights_fill, &plan, served.status.success()).await?;
     let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
     let serving = std::mem::take(&mut served.timings);
     at.reached(outcome::Phase::CriuRestore, None);
@@ -290,6 +288,10 @@ async fn restore(
         l => l,
     };
     let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
+    // The weights fill ran beside CRIU and the CUDA restore; the workers map their
+    // weights when resumed.
+    at.reached(outcome::Phase::Weights, None);
+    let weights = finish::weights_filled(weights_fill, &plan).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
     }

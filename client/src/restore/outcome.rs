@@ -30,8 +30,9 @@ pub enum Phase {
     WrittenFiles,
     /// CRIU restoring the tree from the served image.
     CriuRestore,
-    Weights,
     CudaRestore,
+    /// Separated mode: waiting for the weights fill, then resuming the workers.
+    Weights,
     /// `--lazy`: the pages served after the tree resumed.
     LazyPages,
 }

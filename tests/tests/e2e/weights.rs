@@ -214,6 +214,12 @@ fn separated_mode_restores_a_worker_with_1gib_of_weights_and_dedups_them() {
     let restored = Restored(pid);
     assert_eq!(r["weights"]["bytes_filled"], 1u64 << 30, "{r}");
     assert_eq!(r["weights"]["buffers_reused"], 0, "{r}");
+    // The fill runs beside the restore and ends before the workers are resumed.
+    let in_at = r["weights"]["in_at_seconds"].as_f64().unwrap();
+    assert!(
+        in_at > 0.0 && in_at <= r["seconds"].as_f64().unwrap(),
+        "{r}"
+    );
     wait_resumed(&dir);
     let (addr_after, after, _) = result_of(&dir);
     assert_eq!(addr_after, addr, "re-attached at another address");
