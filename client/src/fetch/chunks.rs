@@ -253,10 +253,7 @@ impl Chunks {
                 .unwrap_or_default(),
                 None => wants,
             };
-            let width = this
-                .scheduler
-                .as_ref()
-                .map_or(1, |s| (s.budget().requests * 3 / 4).max(1));
+            let width = this.budget().map_or(1, |b| (b.requests * 3 / 4).max(1));
             futures::stream::iter(missing)
                 .map(|(digest, file)| {
                     let this = &this;

@@ -38,7 +38,7 @@ mod plan;
 mod serve;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use snapreg_proto::manifest::annotations;
@@ -54,6 +54,7 @@ use crate::progress::{CountersSnapshot, Progress};
 use crate::remote::Remote;
 use crate::weights::FillReport;
 use crate::written_files::{self, PutBack};
+use crate::zero_pages::ZeroPagePlan;
 use crate::{encryption, pull, work_dir};
 pub use files::FileServing;
 pub use lazy::LazyReport;
@@ -212,39 +213,14 @@ async fn restore(
     at.reached(outcome::Phase::CriuRestore, None);
     let dir = work_dir::create("rs")?;
     let cuda_init = finish::start_cuda_init(&plan);
-    let mut args = plan.criu_args(&dir, opts);
-    let names = plan.files.keys().cloned().collect();
     let source = ChunkSource {
         remotes,
         key,
         reference,
         digest,
     };
-    let (criu_restore, chunks, lazy, zero_plan) = if opts.lazy {
-        // The daemon must listen before CRIU starts, and reads images snapctl writes;
-        // its pagemaps build on the zero-page plan's.
-        let chunks = source.build(&plan, opts, &progress).await?;
-        let zero_plan = plan
-            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
-            .await?;
-        let lazy = lazy::begin(criu, &plan, &zero_plan, &chunks, &dir, &progress).await?;
-        args.push("--lazy-pages".into());
-        match CriuRestore::start(criu, &args, &dir, names).await {
-            Ok(c) => (c, chunks, Some(lazy), zero_plan),
-            Err(e) => {
-                lazy.daemon.abort().await;
-                return Err(e);
-            }
-        }
-    } else {
-        let criu_restore = CriuRestore::start(criu, &args, &dir, names).await?;
-        // Built while CRIU starts: asking for presigned URLs is a round trip.
-        let chunks = source.build(&plan, opts, &progress).await?;
-        let zero_plan = plan
-            .zero_pages(&chunks, opts.keep_zero_pages, &progress)
-            .await?;
-        (criu_restore, chunks, None, zero_plan)
-    };
+    let (criu_restore, chunks, lazy, zero_plan) =
+        start_criu(criu, &mut plan, opts, &source, &dir, &progress).await?;
     let lazy_zero_bytes = lazy.as_ref().map_or(0, |l| l.plan.zero_bytes_left_out);
     progress.placed(lazy_zero_bytes);
     // Under --lazy the daemon's fill fetches the lazy chunks itself: read ahead the rest.
@@ -335,6 +311,45 @@ async fn restore(
         lazy,
         serving,
     })
+}
+
+/// Starts CRIU's restore of the image, with the chunk stack that serves it and the
+/// zero pages left out of it; under `--lazy` the lazy-pages daemon listens first.
+async fn start_criu(
+    criu: &Criu,
+    plan: &mut Plan,
+    opts: &RestoreOptions,
+    source: &ChunkSource<'_>,
+    dir: &Path,
+    progress: &Progress,
+) -> Result<(CriuRestore, Chunks, Option<lazy::Lazy>, ZeroPagePlan)> {
+    let mut args = plan.criu_args(dir, opts);
+    let names = plan.files.keys().cloned().collect();
+    if opts.lazy {
+        // The daemon must listen before CRIU starts, and reads images snapctl writes;
+        // its pagemaps build on the zero-page plan's.
+        let chunks = source.build(plan, opts, progress).await?;
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, progress)
+            .await?;
+        let lazy = lazy::begin(criu, plan, &zero_plan, &chunks, dir, progress).await?;
+        args.push("--lazy-pages".into());
+        match CriuRestore::start(criu, &args, dir, names).await {
+            Ok(c) => Ok((c, chunks, Some(lazy), zero_plan)),
+            Err(e) => {
+                lazy.daemon.abort().await;
+                Err(e)
+            }
+        }
+    } else {
+        let criu_restore = CriuRestore::start(criu, &args, dir, names).await?;
+        // Built while CRIU starts: asking for presigned URLs is a round trip.
+        let chunks = source.build(plan, opts, progress).await?;
+        let zero_plan = plan
+            .zero_pages(&chunks, opts.keep_zero_pages, progress)
+            .await?;
+        Ok((criu_restore, chunks, None, zero_plan))
+    }
 }
 
 /// What the restore's chunk stack is built from.
