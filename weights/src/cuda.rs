@@ -18,8 +18,12 @@ const ALLOCATION_PINNED: c_int = 1; // CU_MEM_ALLOCATION_TYPE_PINNED
 const LOCATION_DEVICE: c_int = 1; // CU_MEM_LOCATION_TYPE_DEVICE
 const ACCESS_READ: c_int = 1; // CU_MEM_ACCESS_FLAGS_PROT_READ
 const ACCESS_READWRITE: c_int = 3;
-const STAGING_BYTES: usize = 8 << 20;
-/// At most this many staging buffers (64 MiB pinned): `cuMemcpyHtoD` and
+/// One staging buffer: the default chunker's largest chunk, so a chunk write fills
+/// one. Pinned memory is resident whole, and 8 MiB buffers for chunks of ~0.5 MiB
+/// kept 64 MiB of snapctl's RSS pinned during a fill (separated `--lazy` peaked at
+/// 274 MiB on an H100, bench/RESULTS.md); larger writes go through in pieces.
+const STAGING_BYTES: usize = 2 << 20;
+/// At most this many staging buffers (16 MiB pinned): `cuMemcpyHtoD` and
 /// `cuMemcpyDtoH` on the default stream run one at a time anyway, so more only grew
 /// the process (32 concurrent chunk writes held 256 MiB of pinned memory).
 const STAGING_BUFFERS: usize = 8;
