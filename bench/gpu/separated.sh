@@ -53,6 +53,8 @@
 #                         --lazy with REG_MEM=1; separated eager and --lazy, fresh
 #                         service) again right after itself with these settings:
 #                         connections and fetch budget against the defaults, in one run
+# TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
+# baseline stay): a shorter run of the separated restores.
 # THP=always|madvise|never sets transparent huge pages for the whole run (put back at
 # the end). SEPARATED=0 stops after the transparent paths; STREAMED=0 leaves out the
 # streamed checkpoint. With REG_MEM=1 the later restores (the local baseline's pull and
@@ -75,6 +77,7 @@ start_service() {
 start_service
 fresh_service() { kill -9 "$WS"; gone "$WS"; start_service; }
 TUNED="${TUNED:-}"
+TRANSPARENT="${TRANSPARENT:-1}"
 # TUNED's settings exported for what runs between tuned_on and tuned_off
 tuned_on() { local kv; for kv in $TUNED; do export "$kv"; done; }
 tuned_off() { local kv; for kv in $TUNED; do unset "${kv%%=*}"; done; }
@@ -102,10 +105,12 @@ result transparent_route "'$(python3 -c "import json; print(json.load(open('$OUT
 cp -p "$A.log" "$A.log.ck"
 "$B/snapctl" --json inspect "hf/$PRESET:transparent" | tail -n 1 >"$OUT/inspect-transparent.json"
 
-say "pull-restore, transparent"
-timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
+if [ "$TRANSPARENT" = 1 ]; then
+  say "pull-restore, transparent"
+  timed_restore transparent "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
+fi
 
-if [ "${LAZY:-1}" = 1 ]; then
+if [ "$TRANSPARENT" = 1 ] && [ "${LAZY:-1}" = 1 ]; then
   say "pull-restore --lazy, transparent"
   lazy_restore transparent_lazy "$A" "$A.log.ck" "$W/cache-la" "hf/$PRESET:transparent"
   say "pull-restore --lazy, transparent, warm node cache (the lazy restore's): the fill without the registry"
@@ -128,8 +133,11 @@ if [ "${RSS_AB:-0}" = 1 ]; then
 fi
 
 if [ "${REG_MEM:-0}" = 1 ]; then
-  say "pull-restore, transparent, registry in memory, empty node cache"
+  say "the registry into memory"
   registry_into_memory
+fi
+if [ "${REG_MEM:-0}" = 1 ] && [ "$TRANSPARENT" = 1 ]; then
+  say "pull-restore, transparent, registry in memory, empty node cache"
   timed_restore transparent_regmem "$A" "$A.log.ck" "$W/cache-rm" "hf/$PRESET:transparent"
   rm -rf "$W/cache-rm"
   if [ "${LAZY:-1}" = 1 ]; then
@@ -169,7 +177,7 @@ if [ "${STREAMED:-1}" = 1 ]; then
   timeout 180 "$B/snapctl" --json checkpoint --cuda --spool off --pid "$PID" "hf/$PRESET:streamed" | tail -n 1 | tee "$OUT/ck-streamed.json"
   gone "$PID"
   result streamed_freeze_ms "$(python3 -c "import json; print(json.load(open('$OUT/ck-streamed.json')).get('freeze_ms'))")"
-else
+elif [ "$TRANSPARENT" = 1 ]; then
   say "pull-restore, transparent, warm node cache (the first restore's)"
   timed_restore transparent_warm "$A" "$A.log.ck" "$W/cache-a" "hf/$PRESET:transparent"
 fi
