@@ -10,9 +10,10 @@
 //! fault server        per fault: the missing piece around the page, from its chunk
 //!                     (Demand priority), copied whole; a page not missing gets the
 //!                     zero page (never dumped, or dropped since)
-//! fillers (≥ 16)      after "restore finished": claim the lowest unclaimed piece,
-//!                     device memory's before the rest, fetch its chunk (verified),
-//!                     copy it in; until nothing is missing
+//! fillers (≥ 16)      after "restore finished": claim the lowest unclaimed piece
+//!                     and the pieces after it from its chunk, device memory's
+//!                     before the rest, fetch that chunk once (verified), copy the
+//!                     pieces in; until nothing is missing
 //! ```
 //!
 //! **Copies against events.** A task that drops memory (`madvise`, `munmap`) goes on
