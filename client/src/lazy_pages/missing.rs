@@ -13,7 +13,7 @@
 //! **One claim, one chunk.** Zero runs cut an image's memory into pieces smaller than
 //! a chunk (the medium GPU preset: ~10^4 device-memory runs, several pieces per 2 MiB
 //! chunk). Claimed one piece at a time, 32 workers in address order asked for the same
-//! few chunks, and most of them waited on a fetch another had begun (10-14 thousand
+//! few chunks, and most of them waited on a fetch another had begun (7,866-14,359
 //! joined requests per H200 restore). So a claim takes the lowest unclaimed piece and
 //! every unclaimed piece after it from the same chunk: each worker fetches a chunk of
 //! its own.
@@ -176,7 +176,7 @@ impl Missing {
             .find(|(_, e)| e.claim.is_none())
             .map(|(&vaddr, _)| vaddr)?;
         let pieces = self.take_claim(found, id);
-        let last = pieces[pieces.len() - 1];
+        let last = pieces.last().expect("a claim holds its first piece");
         self.cursor = last.vaddr + last.len;
         Some(pieces)
     }
