@@ -110,15 +110,17 @@ account() { # NAME: snapctl's own account of rs-NAME.json into summary.env: CRIU
   # restore, device memory in (a lazy fill puts it first), the CUDA restore after it,
   # the weights in (separated mode); when a lazy fill began, its workers' seconds
   # waiting for chunks and copying them in, its claims (one chunk each) and their
-  # pieces; fetches that joined one in flight
+  # pieces, its page faults (zero-page ones among them) and their seconds waiting for
+  # chunks; fetches that joined one in flight
   python3 - "$OUT/rs-$1.json" "$1" >>"$OUT/summary.env" <<'PY' || true
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); n = sys.argv[2]
 l = r.get("lazy") or {}
 for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s", l.get("device_memory_seconds")),
              ("cuda_restore_s", r.get("cuda_restore_seconds")), ("weights_in_s", (r.get("weights") or {}).get("in_at_seconds")),
-             ("lazy_gb", round(l.get("lazy_bytes", 0) / 1e9, 2)),
-             ("device_memory_lazy_gb", round(l.get("device_memory_bytes", 0) / 1e9, 2)), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
+             ("lazy_gb", round(l["lazy_bytes"] / 1e9, 2) if l else None),
+             ("device_memory_lazy_gb", round(l["device_memory_bytes"] / 1e9, 2) if l else None), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
+             ("faults", l.get("faults")), ("zero_faults", l.get("zero_faults")), ("fault_fetch_s", l.get("fault_fetch_seconds")),
              ("fill_started_s", l.get("fill_started_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
              ("fill_copy_worker_s", l.get("fill_copy_seconds")), ("fill_claims", l.get("fill_claims")),
              ("fill_pieces", l.get("fill_pieces")), ("joined", (r.get("scheduler") or {}).get("joined"))):

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use snapreg_client::fetch::Lane;
 use snapreg_client::progress::Progress;
 use snapreg_client::remote::Remote;
 use snapreg_proto::manifest::Manifest;
@@ -109,7 +110,7 @@ async fn pull_one(remote: &Remote, tag: &str, tally: &Tally) -> Result<()> {
     let digests: Vec<Digest> = Manifest::decode(&bytes)?.chunk_digests();
     for batch in digests.chunks(BATCH) {
         let started = Instant::now();
-        let mut stream = remote.get_chunks(batch).await?;
+        let mut stream = remote.get_chunks(batch, Lane::Bulk).await?;
         let mut got = 0;
         while let Some(msg) = stream.message().await? {
             tally.bytes_pulled.fetch_add(msg.data.len() as u64, Relaxed);

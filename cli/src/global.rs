@@ -37,8 +37,10 @@ pub struct Global {
     #[arg(long, global = true, env = "SNAPCTL_NO_DIRECT",
           value_parser = clap::builder::FalseyValueParser::new())]
     pub no_direct: bool,
-    /// Connections to each registry that chunk downloads take turns over (more can
-    /// help where one HTTP/2 connection is the limit: a fast registry, a long link).
+    /// Connections to each registry for chunk downloads: the first carries what a
+    /// restore waits on now (page faults, CRIU's next bytes), the others take the
+    /// bulk in turn; with 1 all share it (more can help where one HTTP/2 connection is
+    /// the limit: a fast registry, a long link).
     #[arg(long, global = true, env = "SNAPCTL_CHUNK_CONNECTIONS",
           default_value_t = snapreg_client::remote::DEFAULT_CHUNK_CONNECTIONS as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]

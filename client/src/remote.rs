@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{ClientError, Result};
+use crate::fetch::Lane;
 
 /// Matches the registry's limit: a manifest or a 16 MiB chunk fits.
 const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
@@ -80,21 +81,31 @@ impl Credentials {
 
 type Client = RegistryClient<InterceptedService<Channel, BearerToken>>;
 
-/// Connections a remote downloads chunks over by default (`with_chunk_connections`).
-/// One HTTP/2 connection carries every frame through one task and one flow-control
-/// window on each side. On the H200 host the lazy fill from a registry in memory
-/// waited on its fetches 96% of its workers' time, at 2.1 GB/s over one connection
-/// (bench/RESULTS.md, "`--lazy` from a registry in memory"). Whether more connections
-/// lift that is not measured yet (bench/gpu/connections.sh); on 2 cores 4 made no
-/// difference. So one stays the default until a measurement says otherwise.
-pub const DEFAULT_CHUNK_CONNECTIONS: usize = 1;
+/// Connections a remote downloads chunks over by default (`with_chunk_connections`):
+/// the first for urgent fetches ([`Lane::Urgent`]: a page fault, CRIU's next bytes),
+/// the second for the bulk of a restore. One HTTP/2 connection shares its bytes among
+/// its streams, so over a single one a lazy restore's page faults wait behind the
+/// fill's 32 fetches in flight. The CUDA restore faults on host pages the fill has not
+/// reached yet: on the H200 it took 2.3-2.9 s in lazy restores and 1.7-2.3 s in eager
+/// ones (bench/RESULTS.md, "The urgent lane"). With one connection every fetch shares it.
+pub const DEFAULT_CHUNK_CONNECTIONS: usize = 2;
+
+/// Which of `n` chunk connections a fetch on `lane` takes; `turn` counts bulk fetches.
+/// Connection 0 is the urgent lane's; the bulk ones take 1..n in turn. With one, both
+/// lanes share it.
+fn lane_connection(lane: Lane, n: usize, turn: usize) -> usize {
+    match (lane, n) {
+        (_, 0 | 1) | (Lane::Urgent, _) => 0,
+        (Lane::Bulk, n) => 1 + turn % (n - 1),
+    }
+}
 
 #[derive(Clone)]
 pub struct Remote {
     url: String,
     client: Client,
-    /// Chunk downloads (GetChunks) take these in turn: `client` first, then further
-    /// connections to the same registry, opened at their first call.
+    /// Chunk downloads (GetChunks): `client` first, then further connections to the
+    /// same registry, opened at their first call ([`lane_connection`] picks one).
     chunk_clients: Arc<[Client]>,
     next_chunk_client: Arc<AtomicUsize>,
     /// How to open those connections; none over an in-process link.
@@ -146,8 +157,9 @@ impl Remote {
     }
 
     /// Downloads chunks over `n` connections (at least one; the first is the one
-    /// every other call uses). The others open at their first call, so an
-    /// unreachable registry still fails at `connect_with`.
+    /// every other call uses, and the urgent lane's when there are more). The others
+    /// open at their first call, so an unreachable registry still fails at
+    /// `connect_with`.
     pub fn with_chunk_connections(mut self, n: usize) -> Self {
         if let Some((endpoint, token)) = &self.endpoint {
             let more = (1..n.max(1)).map(|_| client(endpoint.connect_lazy(), token.clone()));
@@ -156,10 +168,13 @@ impl Remote {
         self
     }
 
-    /// The next connection for a chunk download, in turn.
-    fn chunk_client(&self) -> Client {
-        let i = self.next_chunk_client.fetch_add(1, Ordering::Relaxed);
-        self.chunk_clients[i % self.chunk_clients.len()].clone()
+    /// The connection for a chunk download on `lane`.
+    fn chunk_client(&self, lane: Lane) -> Client {
+        let turn = match lane {
+            Lane::Urgent => 0,
+            Lane::Bulk => self.next_chunk_client.fetch_add(1, Ordering::Relaxed),
+        };
+        self.chunk_clients[lane_connection(lane, self.chunk_clients.len(), turn)].clone()
     }
 
     /// A remote over a channel made elsewhere (a registry's in-process link,
@@ -301,8 +316,13 @@ impl Remote {
         Ok(resp.into_inner())
     }
 
-    /// Streams chunk objects (codec framing, unverified) in the order asked.
-    pub async fn get_chunks(&self, digests: &[Digest]) -> Result<tonic::Streaming<pb::ChunkData>> {
+    /// Streams chunk objects (codec framing, unverified) in the order asked, over a
+    /// connection of `lane`.
+    pub async fn get_chunks(
+        &self,
+        digests: &[Digest],
+        lane: Lane,
+    ) -> Result<tonic::Streaming<pb::ChunkData>> {
         let req = pb::GetChunksRequest {
             digests: digests
                 .iter()
@@ -310,7 +330,7 @@ impl Remote {
                 .collect(),
         };
         Ok(self
-            .chunk_client()
+            .chunk_client(lane)
             .get_chunks(req)
             .await
             .map_err(|s| self.status(s))?
@@ -320,8 +340,8 @@ impl Remote {
     /// One chunk object (not yet verified). The call is read to its end, so it
     /// finishes cleanly instead of being reset: a restore makes thousands of these, and
     /// that many resets trip HTTP/2's limit on reset streams.
-    pub async fn get_chunk(&self, digest: Digest) -> Result<Bytes> {
-        let mut stream = self.get_chunks(&[digest]).await?;
+    pub async fn get_chunk(&self, digest: Digest, lane: Lane) -> Result<Bytes> {
+        let mut stream = self.get_chunks(&[digest], lane).await?;
         let msg = stream
             .message()
             .await
@@ -770,6 +790,19 @@ pub(crate) fn from_status(url: &str, s: tonic::Status) -> ClientError {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn urgent_fetches_keep_the_first_connection_and_bulk_ones_take_the_rest_in_turn() {
+        let bulk: Vec<usize> = (0..6).map(|t| lane_connection(Lane::Bulk, 4, t)).collect();
+        assert_eq!(bulk, [1, 2, 3, 1, 2, 3]);
+        for t in 0..6 {
+            assert_eq!(lane_connection(Lane::Urgent, 4, t), 0);
+            assert_eq!(lane_connection(Lane::Bulk, 2, t), 1);
+            // One connection: both lanes share it.
+            assert_eq!(lane_connection(Lane::Bulk, 1, t), 0);
+            assert_eq!(lane_connection(Lane::Urgent, 1, t), 0);
+        }
+    }
 
     #[test]
     fn access_refusals_keep_the_registry_message_and_address() {

@@ -18,7 +18,7 @@ use super::node_cache::NodeCache;
 use super::peers::Peers;
 use super::registries::Registries;
 use super::scheduler::{Budget, Priority, Scheduler, SchedulerStats};
-use super::{ChunkFetch, Fetched, Origin, Want};
+use super::{ChunkFetch, Fetched, Lane, Origin, Want};
 use crate::cache::ChunkCache;
 use crate::encryption;
 use crate::error::{ClientError, Result};
@@ -212,7 +212,8 @@ impl Chunks {
     async fn fetch_one(&self, digest: Digest, file: &str) -> Result<Fetched> {
         match &self.scheduler {
             Some(s) => s.fetch(digest, file, self.priority).await,
-            None => self.stack.fetch(digest, file).await,
+            // Nothing else of this reader's is in flight to be urgent against.
+            None => self.stack.fetch(digest, file, Lane::Bulk).await,
         }
     }
 

@@ -22,7 +22,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use snapreg_proto::Digest;
 
-use super::{verify_object, ChunkFetch, Fetched, Origin};
+use super::{verify_object, ChunkFetch, Fetched, Lane, Origin};
 use crate::error::{ClientError, Result};
 use crate::remote::Remote;
 
@@ -54,7 +54,7 @@ impl DirectUrls {
         }))
     }
 
-    async fn fetch_direct(&self, digest: Digest, file: &str) -> Result<Fetched> {
+    async fn fetch_direct(&self, digest: Digest, file: &str, lane: Lane) -> Result<Fetched> {
         if let Some(url) = self.urls.get(&digest) {
             match self.fetcher.fetch(url).await {
                 Ok(object) => {
@@ -74,13 +74,18 @@ impl DirectUrls {
                 Err(e) => return Err(e),
             }
         }
-        self.inner.fetch(digest, file).await
+        self.inner.fetch(digest, file, lane).await
     }
 }
 
 impl ChunkFetch for DirectUrls {
-    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
-        self.fetch_direct(digest, file).boxed()
+    fn fetch<'a>(
+        &'a self,
+        digest: Digest,
+        file: &'a str,
+        lane: Lane,
+    ) -> BoxFuture<'a, Result<Fetched>> {
+        self.fetch_direct(digest, file, lane).boxed()
     }
 }
 

@@ -68,10 +68,30 @@ pub enum Origin {
 /// One chunk a reader wants, with the file it belongs to (for error messages).
 pub type Want = (Digest, Arc<str>);
 
+/// Which connection to a registry a fetch takes ([`crate::remote::Remote`]).
+///
+/// A fetch that a reader is blocked on (a page fault of a lazy restore, CRIU's next
+/// bytes) must not queue behind the bulk of a restore: over one HTTP/2 connection a
+/// new stream gets its share of the bytes in flight, so with 32 fetches of ~0.5 MiB
+/// in flight a fault's chunk takes ~32 chunk-times. The scheduler sends its
+/// `Demand` fetches on the urgent lane, a connection of their own when the remote
+/// has more than one, and everything else on the bulk lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Urgent,
+    Bulk,
+}
+
 /// One layer of the chunk-fetch stack.
 pub trait ChunkFetch: Send + Sync {
-    /// One chunk, verified against `digest`; `file` names it in errors.
-    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>>;
+    /// One chunk, verified against `digest`; `file` names it in errors; `lane` says
+    /// which connection a registry fetch takes.
+    fn fetch<'a>(
+        &'a self,
+        digest: Digest,
+        file: &'a str,
+        lane: Lane,
+    ) -> BoxFuture<'a, Result<Fetched>>;
 
     /// Many chunks, verified, in any order, at most `window` in flight. Layers that can
     /// batch (GetChunks streams) override it; the default fetches one by one.
@@ -81,9 +101,9 @@ pub trait ChunkFetch: Send + Sync {
         window: usize,
     ) -> BoxStream<'_, Result<(Digest, Fetched)>> {
         futures::stream::iter(wants)
-            .map(
-                move |(digest, file)| async move { Ok((digest, self.fetch(digest, &file).await?)) },
-            )
+            .map(move |(digest, file)| async move {
+                Ok((digest, self.fetch(digest, &file, Lane::Bulk).await?))
+            })
             .buffer_unordered(window.max(1))
             .boxed()
     }
@@ -119,7 +139,12 @@ mod tests {
     }
 
     impl ChunkFetch for Memory {
-        fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
+        fn fetch<'a>(
+            &'a self,
+            digest: Digest,
+            file: &'a str,
+            _: Lane,
+        ) -> BoxFuture<'a, Result<Fetched>> {
             self.calls.fetch_add(1, Relaxed);
             let found = self.chunks.get(&digest).cloned();
             async move {
@@ -156,9 +181,9 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), u64::MAX).unwrap();
         let (below, digests) = memory(&[b"first chunk", b"second chunk"]);
         let stack = node_cache::NodeCache::over(cache.clone(), below.clone());
-        let first = stack.fetch(digests[0], "f").await.unwrap();
+        let first = stack.fetch(digests[0], "f", Lane::Bulk).await.unwrap();
         assert!(matches!(first.origin, Origin::Registry { .. }), "{first:?}");
-        let again = stack.fetch(digests[0], "f").await.unwrap();
+        let again = stack.fetch(digests[0], "f", Lane::Bulk).await.unwrap();
         assert!(matches!(again.origin, Origin::NodeCache), "{again:?}");
         assert_eq!(again.content, first.content);
         assert_eq!(below.calls.load(Relaxed), 1);
@@ -171,11 +196,11 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), u64::MAX).unwrap();
         let (below, digests) = memory(&[b"chunk that rots"]);
         let stack = node_cache::NodeCache::over(cache.clone(), below.clone());
-        stack.fetch(digests[0], "f").await.unwrap();
+        stack.fetch(digests[0], "f", Lane::Bulk).await.unwrap();
         let hex = digests[0].to_hex();
         let file = dir.path().join("chunks").join(&hex[..2]).join(&hex);
         std::fs::write(&file, b"chunk that ROTS").unwrap();
-        let again = stack.fetch(digests[0], "f").await.unwrap();
+        let again = stack.fetch(digests[0], "f", Lane::Bulk).await.unwrap();
         assert!(matches!(again.origin, Origin::Registry { .. }), "{again:?}");
         assert_eq!(&again.content[..], b"chunk that rots");
         assert_eq!(below.calls.load(Relaxed), 2);

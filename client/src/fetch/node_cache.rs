@@ -11,7 +11,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use snapreg_proto::Digest;
 
-use super::{ChunkFetch, Fetched, Origin, Want};
+use super::{ChunkFetch, Fetched, Lane, Origin, Want};
 use crate::cache::ChunkCache;
 use crate::error::Result;
 
@@ -25,7 +25,7 @@ impl NodeCache {
         Arc::new(NodeCache { cache, inner })
     }
 
-    async fn fetch_cached(&self, digest: Digest, file: &str) -> Result<Fetched> {
+    async fn fetch_cached(&self, digest: Digest, file: &str, lane: Lane) -> Result<Fetched> {
         let cache = self.cache.clone();
         let cached = tokio::task::spawn_blocking(move || cache.get(&digest))
             .await
@@ -37,7 +37,7 @@ impl NodeCache {
                 origin: Origin::NodeCache,
             });
         }
-        let fetched = self.inner.fetch(digest, file).await?;
+        let fetched = self.inner.fetch(digest, file, lane).await?;
         self.store(digest, fetched.content.clone()).await;
         Ok(fetched)
     }
@@ -52,8 +52,13 @@ impl NodeCache {
 }
 
 impl ChunkFetch for NodeCache {
-    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
-        self.fetch_cached(digest, file).boxed()
+    fn fetch<'a>(
+        &'a self,
+        digest: Digest,
+        file: &'a str,
+        lane: Lane,
+    ) -> BoxFuture<'a, Result<Fetched>> {
+        self.fetch_cached(digest, file, lane).boxed()
     }
 
     /// What the cache holds, read one by one; the rest asked of the layer below in
@@ -74,7 +79,7 @@ impl ChunkFetch for NodeCache {
                 .unwrap_or((Vec::new(), all));
             let from_cache = futures::stream::iter(cached)
                 .map(move |(digest, file)| async move {
-                    Ok((digest, self.fetch_cached(digest, &file).await?))
+                    Ok((digest, self.fetch_cached(digest, &file, Lane::Bulk).await?))
                 })
                 .buffer_unordered(window.max(1));
             let from_below = self

@@ -27,7 +27,7 @@ use futures::{FutureExt, StreamExt};
 use snapreg_proto::Digest;
 use tokio::sync::mpsc;
 
-use super::{verify_object, ChunkFetch, Fetched, Origin, Want};
+use super::{verify_object, ChunkFetch, Fetched, Lane, Origin, Want};
 use crate::error::{ClientError, Result};
 use crate::peer::order::RegistryOrder;
 use crate::peer::swarm::{Lease, Outcome, Swarm, PER_PARENT, PER_PARENT_IN_ORDER};
@@ -49,9 +49,9 @@ impl Peers {
         Arc::new(Peers { swarm, inner })
     }
 
-    async fn fetch_one(&self, digest: Digest, file: &str) -> Result<Fetched> {
+    async fn fetch_one(&self, digest: Digest, file: &str, lane: Lane) -> Result<Fetched> {
         let Some(i) = self.swarm.index_of(&digest) else {
-            return self.inner.fetch(digest, file).await;
+            return self.inner.fetch(digest, file, lane).await;
         };
         // Two parents at most, then the layer below.
         for _ in 0..2 {
@@ -71,15 +71,20 @@ impl Peers {
                 });
             }
         }
-        let fetched = self.inner.fetch(digest, file).await?;
+        let fetched = self.inner.fetch(digest, file, lane).await?;
         self.swarm.got_one();
         Ok(fetched)
     }
 }
 
 impl ChunkFetch for Peers {
-    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
-        self.fetch_one(digest, file).boxed()
+    fn fetch<'a>(
+        &'a self,
+        digest: Digest,
+        file: &'a str,
+        lane: Lane,
+    ) -> BoxFuture<'a, Result<Fetched>> {
+        self.fetch_one(digest, file, lane).boxed()
     }
 
     fn fetch_many(
@@ -272,8 +277,10 @@ impl Scheduler {
             self.state[w] = State::Running;
             self.below_running += 1;
             let (inner, (digest, file)) = (self.inner.clone(), self.wants[w].clone());
-            running
-                .push(async move { Finished::Below(w, inner.fetch(digest, &file).await) }.boxed());
+            running.push(
+                async move { Finished::Below(w, inner.fetch(digest, &file, Lane::Bulk).await) }
+                    .boxed(),
+            );
         }
     }
 

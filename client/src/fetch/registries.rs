@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryFutureExt};
 use snapreg_proto::Digest;
 
-use super::{verify_object, ChunkFetch, Fetched, Origin, Want};
+use super::{verify_object, ChunkFetch, Fetched, Lane, Origin, Want};
 use crate::error::{ClientError, Result};
 use crate::remote::Remote;
 
@@ -40,8 +40,9 @@ impl Registries {
         url: &Arc<str>,
         digest: Digest,
         file: &str,
+        lane: Lane,
     ) -> Result<Fetched> {
-        let object = remote.get_chunk(digest).await.map_err(|e| match e {
+        let object = remote.get_chunk(digest, lane).await.map_err(|e| match e {
             ClientError::NotFound(m) => ClientError::NotFound(format!("{m} (in {file})")),
             e => e,
         })?;
@@ -55,10 +56,10 @@ impl Registries {
         })
     }
 
-    async fn fetch_any(&self, digest: Digest, file: &str) -> Result<Fetched> {
+    async fn fetch_any(&self, digest: Digest, file: &str, lane: Lane) -> Result<Fetched> {
         let mut last_error = None;
         for (remote, url) in &self.remotes {
-            match Self::fetch_from(remote, url, digest, file).await {
+            match Self::fetch_from(remote, url, digest, file, lane).await {
                 Ok(f) => return Ok(f),
                 Err(
                     e @ (ClientError::NotFound(_)
@@ -88,7 +89,7 @@ impl Registries {
         batch: Vec<Want>,
     ) -> BoxStream<'a, Result<(Digest, Arc<str>, bytes::Bytes)>> {
         let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-        async move { remote.get_chunks(&digests).await }
+        async move { remote.get_chunks(&digests, Lane::Bulk).await }
             .map_ok(move |stream| {
                 futures::stream::try_unfold(
                     (stream, batch.into_iter()),
@@ -123,8 +124,13 @@ impl Registries {
 }
 
 impl ChunkFetch for Registries {
-    fn fetch<'a>(&'a self, digest: Digest, file: &'a str) -> BoxFuture<'a, Result<Fetched>> {
-        self.fetch_any(digest, file).boxed()
+    fn fetch<'a>(
+        &'a self,
+        digest: Digest,
+        file: &'a str,
+        lane: Lane,
+    ) -> BoxFuture<'a, Result<Fetched>> {
+        self.fetch_any(digest, file, lane).boxed()
     }
 
     /// Batched GetChunks streams from the first registry when it is the only one; with
@@ -136,7 +142,9 @@ impl ChunkFetch for Registries {
     ) -> BoxStream<'_, Result<(Digest, Fetched)>> {
         let [(remote, url)] = self.remotes.as_slice() else {
             return futures::stream::iter(wants)
-                .map(move |(d, file)| async move { Ok((d, self.fetch_any(d, &file).await?)) })
+                .map(move |(d, file)| async move {
+                    Ok((d, self.fetch_any(d, &file, Lane::Bulk).await?))
+                })
                 .buffer_unordered(window.max(1))
                 .boxed();
         };

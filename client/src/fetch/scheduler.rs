@@ -11,7 +11,8 @@
 //!   reader ─fetch(digest, priority)─▶ Scheduler
 //!      already in flight? ─▶ wait for that fetch (a Demand never waits behind a
 //!                            lower-priority fetch that has not started: it fetches too)
-//!      else ─▶ a permit, highest priority first (FIFO within one) ─▶ layer below
+//!      else ─▶ a permit, highest priority first (FIFO within one) ─▶ layer below,
+//!              a Demand on the urgent lane (its own connection), the rest on the bulk
 //! ```
 //!
 //! Budget: `permits` fetches in flight. Chunks are at most the manifest's max chunk
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use snapreg_proto::Digest;
 use tokio::sync::{oneshot, watch};
 
-use super::{ChunkFetch, Fetched, Origin};
+use super::{ChunkFetch, Fetched, Lane, Origin};
 use crate::error::Result;
 
 /// Who wants a chunk, most urgent first.
@@ -172,7 +173,11 @@ impl Scheduler {
             g.slot.started.store(true, Relaxed);
         }
         self.fetches.fetch_add(1, Relaxed);
-        let result = self.inner.fetch(digest, file).await;
+        let lane = match priority {
+            Priority::Demand => Lane::Urgent,
+            _ => Lane::Bulk,
+        };
+        let result = self.inner.fetch(digest, file, lane).await;
         if let (Some(g), Ok(fetched)) = (&mut guard, &result) {
             g.result = Some(fetched.clone());
         }
@@ -307,17 +312,24 @@ mod tests {
 
     use super::*;
 
-    /// A bottom layer that records the order fetches reach it and holds each one until
-    /// the test lets it go.
+    /// A bottom layer that records the order fetches reach it (and the lane each
+    /// takes) and holds each one until the test lets it go.
     struct Gate {
         order: Mutex<Vec<Digest>>,
+        lanes: Mutex<Vec<(Digest, Lane)>>,
         open: tokio::sync::Semaphore,
     }
 
     impl ChunkFetch for Gate {
-        fn fetch<'a>(&'a self, digest: Digest, _: &'a str) -> BoxFuture<'a, Result<Fetched>> {
+        fn fetch<'a>(
+            &'a self,
+            digest: Digest,
+            _: &'a str,
+            lane: Lane,
+        ) -> BoxFuture<'a, Result<Fetched>> {
             async move {
                 self.order.lock().unwrap().push(digest);
+                self.lanes.lock().unwrap().push((digest, lane));
                 self.open.acquire().await.unwrap().forget();
                 Ok(Fetched {
                     content: Bytes::from(digest.to_hex()),
@@ -334,6 +346,7 @@ mod tests {
     fn gate() -> Arc<Gate> {
         Arc::new(Gate {
             order: Mutex::default(),
+            lanes: Mutex::default(),
             open: tokio::sync::Semaphore::new(0),
         })
     }
@@ -347,7 +360,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn freed_permits_go_to_the_most_urgent_waiter() {
+    async fn freed_permits_go_to_the_most_urgent_waiter_and_only_demands_take_the_urgent_lane() {
         let below = gate();
         let s = Scheduler::over(below.clone(), Budget { requests: 1 });
         let mut tasks = tokio::task::JoinSet::new();
@@ -368,6 +381,17 @@ mod tests {
         }
         let order = below.order.lock().unwrap().clone();
         assert_eq!(order, vec![d(1), d(4), d(3), d(2)]);
+        // Only the demand takes the urgent lane (a connection of its own below).
+        let lanes = below.lanes.lock().unwrap().clone();
+        assert_eq!(
+            lanes,
+            vec![
+                (d(1), Lane::Bulk),
+                (d(4), Lane::Urgent),
+                (d(3), Lane::Bulk),
+                (d(2), Lane::Bulk)
+            ]
+        );
         assert_eq!(s.stats().peak_in_flight, 1);
         assert_eq!(s.stats().fetches, 4);
     }

@@ -88,6 +88,7 @@ struct Counters {
     removes: AtomicU64,
     unmaps: AtomicU64,
     fetch_nanos: AtomicU64,
+    fault_fetch_nanos: AtomicU64,
     copy_nanos: AtomicU64,
     fill_claims: AtomicU64,
     fill_pieces: AtomicU64,
@@ -278,6 +279,7 @@ impl LazyDaemon {
                 .unwrap()
                 .map(|t| t.saturating_duration_since(started).as_secs_f64()),
             fill_fetch_seconds: n(&c.fetch_nanos) as f64 / 1e9,
+            fault_fetch_seconds: n(&c.fault_fetch_nanos) as f64 / 1e9,
             fill_copy_seconds: n(&c.copy_nanos) as f64 / 1e9,
             fill_claims: n(&c.fill_claims),
             fill_pieces: n(&c.fill_pieces),
@@ -703,7 +705,12 @@ async fn serve_fault(shared: &Shared, slot: usize, addr: u64) -> Result<()> {
                 len,
                 source: Source::Chunk { chunk, skip },
                 ..
-            }) => Some(slice(shared, &shared.demand, chunk, skip, len, &file).await?),
+            }) => {
+                let fetching = Instant::now();
+                let bytes = slice(shared, &shared.demand, chunk, skip, len, &file).await?;
+                add_nanos(&c.fault_fetch_nanos, fetching.elapsed());
+                Some(bytes)
+            }
             _ => None,
         };
         match copy_fault(shared, slot, addr, piece, bytes.as_deref())? {

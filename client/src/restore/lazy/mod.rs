@@ -73,6 +73,9 @@ pub struct LazyReport {
     /// dominates says what limits the fill.
     pub fill_fetch_seconds: f64,
     pub fill_copy_seconds: f64,
+    /// The page faults together: seconds waiting for their chunks (the tree's
+    /// thread waits that long; zero-page faults fetch nothing).
+    pub fault_fetch_seconds: f64,
     /// The fill's claims of chunk data (each one chunk asked for once, its pieces
     /// copied from it), and the pieces they held.
     pub fill_claims: u64,
