@@ -17,7 +17,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{ClientError, Result};
-use crate::fetch::Lane;
 
 /// Matches the registry's limit: a manifest or a 16 MiB chunk fits.
 const MAX_MESSAGE_BYTES: usize = snapreg_proto::manifest::MAX_MANIFEST_BYTES + (1 << 20);
@@ -79,15 +78,29 @@ impl Credentials {
     }
 }
 
+/// Which of a remote's chunk connections a fetch takes.
+///
+/// A fetch that a reader is blocked on (a page fault of a lazy restore, CRIU's next
+/// bytes) must not queue behind the bulk of a restore: over one HTTP/2 connection a
+/// new stream gets its share of the bytes in flight, so with 32 fetches of ~0.5 MiB
+/// in flight a fault's chunk takes ~32 chunk-times. The scheduler sends its
+/// `Demand` fetches on the urgent lane, a connection of their own when the remote
+/// has more than one, and everything else on the bulk lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Urgent,
+    Bulk,
+}
+
 type Client = RegistryClient<InterceptedService<Channel, BearerToken>>;
 
 /// Connections a remote downloads chunks over by default (`with_chunk_connections`):
 /// the first for urgent fetches ([`Lane::Urgent`]: a page fault, CRIU's next bytes),
-/// the second for the bulk of a restore. One HTTP/2 connection shares its bytes among
-/// its streams, so over a single one a lazy restore's page faults wait behind the
-/// fill's 32 fetches in flight. The CUDA restore faults on host pages the fill has not
-/// reached yet: on the H200 it took 2.3-2.9 s in lazy restores and 1.7-2.3 s in eager
-/// ones (bench/RESULTS.md, "The urgent lane"). With one connection every fetch shares it.
+/// the second for the bulk of a restore; with one every fetch shares it. One H100 A/B
+/// (bench/RESULTS.md, "The urgent lane"; one rep each): eager separated 5.82 s with 2
+/// against 6.67 s with 1 (CRIU's part 3.24 s against 4.11 s); separated `--lazy`
+/// 6.50 s against 6.00 s, with a fault's wait for its chunk 2.9 ms against 4.7 ms and
+/// the CUDA restore unchanged (2.55 s, 2.45 s). Eager is the default restore, so 2.
 pub const DEFAULT_CHUNK_CONNECTIONS: usize = 2;
 
 /// Which of `n` chunk connections a fetch on `lane` takes; `turn` counts bulk fetches.

@@ -38,6 +38,7 @@ use snapreg_proto::Digest;
 
 use crate::error::Result;
 
+pub use crate::remote::Lane;
 pub use chunks::{Builder, Chunks, PeerSummary};
 pub use scheduler::{Budget, Priority, SchedulerStats};
 
@@ -67,20 +68,6 @@ pub enum Origin {
 
 /// One chunk a reader wants, with the file it belongs to (for error messages).
 pub type Want = (Digest, Arc<str>);
-
-/// Which connection to a registry a fetch takes ([`crate::remote::Remote`]).
-///
-/// A fetch that a reader is blocked on (a page fault of a lazy restore, CRIU's next
-/// bytes) must not queue behind the bulk of a restore: over one HTTP/2 connection a
-/// new stream gets its share of the bytes in flight, so with 32 fetches of ~0.5 MiB
-/// in flight a fault's chunk takes ~32 chunk-times. The scheduler sends its
-/// `Demand` fetches on the urgent lane, a connection of their own when the remote
-/// has more than one, and everything else on the bulk lane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lane {
-    Urgent,
-    Bulk,
-}
 
 /// One layer of the chunk-fetch stack.
 pub trait ChunkFetch: Send + Sync {
