@@ -121,7 +121,7 @@ for k, v in (("criu_restore_s", r.get("restore_seconds")), ("device_memory_in_s"
              ("lazy_gb", round(l["lazy_bytes"] / 1e9, 2) if l else None),
              ("device_memory_lazy_gb", round(l["device_memory_bytes"] / 1e9, 2) if l else None), ("peak_rss_mib", (r.get("peak_rss_bytes") or 0) >> 20),
              ("faults", l.get("faults")), ("zero_faults", l.get("zero_faults")), ("fault_fetch_s", l.get("fault_fetch_seconds")),
-             ("fill_started_s", l.get("fill_started_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
+             ("fill_started_s", l.get("fill_started_seconds")), ("fill_ended_s", l.get("fill_ended_seconds")), ("fill_fetch_worker_s", l.get("fill_fetch_seconds")),
              ("fill_copy_worker_s", l.get("fill_copy_seconds")), ("fill_claims", l.get("fill_claims")),
              ("fill_pieces", l.get("fill_pieces")), ("joined", (r.get("scheduler") or {}).get("joined"))):
     if v is not None:

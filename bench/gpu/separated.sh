@@ -53,6 +53,10 @@
 #                         --lazy with REG_MEM=1; separated eager and --lazy, fresh
 #                         service) again right after itself with these settings:
 #                         connections and fetch budget against the defaults, in one run
+#   A/B                   (AB="name:K=V,K=V name2:K=V", REPS=2, AB_EAGER=0) after the rest,
+#                         the separated --lazy restore (fresh service) once per variant
+#                         with its settings exported, the variants in turn, REPS rounds;
+#                         AB_EAGER=1 adds the eager one ("name:" alone: the defaults)
 # TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
 # baseline stay): a shorter run of the separated restores.
 # THP=always|madvise|never sets transparent huge pages for the whole run (put back at
@@ -256,6 +260,29 @@ if [ "${LAZY:-1}" = 1 ]; then
     lazy_restore separated_lazy_tuned "$Bc" "$Bc.log.ck" "$W/cache-lbt" "hf/$PRESET:separated" --weights-service "$SOCK"
     tuned_off
   fi
+fi
+
+if [ -n "${AB:-}" ]; then
+  # AB="name:K=V,K=V name2:…": each variant's settings exported for one separated
+  # --lazy restore (fresh service; with AB_EAGER=1 an eager one too), the variants in
+  # turn, REPS rounds: ab_NAME_rN_lazy, ab_NAME_rN_eager
+  for rep in $(seq 1 "${REPS:-2}"); do
+    for v in $AB; do
+      [ "$(left)" -gt 25 ] || { say "A/B stopped at the deadline"; break 2; }
+      name=${v%%:*} kvs=${v#*:}
+      for kv in ${kvs//,/ }; do export "$kv"; done
+      say "A/B round $rep, $name ($kvs): pull-restore --lazy, separated, fresh weights service"
+      fresh_service
+      lazy_restore "ab_${name}_r${rep}_lazy" "$Bc" "$Bc.log.ck" "$W/cache-ab" "hf/$PRESET:separated" --weights-service "$SOCK"
+      rm -rf "$W/cache-ab"
+      if [ "${AB_EAGER:-0}" = 1 ]; then
+        say "A/B round $rep, $name ($kvs): pull-restore, separated, fresh weights service"
+        fresh_service; separated_restore "ab_${name}_r${rep}_eager" "$W/cache-ab"
+        rm -rf "$W/cache-ab"
+      fi
+      for kv in ${kvs//,/ }; do unset "${kv%%=*}"; done
+    done
+  done
 fi
 
 cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null

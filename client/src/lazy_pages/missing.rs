@@ -35,6 +35,9 @@ pub enum Source {
         skip: u64,
     },
     Zero,
+    /// Never dumped (a page of a device-memory mapping the checkpoint left
+    /// untouched): the zero page, as the kernel would map it; no bytes of the image.
+    Hole,
 }
 
 impl Source {
@@ -46,6 +49,7 @@ impl Source {
                 skip: skip + by,
             },
             Source::Zero => Source::Zero,
+            Source::Hole => Source::Hole,
         }
     }
 }
@@ -57,6 +61,10 @@ pub struct Piece {
     pub len: u64,
     pub source: Source,
 }
+
+/// The most one zero piece spans: device memory's zero runs reach gigabytes, and a
+/// piece is one worker's ioctl (retried whole after EAGAIN).
+const ZERO_PIECE: u64 = 32 << 20;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -82,6 +90,59 @@ pub struct Missing {
     /// device memory went in at 0.17 GB/s on the H200, against 0.9-1.2 GB/s since
     /// (bench/RESULTS.md).
     first_from: usize,
+}
+
+/// The first ranges (device memory) widened to the VMAs they lie in, whose holes
+/// become [`Source::Hole`] pieces, filled first too. The CUDA restore reads every page
+/// of those mappings at once, holes included; a hole it found missing was a fault
+/// through the daemon, one 4 KiB page at a time (1.4 million, 40 s on the medium GPU
+/// preset while the rest of the fill was held; bench/RESULTS.md). Sorted, disjoint.
+fn first_with_holes(
+    entries: &mut BTreeMap<u64, Entry>,
+    first: &[(u64, u64)],
+    vmas: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    let device_vmas: Vec<(u64, u64)> = vmas
+        .iter()
+        .copied()
+        .filter(|&(vs, ve)| first.iter().any(|&(s, t)| vs < t && s < ve))
+        .collect();
+    // A piece lies inside one VMA (a zero-page ioctl cannot cross one): holes per VMA.
+    for &(vs, ve) in &device_vmas {
+        let mut holes = Vec::new();
+        let mut at = vs;
+        for (&vaddr, e) in entries.range(vs..ve) {
+            if vaddr > at {
+                holes.push((at, vaddr));
+            }
+            at = at.max(vaddr + e.len);
+        }
+        if at < ve {
+            holes.push((at, ve));
+        }
+        for (mut a, b) in holes {
+            while a < b {
+                let len = (b - a).min(ZERO_PIECE);
+                let hole = Entry {
+                    len,
+                    source: Source::Hole,
+                    claim: None,
+                };
+                entries.insert(a, hole);
+                a += len;
+            }
+        }
+    }
+    let mut wide: Vec<(u64, u64)> = first.iter().copied().chain(device_vmas).collect();
+    wide.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(wide.len());
+    for (s, t) in wide {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(t),
+            _ => merged.push((s, t)),
+        }
+    }
+    merged
 }
 
 impl Missing {
@@ -112,7 +173,10 @@ impl Missing {
                 };
                 let (at, extent) = placed[i];
                 let in_extent = (at + extent.len()).saturating_sub(offset);
-                let len = (end.min(vma_end) - vaddr).min(in_extent);
+                let mut len = (end.min(vma_end) - vaddr).min(in_extent);
+                if matches!(extent, Extent::Zero { .. }) {
+                    len = len.min(ZERO_PIECE);
+                }
                 if len == 0 {
                     break;
                 }
@@ -135,8 +199,7 @@ impl Missing {
                 offset += len;
             }
         }
-        let mut first = task.first.clone();
-        first.sort_unstable();
+        let first = first_with_holes(&mut entries, &task.first, vmas);
         Missing {
             pages_file: task.pages_file.clone(),
             entries,
@@ -522,6 +585,70 @@ mod tests {
         assert!(!m.first_missing(), "every first piece is in");
         assert!(m.claim_first(5).is_none());
         assert_eq!(m.claim(6).map(|c| c[0].vaddr), Some(A), "then the rest");
+    }
+
+    #[test]
+    fn the_holes_of_device_memory_mappings_are_filled_first_as_zero_pages() {
+        // Device memory at pages 2..4 and 8..10 of a 16-page VMA; a plain run elsewhere.
+        let c = Digest::of(b"dev");
+        let run = |vaddr, pages, offset| LazyRun {
+            vaddr,
+            pages,
+            offset,
+        };
+        let task = LazyTask {
+            pages_file: "pages-1.img".into(),
+            runs: vec![
+                run(A + 2 * PAGE, 2, 0),
+                run(A + 8 * PAGE, 2, 2 * PAGE),
+                run(A + 32 * PAGE, 1, 4 * PAGE),
+            ],
+            first: vec![(A + 2 * PAGE, A + 4 * PAGE), (A + 8 * PAGE, A + 10 * PAGE)],
+        };
+        let extents = [Extent::Chunk {
+            chunk: c,
+            len: 5 * PAGE,
+        }];
+        let vmas = [(A, A + 16 * PAGE), (A + 32 * PAGE, A + 33 * PAGE)];
+        let mut m = Missing::new(&task, &vmas, &extents);
+        assert_eq!(
+            m.first,
+            vec![(A, A + 16 * PAGE)],
+            "the whole mapping comes first"
+        );
+        let mut first = Vec::new();
+        while let Some(claimed) = m.claim_first(1) {
+            first.extend(
+                claimed
+                    .iter()
+                    .map(|p| (p.vaddr - A, p.len / PAGE, p.source == Source::Hole)),
+            );
+        }
+        assert_eq!(
+            first
+                .iter()
+                .map(|&(a, n, h)| (a / PAGE, n, h))
+                .collect::<Vec<_>>(),
+            vec![
+                (0, 2, true),
+                (2, 2, false),
+                (4, 4, true),
+                (8, 2, false),
+                (10, 6, true)
+            ]
+        );
+        // The plain run's VMA gets no holes: the kernel's own zero page serves those.
+        assert_eq!(
+            m.claim(2).map(|c| (c[0].vaddr, c[0].source)),
+            Some((
+                A + 32 * PAGE,
+                Source::Chunk {
+                    chunk: c,
+                    skip: 4 * PAGE
+                }
+            ))
+        );
+        assert_eq!(m.claim(3), None);
     }
 
     #[test]

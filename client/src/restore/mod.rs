@@ -57,6 +57,7 @@ use crate::written_files::{self, PutBack};
 use crate::zero_pages::ZeroPagePlan;
 use crate::{encryption, pull, work_dir};
 pub use files::FileServing;
+pub use finish::BesideCuda;
 pub use lazy::LazyReport;
 use plan::Plan;
 use serve::{CriuRestore, Image};
@@ -101,6 +102,8 @@ pub struct RestoreOptions {
     /// Resume the tree before every page is back: CRIU's lazy restore, with the
     /// missing pages served from the chunk stack ([`lazy`]).
     pub lazy: bool,
+    /// What goes on beside the CUDA restore ([`BesideCuda`]).
+    pub beside_cuda: BesideCuda,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -263,11 +266,8 @@ async fn restore(
         Some(l) if !plan.cuda_pids.is_empty() => Some(l.device_memory_in(started).await?),
         l => l,
     };
-    let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
-    // The weights fill ran beside CRIU and the CUDA restore; the workers map their
-    // weights when resumed.
-    at.reached(outcome::Phase::Weights, None);
-    let weights = finish::weights_filled(weights_fill, &plan).await?;
+    let (cuda_restore_seconds, weights) =
+        cuda_and_weights(cuda_init, weights_fill, lazy.as_ref(), &plan, opts, at).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
     }
@@ -311,6 +311,38 @@ async fn restore(
         lazy,
         serving,
     })
+}
+
+/// The CUDA restore and the weights fill's end, in the order `opts.beside_cuda` asks
+/// for; the workers map their weights only when resumed, after both.
+async fn cuda_and_weights(
+    cuda_init: Option<JoinHandle<Result<crate::cuda::Cuda>>>,
+    mut weights_fill: Option<finish::WeightsFill>,
+    lazy: Option<&lazy::Lazy>,
+    plan: &Plan,
+    opts: &RestoreOptions,
+    at: &mut outcome::Stage,
+) -> Result<(Option<f64>, Option<crate::weights::FillReport>)> {
+    let mut weights = None;
+    if opts.beside_cuda.weights_first() {
+        at.reached(outcome::Phase::Weights, None);
+        weights = finish::weights_filled(weights_fill.take(), plan).await?;
+        at.reached(outcome::Phase::CudaRestore, None);
+    }
+    let hold = lazy.filter(|_| opts.beside_cuda.holds_fill());
+    if let Some(l) = hold {
+        l.daemon.hold_rest(true);
+    }
+    let cuda_restore_seconds = finish::restore_cuda(cuda_init, plan).await;
+    if let Some(l) = hold {
+        l.daemon.hold_rest(false);
+    }
+    let cuda_restore_seconds = cuda_restore_seconds?;
+    at.reached(outcome::Phase::Weights, None);
+    if weights.is_none() {
+        weights = finish::weights_filled(weights_fill, plan).await?;
+    }
+    Ok((cuda_restore_seconds, weights))
 }
 
 /// Starts CRIU's restore of the image, with the chunk stack that serves it and the

@@ -101,8 +101,12 @@ struct Shared {
     /// CRIU said "restore finished": the fill may start.
     finished: tokio::sync::Notify,
     finished_flag: AtomicBool,
-    /// When the fill began (after "restore finished").
+    /// When the fill began (after "restore finished") and when its last worker ended.
     fill_started: Mutex<Option<Instant>>,
+    fill_ended: Mutex<Option<Instant>>,
+    /// The fill puts in device memory only (faults are still served): set while the
+    /// CUDA restore runs ([`LazyDaemon::hold_rest`]).
+    rest_held: AtomicBool,
     stop: AtomicBool,
     next_claim: AtomicU64,
     fill: Chunks,
@@ -148,6 +152,8 @@ impl LazyDaemon {
             finished: tokio::sync::Notify::new(),
             finished_flag: AtomicBool::new(false),
             fill_started: Mutex::new(None),
+            fill_ended: Mutex::new(None),
+            rest_held: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             next_claim: AtomicU64::new(1),
             fill: chunks.at(Priority::ReadAhead),
@@ -218,6 +224,12 @@ impl LazyDaemon {
         false
     }
 
+    /// While `held`, the fill puts in no more than device memory: the pages the CUDA
+    /// restore does not read wait, and faults are served as ever.
+    pub fn hold_rest(&self, held: bool) {
+        self.shared.rest_held.store(held, Ordering::SeqCst);
+    }
+
     /// CRIU's restore failed: nothing is coming.
     pub async fn abort(mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -259,6 +271,11 @@ impl LazyDaemon {
         }
         let c = &self.shared.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let since = |t: &Mutex<Option<Instant>>| {
+            t.lock()
+                .unwrap()
+                .map(|t| t.saturating_duration_since(started).as_secs_f64())
+        };
         Ok(LazyReport {
             lazy_bytes: plan.lazy_bytes,
             device_memory_bytes: plan.first_bytes,
@@ -272,12 +289,8 @@ impl LazyDaemon {
             removes: n(&c.removes),
             unmaps: n(&c.unmaps),
             fillers: self.fillers,
-            fill_started_seconds: self
-                .shared
-                .fill_started
-                .lock()
-                .unwrap()
-                .map(|t| t.saturating_duration_since(started).as_secs_f64()),
+            fill_started_seconds: since(&self.shared.fill_started),
+            fill_ended_seconds: since(&self.shared.fill_ended),
             fill_fetch_seconds: n(&c.fetch_nanos) as f64 / 1e9,
             fault_fetch_seconds: n(&c.fault_fetch_nanos) as f64 / 1e9,
             fill_copy_seconds: n(&c.copy_nanos) as f64 / 1e9,
@@ -495,6 +508,7 @@ async fn serve(
         for w in futures::future::join_all(workers).await {
             flatten(w)?;
         }
+        *shared.fill_ended.lock().unwrap() = Some(Instant::now());
         Ok::<_, ClientError>(())
     };
     tokio::try_join!(fault_server, fill).map(|_| ())
@@ -546,7 +560,7 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
                     .fetch_add(pieces.len() as u64, Ordering::Relaxed);
                 Some((chunk, kept_chunk(shared, at, chunk, &file).await?))
             }
-            Source::Zero => None,
+            Source::Zero | Source::Hole => None,
         };
         add_nanos(&shared.counters.fetch_nanos, fetching.elapsed());
         for piece in &pieces {
@@ -556,19 +570,22 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
                 }
                 _ => None,
             };
-            fill_piece(shared, slot, piece.vaddr, id, bytes.as_deref()).await?;
+            let image_bytes = piece.source != Source::Hole;
+            fill_piece(shared, slot, piece.vaddr, id, bytes.as_deref(), image_bytes).await?;
         }
     }
     Ok(())
 }
 
-/// Copies one claimed piece in, trying again while events keep the kernel busy.
+/// Copies one claimed piece in, trying again while events keep the kernel busy;
+/// counts it as placed if it holds bytes of the image (not a hole).
 async fn fill_piece(
     shared: &Shared,
     slot: usize,
     vaddr: u64,
     id: u64,
     bytes: Option<&[u8]>,
+    image_bytes: bool,
 ) -> Result<()> {
     for _ in 0..COPY_TRIES {
         let copying = Instant::now();
@@ -576,8 +593,10 @@ async fn fill_piece(
         add_nanos(&shared.counters.copy_nanos, copying.elapsed());
         match copied {
             Copied::Done(n) => {
-                shared.counters.bytes_filled.fetch_add(n, Ordering::Relaxed);
-                shared.copied(n);
+                if image_bytes {
+                    shared.counters.bytes_filled.fetch_add(n, Ordering::Relaxed);
+                    shared.copied(n);
+                }
                 return Ok(());
             }
             Copied::Again => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -592,11 +611,15 @@ fn add_nanos(counter: &AtomicU64, d: Duration) {
 }
 
 /// The lowest unclaimed piece of the first open task that has one, with the pieces
-/// after it from the same chunk, device memory of any task first; whether it was
-/// device memory.
+/// after it from the same chunk, device memory of any task first (only that while
+/// the rest is held); whether it was device memory.
 fn claim(shared: &Shared, id: u64) -> Option<(usize, Vec<Piece>, Arc<str>, bool)> {
+    let held = shared.rest_held.load(Ordering::SeqCst);
     let mut slots = shared.slots.lock().unwrap();
     for first in [true, false] {
+        if held && !first {
+            return None;
+        }
         let found = slots.iter_mut().enumerate().find_map(|(i, s)| {
             s.uffd.as_ref()?;
             let p = if first {
@@ -724,7 +747,7 @@ async fn serve_fault(shared: &Shared, slot: usize, addr: u64) -> Result<()> {
             }
             Copied::Done(n) => {
                 c.zero_faults.fetch_add(1, Ordering::Relaxed);
-                if piece.is_some() {
+                if piece.is_some_and(|p| p.source == Source::Zero) {
                     // A zero run of the image (kept in trees of several tasks).
                     shared.copied(n);
                 }

@@ -68,6 +68,9 @@ pub struct LazyReport {
     pub fillers: usize,
     /// From the command's start until CRIU said "restore finished" and the fill began.
     pub fill_started_seconds: Option<f64>,
+    /// From the command's start until the fill's last worker ended (every piece in,
+    /// unless a fault put the last ones in).
+    pub fill_ended_seconds: Option<f64>,
     /// The fill's workers together: seconds waiting for chunks (the fetch stack:
     /// node cache, registry, verification), and seconds copying them in. Which one
     /// dominates says what limits the fill.
