@@ -43,9 +43,10 @@
 //! one reader at ~1 GB/s; served on fault it went 4 KiB at a time (CRIU's own daemon:
 //! 13 s against 8.5 s eager). So the fill puts the device-memory pieces in before any
 //! other, from every worker, and the CUDA restore waits until they are all in. It
-//! reads the holes of those mappings too (pages the checkpoint never touched: 5.8 GB
-//! of the medium preset's 6.9), so the fill maps the zero page over them first as
-//! well ([`missing`]); each was otherwise a fault through the daemon. On the
+//! reads the holes of those mappings too (pages the checkpoint never touched: the
+//! medium preset's restore faulted on 5.8 GB of them, beside 1.0 GB of data), so the
+//! fill maps the zero page over them first as well ([`missing`]); each was otherwise
+//! a fault through the daemon. On the
 //! H200 that fill ran at 0.9-1.2 GB/s from a cold node cache, no faster than CRIU's
 //! reader; what limits it is not yet established (bench/RESULTS.md).
 //!
