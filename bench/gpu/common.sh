@@ -7,6 +7,17 @@ PRESET="${PRESET:-small}"
 DEADLINE="${DEADLINE:-540}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
+# ARCHIVE=FILE: OUT (without CRIU's images and logs) tarred into FILE every 15 s and
+# once more after the run, however it ends: a device call cut off at its time limit
+# still brings back what was measured (write FILE under the call's $OUT).
+archive() {
+  tar --exclude='*.img' --exclude=dump.log --exclude=restore.log -czf "$ARCHIVE.tmp" -C "$OUT" . 2>/dev/null &&
+    mv "$ARCHIVE.tmp" "$ARCHIVE"
+}
+if [ -n "${ARCHIVE:-}" ]; then
+  # A TERM to the whole group (timeout's) archives at once; the wait lets it in.
+  (trap 'archive; exit' TERM; while kill -0 $$ 2>/dev/null; do sleep 15 & wait $!; archive; done; archive) &
+fi
 export PYTHONUNBUFFERED=1 SNAPCTL_LOG=info
 left() { echo $((DEADLINE - ($(date +%s) - S0))); }
 now() { date +%s.%N; }

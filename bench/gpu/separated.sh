@@ -68,6 +68,8 @@
 # tokens and logits the worker produced before its checkpoint. Results (JSON per step,
 # summary.json, run.log) go to $OUT as they come; DEADLINE (s) stops the run early.
 #   PRESET=small DEADLINE=540 OUT=/tmp/sep bash bench/gpu/separated.sh
+# On the device machine add ARCHIVE=$OUT/sep.tgz (common.sh): a call cut off still
+# brings back what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/snapreg-sep}" W=/var/tmp/snapreg-sep
