@@ -62,8 +62,8 @@ pub struct Piece {
     pub source: Source,
 }
 
-/// The most one zero piece spans: device memory's zero runs reach gigabytes, and a
-/// piece is one worker's ioctl (retried whole after EAGAIN).
+/// The most one zero or hole piece spans: device memory's holes reach gigabytes, and
+/// a piece is one worker's ioctl (retried whole after EAGAIN).
 const ZERO_PIECE: u64 = 32 << 20;
 
 #[derive(Clone, Copy, Debug)]

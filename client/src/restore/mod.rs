@@ -323,10 +323,10 @@ async fn cuda_and_weights(
     opts: &RestoreOptions,
     at: &mut outcome::Stage,
 ) -> Result<(Option<f64>, Option<crate::weights::FillReport>)> {
-    let mut weights = None;
+    let mut weights_first = None;
     if opts.beside_cuda.weights_first() {
         at.reached(outcome::Phase::Weights, None);
-        weights = finish::weights_filled(weights_fill.take(), plan).await?;
+        weights_first = finish::weights_filled(weights_fill.take(), plan).await?;
         at.reached(outcome::Phase::CudaRestore, None);
     }
     let hold = lazy.filter(|_| opts.beside_cuda.holds_fill());
@@ -339,10 +339,9 @@ async fn cuda_and_weights(
     }
     let cuda_restore_seconds = cuda_restore_seconds?;
     at.reached(outcome::Phase::Weights, None);
-    if weights.is_none() {
-        weights = finish::weights_filled(weights_fill, plan).await?;
-    }
-    Ok((cuda_restore_seconds, weights))
+    // Taken above if waited for first: then this is None at once.
+    let weights_after = finish::weights_filled(weights_fill, plan).await?;
+    Ok((cuda_restore_seconds, weights_first.or(weights_after)))
 }
 
 /// Starts CRIU's restore of the image, with the chunk stack that serves it and the

@@ -570,8 +570,7 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
                 }
                 _ => None,
             };
-            let image_bytes = piece.source != Source::Hole;
-            fill_piece(shared, slot, piece.vaddr, id, bytes.as_deref(), image_bytes).await?;
+            fill_piece(shared, slot, piece, id, bytes.as_deref()).await?;
         }
     }
     Ok(())
@@ -582,14 +581,14 @@ async fn fill_worker(shared: &Shared) -> Result<()> {
 async fn fill_piece(
     shared: &Shared,
     slot: usize,
-    vaddr: u64,
+    piece: &Piece,
     id: u64,
     bytes: Option<&[u8]>,
-    image_bytes: bool,
 ) -> Result<()> {
+    let image_bytes = piece.source != Source::Hole;
     for _ in 0..COPY_TRIES {
         let copying = Instant::now();
-        let copied = copy_claimed(shared, slot, vaddr, id, bytes)?;
+        let copied = copy_claimed(shared, slot, piece.vaddr, id, bytes)?;
         add_nanos(&shared.counters.copy_nanos, copying.elapsed());
         match copied {
             Copied::Done(n) => {
