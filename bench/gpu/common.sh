@@ -38,12 +38,15 @@ W="${W:-/var/tmp/snapreg-gpu}"
 rm -rf "$W" /dev/shm/local /dev/shm/reg /dev/shm/cache-mem; mkdir -p "$W"
 : >"$OUT/summary.env"
 
-start_registry() { # DATA: a registry on DATA, at a free loopback port; sets REG and SNAPCTL_REGISTRY
+start_registry() { # DATA: a registry on DATA, at a free loopback port; sets REG,
+  # REG_DATA and SNAPCTL_REGISTRY
+  REG_DATA=$1
   "$B/snapreg" serve --anonymous admin --listen 127.0.0.1:0 --data "$1" >"$W/reg.out" 2>>"$W/reg.log" &
   REG=$!
   waitfile "$W/reg.out" 10
   export SNAPCTL_REGISTRY="http://$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$W/reg.out")"
 }
+restart_registry() { kill -TERM "$REG"; gone "$REG"; rm -f "$W/reg.out"; start_registry "$REG_DATA"; }
 registry_into_memory() { # the registry stopped, its data (index and store) copied into
   # /dev/shm/reg and served from there: a registry whose snapshot is hot in memory, as
   # one serving a fleet holds it (drop_caches on the node cannot evict it)
@@ -71,7 +74,21 @@ answer() { # CTL -> prints done0.json; returns 1 unless tokens and logits are eq
   cat "$1/done0.json"; echo
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d.get('equal') and d.get('logits_equal') and d.get('big_batch_equal') else 1)" "$1/done0.json"
 }
-kill_worker() { kill -9 "$PID" 2>/dev/null; gone "$PID"; }
+kill_worker() { # the whole tree: the worker is a session leader (setsid) and CRIU
+  # restores its process group, so children it forked (compile workers) go with it
+  kill -9 -- "-$PID" 2>/dev/null; kill -9 "$PID" 2>/dev/null; gone "$PID"
+  for _ in $(seq 200); do pgrep -g "$PID" >/dev/null || return 0; sleep 0.05; done; }
+machine_state() { # NAME: what a run leaves behind, after each restore: the registry's
+  # CPU seconds so far, processes, memory available and in tmpfs (GB), load, GPU memory
+  # used (MiB); a later restore slower than an earlier one is read against these
+  local tck; tck=$(getconf CLK_TCK)
+  result "${1}_registry_cpu_s" "$(awk -v t="$tck" '{printf "%.1f", ($14+$15)/t}' "/proc/$REG/stat" 2>/dev/null)"
+  result "${1}_procs" "$(ps -e --no-headers | wc -l)"
+  result "${1}_mem_available_gb" "$(awk '/^MemAvailable/{printf "%.1f", $2/1e6}' /proc/meminfo)"
+  result "${1}_shmem_gb" "$(awk '/^Shmem:/{printf "%.1f", $2/1e6}' /proc/meminfo)"
+  result "${1}_load1" "$(cut -d' ' -f1 /proc/loadavg)"
+  result "${1}_gpu_mem_mib" "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
+}
 restore_then_answer() { # NAME CTL LOGCOPY CMD...: CMD (a criu restore of the worker)
   # + CUDA restore, to the first answer; RESULT NAME_criu_restore_s, NAME_cuda_restore_s,
   # NAME_restore_s, NAME_first_answer_s, NAME_equal
@@ -155,7 +172,9 @@ lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   result "${name}_first_answer_s" "$(el "$t0" "$t1")"
   result "${name}_all_present_s" "$(el "$t0" "$t2")"
   account "$name"
+  result "${name}_tree_procs" "$(pgrep -g "$PID" | wc -l)"
   kill_worker
+  machine_state "$name"
 }
 trap 'kill -9 $REG 2>/dev/null; [ -n "${PID:-}" ] && kill -9 $PID 2>/dev/null' EXIT
 

@@ -56,7 +56,10 @@
 #   A/B                   (AB="name:K=V,K=V name2:K=V", REPS=2, AB_EAGER=0) after the rest,
 #                         the separated --lazy restore (fresh service) once per variant
 #                         with its settings exported, the variants in turn, REPS rounds;
-#                         AB_EAGER=1 adds the eager one ("name:" alone: the defaults)
+#                         AB_EAGER=1 adds the eager one ("name:" alone: the defaults);
+#                         FRESH_REGISTRY=1 in a variant restarts the registry (same
+#                         data) before its restore. After each --lazy restore the
+#                         machine's state goes into the summary (machine_state)
 # TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
 # baseline stay): a shorter run of the separated restores.
 # THP=always|madvise|never sets transparent huge pages for the whole run (put back at
@@ -274,6 +277,7 @@ if [ -n "${AB:-}" ]; then
       name=${v%%:*} kvs=${v#*:}
       for kv in ${kvs//,/ }; do export "$kv"; done
       say "A/B round $rep, $name ($kvs): pull-restore --lazy, separated, fresh weights service"
+      [ "${FRESH_REGISTRY:-0}" = 1 ] && restart_registry
       fresh_service
       lazy_restore "ab_${name}_r${rep}_lazy" "$Bc" "$Bc.log.ck" "$W/cache-ab" "hf/$PRESET:separated" --weights-service "$SOCK"
       rm -rf "$W/cache-ab"
@@ -287,6 +291,7 @@ if [ -n "${AB:-}" ]; then
   done
 fi
 
+ps -eo pid,ppid,pgid,stat,etimes,time,rss,args --sort=-time | cut -c1-200 | head -40 >"$OUT/ps-end.txt"
 cp "$W/ws.log" "$W/reg.log" "$A.log" "$Bc.log" "$OUT/" 2>/dev/null
 for d in $(ls -td /run/snapctl/* 2>/dev/null | head -4); do cp "$d"/*.log "$OUT/" 2>/dev/null; done
 say "done"
