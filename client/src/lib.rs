@@ -71,7 +71,6 @@
 //!     // Fetch what sibling nodes hold from them (this node's agent is "gpu-node-7").
 //!     peers: Some(PeerConfig::new(Some("gpu-node-7".into()), Credentials::default())),
 //!     lazy: false,
-//!     beside_cuda: restore::BesideCuda::default(),
 //! };
 //! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
 //! restore::become_subreaper();

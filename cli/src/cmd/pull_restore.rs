@@ -43,16 +43,6 @@ pub struct Args {
     /// Needs userfaultfd (`criu check --feature uffd-noncoop`).
     #[arg(long)]
     lazy: bool,
-    /// What runs beside the CUDA restore: everything (the weights fill and the lazy
-    /// fill of the other pages), weights (the lazy fill holds), fill (the weights
-    /// fill is waited for first) or nothing.
-    #[arg(
-        long,
-        env = "SNAPCTL_BESIDE_CUDA",
-        default_value = "everything",
-        value_name = "WHAT"
-    )]
-    beside_cuda: restore::BesideCuda,
     /// Extra CRIU arguments, after `--`.
     #[arg(last = true)]
     criu_args: Vec<String>,
@@ -76,7 +66,6 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         gpu_map: a.gpu_map.clone(),
         peers: g.peers()?,
         lazy: a.lazy,
-        beside_cuda: a.beside_cuda,
     };
     // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
     restore::become_subreaper();

@@ -40,52 +40,6 @@ pub(super) fn start_weights_fill(
     })))
 }
 
-/// What goes on beside the CUDA restore, which copies device memory back from the
-/// restored process's pages. Started before it: the weights fill (separated mode) and,
-/// under `--lazy`, the fill of the pages it does not read. Both compete with it for
-/// cores, memory bandwidth and (the weights service's copies) the GPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BesideCuda {
-    /// Both fills go on.
-    #[default]
-    Everything,
-    /// The weights fill goes on; the lazy fill holds the other pages (faults are
-    /// still served).
-    Weights,
-    /// The weights fill is waited for first; the lazy fill goes on.
-    Fill,
-    /// The weights fill is waited for first and the lazy fill holds.
-    Nothing,
-}
-
-impl BesideCuda {
-    /// Whether the weights fill must end before the CUDA restore starts.
-    pub(super) fn weights_first(self) -> bool {
-        matches!(self, BesideCuda::Fill | BesideCuda::Nothing)
-    }
-
-    /// Whether the lazy fill holds all but device memory during the CUDA restore.
-    pub(super) fn holds_fill(self) -> bool {
-        matches!(self, BesideCuda::Weights | BesideCuda::Nothing)
-    }
-}
-
-impl std::str::FromStr for BesideCuda {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "everything" => Ok(BesideCuda::Everything),
-            "weights" => Ok(BesideCuda::Weights),
-            "fill" => Ok(BesideCuda::Fill),
-            "nothing" => Ok(BesideCuda::Nothing),
-            _ => Err(format!(
-                "{s:?}: expected everything, weights, fill or nothing"
-            )),
-        }
-    }
-}
-
 /// The weights fill under way; stopped if the restore gives up before waiting for it.
 pub(super) struct WeightsFill(JoinHandle<Result<FillReport>>);
 

@@ -57,7 +57,6 @@ use crate::written_files::{self, PutBack};
 use crate::zero_pages::ZeroPagePlan;
 use crate::{encryption, pull, work_dir};
 pub use files::FileServing;
-pub use finish::BesideCuda;
 pub use lazy::LazyReport;
 use plan::Plan;
 use serve::{CriuRestore, Image};
@@ -102,8 +101,6 @@ pub struct RestoreOptions {
     /// Resume the tree before every page is back: CRIU's lazy restore, with the
     /// missing pages served from the chunk stack ([`lazy`]).
     pub lazy: bool,
-    /// What goes on beside the CUDA restore ([`BesideCuda`]).
-    pub beside_cuda: BesideCuda,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -267,7 +264,7 @@ async fn restore(
         l => l,
     };
     let (cuda_restore_seconds, weights) =
-        cuda_and_weights(cuda_init, weights_fill, lazy.as_ref(), &plan, opts, at).await?;
+        cuda_and_weights(cuda_init, weights_fill, &plan, at).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
     }
@@ -313,35 +310,21 @@ async fn restore(
     })
 }
 
-/// The CUDA restore and the weights fill's end, in the order `opts.beside_cuda` asks
-/// for; the workers map their weights only when resumed, after both.
+/// The CUDA restore, with the weights fill (and under `--lazy` the fill of the other
+/// pages) going on beside it, then the weights fill's end: the workers map their
+/// weights only when resumed, after both. Measured (bench/RESULTS.md, "What runs
+/// beside a lazy CUDA restore"): neither waiting for the weights first nor holding the
+/// lazy fill brought the first answer sooner.
 async fn cuda_and_weights(
     cuda_init: Option<JoinHandle<Result<crate::cuda::Cuda>>>,
-    mut weights_fill: Option<finish::WeightsFill>,
-    lazy: Option<&lazy::Lazy>,
+    weights_fill: Option<finish::WeightsFill>,
     plan: &Plan,
-    opts: &RestoreOptions,
     at: &mut outcome::Stage,
 ) -> Result<(Option<f64>, Option<crate::weights::FillReport>)> {
-    let mut weights_first = None;
-    if opts.beside_cuda.weights_first() {
-        at.reached(outcome::Phase::Weights, None);
-        weights_first = finish::weights_filled(weights_fill.take(), plan).await?;
-        at.reached(outcome::Phase::CudaRestore, None);
-    }
-    let hold = lazy.filter(|_| opts.beside_cuda.holds_fill());
-    if let Some(l) = hold {
-        l.daemon.hold_rest(true);
-    }
-    let cuda_restore_seconds = finish::restore_cuda(cuda_init, plan).await;
-    if let Some(l) = hold {
-        l.daemon.hold_rest(false);
-    }
-    let cuda_restore_seconds = cuda_restore_seconds?;
+    let cuda_restore_seconds = finish::restore_cuda(cuda_init, plan).await?;
     at.reached(outcome::Phase::Weights, None);
-    // Taken above if waited for first: then this is None at once.
-    let weights_after = finish::weights_filled(weights_fill, plan).await?;
-    Ok((cuda_restore_seconds, weights_first.or(weights_after)))
+    let weights = finish::weights_filled(weights_fill, plan).await?;
+    Ok((cuda_restore_seconds, weights))
 }
 
 /// Starts CRIU's restore of the image, with the chunk stack that serves it and the

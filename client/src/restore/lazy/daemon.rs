@@ -104,9 +104,6 @@ struct Shared {
     /// When the fill began (after "restore finished") and when its last worker ended.
     fill_started: Mutex<Option<Instant>>,
     fill_ended: Mutex<Option<Instant>>,
-    /// The fill puts in device memory only (faults are still served): set while the
-    /// CUDA restore runs ([`LazyDaemon::hold_rest`]).
-    rest_held: AtomicBool,
     stop: AtomicBool,
     next_claim: AtomicU64,
     fill: Chunks,
@@ -153,7 +150,6 @@ impl LazyDaemon {
             finished_flag: AtomicBool::new(false),
             fill_started: Mutex::new(None),
             fill_ended: Mutex::new(None),
-            rest_held: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             next_claim: AtomicU64::new(1),
             fill: chunks.at(Priority::ReadAhead),
@@ -222,12 +218,6 @@ impl LazyDaemon {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         false
-    }
-
-    /// While `held`, the fill puts in no more than device memory: the pages the CUDA
-    /// restore does not read wait, and faults are served as ever.
-    pub fn hold_rest(&self, held: bool) {
-        self.shared.rest_held.store(held, Ordering::SeqCst);
     }
 
     /// CRIU's restore failed: nothing is coming.
@@ -610,15 +600,11 @@ fn add_nanos(counter: &AtomicU64, d: Duration) {
 }
 
 /// The lowest unclaimed piece of the first open task that has one, with the pieces
-/// after it from the same chunk, device memory of any task first (only that while
-/// the rest is held); whether it was device memory.
+/// after it from the same chunk, device memory of any task first; whether it was
+/// device memory.
 fn claim(shared: &Shared, id: u64) -> Option<(usize, Vec<Piece>, Arc<str>, bool)> {
-    let held = shared.rest_held.load(Ordering::SeqCst);
     let mut slots = shared.slots.lock().unwrap();
     for first in [true, false] {
-        if held && !first {
-            return None;
-        }
         let found = slots.iter_mut().enumerate().find_map(|(i, s)| {
             s.uffd.as_ref()?;
             let p = if first {
