@@ -58,7 +58,8 @@
 #                         with its settings exported, the variants in turn, REPS rounds;
 #                         AB_EAGER=1 adds the eager one ("name:" alone: the defaults);
 #                         FRESH_REGISTRY=1 in a variant restarts the registry (same
-#                         data) before its restore. After each --lazy restore the
+#                         data) before its restore; CACHE_DIR=DIR puts its node cache
+#                         there (/dev/shm/cache-ab: no disk). After each --lazy restore the
 #                         machine's state goes into the summary (machine_state)
 # TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
 # baseline stay): a shorter run of the separated restores.
@@ -279,12 +280,12 @@ if [ -n "${AB:-}" ]; then
       say "A/B round $rep, $name ($kvs): pull-restore --lazy, separated, fresh weights service"
       [ "${FRESH_REGISTRY:-0}" = 1 ] && restart_registry
       fresh_service
-      lazy_restore "ab_${name}_r${rep}_lazy" "$Bc" "$Bc.log.ck" "$W/cache-ab" "hf/$PRESET:separated" --weights-service "$SOCK"
-      rm -rf "$W/cache-ab"
+      lazy_restore "ab_${name}_r${rep}_lazy" "$Bc" "$Bc.log.ck" "${CACHE_DIR:-$W/cache-ab}" "hf/$PRESET:separated" --weights-service "$SOCK"
+      rm -rf "${CACHE_DIR:-$W/cache-ab}"
       if [ "${AB_EAGER:-0}" = 1 ]; then
         say "A/B round $rep, $name ($kvs): pull-restore, separated, fresh weights service"
-        fresh_service; separated_restore "ab_${name}_r${rep}_eager" "$W/cache-ab"
-        rm -rf "$W/cache-ab"
+        fresh_service; separated_restore "ab_${name}_r${rep}_eager" "${CACHE_DIR:-$W/cache-ab}"
+        rm -rf "${CACHE_DIR:-$W/cache-ab}"
       fi
       for kv in ${kvs//,/ }; do unset "${kv%%=*}"; done
     done
