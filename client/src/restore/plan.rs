@@ -57,15 +57,6 @@ impl Plan {
             .collect();
         let resume =
             crate::weights::resume_list(manifest.annotations.get(annotations::WEIGHTS_RESUME));
-        let mut warnings = warnings;
-        if opts.lazy && !cuda_pids.is_empty() {
-            // Measured on an H200 (bench/RESULTS.md, 2026-12-05): device memory is lazy
-            // and filled first, and the CUDA restore waits for it, so a CUDA worker
-            // cannot answer before it is back.
-            warnings.push(format!(
-                "--lazy on a CUDA snapshot: the worker answers only once its device memory is back, and that comes no faster than its chunks: on an H200 the first answer came at 0.93-1.01x of an eager pull-restore in transparent mode, and with a weights service at 1.03-1.11x from a registry on disk but 0.78x from one serving from memory (one run); restore {reference} without --lazy unless its registry serves it from memory"
-            ));
-        }
         Ok(Plan {
             warnings,
             gpu_pairs,
