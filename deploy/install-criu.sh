@@ -71,7 +71,8 @@ Options:
 Environment:
   SNAPREG_CRIU_PREFIX  default for --prefix
   SNAPREG_CRIU_DEBS    .deb cache (default: \${XDG_CACHE_HOME:-\$HOME/.cache}/snapreg/criu-debs)
-  SNAPREG_CRIU_SUITES  Debian suites to try, in order (default: "forky sid")
+  SNAPREG_CRIU_SUITES  Debian suites to try, in order (default: "forky sid"); "sid+experimental"
+                       takes criu (and whatever else experimental has) from experimental
 
 Must run as root to install ('criu check' needs it); --gather does not.
 EOF
@@ -253,13 +254,21 @@ read_system_mirror() {
 
 # download_suite SUITE DEST: fetch WANT_PKGS from SUITE into DEST (empty dir) with a
 # private apt setup under $WORK/apt-SUITE. System apt state is only read, never written.
+# SUITE may be "BASE+OVERLAY" (sid+experimental): both are configured and OVERLAY's
+# packages win where it has them (pinned 990; experimental alone is never a
+# candidate), the rest come from BASE.
 download_suite() {
   local suite=$1 dest=$2 root="$WORK/apt-$1"
+  local base=${suite%%+*} overlay=""
+  [[ $suite == *+* ]] && overlay=${suite#*+}
   mkdir -p "$root"/{parts,sourceparts,prefparts,lists/partial,cache/archives/partial}
   {
-    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\n' "$MIRROR_URI" "$suite"
+    printf 'Types: deb\nURIs: %s\nSuites: %s %s\nComponents: main\n' "$MIRROR_URI" "$base" "$overlay"
     [[ -z $MIRROR_KEYRING ]] || printf 'Signed-By: %s\n' "$MIRROR_KEYRING"
   } >"$root/snapreg-criu.sources"
+  if [[ -n $overlay ]]; then
+    printf 'Package: *\nPin: release a=%s\nPin-Priority: 990\n' "$overlay" >"$root/preferences"
+  fi
   # Carry over the few system settings that matter for reaching the mirror (proxy,
   # date checks of snapshot mirrors); everything else in apt.conf.d is left out
   # because its hooks (docker-clean, appstream, packagekit) would act on system state.
