@@ -30,7 +30,10 @@ waitfile() { # FILE SECONDS
 result() { echo "$1=$2" >>"$OUT/summary.env"; echo "RESULT $1=$2"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-CRIU="$(deploy/install-criu.sh --from .carry/criu-debs | tail -n 1)"
+# CRIU_DEBS=.carry/criu43-debs: another CRIU for the whole run, local baseline included
+# (gathered with SNAPREG_CRIU_SUITES=sid+experimental deploy/install-criu.sh --gather DIR)
+CRIU="$(deploy/install-criu.sh --from "${CRIU_DEBS:-.carry/criu-debs}" | tail -n 1)"
+"$CRIU" --version | head -1
 export SNAPCTL_CRIU="$CRIU"
 "$CRIU" --version >/dev/null 2>&1 || { echo "CRIU did not install; nothing measured"; exit 1; }
 B=$PWD/.carry/bin

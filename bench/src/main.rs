@@ -706,6 +706,10 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
     let criu = criu_path();
     let state = w.join("proc-images");
     let at_checkpoint = counter(&state).context("the dumped process left no state")?;
+    // The process rewrites its state every 20 ms (state.tmp, then a rename). A dump that
+    // caught it in between holds state.tmp open, so every restore needs that file as
+    // it was; the first restored process renames it away.
+    let caught_mid_write = std::fs::read(state.join("state.tmp")).ok();
 
     let names = [
         "criu restore, local directory",
@@ -729,6 +733,9 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
             }
             if i == 1 || i == 4 {
                 let _ = std::fs::remove_dir_all(&cache);
+            }
+            if let Some(t) = &caught_mid_write {
+                std::fs::write(state.join("state.tmp"), t)?;
             }
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
