@@ -83,8 +83,8 @@ kill_worker() { # the whole tree: the worker is a session leader (setsid) and CR
   for _ in $(seq 200); do pgrep -g "$PID" >/dev/null || return 0; sleep 0.05; done; }
 machine_state() { # NAME: what a run leaves behind, after each restore: the registry's
   # CPU seconds so far, processes, memory available and in tmpfs (GB), dirty and under
-  # writeback (MB), free disk under W (GB), load, GPU memory used (MiB); a later
-  # restore slower than an earlier one is read against these
+  # writeback (MB), free disk under W (GB), load, GPU memory used (MiB), compaction;
+  # a later restore slower than an earlier one is read against these
   local tck; tck=$(getconf CLK_TCK)
   result "${1}_registry_cpu_s" "$(awk -v t="$tck" '{printf "%.1f", ($14+$15)/t}' "/proc/$REG/stat" 2>/dev/null)"
   result "${1}_procs" "$(ps -e --no-headers | wc -l)"
@@ -93,6 +93,10 @@ machine_state() { # NAME: what a run leaves behind, after each restore: the regi
   result "${1}_dirty_mb" "$(awk '/^(Dirty|Writeback):/{s+=$2} END{printf "%.0f", s/1e3}' /proc/meminfo)"
   result "${1}_disk_free_gb" "$(df -B1G --output=avail "$W" | tail -1 | tr -d ' ')"
   result "${1}_load1" "$(cut -d' ' -f1 /proc/loadavg)"
+  # memory that fragments restore after restore makes the kernel compact, or fall
+  # back from huge pages, on the allocation path: counters since boot
+  local k; for k in compact_stall compact_fail thp_fault_fallback; do
+    result "${1}_${k}" "$(awk -v k="$k" '$1 == k {print $2}' /proc/vmstat)"; done
   result "${1}_gpu_mem_mib" "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
 }
 restore_then_answer() { # NAME CTL LOGCOPY CMD...: CMD (a criu restore of the worker)

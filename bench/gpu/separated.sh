@@ -59,7 +59,8 @@
 #                         AB_EAGER=1 adds the eager one ("name:" alone: the defaults);
 #                         FRESH_REGISTRY=1 in a variant restarts the registry (same
 #                         data) before its restore; CACHE_DIR=DIR puts its node cache
-#                         there (/dev/shm/cache-ab: no disk). After each --lazy restore the
+#                         there (/dev/shm/cache-ab: no disk); COMPACT_MEMORY=1 compacts
+#                         memory before it. After each --lazy restore the
 #                         machine's state goes into the summary (machine_state)
 # TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
 # baseline stay): a shorter run of the separated restores.
@@ -279,6 +280,7 @@ if [ -n "${AB:-}" ]; then
       for kv in ${kvs//,/ }; do export "$kv"; done
       say "A/B round $rep, $name ($kvs): pull-restore --lazy, separated, fresh weights service"
       [ "${FRESH_REGISTRY:-0}" = 1 ] && restart_registry
+      [ "${COMPACT_MEMORY:-0}" = 1 ] && echo 1 >/proc/sys/vm/compact_memory
       fresh_service
       lazy_restore "ab_${name}_r${rep}_lazy" "$Bc" "$Bc.log.ck" "${CACHE_DIR:-$W/cache-ab}" "hf/$PRESET:separated" --weights-service "$SOCK"
       rm -rf "${CACHE_DIR:-$W/cache-ab}"
