@@ -82,11 +82,12 @@ kill_worker() { # the whole tree: the worker is a session leader (setsid) and CR
   kill -9 -- "-$PID" 2>/dev/null; kill -9 "$PID" 2>/dev/null; gone "$PID"
   for _ in $(seq 200); do pgrep -g "$PID" >/dev/null || return 0; sleep 0.05; done; }
 machine_state() { # NAME: what a run leaves behind, after each restore: the registry's
-  # CPU seconds so far, processes, memory available and in tmpfs (GB), dirty and under
+  # CPU seconds so far and RSS, processes, memory available and in tmpfs (GB), dirty and under
   # writeback (MB), free disk under W (GB), load, GPU memory used (MiB), compaction;
   # a later restore slower than an earlier one is read against these
   local tck; tck=$(getconf CLK_TCK)
   result "${1}_registry_cpu_s" "$(awk -v t="$tck" '{printf "%.1f", ($14+$15)/t}' "/proc/$REG/stat" 2>/dev/null)"
+  result "${1}_registry_rss_mib" "$(awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$REG/status" 2>/dev/null)"
   result "${1}_procs" "$(ps -e --no-headers | wc -l)"
   result "${1}_mem_available_gb" "$(awk '/^MemAvailable/{printf "%.1f", $2/1e6}' /proc/meminfo)"
   result "${1}_shmem_gb" "$(awk '/^Shmem:/{printf "%.1f", $2/1e6}' /proc/meminfo)"

@@ -2,7 +2,7 @@
 # Does a registry (or a node) get slower restore after restore? N pull-restore --lazy
 # rounds of one CPU test process against one long-lived registry, node cache emptied
 # and page cache dropped before each; per round: seconds to every page present, the
-# lazy fill's fetch seconds, the registry's CPU seconds so far. The restored process
+# lazy fill's fetch seconds, the registry's CPU seconds so far and RSS. The restored process
 # is killed (its whole group) and gone before the next round.
 #   N=12 MIB=1023 REG_DIR=/dev/shm/rounds-reg bash bench/rounds/lazy_rounds.sh
 # WEIGHTS_MIB=M: separated mode, as bench/gpu/separated.sh's A/B runs it on a GPU: the
@@ -70,14 +70,15 @@ for i in $(seq 1 "$N"); do
   "$T/snapctl" --json --cache "$W/cache" pull-restore --detach --lazy "${sep[@]}" rounds/p:a >"$W/rs.json" 2>"$W/rs.err" ||
     { echo "round $i failed:"; tail -5 "$W/rs.err"; exit 1; }
   t1=$(date +%s.%N)
-  python3 - "$W/rs.json" "$i" "$t0" "$t1" "$(awk -v t="$tck" '{printf "%.2f", ($14+$15)/t}' "/proc/$REG/stat")" <<'PY' | tee -a "$out"
+  python3 - "$W/rs.json" "$i" "$t0" "$t1" "$(awk -v t="$tck" '{printf "%.2f", ($14+$15)/t}' "/proc/$REG/stat")" \
+    "$(awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$REG/status")" <<'PY' | tee -a "$out"
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); l = r.get("lazy") or {}
 w = (r.get("weights") or {}).get("in_at_seconds")
 print(f"round {sys.argv[2]}: all present {float(sys.argv[4]) - float(sys.argv[3]):.2f} s, "
       f"fill fetch {l.get('fill_fetch_seconds', 0):.1f} worker-s, "
       + (f"weights in {w:.2f} s, " if w is not None else "")
-      + f"registry CPU so far {sys.argv[5]} s")
+      + f"registry CPU so far {sys.argv[5]} s, RSS {sys.argv[6]} MiB")
 PY
   if [ "$WEIGHTS_MIB" -gt 0 ]; then
     waitfile "$W/proc/resumed" 60 || { echo "round $i: the restored worker did not resume"; exit 1; }
