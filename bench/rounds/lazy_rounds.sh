@@ -9,6 +9,8 @@
 # worker holds M MiB of weights from `snapctl weights serve` (memfd backend) and MIB of
 # its own, is checkpointed without the weights, and every round restores it into a
 # freshly started service.
+# PROFILE="1 16": perf records the registry during those rounds; the top of each
+# profile goes to bench/runs/lazy-rounds-<unix s>-perf-rN.txt.
 # Prints one line per round; the same lines go to bench/runs/lazy-rounds-<unix s>.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,6 +68,11 @@ tck=$(getconf CLK_TCK)
 for i in $(seq 1 "$N"); do
   [ "$WEIGHTS_MIB" -gt 0 ] && start_service
   rm -rf "$W/cache" "$W/proc/resumed"; sync; echo 3 >/proc/sys/vm/drop_caches
+  perf_pid=
+  if [[ " ${PROFILE:-} " == *" $i "* ]]; then
+    perf record -q -F 499 -g -p "$REG" -o "$W/perf-$i.data" 2>/dev/null &
+    perf_pid=$!; sleep 0.5
+  fi
   t0=$(date +%s.%N)
   "$T/snapctl" --json --cache "$W/cache" pull-restore --detach --lazy "${sep[@]}" rounds/p:a >"$W/rs.json" 2>"$W/rs.err" ||
     { echo "round $i failed:"; tail -5 "$W/rs.err"; exit 1; }
@@ -80,6 +87,11 @@ print(f"round {sys.argv[2]}: all present {float(sys.argv[4]) - float(sys.argv[3]
       + (f"weights in {w:.2f} s, " if w is not None else "")
       + f"registry CPU so far {sys.argv[5]} s, RSS {sys.argv[6]} MiB")
 PY
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid"; wait "$perf_pid"
+    perf report -q -i "$W/perf-$i.data" --stdio --no-children --percent-limit 1 -g none 2>/dev/null |
+      head -60 >"${out%.txt}-perf-r$i.txt"
+  fi
   if [ "$WEIGHTS_MIB" -gt 0 ]; then
     waitfile "$W/proc/resumed" 60 || { echo "round $i: the restored worker did not resume"; exit 1; }
   fi
