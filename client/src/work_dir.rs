@@ -52,10 +52,9 @@ fn prune(base: &Path, keep: usize) {
             let pid = run_pid(e.file_name().to_str()?)?;
             let meta = e.metadata().ok()?;
             let alive = Path::new("/proc").join(pid.to_string()).exists();
-            (meta.is_dir() && !alive && !holds_images(&e.path()))
-                .then(|| (meta.modified().ok(), e.path()))
+            let modified = meta.modified().ok()?;
+            (meta.is_dir() && !alive && !holds_images(&e.path())).then(|| (modified, e.path()))
         })
-        .filter_map(|(t, p)| Some((t?, p)))
         .collect();
     ended.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
     for (_, path) in ended.into_iter().skip(keep) {

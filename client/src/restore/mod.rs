@@ -263,8 +263,13 @@ async fn restore(
         Some(l) if !plan.cuda_pids.is_empty() => Some(l.device_memory_in(started).await?),
         l => l,
     };
-    let (cuda_restore_seconds, weights) =
-        cuda_and_weights(cuda_init, weights_fill, &plan, at).await?;
+    // The weights fill (and under --lazy the fill of the other pages) goes on beside
+    // the CUDA restore: waiting for the weights first or holding the lazy fill brought
+    // the first answer no sooner (bench/RESULTS.md, "What runs beside a lazy CUDA
+    // restore"). The workers map their weights when resumed.
+    let cuda_restore_seconds = finish::restore_cuda(cuda_init, &plan).await?;
+    at.reached(outcome::Phase::Weights, None);
+    let weights = finish::weights_filled(weights_fill, &plan).await?;
     if weights.is_some() {
         crate::weights::resume(&plan.resume)?;
     }
@@ -308,23 +313,6 @@ async fn restore(
         lazy,
         serving,
     })
-}
-
-/// The CUDA restore, with the weights fill (and under `--lazy` the fill of the other
-/// pages) going on beside it, then the weights fill's end: the workers map their
-/// weights only when resumed, after both. Measured (bench/RESULTS.md, "What runs
-/// beside a lazy CUDA restore"): neither waiting for the weights first nor holding the
-/// lazy fill brought the first answer sooner.
-async fn cuda_and_weights(
-    cuda_init: Option<JoinHandle<Result<crate::cuda::Cuda>>>,
-    weights_fill: Option<finish::WeightsFill>,
-    plan: &Plan,
-    at: &mut outcome::Stage,
-) -> Result<(Option<f64>, Option<crate::weights::FillReport>)> {
-    let cuda_restore_seconds = finish::restore_cuda(cuda_init, plan).await?;
-    at.reached(outcome::Phase::Weights, None);
-    let weights = finish::weights_filled(weights_fill, plan).await?;
-    Ok((cuda_restore_seconds, weights))
 }
 
 /// Starts CRIU's restore of the image, with the chunk stack that serves it and the
