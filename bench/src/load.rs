@@ -11,7 +11,9 @@
 //! bytes are received but not decoded, so the measured side is the registry.
 //!
 //! Reported: requests served, errors (any is a failure), p50/p99 of GetChunks, bytes
-//! sent, and the registry's peak RSS (VmHWM).
+//! sent, the registry's CPU time over the clocked phase (and bytes sent per CPU second:
+//! the serving cost, steadier than throughput on a shared machine), and its peak RSS
+//! (VmHWM).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -147,6 +149,23 @@ async fn puller(url: String, id: usize, until: Instant, tally: Arc<Tally>) {
     }
 }
 
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat; 0 when gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which ends at the last ')': utime and stime are
+    // fields 14 and 15 of the line, 12 and 13 after it. Ticks are 100 per second on Linux.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
 pub(crate) fn vm_hwm(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -183,6 +202,7 @@ pub fn run(seconds: u64, pulls: usize, pushes: usize, mib: usize, json: bool) ->
         bail!("seeding failed: {:?}", tally.first_errors.lock().unwrap());
     }
     let seeded_pushes = tally.pushes.swap(0, Relaxed);
+    let cpu_before = cpu_seconds(reg.child.id());
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     rt.block_on(async {
@@ -209,6 +229,7 @@ pub fn run(seconds: u64, pulls: usize, pushes: usize, mib: usize, json: bool) ->
         }
     });
     let elapsed = started.elapsed().as_secs_f64();
+    let registry_cpu = cpu_seconds(reg.child.id()) - cpu_before;
     let peak_rss = vm_hwm(reg.child.id());
     let mut lat = tally.latencies.lock().unwrap().clone();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -219,15 +240,16 @@ pub fn run(seconds: u64, pulls: usize, pushes: usize, mib: usize, json: bool) ->
     let pushed = tally.pushes.load(Relaxed);
     let pulled = tally.bytes_pulled.load(Relaxed);
     println!("\nload: {pulls} pullers and {pushes} pushers for {elapsed:.0} s, {mib} MiB snapshots sharing 7/8 of their chunks ({seeded_pushes} seeded first)\n");
-    println!("| requests served | GetChunks calls | p50 / p99 GetChunks (32 chunks) | pushes | bytes sent | errors | registry peak RSS |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| requests served | GetChunks calls | p50 / p99 GetChunks (32 chunks) | pushes | bytes sent | errors | registry CPU | registry peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {get_chunks} | {:.0} / {:.0} ms | {pushed} | {:.2} GiB ({:.0} MiB/s) | {errors} | {} MiB |",
+        "| {} | {get_chunks} | {:.0} / {:.0} ms | {pushed} | {:.2} GiB ({:.0} MiB/s) | {errors} | {registry_cpu:.1} s ({:.0} MiB per CPU s) | {} MiB |",
         get_chunks + manifests + pushed,
         p50 * 1000.0,
         p99 * 1000.0,
         pulled as f64 / (1u64 << 30) as f64,
         pulled as f64 / (1 << 20) as f64 / elapsed,
+        pulled as f64 / (1 << 20) as f64 / registry_cpu.max(0.01),
         peak_rss >> 20
     );
     let result = serde_json::json!({
@@ -244,6 +266,7 @@ pub fn run(seconds: u64, pulls: usize, pushes: usize, mib: usize, json: bool) ->
         "get_chunks_p99_s": p99,
         "errors": errors,
         "first_errors": *tally.first_errors.lock().unwrap(),
+        "registry_cpu_s": registry_cpu,
         "registry_peak_rss_bytes": peak_rss,
     });
     save_run("load", &result)?;

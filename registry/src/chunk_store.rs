@@ -13,6 +13,8 @@
 //! server `AWS_ENDPOINT_URL` plus `AWS_ALLOW_HTTP=true` when it speaks plain HTTP).
 //! Only S3 can hand out presigned chunk URLs ([`ChunkStore::chunk_urls`]).
 
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::signer::{Method, Signer};
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    GetResult, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload,
+};
 use snapreg_proto::layout;
 use snapreg_proto::tags::TagRecord;
 use snapreg_proto::Digest;
@@ -243,7 +247,7 @@ impl ChunkStore {
             .get(&Path::from(layout::chunk_path(digest)))
             .await
         {
-            Ok(got) => Ok(got.bytes().await?),
+            Ok(got) => object_bytes(got).await,
             Err(object_store::Error::NotFound { .. }) => {
                 Err(RegistryError::ChunkMissing { digest: *digest })
             }
@@ -326,9 +330,90 @@ impl ChunkStore {
     }
 }
 
+/// An object's bytes. A local file is read straight into an uninitialised buffer:
+/// object_store 0.14's `GetResult::bytes` zero-fills the whole buffer before it reads
+/// (`local::read_range`), which was 6% of the registry's CPU while it served a restore
+/// (bench/RESULTS.md, "where the registry's serving time goes"). Other backends
+/// stream, and keep object_store's own collection.
+async fn object_bytes(got: GetResult) -> Result<Bytes> {
+    match got.payload {
+        GetResultPayload::File(file, path) => {
+            let range = got.range;
+            tokio::task::spawn_blocking(move || read_file_range(file, &path, range))
+                .await
+                .map_err(|e| RegistryError::Io(std::io::Error::other(e)))?
+        }
+        payload => Ok(GetResult { payload, ..got }.bytes().await?),
+    }
+}
+
+/// `range` of `file`, all of it or an error: a file shorter than its listed size (cut
+/// under the registry's feet) is an error, never a short chunk.
+fn read_file_range(
+    mut file: std::fs::File,
+    path: &std::path::Path,
+    range: Range<u64>,
+) -> Result<Bytes> {
+    let want = range.end - range.start;
+    let mut buf = Vec::with_capacity(want as usize);
+    file.seek(SeekFrom::Start(range.start))?;
+    // `read_to_end` reads into the spare capacity without initialising it first.
+    file.take(want).read_to_end(&mut buf)?;
+    if buf.len() as u64 != want {
+        return Err(RegistryError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "{}: read {} of {want} bytes; the object changed while it was read",
+                path.display(),
+                buf.len()
+            ),
+        )));
+    }
+    Ok(buf.into())
+}
+
 fn ignore_not_found(r: object_store::Result<()>) -> Result<()> {
     match r {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_local_chunk_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(None, dir.path().join("store")).unwrap();
+        // Larger than object_store's 8 KiB stream pieces, and not a multiple of a page.
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let digest = Digest::of(&data);
+        store
+            .put_chunk(&digest, Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        assert_eq!(store.get_chunk(&digest).await.unwrap(), data);
+        assert!(matches!(
+            store.get_chunk(&Digest::of(b"absent")).await,
+            Err(RegistryError::ChunkMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_range_is_an_error_not_a_short_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object");
+        std::fs::write(&path, (0..100u8).collect::<Vec<_>>()).unwrap();
+        let open = || std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            read_file_range(open(), &path, 10..50).unwrap(),
+            (10..50u8).collect::<Vec<_>>()
+        );
+        let err = read_file_range(open(), &path, 0..200).unwrap_err();
+        assert!(err.to_string().contains("read 100 of 200 bytes"), "{err}");
     }
 }
