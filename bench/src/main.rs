@@ -53,7 +53,8 @@
 //!
 //! `snapreg-bench load [--seconds S] [--pulls P] [--pushes Q] [--mib M] [--json]`
 //!   one registry under P concurrent pulls and Q concurrent pushes of overlapping
-//!   snapshots: requests served, errors, GetChunks p50/p99, peak RSS (load.rs).
+//!   snapshots: requests served, errors, GetChunks p50/p99, the registry's CPU time
+//!   and peak RSS (load.rs).
 //!
 //! `snapreg-bench cost [--chunks 100000,1000000] [--json]`
 //!   index bytes and registry RSS against chunk count, a 64 GiB push's planning time,
