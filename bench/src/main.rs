@@ -11,7 +11,8 @@
 //!   the image of a G GiB process (1/3 random, 1/3 repeated pattern, 1/3 zeros):
 //!   `snapctl pull-restore` from a loopback registry (node cache empty) vs `criu restore`
 //!   from a local directory vs the archive path (HTTP download of a tar.zst, extract,
-//!   `criu restore`), then pull-restore with a warm node cache; page cache dropped
+//!   `criu restore`), then pull-restore with a warm node cache, then `--lazy` and
+//!   `--fill-first` each cold and warm (paths 0–7 in that order); page cache dropped
 //!   before each, interleaved; then snapctl's peak RSS against image size. With K,
 //!   every other K KiB of the random third is zeros: zero runs cut the image into
 //!   pieces smaller than a chunk, as in a GPU worker's device memory.
@@ -98,7 +99,7 @@ fn main() -> Result<()> {
             let rss: Vec<f64> = arg_list(&args, "--rss-gib", vec![0.5, 1.0, 2.0, 4.0]);
             // Which restore paths to run (indexes into the table; the local baseline,
             // 0, always runs): all by default.
-            let paths: Vec<usize> = arg_list(&args, "--paths", (0..6).collect());
+            let paths: Vec<usize> = arg_list(&args, "--paths", (0..8).collect());
             let shape = Shape {
                 holes_kib: opt("--holes-kib", 0),
                 ..Shape::of(gib)
@@ -719,6 +720,8 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
         "snapctl pull-restore, node cache warm",
         "snapctl pull-restore --lazy, node cache empty",
         "snapctl pull-restore --lazy, node cache warm",
+        "snapctl pull-restore --fill-first, node cache empty",
+        "snapctl pull-restore --fill-first, node cache warm",
     ];
     // Per path: seconds to the first answer, to the command's end; chunks fetched.
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
@@ -732,7 +735,7 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
             if i != 0 && !paths.contains(&i) {
                 continue;
             }
-            if i == 1 || i == 4 {
+            if i == 1 || i == 4 || i == 6 {
                 let _ = std::fs::remove_dir_all(&cache);
             }
             if let Some(t) = &caught_mid_write {
@@ -741,16 +744,14 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
             drop_caches();
             let scratch = w.join(format!("x{rep}-{i}"));
             let mut account = serde_json::Value::Null;
-            let mut pull = |lazy: bool| -> Result<(u64, u64)> {
+            let mut pull = |memory: Option<&'static str>| -> Result<(u64, u64)> {
                 let mut args = vec![
                     "--cache",
                     cache.to_str().unwrap(),
                     "pull-restore",
                     "--detach",
                 ];
-                if lazy {
-                    args.push("--lazy");
-                }
+                args.extend(memory);
                 args.push("bench/restore:a");
                 let j = snapctl(&reg.url, &args)?;
                 account = serde_json::json!({ "scheduler": j["scheduler"], "lazy": j["lazy"] });
@@ -765,8 +766,9 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
                     images.display()
                 ))
                 .map(|_| (0, 0)),
-                1 | 3 => pull(false),
-                4 | 5 => pull(true),
+                1 | 3 => pull(None),
+                4 | 5 => pull(Some("--lazy")),
+                6 | 7 => pull(Some("--fill-first")),
                 _ => {
                     std::fs::create_dir_all(&scratch)?;
                     sh(&format!(
@@ -808,7 +810,7 @@ fn restore(shape: Shape, reps: usize, rss_sizes: &[f64], paths: &[usize]) -> Res
         let mut v = first[i].clone();
         let m = median(&mut v);
         let all = median(&mut done[i].clone()).max(m);
-        let (fetched, rss) = if [1, 3, 4, 5].contains(&i) {
+        let (fetched, rss) = if [1, 3, 4, 5, 6, 7].contains(&i) {
             (fetched[i].0.to_string(), fetched[i].1.to_string())
         } else {
             ("–".into(), "–".into())

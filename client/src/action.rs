@@ -1,9 +1,12 @@
 //! snapctl as CRIU's action script.
 //!
-//! CRIU runs `--action-script` at fixed points; two of them decide outcomes:
+//! CRIU runs `--action-script` at fixed points; snapctl answers three of them:
 //! `post-dump` runs after every image is written and before the tasks are killed (a
 //! non-zero exit makes CRIU resume them), `post-restore` runs after the tree is
-//! restored and before it is resumed (a non-zero exit makes CRIU kill it). snapctl
+//! restored and before it is resumed (a non-zero exit makes CRIU kill it), and
+//! `pre-resume` runs after CRIU told its lazy-pages daemon "restore finished" and just
+//! before the tasks run (CRIU only logs its exit code): `pull-restore --fill-first`
+//! holds it until every page is in (cr-restore.c, `restore_root_task`). snapctl
 //! passes its own executable as the script and the path of a control socket in
 //! [`ENV_SOCKET`] (CRIU's environment reaches the script). The script connects, names
 //! the action, and exits 0 only on an `ok` answer: the snapshot is committed, or every
@@ -20,7 +23,7 @@ use crate::error::{ClientError, Result};
 pub const ENV_SOCKET: &str = "SNAPCTL_ACTION_SOCKET";
 const ENV_ACTION: &str = "CRTOOLS_SCRIPT_ACTION";
 /// The actions snapctl answers; every other one is a no-op.
-pub const DECIDING_ACTIONS: &[&str] = &["post-dump", "post-restore"];
+pub const DECIDING_ACTIONS: &[&str] = &["post-dump", "post-restore", "pre-resume"];
 
 /// Called first thing in `main`: `None` unless CRIU started this process as an action
 /// script; then whether CRIU may go on (the caller exits 0 on `Ok`, non-zero on `Err`).

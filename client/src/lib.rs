@@ -70,7 +70,7 @@
 //!     gpu_map: None,
 //!     // Fetch what sibling nodes hold from them (this node's agent is "gpu-node-7").
 //!     peers: Some(PeerConfig::new(Some("gpu-node-7".into()), Credentials::default())),
-//!     lazy: false,
+//!     memory: restore::MemoryIn::Streamed,
 //! };
 //! // The detached tree is orphaned when CRIU exits: this process reaps it meanwhile.
 //! restore::become_subreaper();

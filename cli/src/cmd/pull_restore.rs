@@ -41,8 +41,14 @@ pub struct Args {
     /// each page it touches (then the rest, in the background) served by snapctl
     /// from the registry and the node cache. snapctl returns once every page is in.
     /// Needs userfaultfd (`criu check --feature uffd-noncoop`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fill_first")]
     lazy: bool,
+    /// Put every page back before the process resumes, as the default does, but
+    /// from many workers through userfaultfd (as --lazy fills) instead of CRIU's
+    /// one reader; CRIU holds the tree until the last page is in. Needs what
+    /// --lazy needs.
+    #[arg(long)]
+    fill_first: bool,
     /// Extra CRIU arguments, after `--`.
     #[arg(last = true)]
     criu_args: Vec<String>,
@@ -65,7 +71,11 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
         keep_zero_pages: a.keep_zero_pages,
         gpu_map: a.gpu_map.clone(),
         peers: g.peers()?,
-        lazy: a.lazy,
+        memory: match (a.lazy, a.fill_first) {
+            (true, _) => restore::MemoryIn::Lazy,
+            (_, true) => restore::MemoryIn::FillFirst,
+            _ => restore::MemoryIn::Streamed,
+        },
     };
     // A detached tree is orphaned when CRIU exits: snapctl reaps it meanwhile.
     restore::become_subreaper();
@@ -84,26 +94,41 @@ pub async fn run(g: &Global, a: &Args) -> anyhow::Result<Output> {
             r.seconds,
             r.lazy
                 .as_ref()
-                .map(|l| format!(
-                    "\nlazy: running after {:.2}s; {} MiB of pages filled by {} workers and {} MiB on {} page faults, the last at {:.2}s{}",
-                    r.restore_seconds,
-                    l.bytes_filled >> 20,
-                    l.fillers,
-                    l.bytes_on_fault >> 20,
-                    l.faults,
-                    l.all_present_seconds,
-                    l.device_memory_seconds
-                        .map(|s| format!(
-                            "; device memory ({} MiB) first, in at {s:.2}s",
-                            l.device_memory_bytes >> 20
-                        ))
-                        .unwrap_or_default()
-                ))
+                .map(|l| lazy_line(r.memory, r.restore_seconds, l))
                 .unwrap_or_default(),
             put_back_lines(&r.written_files)
         ),
         json: serde_json::to_value(&r)?,
     })
+}
+
+/// What the lazy-pages daemon did, for `--lazy` and `--fill-first`.
+fn lazy_line(memory: restore::MemoryIn, restore_seconds: f64, l: &restore::LazyReport) -> String {
+    let device = l
+        .device_memory_seconds
+        .map(|s| {
+            format!(
+                "; device memory ({} MiB) first, in at {s:.2}s",
+                l.device_memory_bytes >> 20
+            )
+        })
+        .unwrap_or_default();
+    if memory == restore::MemoryIn::FillFirst {
+        return format!(
+            "\nfill-first: {} MiB of pages filled by {} workers, all in at {:.2}s before the resume{device}",
+            l.bytes_filled >> 20,
+            l.fillers,
+            l.fill_ended_seconds.unwrap_or(l.all_present_seconds),
+        );
+    }
+    format!(
+        "\nlazy: running after {restore_seconds:.2}s; {} MiB of pages filled by {} workers and {} MiB on {} page faults, the last at {:.2}s{device}",
+        l.bytes_filled >> 20,
+        l.fillers,
+        l.bytes_on_fault >> 20,
+        l.faults,
+        l.all_present_seconds,
+    )
 }
 
 /// One line per written file put back; a moved-aside file names where it went.

@@ -98,9 +98,25 @@ pub struct RestoreOptions {
     pub gpu_map: Option<String>,
     /// Fetch from sibling nodes that hold or fetch the same snapshot.
     pub peers: Option<PeerConfig>,
-    /// Resume the tree before every page is back: CRIU's lazy restore, with the
-    /// missing pages served from the chunk stack ([`lazy`]).
-    pub lazy: bool,
+    /// How the image's memory goes back into the tree.
+    pub memory: MemoryIn,
+}
+
+/// How a restore puts the image's memory back into the tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryIn {
+    /// Every page through CRIU's pipe before the tree resumes (CRIU reads it with
+    /// one thread, faulting in a page at a time).
+    #[default]
+    Streamed,
+    /// `--lazy`: the tree resumes first; snapctl, as CRIU's lazy-pages daemon
+    /// ([`lazy`]), serves each page it touches and fills the rest behind it.
+    Lazy,
+    /// `--fill-first`: the same daemon fills every page from many workers while CRIU
+    /// holds the tree at its pre-resume: the tree resumes with all its memory, as
+    /// streamed, without CRIU's one reader in the way.
+    FillFirst,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -142,8 +158,11 @@ pub struct RestoreReport {
     /// What the fetch scheduler did: fetches, requests that joined one in flight,
     /// the most in flight at once.
     pub scheduler: Option<SchedulerStats>,
-    /// `--lazy`: what the lazy-pages daemon put in after the tree resumed, and when the
-    /// last page was in (`restore_seconds` is when the tree resumed).
+    /// How the memory went back in.
+    pub memory: MemoryIn,
+    /// `--lazy` and `--fill-first`: what the lazy-pages daemon put in, and when the
+    /// last page was in (`restore_seconds` is when CRIU exited: under `--lazy` the tree
+    /// was running by then, under `--fill-first` every page was in before it ran).
     pub lazy: Option<LazyReport>,
     /// Where serving the largest image files to CRIU spent its time: waiting for
     /// chunks (the fetch stack behind) or writing into CRIU's pipe (CRIU behind).
@@ -246,16 +265,21 @@ async fn restore(
         left_out: lazy.as_ref().map_or(&no_cuts, |l| &l.plan.left_out),
         chunks: &chunks,
         window: opts.window,
+        resume_when: lazy
+            .as_ref()
+            .filter(|_| opts.memory == MemoryIn::FillFirst)
+            .map(|l| l.daemon.all_in()),
     };
     let mut served = criu_restore.serve(image, &progress).await?;
     let (restore_seconds, files_served) = (served.restore_seconds, served.files_served);
     let serving = std::mem::take(&mut served.timings);
     at.reached(outcome::Phase::CriuRestore, None);
     if let Err(e) = served.outcome(&log) {
-        if let Some(l) = lazy {
-            l.daemon.abort().await;
-        }
-        return Err(e);
+        let daemon_failed = match lazy {
+            Some(l) => l.daemon.abort().await,
+            None => None,
+        };
+        return Err(daemon_failed.unwrap_or(e));
     }
     at.reached(outcome::Phase::CudaRestore, None);
     // Under --lazy the CUDA restore reads device memory the fill is putting in.
@@ -310,13 +334,15 @@ async fn restore(
         written_files,
         outcome_recorded: false,
         scheduler: chunks.scheduler_stats(),
+        memory: opts.memory,
         lazy,
         serving,
     })
 }
 
 /// Starts CRIU's restore of the image, with the chunk stack that serves it and the
-/// zero pages left out of it; under `--lazy` the lazy-pages daemon listens first.
+/// zero pages left out of it; under `--lazy` and `--fill-first` the lazy-pages daemon
+/// listens first.
 async fn start_criu(
     criu: &Criu,
     plan: &mut Plan,
@@ -327,7 +353,7 @@ async fn start_criu(
 ) -> Result<(CriuRestore, Chunks, Option<lazy::Lazy>, ZeroPagePlan)> {
     let mut args = plan.criu_args(dir, opts);
     let names = plan.files.keys().cloned().collect();
-    if opts.lazy {
+    if opts.memory != MemoryIn::Streamed {
         // The daemon must listen before CRIU starts, and reads images snapctl writes;
         // its pagemaps build on the zero-page plan's.
         let chunks = source.build(plan, opts, progress).await?;
@@ -339,7 +365,7 @@ async fn start_criu(
         match CriuRestore::start(criu, &args, dir, names).await {
             Ok(c) => Ok((c, chunks, Some(lazy), zero_plan)),
             Err(e) => {
-                lazy.daemon.abort().await;
+                let _ = lazy.daemon.abort().await;
                 Err(e)
             }
         }

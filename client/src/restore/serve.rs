@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::files::{self, FileServer, FileServing};
+use super::lazy::AllIn;
 use crate::action::ActionServer;
 use crate::criu::{self, Criu};
 use crate::criu_stream;
@@ -59,6 +60,8 @@ pub(super) struct Image<'a> {
     pub left_out: &'a HashMap<String, Vec<(u64, u64)>>,
     pub chunks: &'a Chunks,
     pub window: usize,
+    /// `--fill-first`: CRIU's pre-resume waits for this (every page in).
+    pub resume_when: Option<AllIn>,
 }
 
 impl CriuRestore {
@@ -98,7 +101,9 @@ impl CriuRestore {
     }
 
     /// Serves every file CRIU asks for until it exits; answers its post-restore.
-    pub async fn serve(mut self, image: Image<'_>, progress: &Progress) -> Result<Served> {
+    pub async fn serve(mut self, mut image: Image<'_>, progress: &Progress) -> Result<Served> {
+        let mut resume_when = image.resume_when.take();
+        let mut held: Option<JoinHandle<()>> = None;
         let first_error: Arc<Mutex<Option<ClientError>>> = Arc::default();
         let timings: Arc<Mutex<Vec<FileServing>>> = Arc::default();
         let server = FileServer {
@@ -121,6 +126,16 @@ impl CriuRestore {
                     server.spawn(&mut tasks, name, fd);
                 }
                 Some(req) = self.actions.next() => {
+                    if req.action == "pre-resume" {
+                        if let Some(all_in) = resume_when.take() {
+                            // On a task of its own: CRIU's exit is still watched.
+                            tracing::info!("pre-resume: held until every page is in");
+                            held = Some(tokio::spawn(async move {
+                                req.answer(all_in.wait().await).await;
+                            }));
+                            continue;
+                        }
+                    }
                     if req.action != "post-restore" {
                         req.answer(Ok(())).await;
                         continue;
@@ -148,6 +163,9 @@ impl CriuRestore {
         let _ = self.connection.shutdown(std::net::Shutdown::Both);
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        if let Some(h) = held {
+            h.abort();
+        }
         let _ = self.request_loop.await;
         let stderr = stderr_task.await.unwrap_or_default();
         let first_error = first_error.lock().unwrap().take();

@@ -1,7 +1,7 @@
-//! `pull-restore --lazy`: CRIU's lazy restore with snapctl as the lazy-pages daemon
-//! (client/src/lazy_pages, client/src/restore/lazy), against a real CRIU, real
-//! userfaultfd and a real process that must keep counting with every byte of its
-//! memory intact.
+//! `pull-restore --lazy` and `--fill-first`: CRIU's lazy restore with snapctl as the
+//! lazy-pages daemon (client/src/lazy_pages, client/src/restore/lazy), against a real
+//! CRIU, real userfaultfd and a real process that must keep counting with every byte
+//! of its memory intact.
 
 use std::time::Duration;
 
@@ -107,26 +107,106 @@ fn a_lazy_page_that_does_not_verify_kills_the_tree_instead_of_serving_zeros() {
     let chunk = chunks[chunks.len() / 2].clone();
     reg.flip_a_bit_of_chunk(&chunk);
 
-    let out = snapctl_cached(
+    // Resumed first (--lazy) or held until every page is in (--fill-first): either
+    // way the tree is killed, not left reading zeros.
+    for mode in ["--lazy", "--fill-first"] {
+        let out = snapctl_cached(
+            &reg.url,
+            &t.path().join("cache"),
+            &["pull-restore", "--detach", mode, "t/lazybad:v1"],
+        );
+        let _guard = Restored(pid);
+        assert_ne!(out.code, 0, "{mode}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&chunk) && out.stderr.contains("killed"),
+            "{mode}: {}",
+            out.stderr
+        );
+        wait_for(Duration::from_secs(10), || (!pid_alive(pid)).then_some(()))
+            .unwrap_or_else(|| panic!("{mode}: a tree with missing pages was left running"));
+        let before = p.counter();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(p.counter(), before, "{mode}: something is still counting");
+    }
+}
+
+#[test]
+fn a_fill_first_restore_resumes_only_once_every_page_is_in() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&t.path().join("reg"));
+    let dir = t.path().join("proc");
+    let args = ["hold", "--mib", "192", "--seed", "27", "--zero-mib", "8"];
+    let mut p = TestProc::spawn(&dir, &[&args[..], &["--holes-kib", "64"]].concat());
+    p.wait_counter_above(2);
+    let pid = p.pid();
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/fill:v1"],
+    )
+    .ok();
+    let _ = p.child.wait();
+    let at_checkpoint = p.counter();
+
+    // When the restored process first counts, seen from here: it writes its counter
+    // every 20 ms once it runs. Polled from before snapctl starts, so this clock is
+    // ahead of snapctl's by the time it takes to start.
+    let started = std::time::Instant::now();
+    let state = dir.join("state");
+    let watcher = std::thread::spawn(move || {
+        wait_for(Duration::from_secs(60), || {
+            let now = std::fs::read_to_string(&state).ok()?;
+            let n: u64 = now.split_whitespace().next()?.parse().ok()?;
+            (n > at_checkpoint).then(|| started.elapsed().as_secs_f64())
+        })
+    });
+    // One fetch at a time: a fill of about a second, against a process that would
+    // count every 20 ms if it ran.
+    let r = snapctl_cached(
         &reg.url,
         &t.path().join("cache"),
-        &["pull-restore", "--detach", "--lazy", "t/lazybad:v1"],
+        &[
+            "pull-restore",
+            "--detach",
+            "--fill-first",
+            "--fetch-memory",
+            "2M",
+            "t/fill:v1",
+        ],
+    )
+    .ok()
+    .json();
+    let _restored = Restored(pid);
+    assert_eq!(r["pid"], pid);
+    assert_eq!(r["memory"], "fill-first", "{r}");
+    let first_count = watcher
+        .join()
+        .unwrap()
+        .expect("the restored process never counted");
+    let lazy = &r["lazy"];
+    let (fill_started, fill_ended) = (
+        lazy["fill_started_seconds"].as_f64().unwrap(),
+        lazy["fill_ended_seconds"].as_f64().unwrap(),
     );
-    let _guard = Restored(pid);
-    assert_ne!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stderr.contains(&chunk) && out.stderr.contains("killed"),
-        "{}",
-        out.stderr
+        fill_ended - fill_started > 0.1,
+        "too short a fill to tell: {r}"
     );
-    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        !pid_alive(pid),
-        "a tree with missing pages was left running"
+        first_count >= fill_ended,
+        "the process counted at {first_count:.3}s, before the fill ended at {fill_ended:.3}s: {r}"
     );
-    let before = p.counter();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(p.counter(), before, "something is still counting");
+    // Every page came through the daemon: by the fill, and for the few pages CRIU's
+    // own last steps on the held tree touched.
+    let lazy_bytes = lazy["lazy_bytes"].as_u64().unwrap();
+    assert!(lazy_bytes >= 190 << 20, "{r}");
+    let copied = lazy["bytes_filled"].as_u64().unwrap() + lazy["bytes_on_fault"].as_u64().unwrap();
+    assert_eq!(copied, lazy_bytes, "{r}");
+    p.wait_counter_above(at_checkpoint + 3);
+    assert!(
+        p.verify(pid).starts_with("ok"),
+        "memory differs after a fill-first restore"
+    );
 }
 
 #[test]

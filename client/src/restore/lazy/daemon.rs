@@ -104,6 +104,8 @@ struct Shared {
     /// When the fill began (after "restore finished") and when its last worker ended.
     fill_started: Mutex<Option<Instant>>,
     fill_ended: Mutex<Option<Instant>>,
+    /// Every task's uffd closed after "restore finished": every page is in.
+    all_in: AtomicBool,
     stop: AtomicBool,
     next_claim: AtomicU64,
     fill: Chunks,
@@ -150,6 +152,7 @@ impl LazyDaemon {
             finished_flag: AtomicBool::new(false),
             fill_started: Mutex::new(None),
             fill_ended: Mutex::new(None),
+            all_in: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             next_claim: AtomicU64::new(1),
             fill: chunks.at(Priority::ReadAhead),
@@ -220,13 +223,29 @@ impl LazyDaemon {
         false
     }
 
-    /// CRIU's restore failed: nothing is coming.
-    pub async fn abort(mut self) {
+    /// What `--fill-first` holds CRIU's pre-resume on: resolves once every page is in.
+    pub fn all_in(&self) -> AllIn {
+        AllIn(self.shared.clone())
+    }
+
+    /// CRIU's restore failed: nothing is coming. The daemon's own failure, if it
+    /// failed first (a page that did not verify, under `--fill-first` while CRIU held
+    /// the tree: the cause of CRIU's failure, since the daemon killed the tree).
+    pub async fn abort(mut self) -> Option<ClientError> {
+        let failed_first = if self.work.is_finished() {
+            match (&mut self.work).await {
+                Ok(Err(e)) => Some(not_every_page(e)),
+                _ => None,
+            }
+        } else {
+            None
+        };
         self.shared.stop.store(true, Ordering::SeqCst);
         self.work.abort();
         if let Some(t) = self.events.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        failed_first
     }
 
     /// Waits until every lazy page is in the tree. If the pages cannot all come back,
@@ -255,9 +274,7 @@ impl LazyDaemon {
         };
         if let Err(e) = work.and(events) {
             kill_tree(&self.pids);
-            return Err(ClientError::Criu(format!(
-                "lazy restore: not every page came back ({e}); the restored tree was killed rather than left reading zeros. Restore again, or without --lazy"
-            )));
+            return Err(not_every_page(e));
         }
         let c = &self.shared.counters;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -294,6 +311,35 @@ impl LazyDaemon {
 impl Drop for LazyDaemon {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The restore's error once the daemon could not put every page in (and killed the tree).
+fn not_every_page(e: ClientError) -> ClientError {
+    ClientError::Criu(format!(
+        "lazy restore: not every page came back ({e}); the restored tree was killed rather than left reading zeros. Restore again, or without --lazy and --fill-first"
+    ))
+}
+
+/// Every page in the tree, or the daemon stopped; see [`LazyDaemon::all_in`].
+pub(in crate::restore) struct AllIn(Arc<Shared>);
+
+impl AllIn {
+    /// Waits until every task's uffd is closed with nothing missing (`Ok`), or the
+    /// daemon stopped first (`Err`: it kills the tree, and `finish` says why).
+    pub async fn wait(self) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + CRIU_WAIT;
+        // Bounded by the deadline; the fill ends (or stops) long before.
+        while Instant::now() < deadline {
+            if self.0.all_in.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if self.0.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Err("not every page came back before the resume".into())
     }
 }
 
@@ -366,6 +412,7 @@ fn event_thread(
     while go_on() {
         let open = close_complete(shared);
         if open.is_empty() && finished {
+            shared.all_in.store(true, Ordering::SeqCst);
             return Ok(());
         }
         let mut fds: Vec<_> = open.iter().map(|(_, fd)| fd.as_fd()).collect();

@@ -15,6 +15,13 @@
 //!      ─▶ each task's userfaultfd closed once it has every page ◀── all pages present
 //! ```
 //!
+//! `pull-restore --fill-first` runs the same stages but holds CRIU's pre-resume
+//! action script (after "restore finished", before the tasks run) until every task's
+//! userfaultfd is closed: the tree resumes with all its memory, as a streamed restore
+//! does, filled by many workers through `UFFDIO_COPY` instead of CRIU's one reader
+//! (`read(2)` from a pipe into fresh pages), and snapctl is not needed once it runs.
+//! No page faults are served: the tasks stay stopped until the last page is in.
+//!
 //! A page that cannot be served whole and verified would leave the tree reading
 //! zeros: the tree is killed instead and the restore fails, naming why.
 
@@ -37,7 +44,7 @@ use crate::lazy_pages::{self, LazyPlan};
 use crate::progress::Progress;
 use crate::zero_pages::{self, ZeroPagePlan};
 
-pub(super) use daemon::LazyDaemon;
+pub(super) use daemon::{AllIn, LazyDaemon};
 
 /// Small image files fetched at once before the daemon starts.
 const SMALL_FILES_AT_ONCE: usize = 16;
@@ -104,7 +111,7 @@ impl Lazy {
         match self.daemon.finish(&self.plan, started).await {
             Err(e) => Err(e),
             Ok(_) => Err(ClientError::Criu(
-                "lazy restore: the device memory did not come back; restore again, or without --lazy".into(),
+                "lazy restore: the device memory did not come back; restore again, or without --lazy and --fill-first".into(),
             )),
         }
     }
@@ -149,7 +156,7 @@ async fn check_kernel(criu: &Criu) -> Result<()> {
         return Ok(());
     }
     Err(ClientError::Usage(format!(
-        "--lazy needs userfaultfd with non-cooperative events, which this kernel or CRIU lacks ({}); restore without --lazy",
+        "--lazy and --fill-first need userfaultfd with non-cooperative events, which this kernel or CRIU lacks ({}); restore without them",
         String::from_utf8_lossy(&out.stdout).trim()
     )))
 }
@@ -188,7 +195,7 @@ async fn prepare(
     }
     let unfit = |why: String| {
         ClientError::Usage(format!(
-            "this snapshot cannot be restored lazily: {why}; restore without --lazy"
+            "this snapshot cannot be restored through userfaultfd: {why}; restore without --lazy and --fill-first"
         ))
     };
     let lazy = lazy_pages::plan(&plan.files, &pagemaps, &device).map_err(unfit)?;
