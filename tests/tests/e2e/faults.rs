@@ -11,29 +11,10 @@
 //! unreachable peer (replication.rs), a registry killed after a push (push_pull.rs).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
-
-/// `snapctl --json ARGS` started in the background.
-fn snapctl_bg(url: &str, args: &[&str]) -> Child {
-    Command::new(bin("snapctl"))
-        .arg("--registry")
-        .arg(url)
-        .arg("--json")
-        .args(args)
-        .env_remove("SNAPCTL_REGISTRY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(child: Child) -> Out {
-    let out = child.wait_with_output().unwrap();
-    Out::from(out)
-}
 
 /// Chunk objects under a store's chunks/ prefix (staging files excluded).
 fn chunk_objects(store: &Path) -> Vec<PathBuf> {

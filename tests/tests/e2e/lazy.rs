@@ -210,6 +210,83 @@ fn a_fill_first_restore_resumes_only_once_every_page_is_in() {
 }
 
 #[test]
+fn a_registry_killed_during_a_fill_first_restore_leaves_no_tree_that_ever_ran() {
+    let _lock = criu_lock();
+    let t = tempfile::tempdir().unwrap();
+    let mut reg = Registry::start(&t.path().join("reg"));
+    let mut p = TestProc::hold(&t.path().join("proc"), 512, 31, 0, 0);
+    let pid = p.pid();
+    snapctl(
+        &reg.url,
+        &["checkpoint", "--pid", &pid.to_string(), "t/fillkill:v1"],
+    )
+    .ok();
+    let _ = p.child.wait();
+    let at_checkpoint = p.counter();
+
+    // One fetch at a time, so the fill of 512 MiB outlasts the wait below; the
+    // registry dies once the node cache shows the fill under way.
+    let cache = t.path().join("cache");
+    let restoring = snapctl_bg(
+        &reg.url,
+        &[
+            "--cache",
+            cache.to_str().unwrap(),
+            "pull-restore",
+            "--detach",
+            "--fill-first",
+            "--fetch-memory",
+            "2M",
+            "t/fillkill:v1",
+        ],
+    );
+    let cached = || {
+        std::fs::read_dir(cache.join("chunks"))
+            .into_iter()
+            .flatten()
+            .flat_map(|fan| std::fs::read_dir(fan.unwrap().path()).into_iter().flatten())
+            .count()
+    };
+    wait_for(Duration::from_secs(60), || (cached() >= 24).then_some(())).expect("the fill started");
+    reg.kill9();
+    let out = finish(restoring);
+    let killed = Restored(pid);
+    assert_ne!(out.code, 0, "the restore succeeded without its registry");
+    assert!(
+        out.stderr.contains("killed") && out.stderr.contains("not every page came back"),
+        "{}",
+        out.stderr
+    );
+    wait_for(Duration::from_secs(10), || (!pid_alive(pid)).then_some(()))
+        .expect("a tree with missing pages was left alive");
+    // The held tree never ran: its counter is where the checkpoint left it.
+    assert_eq!(
+        p.counter(),
+        at_checkpoint,
+        "the tree ran before its pages were in"
+    );
+
+    // The node cache kept what it verified: the next restore, registry back, completes
+    // (once the killed tree's PID is free again).
+    drop(killed);
+    reg.restart();
+    let r = snapctl_cached(
+        &reg.url,
+        &cache,
+        &["pull-restore", "--detach", "--fill-first", "t/fillkill:v1"],
+    )
+    .ok()
+    .json();
+    let _restored = Restored(pid);
+    assert!(r["chunks_cached"].as_u64().unwrap() >= 24, "{r}");
+    p.wait_counter_above(at_checkpoint + 2);
+    assert!(
+        p.verify(pid).starts_with("ok"),
+        "memory differs after the second restore"
+    );
+}
+
+#[test]
 fn a_tree_that_forks_drops_and_moves_memory_while_pages_are_missing_keeps_every_byte() {
     let _lock = criu_lock();
     let t = tempfile::tempdir().unwrap();

@@ -545,6 +545,24 @@ pub fn kill_and_wait(pid: u32) {
     });
 }
 
+/// `snapctl --json ARGS` started in the background; [`finish`] waits for it.
+pub fn snapctl_bg(url: &str, args: &[&str]) -> Child {
+    Command::new(bin("snapctl"))
+        .arg("--registry")
+        .arg(url)
+        .arg("--json")
+        .args(args)
+        .env_remove("SNAPCTL_REGISTRY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub fn finish(child: Child) -> Out {
+    Out::from(child.wait_with_output().unwrap())
+}
+
 /// `snapctl` with a node cache directory.
 pub fn snapctl_cached(registry: &str, cache: &Path, args: &[&str]) -> Out {
     let mut all = vec!["--cache", cache.to_str().unwrap()];
