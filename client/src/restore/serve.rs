@@ -4,7 +4,8 @@
 //! the pipe CRIU sent to the async side, which serves the file on a task of its own
 //! ([`super::files`]). CRIU's post-restore action script waits until every file served
 //! so far has been served whole and verified: only then does it answer "ok", so no
-//! restored process resumes on bad bytes.
+//! restored process resumes on bad bytes. Under `--fill-first` the pre-resume script
+//! waits too, until the lazy-pages daemon has put every page in.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -100,7 +101,8 @@ impl CriuRestore {
         })
     }
 
-    /// Serves every file CRIU asks for until it exits; answers its post-restore.
+    /// Serves every file CRIU asks for until it exits; answers its post-restore (and,
+    /// under `--fill-first`, its pre-resume once every page is in).
     pub async fn serve(mut self, mut image: Image<'_>, progress: &Progress) -> Result<Served> {
         let mut resume_when = image.resume_when.take();
         let mut held: Option<JoinHandle<()>> = None;
