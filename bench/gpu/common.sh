@@ -171,11 +171,12 @@ lazy_restore() { # NAME CTL LOGCOPY CACHE REF [pull-restore flags...]
   # pull-restore --lazy REF in the background while the first answer is asked at once:
   # the tree answers before its last page is in. RESULT NAME_first_answer_s,
   # NAME_all_present_s (the command's end: every page in), NAME_equal. MEMORY=fill-first
-  # (an A/B variant) runs --fill-first instead: every page in before the tree runs.
+  # (an A/B variant) runs --fill-first instead: every page in before the tree runs;
+  # RESTORE_SNAPCTL=PATH restores with another snapctl build (a branch's, carried).
   local name=$1 ctl=$2 log=$3 cache=$4 ref=$5; shift 5
   rm -f "$ctl/done0.json" "$ctl/resumed.json"; cp -p "$log" "$ctl.log"; drop
   local t0 t1 t2; t0=$(now)
-  timeout 180 "$B/snapctl" --json --cache "$cache" pull-restore --detach "--${MEMORY:-lazy}" "$@" "$ref" >"$OUT/rs-$name.json" 2>"$OUT/rs-$name.err" &
+  timeout 180 "${RESTORE_SNAPCTL:-$B/snapctl}" --json --cache "$cache" pull-restore --detach "--${MEMORY:-lazy}" "$@" "$ref" >"$OUT/rs-$name.json" 2>"$OUT/rs-$name.err" &
   local rs=$!
   answer "$ctl" >/dev/null && result "${name}_equal" true || result "${name}_equal" false
   t1=$(now)

@@ -61,7 +61,8 @@
 #                         data) before its restore; CACHE_DIR=DIR puts its node cache
 #                         there (/dev/shm/cache-ab: no disk); COMPACT_MEMORY=1 compacts
 #                         memory before it; MEMORY=fill-first restores with
-#                         --fill-first instead of --lazy. After each such restore the
+#                         --fill-first instead of --lazy; RESTORE_SNAPCTL=PATH with
+#                         another snapctl build. After each such restore the
 #                         machine's state goes into the summary (machine_state)
 # TRANSPARENT=0 leaves out every transparent pull-restore (the checkpoint and the local
 # baseline stay): a shorter run of the separated restores.
