@@ -25,6 +25,7 @@ pub fn code(e: &ClientError) -> i32 {
 /// What to do next, in snapctl's flags, appended to the library's message.
 pub fn advice(e: &ClientError) -> &'static str {
     match e {
+        ClientError::TreeKilled { cause } => advice(cause),
         ClientError::Unreachable { .. } => {
             "; check --registry / SNAPCTL_REGISTRY and that snapreg is running there"
         }

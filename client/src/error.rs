@@ -34,6 +34,11 @@ pub enum ClientError {
         "manifest from the registry does not verify: asked for {expected}, bytes hash to {actual}"
     )]
     ManifestCorrupt { expected: Digest, actual: Digest },
+    /// `--lazy` / `--fill-first`: the lazy-pages daemon could not put every page in,
+    /// so it killed the restored tree; `cause` says why, and its kind is this error's
+    /// (a corrupt chunk stays an integrity failure).
+    #[error("lazy restore: not every page came back ({cause}); the restored tree was killed rather than left reading zeros. Restore again, or without --lazy and --fill-first")]
+    TreeKilled { cause: Box<ClientError> },
     #[error("{0}")]
     Format(#[from] snapreg_proto::Error),
     #[error("registry refused: {0}")]
@@ -127,6 +132,7 @@ impl ClientError {
     pub fn kind(&self) -> ErrorKind {
         use snapreg_proto::Error as Proto;
         match self {
+            ClientError::TreeKilled { cause } => cause.kind(),
             ClientError::Usage(_)
             | ClientError::NoRegistry
             | ClientError::Format(Proto::InvalidReference { .. } | Proto::KeyFile { .. }) => {

@@ -116,7 +116,8 @@ fn a_lazy_page_that_does_not_verify_kills_the_tree_instead_of_serving_zeros() {
             &["pull-restore", "--detach", mode, "t/lazybad:v1"],
         );
         let _guard = Restored(pid);
-        assert_ne!(out.code, 0, "{mode}: {}", out.stderr);
+        // An integrity failure, as in a streamed restore: exit 5.
+        assert_eq!(out.code, 5, "{mode}: {}", out.stderr);
         assert!(
             out.stderr.contains(&chunk) && out.stderr.contains("killed"),
             "{mode}: {}",
@@ -253,7 +254,10 @@ fn a_registry_killed_during_a_fill_first_restore_leaves_no_tree_that_ever_ran() 
     let killed = Restored(pid);
     assert_ne!(out.code, 0, "the restore succeeded without its registry");
     assert!(
-        out.stderr.contains("killed") && out.stderr.contains("not every page came back"),
+        out.stderr.contains("killed")
+            && out.stderr.contains("not every page came back")
+            && out.stderr.contains(&reg.addr)
+            && out.stderr.contains("that snapreg is running there"),
         "{}",
         out.stderr
     );

@@ -316,9 +316,7 @@ impl Drop for LazyDaemon {
 
 /// The restore's error once the daemon could not put every page in (and killed the tree).
 fn not_every_page(e: ClientError) -> ClientError {
-    ClientError::Criu(format!(
-        "lazy restore: not every page came back ({e}); the restored tree was killed rather than left reading zeros. Restore again, or without --lazy and --fill-first"
-    ))
+    ClientError::TreeKilled { cause: Box::new(e) }
 }
 
 /// Every page in the tree, or the daemon stopped; see [`LazyDaemon::all_in`].
