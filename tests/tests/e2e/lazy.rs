@@ -7,6 +7,18 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// Checkpoints the counting process `p` as `reference` and frees its PID (CRIU kills
+/// it after the commit); the checkpoint's report and the counter it stopped at.
+fn checkpoint(reg: &Registry, p: &mut TestProc, reference: &str) -> (serde_json::Value, u64) {
+    p.wait_counter_above(2);
+    let pid = p.pid().to_string();
+    let ck = snapctl(&reg.url, &["checkpoint", "--pid", &pid, reference])
+        .ok()
+        .json();
+    let _ = p.child.wait();
+    (ck, p.counter())
+}
+
 #[test]
 fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     let _lock = criu_lock();
@@ -17,15 +29,8 @@ fn a_lazy_restore_resumes_before_its_pages_and_keeps_its_memory() {
     let dir = t.path().join("proc");
     let args = ["hold", "--mib", "64", "--seed", "21", "--zero-mib", "16"];
     let mut p = TestProc::spawn(&dir, &[&args[..], &["--holes-kib", "64"]].concat());
-    p.wait_counter_above(2);
     let pid = p.pid();
-    snapctl(
-        &reg.url,
-        &["checkpoint", "--pid", &pid.to_string(), "t/lazy:v1"],
-    )
-    .ok();
-    let _ = p.child.wait(); // CRIU killed it after the commit; free the PID
-    let at_checkpoint = p.counter();
+    let (_, at_checkpoint) = checkpoint(&reg, &mut p, "t/lazy:v1");
 
     // A fetch budget smaller than one largest chunk is refused before anything runs.
     let small = snapctl(
@@ -95,13 +100,7 @@ fn a_lazy_page_that_does_not_verify_kills_the_tree_instead_of_serving_zeros() {
     let reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 32, 23, 0, 0);
     let pid = p.pid();
-    let ck = snapctl(
-        &reg.url,
-        &["checkpoint", "--pid", &pid.to_string(), "t/lazybad:v1"],
-    )
-    .ok()
-    .json();
-    let _ = p.child.wait();
+    let (ck, _) = checkpoint(&reg, &mut p, "t/lazybad:v1");
     // A chunk from the middle of the pages file: inside the pattern, a lazy run.
     let chunks = reg.pages_chunks(ck["digest"].as_str().unwrap());
     let chunk = chunks[chunks.len() / 2].clone();
@@ -139,15 +138,8 @@ fn a_fill_first_restore_resumes_only_once_every_page_is_in() {
     let dir = t.path().join("proc");
     let args = ["hold", "--mib", "192", "--seed", "27", "--zero-mib", "8"];
     let mut p = TestProc::spawn(&dir, &[&args[..], &["--holes-kib", "64"]].concat());
-    p.wait_counter_above(2);
     let pid = p.pid();
-    snapctl(
-        &reg.url,
-        &["checkpoint", "--pid", &pid.to_string(), "t/fill:v1"],
-    )
-    .ok();
-    let _ = p.child.wait();
-    let at_checkpoint = p.counter();
+    let (_, at_checkpoint) = checkpoint(&reg, &mut p, "t/fill:v1");
 
     // When the restored process first counts, seen from here: it writes its counter
     // every 20 ms once it runs. Polled from before snapctl starts, so this clock is
@@ -217,13 +209,7 @@ fn a_registry_killed_during_a_fill_first_restore_leaves_no_tree_that_ever_ran() 
     let mut reg = Registry::start(&t.path().join("reg"));
     let mut p = TestProc::hold(&t.path().join("proc"), 512, 31, 0, 0);
     let pid = p.pid();
-    snapctl(
-        &reg.url,
-        &["checkpoint", "--pid", &pid.to_string(), "t/fillkill:v1"],
-    )
-    .ok();
-    let _ = p.child.wait();
-    let at_checkpoint = p.counter();
+    let (_, at_checkpoint) = checkpoint(&reg, &mut p, "t/fillkill:v1");
 
     // One fetch at a time, so the fill of 512 MiB outlasts the wait below; the
     // registry dies once the node cache shows the fill under way.
