@@ -205,22 +205,15 @@ impl LazyDaemon {
     /// Waits until nothing the fill puts in first (device memory) is missing; false if
     /// the daemon stopped before (`finish` says why). Notes when it was.
     pub async fn first_in(&mut self, started: Instant) -> bool {
-        let deadline = Instant::now() + CRIU_WAIT;
-        // Bounded by the deadline; the fill ends (or stops) long before.
-        while Instant::now() < deadline {
-            // Every uffd has arrived once CRIU said "restore finished".
-            let finished = self.shared.finished_flag.load(Ordering::SeqCst);
-            if finished && !self.shared.stop.load(Ordering::SeqCst) && !first_missing(&self.shared)
-            {
-                self.device_memory_seconds = Some(started.elapsed().as_secs_f64());
-                return true;
-            }
-            if self.shared.stop.load(Ordering::SeqCst) {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        // Every uffd has arrived once CRIU said "restore finished".
+        let in_ = until(&self.shared, |s| {
+            s.finished_flag.load(Ordering::SeqCst) && !first_missing(s)
+        })
+        .await;
+        if in_ {
+            self.device_memory_seconds = Some(started.elapsed().as_secs_f64());
         }
-        false
+        in_
     }
 
     /// What `--fill-first` holds CRIU's pre-resume on: resolves once every page is in.
@@ -326,19 +319,27 @@ impl AllIn {
     /// Waits until every task's uffd is closed with nothing missing (`Ok`), or the
     /// daemon stopped first (`Err`: it kills the tree, and `finish` says why).
     pub async fn wait(self) -> std::result::Result<(), String> {
-        let deadline = Instant::now() + CRIU_WAIT;
-        // Bounded by the deadline; the fill ends (or stops) long before.
-        while Instant::now() < deadline {
-            if self.0.all_in.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            if self.0.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        match until(&self.0, |s| s.all_in.load(Ordering::SeqCst)).await {
+            true => Ok(()),
+            false => Err("not every page came back before the resume".into()),
         }
-        Err("not every page came back before the resume".into())
     }
+}
+
+/// Polls until `done` holds (true) or the daemon stopped (false), bounded by
+/// [`CRIU_WAIT`]; the fill ends (or stops) long before.
+async fn until(shared: &Shared, done: impl Fn(&Shared) -> bool) -> bool {
+    let deadline = Instant::now() + CRIU_WAIT;
+    while Instant::now() < deadline {
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if done(shared) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
 }
 
 /// SIGKILLs the restored tasks and every descendant they have now (a child forked
